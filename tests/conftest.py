@@ -1,0 +1,16 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import TINY_CONFIGS, build_tiny
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_model_dir(request, tmp_path_factory):
+    """An HF directory holding one tiny random model per family/config."""
+    return build_tiny(request.param, tmp_path_factory.mktemp(request.param))

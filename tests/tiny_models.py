@@ -1,0 +1,91 @@
+"""Tiny random transformers models (Llama, Qwen2, Qwen3) saved as HF directories.
+
+Norm weights and biases are perturbed away from their defaults so that a missing or
+misplaced parameter changes the outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+TINY_CONFIGS = {
+    "llama-gqa-untied": ("llama", dict(tie_word_embeddings=False, rope_theta=10000.0)),
+    "llama-tied-headdim": (
+        "llama",
+        dict(tie_word_embeddings=True, head_dim=24, num_key_value_heads=1, rope_theta=500000.0),
+    ),
+    "llama3-rope": (
+        "llama",
+        dict(
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "llama-linear-rope": (
+        "llama",
+        dict(rope_scaling=dict(rope_type="linear", factor=2.0), num_key_value_heads=4),
+    ),
+    "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen2-yarn": (
+        "qwen2",
+        dict(
+            tie_word_embeddings=False,
+            num_key_value_heads=1,
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+        ),
+    ),
+    "qwen3-qknorm": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),
+    "qwen3-untied": ("qwen3", dict(head_dim=16, num_attention_heads=8, tie_word_embeddings=False)),
+}
+
+
+def build_tiny(name: str, out: Path, seed: int = 0) -> Path:
+    """Builds the named tiny model with random weights, saves it to ``out``; returns out."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    family, extra = TINY_CONFIGS[name]
+    cls_cfg, cls_model = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    config = cls_cfg(**{**BASE, **extra})
+    model = cls_model(config).eval().float()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
