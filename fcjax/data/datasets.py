@@ -1,0 +1,365 @@
+"""Evaluation examples: a validated JSONL loader, the named datasets and the hub sets.
+
+Every loader returns `list[Example]`. Bad files raise `DataError` naming the file, the
+1-based line and the field, so a broken row is found at load time, not mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcjax.text.answers import infer_kind
+
+KINDS = ("numeric", "math", "letter", "yesno")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+class DataError(ValueError):
+    """A dataset file or row is unusable; the message names file, line and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One evaluation question.
+
+    `choices` is None for free-form answers; otherwise the options in order, labelled
+    A, B, C, ... by position, and `answer` is the gold letter. `kind` says how a
+    prediction is scored: "numeric", "math", "letter" or "yesno".
+    """
+
+    id: str
+    question: str
+    choices: tuple[str, ...] | None
+    answer: str
+    kind: str
+    source: str
+
+
+def letters(n: int) -> str:
+    """The first n option letters, "ABC..."."""
+    return "".join(chr(ord("A") + i) for i in range(n))
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: str) -> Example:
+    """Validates one parsed JSON object; `where` is "file line N" for messages."""
+    for field in ("id", "question", "answer"):
+        if field not in row:
+            raise DataError(f"{where}: missing field {field!r}")
+    ex_id, question, answer = row["id"], row["question"], row["answer"]
+    if not isinstance(ex_id, str | int) or isinstance(ex_id, bool) or str(ex_id).strip() == "":
+        raise DataError(f"{where}: field 'id' must be a non-empty string, got {ex_id!r}")
+    if not isinstance(question, str):
+        raise DataError(
+            f"{where}: field 'question' must be a string, got {type(question).__name__}"
+        )
+    if not question.strip():
+        raise DataError(f"{where}: field 'question' is empty")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise DataError(f"{where}: field 'answer' must be a string or number, got {answer!r}")
+    answer = str(answer).strip()
+    if not answer:
+        raise DataError(f"{where}: field 'answer' is empty")
+
+    choices = row.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not choices:
+            raise DataError(f"{where}: field 'choices' must be a non-empty list or null")
+        if len(choices) > 26:
+            raise DataError(f"{where}: field 'choices' has {len(choices)} options (at most 26)")
+        for j, c in enumerate(choices):
+            if not isinstance(c, str) or not c.strip():
+                raise DataError(f"{where}: field 'choices' option {j} is not a non-empty string")
+        choices = tuple(choices)
+        valid = letters(len(choices))
+        if len(answer) != 1 or answer.upper() not in valid:
+            raise DataError(
+                f"{where}: field 'answer' {answer!r} is not a letter of its "
+                f"{len(choices)} choices ({valid[0]}-{valid[-1]})"
+            )
+        answer = answer.upper()
+
+    if kind is None:
+        kind = infer_kind(answer, choices)
+    else:
+        _check_kind(answer, choices, kind, where)
+    row_source = row.get("source")
+    return Example(
+        id=str(ex_id),
+        question=question,
+        choices=choices,
+        answer=answer,
+        kind=kind,
+        source=row_source if isinstance(row_source, str) and row_source else source,
+    )
+
+
+def _check_kind(answer: str, choices: tuple[str, ...] | None, kind: str, where: str) -> None:
+    """A declared dataset kind must fit the row; otherwise the gold could never match."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if kind == "letter" and choices is None:
+        raise DataError(f"{where}: field 'choices' is null but the dataset is multiple choice")
+    if kind != "letter" and choices is not None:
+        raise DataError(f"{where}: field 'choices' is set but the dataset kind is {kind!r}")
+    if kind == "numeric" and not _NUMBER.fullmatch(answer):
+        raise DataError(f"{where}: field 'answer' {answer!r} is not a number")
+    if kind == "yesno" and answer.lower() not in ("yes", "no"):
+        raise DataError(f"{where}: field 'answer' {answer!r} is not Yes or No")
+
+
+def load_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[Example]:
+    """Loads and validates a JSONL file of `{"id","question","choices","answer","source"}`.
+
+    Blank lines are skipped. `kind` forces every row's kind (checked against the row);
+    None infers it per row with `fcjax.text.answers.infer_kind`.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    examples: list[Example] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        ex = _row_to_example(row, where, kind, source=name)
+        if ex.id in first_line:
+            raise DataError(f"{where}: field 'id' {ex.id!r} duplicates line {first_line[ex.id]}")
+        first_line[ex.id] = lineno
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: empty file (no rows)")
+    return examples
+
+
+# ----------------------------------------------------------------------------- data dir
+
+
+def data_dir() -> Path:
+    """The shared data folder: $FCJAX_DATA, else ../shared/data from the repo root or cwd."""
+    env = os.environ.get("FCJAX_DATA")
+    if env:
+        if not Path(env).is_dir():
+            raise DataError(f"FCJAX_DATA={env!r} is not a directory")
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[2]
+    candidates = [repo_root / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    tried = ", ".join(str(c.resolve()) for c in candidates)
+    raise DataError(
+        f"data directory not found (tried {tried}); set FCJAX_DATA or pass path=... to load_dataset"
+    )
+
+
+# ----------------------------------------------------------------------------- hub sets
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSpec:
+    """Where a study dataset lives on the Hugging Face hub and how its rows map."""
+
+    repo: str
+    parts: tuple[tuple[str | None, str], ...]  # (config, split) pairs, concatenated
+    to_row: Callable[[dict[str, Any], int, str], dict[str, Any] | None]  # None drops a row
+
+
+def _aime2025_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any]:
+    return {
+        "id": f"aime2025-{config}-{i + 1}",
+        "question": r["question"],
+        "choices": None,
+        "answer": str(r["answer"]).strip(),
+    }
+
+
+def _supergpqa_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any] | None:
+    if str(r.get("difficulty", "")).lower() != "hard":
+        return None
+    return {
+        "id": f"supergpqa-{r.get('uuid', i)}",
+        "question": r["question"],
+        "choices": list(r["options"]),
+        "answer": r["answer_letter"],
+    }
+
+
+def _musr_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any]:
+    choices = r["choices"]
+    if isinstance(choices, str):  # the hub stores the list as its Python repr
+        import ast
+
+        choices = ast.literal_eval(choices)
+    return {
+        "id": f"musr-{config}-{i:04d}",
+        "question": f"{r['narrative']}\n\n{r['question']}",
+        "choices": list(choices),
+        "answer": letters(len(choices))[int(r["answer_index"])],
+    }
+
+
+def _hle_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any] | None:
+    if r.get("image"):  # text-only subset
+        return None
+    return {
+        "id": f"hle-{r.get('id', i)}",
+        "question": r["question"],
+        "choices": None,
+        "answer": str(r["answer"]).strip(),
+    }
+
+
+HUB_SETS: dict[str, HubSpec] = {
+    "aime2025": HubSpec(
+        "opencompass/AIME2025", (("AIME2025-I", "test"), ("AIME2025-II", "test")), _aime2025_row
+    ),
+    "supergpqa_hard": HubSpec("m-a-p/SuperGPQA", ((None, "train"),), _supergpqa_row),
+    "musr": HubSpec(
+        "TAUR-Lab/MuSR",
+        ((None, "murder_mysteries"), (None, "object_placements"), (None, "team_allocation")),
+        _musr_row,
+    ),
+    "hle_text": HubSpec("cais/hle", ((None, "test"),), _hle_row),
+}
+
+
+def load_hub(name: str) -> list[Example]:
+    """Loads a study hub set with `datasets.load_dataset`; a clear DataError when offline."""
+    spec = HUB_SETS[name]
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise DataError(
+            f"dataset {name!r} comes from the Hugging Face hub ({spec.repo}) and needs the "
+            "`datasets` package (pip install datasets); offline, export it to JSONL and pass "
+            "path=..."
+        ) from None
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for config, split in spec.parts:
+        try:
+            rows = hf_datasets.load_dataset(spec.repo, config, split=split)
+        except Exception as e:  # network, auth, missing repo: all mean "not available"
+            raise DataError(
+                f"dataset {name!r}: could not load {spec.repo} (config={config}, "
+                f"split={split}) from the Hugging Face hub: {type(e).__name__}: {e}. "
+                "Offline, export it to JSONL and pass path=..."
+            ) from e
+        for i, r in enumerate(rows):
+            where = f"{spec.repo} {config or ''}/{split} row {i}"
+            try:
+                row = spec.to_row(dict(r), i, config or split)
+            except (KeyError, ValueError, IndexError, SyntaxError) as e:
+                raise DataError(f"{where}: unexpected row layout ({type(e).__name__}: {e})") from e
+            if row is None:
+                continue
+            ex = _row_to_example(row, where, None, spec.repo)
+            if ex.id in seen:
+                raise DataError(f"{where}: field 'id' {ex.id!r} repeats")
+            seen.add(ex.id)
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"dataset {name!r}: {spec.repo} gave no usable rows")
+    return examples
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _file_loader(filename: str, kind: str) -> Callable[..., list[Example]]:
+    def load(**_: Any) -> list[Example]:
+        return load_jsonl(data_dir() / filename, kind=kind)
+
+    load.__doc__ = f"{filename} from the shared data directory (kind {kind!r})."
+    return load
+
+
+def _arithmetic_loader(
+    num_examples: int | None = None, seed: int = 0, difficulty: int = 1, **_: Any
+) -> list[Example]:
+    from fcjax.data import arithmetic
+
+    return arithmetic.generate(100 if num_examples is None else num_examples, difficulty, seed)
+
+
+def _hub_loader(name: str) -> Callable[..., list[Example]]:
+    def load(**_: Any) -> list[Example]:
+        return load_hub(name)
+
+    load.__doc__ = f"{HUB_SETS[name].repo} from the Hugging Face hub (needs `datasets`, online)."
+    return load
+
+
+DATASETS: dict[str, Callable[..., list[Example]]] = {
+    "gsm8k": _file_loader("gsm8k_test.jsonl", "numeric"),
+    "math500": _file_loader("math500.jsonl", "math"),
+    "aime": _file_loader("aime_1983_2024.jsonl", "numeric"),
+    "lsat_ar": _file_loader("agieval_lsat_ar.jsonl", "letter"),
+    "lsat_lr": _file_loader("agieval_lsat_lr.jsonl", "letter"),
+    "strategyqa": _file_loader("bigbench_strategyqa.jsonl", "yesno"),
+    "logical_deduction_three": _file_loader(
+        "bigbench_logical_deduction_three_objects.jsonl", "letter"
+    ),
+    "logical_deduction_five": _file_loader(
+        "bigbench_logical_deduction_five_objects.jsonl", "letter"
+    ),
+    "logical_deduction_seven": _file_loader(
+        "bigbench_logical_deduction_seven_objects.jsonl", "letter"
+    ),
+    "legalbench": _file_loader("legalbench_yesno.jsonl", "yesno"),
+    "arithmetic": _arithmetic_loader,
+    **{name: _hub_loader(name) for name in HUB_SETS},
+}
+
+
+def load_dataset(
+    name: str | None = None,
+    path: str | os.PathLike | None = None,
+    num_examples: int | None = None,
+    seed: int | None = 0,
+    **kw: Any,
+) -> list[Example]:
+    """Loads a named dataset or a JSONL file.
+
+    `num_examples` keeps a subset: a random sample drawn with `seed` (file order kept),
+    or the first rows when `seed` is None. For "arithmetic", `num_examples` is the number
+    generated (default 100), `seed` the generator seed, and `difficulty=1..5` a keyword.
+    """
+    if (name is None) == (path is None):
+        raise ValueError("load_dataset: pass exactly one of name= or path=")
+    if num_examples is not None and num_examples < 1:
+        raise ValueError(f"load_dataset: num_examples must be >= 1, got {num_examples}")
+    if path is not None:
+        examples = load_jsonl(path, kind=kw.pop("kind", None))
+    elif name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    elif name == "arithmetic":
+        return DATASETS[name](num_examples=num_examples, seed=0 if seed is None else seed, **kw)
+    else:
+        examples = DATASETS[name](**kw)
+    if num_examples is None or num_examples >= len(examples):
+        return examples
+    if seed is None:
+        return examples[:num_examples]
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), num_examples, replace=False))
+    return [examples[i] for i in keep]
