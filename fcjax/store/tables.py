@@ -1,0 +1,142 @@
+"""Small parquet helpers over pyarrow (no pandas) for the run-directory tables.
+
+Tables are plain ``dict[str, column]``. Numeric and boolean columns come back as numpy
+arrays (missing floats as NaN); strings, token-id lists and anything with nulls that numpy
+cannot hold come back as Python lists. Writes are atomic: a temporary file in the same
+directory is written, fsynced and renamed over the target, so a crash never leaves a torn
+table and a stage either wrote its output or did not.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Column = np.ndarray | list
+
+
+class TableError(ValueError):
+    """A table is missing, malformed, or lacks a required column."""
+
+
+def _to_arrow(name: str, values: Any) -> pa.Array:
+    """Converts one column to an arrow array; 2-D numpy arrays become list columns."""
+    if isinstance(values, np.ndarray):
+        if values.ndim == 1:
+            if values.dtype == object:
+                return pa.array(values.tolist())
+            return pa.array(values)  # NaN stays NaN (from_pandas=False).
+        if values.ndim == 2:
+            return pa.array([row for row in values.tolist()])
+        raise TableError(f"column {name!r}: arrays must be 1-D or 2-D, got shape {values.shape}")
+    if isinstance(values, Sequence) and not isinstance(values, str | bytes):
+        items = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
+        try:
+            return pa.array(items)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise TableError(f"column {name!r}: cannot convert to arrow: {err}") from err
+    raise TableError(f"column {name!r}: expected list or numpy array, got {type(values).__name__}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_table_atomic(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:
+    """Writes ``columns`` as a parquet file at ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise TableError(f"{path}: columns have different lengths: {lengths}")
+    arrays = {name: _to_arrow(name, values) for name, values in columns.items()}
+    _write_arrow_atomic(path, pa.table(arrays) if arrays else pa.table({}))
+
+
+def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def update_columns(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:
+    """Replaces or appends ``columns`` in an existing table atomically; others kept as is."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"table not found: {path}")
+    table = pq.read_table(path)
+    for name, values in columns.items():
+        if len(values) != table.num_rows:
+            raise TableError(
+                f"{path}: column {name!r} has {len(values)} rows, table has {table.num_rows}"
+            )
+        array = _to_arrow(name, values)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    _write_arrow_atomic(path, table)
+
+
+def _from_arrow(column: pa.ChunkedArray) -> Column:
+    kind = column.type
+    if pa.types.is_floating(kind):
+        return column.to_numpy()  # Nulls become NaN.
+    if pa.types.is_integer(kind):
+        if column.null_count:
+            return column.to_numpy().astype(np.float64)  # Missing ints become NaN.
+        return column.to_numpy()
+    if pa.types.is_boolean(kind) and column.null_count == 0:
+        return column.to_numpy()
+    return column.to_pylist()
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> dict[str, Column]:
+    """Reads a parquet file into ``{name: column}``; names a missing file or column."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"table not found: {path}")
+    schema_names = pq.read_schema(path).names
+    if columns is not None:
+        missing = [c for c in columns if c not in schema_names]
+        if missing:
+            raise TableError(f"{path}: missing column(s) {missing}; has {schema_names}")
+    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    return {name: _from_arrow(table.column(name)) for name in table.column_names}
+
+
+def require_columns(path: str | os.PathLike, table: Mapping[str, Column], names: Sequence[str]):
+    """Raises a TableError naming ``path`` if any of ``names`` is absent from ``table``."""
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {missing}; has {sorted(table)}")
+
+
+def num_rows(table: Mapping[str, Column]) -> int:
+    """Number of rows of a column dict (0 when it has no columns)."""
+    return len(next(iter(table.values()))) if table else 0

@@ -1,0 +1,30 @@
+"""Optax linear probes on step-end hidden states: training, cross-fitting, Orbax checkpoints."""
+
+from probes.checkpoint import Probe, load_probe, save_probe
+from probes.crossfit import CrossfitResult, crossfit, fit_with_selection, group_folds
+from probes.model import (
+    ProbeConfig,
+    ProbeError,
+    ProbeFit,
+    ProbeParams,
+    Standardizer,
+    predict_proba,
+    train_probes,
+)
+
+__all__ = [
+    "CrossfitResult",
+    "Probe",
+    "ProbeConfig",
+    "ProbeError",
+    "ProbeFit",
+    "ProbeParams",
+    "Standardizer",
+    "crossfit",
+    "fit_with_selection",
+    "group_folds",
+    "load_probe",
+    "predict_proba",
+    "save_probe",
+    "train_probes",
+]

@@ -1,0 +1,289 @@
+"""Tests for probes: Optax probe fitting, cross-fitting, Orbax checkpoints, the probe stage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fcjax.store import HiddenStore, read_table, write_table_atomic
+from fcjax.store.tables import TableError
+from probes import (
+    Probe,
+    ProbeConfig,
+    ProbeError,
+    crossfit,
+    group_folds,
+    load_probe,
+    predict_proba,
+    save_probe,
+    train_probes,
+)
+from probes.train import run_probe_stage
+
+N_GROUPS, PER_GROUP, LAYERS, D, SIGNAL_LAYER = 100, 4, 4, 32, 2
+
+
+def _planted(seed=0, strength=2.0):
+    """400 rows in 100 groups; layer 2 carries a linear direction for the group label."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(N_GROUPS), PER_GROUP)
+    y_group = rng.permutation(np.repeat([0.0, 1.0], N_GROUPS // 2))
+    y = y_group[groups]
+    x = rng.normal(size=(len(y), LAYERS, D)).astype(np.float32)
+    direction = rng.normal(size=D)
+    direction /= np.linalg.norm(direction)
+    x[:, SIGNAL_LAYER] += strength * np.outer(2 * y - 1, direction).astype(np.float32)
+    return x, y, groups
+
+
+def _pairwise_auroc(conf, correct):
+    """Independent AUROC: fraction of (positive, negative) pairs ordered right, ties 1/2."""
+    conf, correct = np.asarray(conf), np.asarray(correct, bool)
+    pos, neg = conf[correct][:, None], conf[~correct][None, :]
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+# -- model -------------------------------------------------------------------------------
+
+
+def test_standardisation_uses_training_rows_only_and_ignores_other_rows():
+    x, y, _ = _planted()
+    train = np.arange(300)
+    fit = train_probes(x, y, train, config=ProbeConfig(steps=50))
+    np.testing.assert_allclose(fit.stats.mean, x[:300].mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fit.stats.std, x[:300].std(0), rtol=1e-4)
+    x_bad = x.copy()
+    x_bad[300:] = 1e6
+    x_bad[310] = np.nan
+    y_bad = y.copy()
+    y_bad[300:] = np.nan
+    fit_bad = train_probes(x_bad, y_bad, train, config=ProbeConfig(steps=50))
+    np.testing.assert_allclose(fit_bad.params.w, fit.params.w, rtol=1e-5, atol=1e-6)
+
+
+def test_converges_to_weighted_logistic_optimum():
+    """Without decay, the gradient of the balanced loss (computed in numpy) vanishes."""
+    rng = np.random.default_rng(4)
+    n, d = 200, 3
+    x = rng.normal(size=(n, 1, d)).astype(np.float32)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(x[:, 0, 0] - 1.0)))).astype(np.float32)
+    fit = train_probes(x, y, config=ProbeConfig(weight_decay=0.0, lr=0.05, steps=3000))
+    z = (x[:, 0] - fit.stats.mean[0]) / fit.stats.std[0]
+    p = 1 / (1 + np.exp(-(z @ fit.params.w[0] + fit.params.b[0])))
+    a_pos, a_neg = n / (2 * y.sum()), n / (2 * (1 - y).sum())
+    resid = a_pos * y * (p - 1) + a_neg * (1 - y) * p  # d loss / d logit per row.
+    grad = np.concatenate([z.T @ resid, [resid.sum()]]) / n
+    assert np.abs(grad).max() < 1e-3
+    assert fit.params.w[0, 0] > 0.5  # The informative feature got the weight.
+
+
+def test_layers_train_independently_and_predict_proba_formula():
+    x, y, _ = _planted()
+    config = ProbeConfig(steps=100)
+    train, val = np.arange(320), np.arange(320, 400)
+    fit_all = train_probes(x, y, train, val, config=config)
+    fit_one = train_probes(x[:, 1:2], y, train, val, config=config)
+    np.testing.assert_allclose(fit_one.params.w[0], fit_all.params.w[1], rtol=1e-4, atol=1e-6)
+    assert fit_one.best_step[0] == fit_all.best_step[1]
+    z = (x[:5, 3] - fit_all.stats.mean[3]) / fit_all.stats.std[3]
+    manual = 1 / (1 + np.exp(-(z @ fit_all.params.w[3] + fit_all.params.b[3])))
+    np.testing.assert_allclose(predict_proba(fit_all.params, fit_all.stats, x[:5], 3), manual)
+    np.testing.assert_allclose(predict_proba(fit_all.params, fit_all.stats, x[:5])[:, 3], manual)
+
+
+def test_bad_inputs_raise():
+    x, y, _ = _planted()
+    with pytest.raises(ProbeError, match="overlap"):
+        train_probes(x, y, np.arange(10), np.arange(5, 20))
+    with pytest.raises(ProbeError, match=r"\[0, 1\]"):
+        train_probes(x, y * 2)
+    with pytest.raises(ProbeError, match="layers, d"):
+        train_probes(x[:, 0], y)
+
+
+# -- cross-fitting -----------------------------------------------------------------------
+
+
+def test_planted_signal_found_and_layer_chosen():
+    x, y, groups = _planted()
+    result = crossfit(x, y, groups, folds=5, seed=0)
+    assert result.layer_table["auroc"][SIGNAL_LAYER] > 0.95
+    assert np.all(result.chosen_layer == SIGNAL_LAYER)
+    assert _pairwise_auroc(result.proba, y) > 0.95
+    assert np.argmin(result.layer_table["ece"]) == SIGNAL_LAYER
+    assert np.all(np.isfinite(result.proba))
+    for j in range(LAYERS):  # The per-layer table against independent computations.
+        p = result.proba_layers[:, j]
+        expect = _pairwise_auroc(p, y)
+        assert result.layer_table["auroc"][j] == pytest.approx(expect, abs=1e-12)
+        bins = np.minimum((p * 10).astype(int), 9)
+        gaps = [
+            abs(p[bins == k].mean() - y[bins == k].mean()) * (bins == k).mean()
+            for k in range(10)
+            if (bins == k).any()
+        ]
+        assert result.layer_table["ece"][j] == pytest.approx(sum(gaps), abs=1e-12)
+
+
+def test_shuffled_labels_give_chance_auroc():
+    """Null bound: labels are constant within a group, so the independent units are the
+    100 groups (50 positive); Mann-Whitney's null variance with n1 = n0 = 50 is
+    (n1 + n0 + 1) / (12 n1 n0) (sd ~ 0.058). We allow 4 sd."""
+    x, y, groups = _planted()
+    rng = np.random.default_rng(11)
+    y_group = rng.permutation(y.reshape(N_GROUPS, PER_GROUP)[:, 0])
+    y_null = y_group[groups]
+    n1 = n0 = N_GROUPS // 2
+    bound = 4 * math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    result = crossfit(x, y_null, groups, folds=5, seed=1)
+    assert abs(_pairwise_auroc(result.proba, y_null) - 0.5) < bound
+    assert np.all(np.abs(result.layer_table["auroc"] - 0.5) < bound)
+
+
+def test_no_leakage_between_training_and_scored_groups():
+    x, y, groups = _planted()
+    y = y.copy()
+    y[::7] = np.nan  # Unlabeled rows are scored but never trained on.
+    result = crossfit(x, y, groups, folds=5, seed=0)
+    assert np.all(np.isfinite(result.proba))  # Every row scored, unlabeled ones too.
+    for k, rows in enumerate(result.train_rows):
+        scored = set(groups[result.fold == k])
+        assert scored and not scored & set(groups[rows])
+        assert np.all(np.isfinite(y[rows]))
+    # Each group sits in exactly one fold; folds have equal size here (20 groups of 4).
+    for g in np.unique(groups):
+        assert len(set(result.fold[groups == g])) == 1
+    np.testing.assert_array_equal(np.bincount(result.fold), [80] * 5)
+    # Behavioural check: flipping fold 0's labels cannot change what fold 0's probe scored
+    # (it never trained on them), but does change the other folds' probabilities.
+    in0 = result.fold == 0
+    y2 = y.copy()
+    y2[in0] = 1 - y2[in0]
+    again = crossfit(x, y2, groups, folds=5, seed=0)
+    np.testing.assert_array_equal(again.fold, result.fold)
+    np.testing.assert_array_equal(again.proba_layers[in0], result.proba_layers[in0])
+    assert not np.allclose(again.proba_layers[~in0], result.proba_layers[~in0])
+
+
+def test_group_folds_deterministic_by_seed():
+    groups = np.repeat(np.arange(30), np.arange(30) % 4 + 1)
+    a, b, c = group_folds(groups, 5, 0), group_folds(groups, 5, 0), group_folds(groups, 5, 1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    sizes = np.bincount(a, minlength=5)
+    assert sizes.max() - sizes.min() <= 4  # Greedy balance: within one largest group.
+    with pytest.raises(ProbeError, match="at least 5 groups"):
+        group_folds(np.arange(3), 5)
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def test_orbax_round_trip_identical_probabilities(tmp_path):
+    x, y, _ = _planted()
+    fit = train_probes(x, y, np.arange(300), np.arange(300, 400), config=ProbeConfig(steps=60))
+    probe = Probe(fit.params, fit.stats, 2, (3, 6, 9, 12), fold=1, label="agreement", model="m")
+    save_probe(tmp_path / "ck", probe)
+    back = load_probe(tmp_path / "ck")
+    assert (back.layer, back.layers, back.fold, back.label, back.model) == (
+        2,
+        (3, 6, 9, 12),
+        1,
+        "agreement",
+        "m",
+    )
+    assert back.layer_id == 9
+    np.testing.assert_array_equal(back.predict_proba(x), probe.predict_proba(x))
+    np.testing.assert_array_equal(back.predict_proba(x[:, 2]), probe.predict_proba(x))
+    save_probe(tmp_path / "ck", Probe(fit.params, fit.stats, 0, (3, 6, 9, 12)))  # Overwrite.
+    assert load_probe(tmp_path / "ck").layer == 0
+    with pytest.raises(ProbeError, match=r"probe\.json"):
+        load_probe(tmp_path / "missing")
+
+
+# -- the probe stage end to end ----------------------------------------------------------
+
+
+def _make_run(root, rng):
+    """40 examples x 3-5 steps; layer 7 encodes correctness; one step lacks hidden states."""
+    layers, width = [4, 7], 16
+    direction = rng.normal(size=width)
+    direction /= np.linalg.norm(direction)
+    store = HiddenStore(root / "hidden", layers, width, "float32")
+    ex_ids, correct, step_rows = [], [], []
+    for e in range(40):
+        eid = f"q{e}"
+        ok = bool(e % 2)
+        n_steps = 3 + e % 3
+        states = rng.normal(size=(n_steps, 2, width)).astype(np.float32)
+        states[:, 1] += 2.5 * (1 if ok else -1) * direction.astype(np.float32)
+        stored = list(range(n_steps)) if e != 5 else list(range(n_steps - 1))
+        store.write(eid, stored, states[: len(stored)])
+        ex_ids.append(eid)
+        correct.append(ok)
+        step_rows += [(eid, s, float(rng.random())) for s in range(n_steps)]
+    store.finalize()
+    write_table_atomic(
+        root / "examples.parquet",
+        {"example_id": ex_ids, "correct": correct, "prompt_ids": [[1, 2]] * len(ex_ids)},
+    )
+    eids, steps, dec = zip(*step_rows, strict=True)
+    write_table_atomic(
+        root / "steps.parquet",
+        {
+            "example_id": list(eids),
+            "step": np.array(steps, np.int64),
+            "decisiveness": np.array(dec),
+            "text": [f"s{s}" for s in steps],
+        },
+    )
+
+
+def test_run_probe_stage_end_to_end(tmp_path):
+    _make_run(tmp_path, np.random.default_rng(5))
+    summary = run_probe_stage(tmp_path, folds=3, seed=0)
+    steps = read_table(tmp_path / "steps.parquet")
+    examples = read_table(tmp_path / "examples.parquet")
+    conf = steps["conf_probe"]
+    missing = [i for i, e in enumerate(steps["example_id"]) if e == "q5"]
+    assert np.isnan(conf[missing[-1]])  # The step without hidden states has no value.
+    assert np.isfinite(np.delete(conf, missing[-1])).all()
+    np.testing.assert_allclose(steps["faith_probe"], 1 - np.abs(steps["decisiveness"] - conf))
+    assert steps["text"][:2] == ["s0", "s1"]  # Other columns kept.
+    for j, eid in enumerate(examples["example_id"]):
+        rows = [i for i, e in enumerate(steps["example_id"]) if e == eid]
+        last = max(rows, key=lambda i: steps["step"][i])
+        np.testing.assert_equal(examples["conf_probe"][j], conf[last])
+        valid = [steps["faith_probe"][i] for i in rows if np.isfinite(steps["faith_probe"][i])]
+        assert examples["faith_probe"][j] == pytest.approx(np.mean(valid))
+    assert examples["prompt_ids"][0] == [1, 2]
+    correct = np.asarray(examples["correct"], float)
+    assert (
+        _pairwise_auroc(
+            examples["conf_probe"][~np.isnan(examples["conf_probe"])],
+            correct[~np.isnan(examples["conf_probe"])],
+        )
+        > 0.9
+    )
+    table = read_table(tmp_path / "probes" / "layers.parquet")
+    np.testing.assert_array_equal(table["layer"], [4, 7])
+    assert table["auroc"][1] > 0.9 > table["auroc"][0]
+    assert summary["final_layer"] == 7 and summary["chosen_layers"] == [7, 7, 7]
+    png = (tmp_path / "plots" / "probe_layers.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    probe = load_probe(tmp_path / "probes" / "ckpt")
+    assert probe.layers == (4, 7) and probe.layer_id == 7 and probe.label == "correct"
+
+
+def test_run_probe_stage_names_missing_inputs(tmp_path):
+    _make_run(tmp_path, np.random.default_rng(6))
+    with pytest.raises(TableError, match=r"steps\.parquet.*conf_agreement"):
+        run_probe_stage(tmp_path, folds=3, label="agreement")
+    write_table_atomic(tmp_path / "examples.parquet", {"example_id": ["q0"]})
+    with pytest.raises(TableError, match=r"examples\.parquet.*correct"):
+        run_probe_stage(tmp_path, folds=3)
+    (tmp_path / "hidden" / "COMPLETE").unlink()
+    with pytest.raises(ValueError, match="COMPLETE"):
+        run_probe_stage(tmp_path, folds=3)
