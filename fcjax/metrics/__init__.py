@@ -1,0 +1,22 @@
+"""Summaries of faithfulness, calibration, estimator agreement and step trajectories."""
+
+from fcjax.metrics.agreement import kendall, pairwise_agreement, rankdata, spearman
+from fcjax.metrics.calibration import auroc, brier, ece, prr
+from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
+from fcjax.metrics.trajectory import trajectory_bins
+
+__all__ = [
+    "auroc",
+    "brier",
+    "cmfg",
+    "cmfg_star",
+    "ece",
+    "kendall",
+    "mfg",
+    "pairwise_agreement",
+    "prr",
+    "rankdata",
+    "spearman",
+    "step_faithfulness",
+    "trajectory_bins",
+]

@@ -1,0 +1,358 @@
+"""Final-answer extraction and scoring per dataset kind (METHOD.md section 1).
+
+`extract_answer` pulls the model's final answer out of a generation; `score_answer` compares
+it with a gold answer according to the dataset kind (`infer_kind`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from typing import Literal
+
+AnswerKind = Literal["numeric", "math", "letter", "yesno"]
+
+_NUMBER_RE = re.compile(r"-?\d+(\.\d+)?")
+
+
+def infer_kind(answer: str, choices: list[str] | None) -> AnswerKind:
+    """Scoring kind of a gold answer: letter (has choices), yesno, numeric, else math."""
+    if choices:
+        return "letter"
+    stripped = answer.strip()
+    if stripped.lower() in ("yes", "no"):
+        return "yesno"
+    if _NUMBER_RE.fullmatch(stripped):
+        return "numeric"
+    return "math"
+
+
+# ----------------------------------------------------------------------------- extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_LINE_RE = re.compile(
+    r"^[\s>#*_\-]*(?:the\s+)?(?:final\s+)?answer\s*(?:\*\*|__)?\s*(?:is\s*:?|:)(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+
+
+def _braced(text: str, open_idx: int) -> str | None:
+    """Content of the brace group whose '{' is at `open_idx` (nesting aware), None if open."""
+    depth = 0
+    for i in range(open_idx, len(text)):
+        ch = text[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_idx + 1 : i]
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last closed `\\boxed{...}` / `\\fbox{...}` in `text`."""
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return None
+    closing: dict[int, int] = {}  # '{' index -> matching '}' index, one linear pass
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = i
+    for match in reversed(matches):
+        open_idx = match.end() - 1
+        if open_idx in closing:
+            return text[open_idx + 1 : closing[open_idx]]
+    return None
+
+
+def _clean_answer(value: str) -> str:
+    """Strip markdown emphasis, whitespace and a trailing period."""
+    value = value.replace("**", "").replace("__", "").strip()
+    if value.endswith(".") and not value.endswith(".."):
+        value = value[:-1].rstrip()
+    return value
+
+
+def _extract_from(text: str) -> str | None:
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip() or None
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        match = _ANSWER_LINE_RE.match(lines[i])
+        if match is None:
+            continue
+        rest = _clean_answer(match.group("rest"))
+        if rest:
+            return rest
+        following = [ln for ln in lines[i + 1 :] if ln.strip()]
+        if following:
+            return _clean_answer(following[0]) or None
+    for line in reversed(lines):
+        if line.strip():
+            return _clean_answer(line) or None
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer of a generation, or None when there is none.
+
+    Order: the last `\\boxed{...}` (or `\\fbox{...}`, braces may nest), else the last line
+    `Final answer: ...` / `Answer: ...` (case-insensitive, markdown `**` and a trailing period
+    removed), else the last non-empty line. The text after the last `</think>` is searched
+    first; the whole text when that part gives nothing.
+    """
+    if not text or not text.strip():
+        return None
+    if "</think>" in text:
+        tail = text.rsplit("</think>", 1)[1]
+        found = _extract_from(tail)
+        if found is not None:
+            return found
+    return _extract_from(text)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+_NUM_TOKEN_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
+
+
+def _strip_text_commands(s: str) -> str:
+    """Replace `\\text{x}` (and similar) by `x`, nesting aware."""
+    for _ in range(20):
+        match = _TEXT_CMD_RE.search(s)
+        if match is None:
+            break
+        content = _braced(s, match.end() - 1)
+        if content is None:
+            s = s[: match.start()] + s[match.end() :]
+        else:
+            s = s[: match.start()] + content + s[match.end() + len(content) + 1 :]
+    return s
+
+
+def _normalize_math(s: str) -> str:
+    """Canonical string form of a LaTeX answer (for string comparison)."""
+    s = s.strip()
+    if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+        s = s.strip("$")
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
+    s = s.replace("\\displaystyle", "")
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = _strip_text_commands(s)
+    s = s.replace("−", "-")
+    s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
+    s = re.sub(r"\\circ", "", s)
+    s = re.sub(r"\s*(?:degrees|degree)\s*$", "", s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"\s+", "", s)
+    # \frac12 -> \frac{1}{2}; \frac{a}b -> \frac{a}{b}; \sqrt2 -> \sqrt{2}
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\{[^{}]*\})(\w)", r"\\frac\1{\2}", s)
+    s = re.sub(r"\\frac(\w)(\{)", r"\\frac{\1}\2", s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)
+    s = s.rstrip(".")
+    if _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
+    # a/b with plain numbers -> \frac{a}{b}
+    frac = re.fullmatch(r"(-?)(\d+)/(\d+)", s)
+    if frac:
+        s = f"{frac.group(1)}\\frac{{{frac.group(2)}}}{{{frac.group(3)}}}"
+    return s
+
+
+def _to_float(s: str) -> float | None:
+    """Parse a plain number ('1,234.5', '-.5', '18.0'), else None."""
+    s = s.strip()
+    if _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
+    if re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)", s):
+        return float(s)
+    frac = re.fullmatch(r"(-?)\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s)
+    if frac and float(frac.group(3)) != 0:
+        value = float(frac.group(2)) / float(frac.group(3))
+        return -value if frac.group(1) else value
+    return None
+
+
+def _numeric_value(s: str) -> float | None:
+    """Number in a numeric prediction: the whole thing when it is a number (units, $, % and
+    thousands separators removed), else the last number in the sentence."""
+    t = _strip_text_commands(s).replace("\\$", "").replace("$", "").replace("−", "-")
+    t = t.replace("\\%", "").replace("%", "").replace("\\!", "").replace("\\,", "")
+    t = t.strip().rstrip(".").strip()
+    t = re.sub(r"\\[dt]frac", r"\\frac", t)
+    whole = re.sub(r"(?<=\d)\s*[A-Za-z][A-Za-z\s\^\d/.]*$", "", t).strip()
+    value = _to_float(whole.replace(" ", ""))
+    if value is not None:
+        return value
+    numbers = _NUM_TOKEN_RE.findall(t)
+    if not numbers:
+        return None
+    return float(numbers[-1].replace(",", ""))
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------- sympy check
+
+_SAFE_EXPR_RE = re.compile(r"[0-9a-zA-Z+\-*/^()., ]+")
+_ALLOWED_WORDS = {"sqrt", "pi"}
+_EXPONENT_RE = re.compile(
+    r"\^\s*(?:\(\s*-?(?:\d{1,2}|[A-Za-z])\s*\)|-?(?:\d{1,2}|[A-Za-z])(?![\d(.]))"
+)
+
+
+def _latex_to_plain(s: str) -> str | None:
+    """Very small LaTeX -> sympy-syntax conversion for normalised strings; None if unsure."""
+    for _ in range(10):
+        new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        new = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", new)
+        if new == s:
+            break
+        s = new
+    s = s.replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*")
+    s = s.replace("{", "(").replace("}", ")")
+    if "\\" in s or not _SAFE_EXPR_RE.fullmatch(s):
+        return None
+    words = set(re.findall(r"[A-Za-z]{2,}", s))
+    if not words <= _ALLOWED_WORDS:
+        return None
+    # Refuse anything that could take long to evaluate: at most two powers, each with a
+    # one-letter or two-digit exponent, never a power of a power without parentheses.
+    if s.count("^") > 2 or len(s) > 120:
+        return None
+    exponents = list(_EXPONENT_RE.finditer(s))
+    if len(exponents) != s.count("^") or any(s[m.end() : m.end() + 1] == "^" for m in exponents):
+        return None
+    if re.search(r"\d{30,}", s):
+        return None
+    return s
+
+
+def _sympy_equal(a: str, b: str) -> bool:
+    """Symbolic equivalence of two normalised answers; False whenever unsure."""
+    try:
+        import sympy
+        from sympy.parsing.sympy_parser import (
+            convert_xor,
+            implicit_multiplication_application,
+            parse_expr,
+            standard_transformations,
+        )
+    except ImportError:  # pragma: no cover - sympy is a dependency
+        return False
+    plain_a, plain_b = _latex_to_plain(a), _latex_to_plain(b)
+    if plain_a is None or plain_b is None or "," in plain_a or "," in plain_b:
+        return False
+    transformations = (*standard_transformations, implicit_multiplication_application, convert_xor)
+    # Every letter is a plain symbol (so "N", "S", "O" never reach sympy functions).
+    names = {ch: sympy.Symbol(ch) for ch in string.ascii_letters}
+    names.update({"pi": sympy.pi, "i": sympy.I, "e": sympy.E, "sqrt": sympy.sqrt})
+    try:
+        expr_a = parse_expr(plain_a, local_dict=dict(names), transformations=transformations)
+        expr_b = parse_expr(plain_b, local_dict=dict(names), transformations=transformations)
+        return bool(sympy.simplify(expr_a - expr_b) == 0)
+    except Exception:  # any parse/eval failure means "not shown equal"
+        return False
+
+
+# ----------------------------------------------------------------------------- scoring
+
+_LETTER_PATTERNS = (
+    re.compile(r"^\(?([A-Za-z])\)?[.:]?$"),
+    re.compile(r"^\(([A-Z])\)"),
+    re.compile(r"^([A-Z])[).:](?:\s|$)"),
+    re.compile(r"answer\s*(?:is|:)?\s*:?\s*\(?([A-Z])\)?(?:[\s.,:;)]|$)", re.IGNORECASE),
+)
+
+
+def _norm_option(s: str) -> str:
+    s = s.replace("**", "").strip().lower()
+    s = re.sub(r"\s+", " ", s)
+    return s.rstrip(".").strip()
+
+
+def _letter_of(prediction: str, choices: list[str] | None) -> str | None:
+    p = _strip_text_commands(prediction).replace("**", "").replace("$", "").strip()
+    if choices:
+        candidates = {_norm_option(prediction), _norm_option(p)} - {""}
+        for i, option in enumerate(choices):
+            if _norm_option(option) in candidates:
+                return chr(ord("A") + i)
+    for pattern in _LETTER_PATTERNS:
+        match = pattern.search(p)
+        if match:
+            letter = match.group(1).upper()
+            if choices and ord(letter) - ord("A") >= len(choices):
+                continue
+            return letter
+    return None
+
+
+_YES = {"yes": True, "true": True, "no": False, "false": False}
+
+
+def _yesno_of(prediction: str) -> bool | None:
+    p = _strip_text_commands(prediction).replace("**", "").strip().lower()
+    first = re.match(r"^\W*([a-z]+)", p)
+    if first and first.group(1) in _YES:
+        return _YES[first.group(1)]
+    match = re.search(r"answer\s*(?:is|:)\s*:?\W*(yes|no|true|false)\b", p)
+    if match:
+        return _YES[match.group(1)]
+    return None
+
+
+def score_answer(
+    prediction: str | None,
+    gold: str,
+    kind: AnswerKind,
+    choices: list[str] | None = None,
+) -> bool:
+    """Whether `prediction` (an `extract_answer` result) matches `gold` for this kind.
+
+    numeric: compared as floats ($, thousands separators, %, units removed; the last number
+    of a sentence). math: normalised LaTeX string match, then sympy equivalence for simple
+    expressions. letter: "(C)", "C)", "C.", "Answer: C", "C" or the option text itself.
+    yesno: yes/no/true/false as the first word or the answer word. None is never correct.
+    """
+    if prediction is None:
+        return False
+    if kind == "numeric":
+        gold_value = _numeric_value(gold)
+        pred_value = _numeric_value(prediction)
+        if gold_value is None:
+            raise ValueError(f"score_answer: numeric gold answer {gold!r} has no number")
+        return pred_value is not None and _close(pred_value, gold_value)
+    if kind == "math":
+        norm_pred, norm_gold = _normalize_math(prediction), _normalize_math(gold)
+        if norm_pred == norm_gold:
+            return True
+        value_pred, value_gold = _to_float(norm_pred), _to_float(norm_gold)
+        if value_pred is not None and value_gold is not None:
+            return _close(value_pred, value_gold)
+        return _sympy_equal(norm_pred, norm_gold)
+    if kind == "letter":
+        gold_letter = _letter_of(gold, choices)
+        if gold_letter is None:
+            raise ValueError(f"score_answer: letter gold answer {gold!r} is not a letter")
+        return _letter_of(prediction, choices) == gold_letter
+    if kind == "yesno":
+        gold_bool = _yesno_of(gold)
+        if gold_bool is None:
+            raise ValueError(f"score_answer: yes/no gold answer {gold!r} is not yes or no")
+        return _yesno_of(prediction) is gold_bool
+    raise ValueError(f"score_answer: unknown answer kind {kind!r}")
