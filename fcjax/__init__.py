@@ -1,5 +1,7 @@
 """fcjax: faithful confidence expression in reasoning models, measured with JAX."""
 
+from fcjax.engine import Generation, SamplingParams, branch, generate, make_mesh
 from fcjax.models import LM, ModelConfig, load
 
-__all__ = ["LM", "ModelConfig", "load"]
+__all__ = ["LM", "Generation", "ModelConfig", "SamplingParams", "branch", "generate", "load",
+           "make_mesh"]

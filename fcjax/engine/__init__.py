@@ -1,0 +1,11 @@
+"""Generation engine: KV-cached jitted decoding, prefix branching, mesh placement."""
+
+from fcjax.engine.generate import Generation, branch, generate
+from fcjax.engine.mesh import make_mesh
+from fcjax.engine.sampling import SamplingParams
+
+__all__ = ["Generation", "SamplingParams", "branch", "generate", "make_mesh"]
+
+from fcjax.engine.capture import Capture, capture
+
+__all__ += ["Capture", "capture"]

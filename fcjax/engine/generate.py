@@ -1,0 +1,266 @@
+"""``generate`` (one trace per prompt) and ``branch`` (many continuations from every cut of a
+trace, all reading one shared copy of the trace's KV cache).
+
+Shapes are bucketed (context length, rows, new tokens) so a run compiles a bounded number of
+programs. Rows are padded to a multiple of the mesh's data axis and sharded over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcjax.engine import mesh as mesh_lib
+from fcjax.engine.decode import decode_chunk, init_state, prefill_context
+from fcjax.engine.sampling import SamplingParams, row_keys, stable_key
+from fcjax.models.lm import LM
+
+log = logging.getLogger("fcjax")
+
+
+@dataclasses.dataclass
+class Generation:
+    """One sampled continuation. ``token_logprobs`` are temperature-1 log-probabilities of the
+    chosen tokens; ``top_logprobs`` [T, k] the top-k of the same distributions."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: np.ndarray
+    top_logprobs: np.ndarray
+    top_ids: np.ndarray
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Rounds n up to a power of two (>= minimum), then to multiples of 1024 beyond 1024."""
+    n = max(n, minimum)
+    if n <= 1024:
+        return 1 << math.ceil(math.log2(n))
+    return int(math.ceil(n / 1024) * 1024)
+
+
+def _row_bucket(n: int, multiple: int) -> int:
+    b = 1 << math.ceil(math.log2(max(n, 1)))
+    return int(math.ceil(b / multiple) * multiple)
+
+
+def _encode_prompts(lm: LM, prompts) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if lm.tokenizer is None:
+                raise ValueError(f"{lm.name} has no tokenizer: pass token ids, not strings")
+            out.append(lm.encode(p))
+        else:
+            out.append([int(t) for t in p])
+        if not out[-1]:
+            raise ValueError(f"prompt {len(out) - 1} is empty")
+    return out
+
+
+def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _decode_text(lm: LM, ids: list[int]) -> str:
+    if lm.tokenizer is None:
+        return ""
+    return lm.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _run(
+    lm: LM,
+    ctx_tokens: np.ndarray,  # [ctx, seq]
+    ctx_lengths: np.ndarray,  # [ctx]
+    ctx_valid: np.ndarray,  # [ctx, rows]
+    keys: jnp.ndarray,  # [ctx, rows, 2]
+    active: np.ndarray,  # [ctx, rows]
+    params: SamplingParams,
+    mesh,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Prefill + chunked decode; returns host arrays for every row and its finish reason."""
+    sampler = params.sampler
+    max_new = bucket(params.max_new_tokens)
+    eos = lm.eos_token_ids
+    row_axis = 1 if ctx_valid.shape[0] == 1 else 0
+    put = _putter(mesh, row_axis)
+    state_params = mesh_lib.replicate(lm.state, mesh)
+    ctx_k, ctx_v, first = prefill_context(
+        lm.graphdef,
+        state_params,
+        mesh_lib.put(ctx_tokens, mesh, 0 if row_axis == 0 else None),
+        mesh_lib.put(ctx_lengths, mesh, 0 if row_axis == 0 else None),
+        put(np.maximum(ctx_valid - 1, 0)),
+    )
+    st = init_state(lm.config, ctx_k, first, put(keys), put(active), max_new, sampler.logprobs)
+    ctx_valid_dev = put(ctx_valid)
+    limit = params.max_new_tokens
+    chunk = 32 if params.stop else min(max_new, 512)
+    stopped = np.zeros(active.shape, bool)
+    cut_text: dict[tuple[int, int], str] = {}
+    while True:
+        st = decode_chunk(
+            lm.graphdef,
+            state_params,
+            ctx_k,
+            ctx_v,
+            ctx_valid_dev,
+            limit,
+            st,
+            sampler=sampler,
+            eos=eos,
+            steps=chunk,
+        )
+        t = int(st.t)
+        n_gen = np.asarray(st.n_gen)
+        done = np.asarray(st.done) | (n_gen >= limit)
+        if params.stop and lm.tokenizer is not None:
+            tokens = np.asarray(st.tokens)
+            for c, r in zip(*np.nonzero(active & ~stopped), strict=True):
+                text = _decode_text(lm, tokens[c, r, : n_gen[c, r]].tolist())
+                cut = _stop_cut(text, params.stop)
+                if cut is not None:
+                    stopped[c, r] = done[c, r] = True
+                    cut_text[(c, r)] = text[:cut]
+        if progress is not None:
+            progress(t, limit)
+        if done.all() or t >= limit:
+            break
+        st = st._replace(done=put(done))
+    return jax.device_get(st), stopped, cut_text
+
+
+def _putter(mesh, axis):
+    return lambda x: mesh_lib.put(x, mesh, axis)
+
+
+def _collect(lm: LM, st, c: int, r: int, limit: int, stopped, cut_text, prompt_ids) -> Generation:
+    n = min(int(st.n_gen[c, r]), limit)
+    ids = st.tokens[c, r, :n].tolist()
+    finish = "length"
+    if n and ids[-1] in lm.eos_token_ids and not stopped[c, r]:
+        ids, finish = ids[:-1], "eos"
+    text = _decode_text(lm, ids)
+    if stopped[c, r]:
+        finish = "stop"
+        text = cut_text[(c, r)]
+        # keep the tokens that cover the text up to the stop string (a token straddling the
+        # stop is kept, so token_ids may decode slightly past ``text``)
+        kept = len(ids)
+        while kept > 1 and len(_decode_text(lm, ids[: kept - 1])) >= len(text):
+            kept -= 1
+        ids = ids[:kept]
+    m = len(ids)
+    return Generation(
+        text=text,
+        token_ids=ids,
+        token_logprobs=np.asarray(st.chosen[c, r, :m], np.float32),
+        top_logprobs=np.asarray(st.top_lp[c, r, :m], np.float32),
+        top_ids=np.asarray(st.top_ids[c, r, :m], np.int32),
+        finish_reason=finish,
+        prompt_ids=list(prompt_ids),
+    )
+
+
+def generate(
+    lm: LM,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    params: SamplingParams | None = None,
+    *,
+    keys: Sequence | None = None,
+    batch_size: int = 64,
+    mesh=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Samples one continuation per prompt (strings are tokenized as given: chat-format
+    them first). ``keys`` (e.g. example ids) seed each row; by default the prompt index."""
+    params = params or SamplingParams()
+    mesh = mesh or mesh_lib.default_mesh()
+    ids = _encode_prompts(lm, prompts)
+    keys = list(range(len(ids))) if keys is None else list(keys)
+    if len(keys) != len(ids):
+        raise ValueError(f"{len(keys)} keys for {len(ids)} prompts")
+    results: list[Generation | None] = [None] * len(ids)
+    n_data = mesh_lib.data_size(mesh)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        n_ctx = _row_bucket(len(chunk), n_data)
+        seq = bucket(max(len(x) for x in chunk))
+        tokens = np.zeros((n_ctx, seq), np.int32)
+        lengths = np.ones((n_ctx,), np.int32)
+        for i, x in enumerate(chunk):
+            tokens[i, : len(x)] = x
+            lengths[i] = len(x)
+        active = (np.arange(n_ctx) < len(chunk))[:, None]
+        ex_keys = [stable_key(k) for k in keys[start : start + batch_size]]
+        ex_keys += [0] * (n_ctx - len(chunk))
+        rk = row_keys(params.seed, ex_keys, [0] * n_ctx, [0] * n_ctx).reshape(n_ctx, 1, 2)
+        st, stopped, cut = _run(
+            lm, tokens, lengths, lengths[:, None].copy(), rk, active, params, mesh, progress
+        )
+        for i, x in enumerate(chunk):
+            results[start + i] = _collect(lm, st, i, 0, params.max_new_tokens, stopped, cut, x)
+    return results  # type: ignore[return-value]
+
+
+def branch(
+    lm: LM,
+    ids: Sequence[int],
+    cuts: Sequence[int],
+    k: int,
+    params: SamplingParams | None = None,
+    *,
+    key=0,
+    mesh=None,
+    max_rows: int = 512,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[Generation]]:
+    """``k`` continuations from every prefix ``ids[:cut]``: one prefill of ``ids``, then all
+    cuts x k rows decode together against that single shared KV copy. ``key`` (the example
+    id) seeds the rows together with each row's cut and sample index."""
+    params = params or SamplingParams()
+    mesh = mesh or mesh_lib.default_mesh()
+    ids = [int(t) for t in ids]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    for c in cuts:
+        if not 1 <= c <= len(ids):
+            raise ValueError(f"cut {c} outside 1..{len(ids)} (the trace has {len(ids)} tokens)")
+    seq = bucket(len(ids))
+    tokens = np.zeros((1, seq), np.int32)
+    tokens[0, : len(ids)] = ids
+    lengths = np.array([len(ids)], np.int32)
+    rows = [(c, s) for c in cuts for s in range(k)]
+    n_data = mesh_lib.data_size(mesh)
+    out: list[Generation] = []
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), max_rows):
+        part = rows[start : start + max_rows]
+        n_rows = _row_bucket(len(part), n_data)
+        valid = np.ones((1, n_rows), np.int32)
+        valid[0, : len(part)] = [c for c, _ in part]
+        active = (np.arange(n_rows) < len(part))[None]
+        pad = n_rows - len(part)
+        rk = row_keys(
+            params.seed,
+            [stable_key(key)] * n_rows,
+            [c for c, _ in part] + [0] * pad,
+            [s for _, s in part] + [0] * pad,
+        )
+        st, stopped, cut = _run(
+            lm, tokens, lengths, valid, rk.reshape(1, n_rows, 2), active, params, mesh, progress
+        )
+        for j, (c, _) in enumerate(part):
+            out.append(_collect(lm, st, 0, j, params.max_new_tokens, stopped, cut, ids[:c]))
+    log.debug("branch: %d rows in %.2fs", len(rows), time.perf_counter() - t0)
+    return [out[i * k : (i + 1) * k] for i in range(len(cuts))]

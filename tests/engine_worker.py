@@ -1,0 +1,39 @@
+"""Runs generate and branch on a tiny model and prints the tokens as JSON.
+
+Used by test_multidevice.py in subprocesses with different device counts / processes.
+argv: model_dir [process_id num_processes coordinator_port]
+"""
+
+import json
+import sys
+
+if len(sys.argv) > 2:
+    import jax
+
+    pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    from fcjax.engine import multihost as mh
+
+    mh.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+
+import dataclasses
+
+import jax
+
+import fcjax
+from fcjax.engine import multihost
+
+lm = fcjax.load(sys.argv[1])
+lm = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=()))
+prompts = [[5, 6, 7, 8, 9], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26], [3, 4], [40, 41, 42]]
+keys = [f"ex-{i}" for i in range(len(prompts))]
+greedy = fcjax.SamplingParams(temperature=0.0, max_new_tokens=12)
+sampled = fcjax.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=11)
+out = {"devices": len(jax.devices()), "processes": jax.process_count()}
+for name, params in (("greedy", greedy), ("sampled", sampled)):
+    gens = multihost.generate_sharded(lm, prompts, params, keys=keys)
+    out[name] = [g.token_ids for g in gens]
+trace = prompts[0] + out["greedy"][0]
+branches = fcjax.branch(lm, trace, [3, 8, 14], 3, sampled, key="ex-0")
+out["branch"] = [[g.token_ids for g in outs] for outs in branches]
+if jax.process_index() == 0:
+    print("RESULT " + json.dumps(out))

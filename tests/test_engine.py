@@ -1,0 +1,160 @@
+"""Engine: cached decoding, generate, branch, batching, EOS, buckets (tiny random models)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny
+from transformers import AutoModelForCausalLM
+
+import fcjax
+from fcjax.engine import decode as decode_lib
+from fcjax.engine.generate import bucket
+
+FAMILIES = ["llama-gqa-untied", "qwen2-bias", "qwen3-qknorm"]
+GREEDY = fcjax.SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=5)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=3)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    model = fcjax.load(build_tiny("llama-tied-headdim", tmp_path_factory.mktemp("lm"), seed=5))
+    return _without_eos(model)
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+
+
+def test_cached_decoding_equals_full_forward(family_dir):
+    """Every step's log-probabilities from the KV-cached loop equal a cache-free forward."""
+    lm = _without_eos(fcjax.load(family_dir))
+    for prompt, g in zip(PROMPTS, fcjax.generate(lm, PROMPTS, GREEDY), strict=True):
+        full = np.asarray(prompt + g.token_ids)
+        logits = lm.logits([full])[0].astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        rows = logp[len(prompt) - 1 : len(full) - 1]
+        chosen = rows[np.arange(len(g.token_ids)), g.token_ids]
+        np.testing.assert_allclose(g.token_logprobs, chosen, atol=1e-4)
+        np.testing.assert_allclose(g.top_logprobs, -np.sort(-rows, axis=-1)[:, :5], atol=1e-4)
+
+
+def _without_eos(lm):
+    return dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=()))
+
+
+def test_greedy_generate_matches_transformers(family_dir):
+    lm = _without_eos(fcjax.load(family_dir))
+    ref = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).eval()
+    for prompt, g in zip(PROMPTS, fcjax.generate(lm, PROMPTS, GREEDY), strict=True):
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert g.token_ids == out[0, len(prompt) :].tolist()
+        assert g.finish_reason == "length"
+
+
+def test_batch_composition_does_not_change_outputs(lm):
+    sampled = fcjax.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=7)
+    for params in (GREEDY, sampled):
+        together = fcjax.generate(lm, PROMPTS, params, keys=["a", "b", "c"])
+        alone = [
+            fcjax.generate(lm, [p], params, keys=[k])[0]
+            for p, k in zip(PROMPTS, "abc", strict=True)
+        ]
+        reordered = fcjax.generate(lm, PROMPTS[::-1], params, keys=["c", "b", "a"])[::-1]
+        for x, y, z in zip(together, alone, reordered, strict=True):
+            assert x.token_ids == y.token_ids == z.token_ids
+            np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
+
+
+def test_sampling_depends_on_seed_and_key(lm):
+    p = dataclasses.replace(GREEDY, temperature=1.0)
+    a = fcjax.generate(lm, [PROMPTS[0]], p, keys=["x"])[0].token_ids
+    assert a == fcjax.generate(lm, [PROMPTS[0]], p, keys=["x"])[0].token_ids
+    assert a != fcjax.generate(lm, [PROMPTS[0]], p, keys=["y"])[0].token_ids
+    assert (
+        a
+        != fcjax.generate(lm, [PROMPTS[0]], dataclasses.replace(p, seed=1), keys=["x"])[0].token_ids
+    )
+
+
+def test_greedy_branch_equals_generate_from_explicit_prefix(family_dir):
+    lm = _without_eos(fcjax.load(family_dir))
+    trace = PROMPTS[0] + fcjax.generate(lm, [PROMPTS[0]], GREEDY)[0].token_ids
+    cuts = [3, 9, 17, len(trace)]
+    params = dataclasses.replace(GREEDY, max_new_tokens=10)
+    branches = fcjax.branch(lm, trace, cuts, 2, params)
+    for cut, outs in zip(cuts, branches, strict=True):
+        ref = fcjax.generate(lm, [trace[:cut]], params)[0]
+        assert len(outs) == 2
+        for o in outs:
+            assert o.token_ids == ref.token_ids
+            np.testing.assert_allclose(o.token_logprobs, ref.token_logprobs, atol=1e-4)
+            assert o.prompt_ids == trace[:cut]
+
+
+def test_sampled_branches_reproducible_across_row_splits(lm):
+    trace = PROMPTS[2] + list(range(40, 60))
+    params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8, seed=3)
+    a = fcjax.branch(lm, trace, [4, 11, 25], 4, params, key="ex-1")
+    b = fcjax.branch(lm, trace, [4, 11, 25], 4, params, key="ex-1", max_rows=5)
+    c = fcjax.branch(lm, trace, [11], 4, params, key="ex-1")
+    ids = [[g.token_ids for g in outs] for outs in a]
+    assert ids == [[g.token_ids for g in outs] for outs in b]
+    assert ids[1] == [g.token_ids for g in c[0]]
+    assert len({tuple(x) for x in ids[1]}) > 1  # the k samples differ from each other
+
+
+def test_eos_stops_rows_independently(lm):
+    free = fcjax.generate(lm, PROMPTS, GREEDY)
+    eos = free[0].token_ids[4]  # a token the first row emits at step 5
+    cfg = dataclasses.replace(lm.config, eos_token_ids=(eos,))
+    lm_eos = dataclasses.replace(lm, config=cfg)
+    outs = fcjax.generate(lm_eos, PROMPTS, GREEDY)
+    first = free[0].token_ids.index(eos)
+    assert outs[0].finish_reason == "eos"
+    assert outs[0].token_ids == free[0].token_ids[:first]
+    for o, f in zip(outs[1:], free[1:], strict=True):
+        cut = f.token_ids.index(eos) if eos in f.token_ids else len(f.token_ids)
+        assert o.token_ids == f.token_ids[:cut]
+        assert o.finish_reason == ("eos" if eos in f.token_ids else "length")
+
+
+def test_prompt_lengths_compile_once_per_bucket(lm):
+    prefill_before = decode_lib.prefill_context._cache_size()
+    loop_before = decode_lib.decode_chunk._cache_size()
+    lengths = list(range(3, 43, 2))  # 20 different prompt lengths
+    params = dataclasses.replace(GREEDY, max_new_tokens=4)
+    for n in lengths:
+        fcjax.generate(lm, [list(range(1, n + 1))], params)
+    buckets = {bucket(n) for n in lengths}
+    assert decode_lib.prefill_context._cache_size() - prefill_before <= len(buckets)
+    assert decode_lib.decode_chunk._cache_size() - loop_before <= len(buckets)
+
+
+def test_max_new_tokens_and_bad_input(lm):
+    g = fcjax.generate(lm, [PROMPTS[0]], dataclasses.replace(GREEDY, max_new_tokens=5))[0]
+    assert len(g.token_ids) == 5 and g.top_logprobs.shape == (5, 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fcjax.SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="cut"):
+        fcjax.branch(lm, PROMPTS[0], [0], 2, GREEDY)
+    with pytest.raises(ValueError, match="k must be"):
+        fcjax.branch(lm, PROMPTS[0], [2], 0, GREEDY)
+    with pytest.raises(ValueError, match="tokenizer"):
+        fcjax.generate(lm, ["text needs a tokenizer"], GREEDY)
+
+
+def test_devices_visible():
+    assert len(jax.devices()) >= 1
