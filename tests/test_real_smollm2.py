@@ -83,3 +83,52 @@ def test_chat_template_and_tokenizer(lm32):
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
     enc = lm32.tokenizer("Hello world", return_offsets_mapping=True)
     assert enc["offset_mapping"][-1][1] == len("Hello world")
+
+
+CHATS = [
+    "What is 12 + 30? Answer briefly.",
+    "Name three primary colors.",
+    "Write one sentence about the moon.",
+]
+
+
+def test_greedy_generate_matches_transformers(lm32, reference):
+    prompts = [lm32.chat([{"role": "user", "content": c}]) for c in CHATS]
+    params = fcjax.SamplingParams(temperature=0.0, max_new_tokens=64)
+    gens = fcjax.generate(lm32, prompts, params)
+    eos = lm32.tokenizer.eos_token_id
+    for prompt, g in zip(prompts, gens, strict=True):
+        ids = lm32.encode(prompt)
+        with torch.no_grad():
+            out = reference.generate(
+                torch.tensor([ids]),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        ref = out[0, len(ids) :].tolist()
+        if ref and ref[-1] == eos:
+            ref = ref[:-1]
+            assert g.finish_reason == "eos"
+        assert g.token_ids == ref
+        assert g.text == lm32.tokenizer.decode(ref)
+
+
+def test_stop_strings_end_rows_independently(lm32):
+    prompts = [
+        lm32.chat([{"role": "user", "content": c}])
+        for c in ["Count from 1 to 20, one number per line.", "Say hello."]
+    ]
+    free = fcjax.generate(lm32, prompts, fcjax.SamplingParams(temperature=0.0, max_new_tokens=48))
+    stopped = fcjax.generate(
+        lm32, prompts, fcjax.SamplingParams(temperature=0.0, max_new_tokens=48, stop=("5",))
+    )
+    for f, s in zip(free, stopped, strict=True):
+        assert "5" not in s.text
+        if "5" in f.text:
+            assert s.finish_reason == "stop"
+            assert s.text == f.text[: f.text.index("5")]
+            assert s.token_ids == f.token_ids[: len(s.token_ids)]
+        else:
+            assert s.token_ids == f.token_ids

@@ -185,6 +185,9 @@ def from_gguf_metadata(
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    for key in ("embedding_length", "attention.head_count", "feed_forward_length", "block_count"):
+        if get(key) is None:
+            raise ConfigError(f"GGUF metadata lacks the required field {arch}.{key}")
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))

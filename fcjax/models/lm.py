@@ -147,10 +147,21 @@ def _load_gguf(path: Path, dtype, name: str, tokenizer_cache: Path | None = None
     if tokenizer_cache is not None and (tokenizer_cache / "tokenizer_config.json").exists():
         tokenizer = load_tokenizer(tokenizer_cache)
     else:
-        tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-        if tokenizer_cache is not None:
+        tokenizer = _gguf_tokenizer(path)
+        if tokenizer_cache is not None and tokenizer is not None:
             tokenizer.save_pretrained(str(tokenizer_cache))
     return LM.from_decoder(model, tokenizer, name=name, source=str(path))
+
+
+def _gguf_tokenizer(path: Path):
+    """The GGUF's tokenizer, or None (with a warning) when the file carries no vocabulary."""
+    try:
+        return load_tokenizer(path.parent, gguf_file=path.name)
+    except Exception:
+        if "tokenizer.ggml.tokens" in loading.gguf_reader(path).fields:
+            raise  # a vocabulary that transformers cannot convert is a real error
+        log.warning("%s has no tokenizer metadata; the model takes token ids only", path)
+        return None
 
 
 def _dir_tokenizer(path: Path):

