@@ -89,3 +89,40 @@ def build_tiny(name: str, out: Path, seed: int = 0) -> Path:
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's real tokenizer (converted once from the registry GGUF and cached)."""
+    from fcjax.models import registry
+    from fcjax.text.chat import load_tokenizer
+
+    gguf = registry.fetch("smollm2-135m-instruct")
+    cached = gguf.parent / "tokenizer"
+    if not (cached / "tokenizer_config.json").exists():
+        load_tokenizer(gguf.parent, gguf_file=gguf.name).save_pretrained(str(cached))
+    return cached
+
+
+def build_tiny_chat(out: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template: the whole
+    pipeline runs on it in seconds (its text is gibberish, its plumbing is real)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok_dir = smollm2_tokenizer_dir()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **{
+            **BASE,
+            "vocab_size": 49152,
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+    )
+    model = LlamaForCausalLM(config).eval().float()
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out

@@ -43,14 +43,24 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     return Mesh(np.array(devices).reshape(sizes["data"], sizes["model"]), ("data", "model"))
 
 
-_DEFAULT: dict[int, Mesh] = {}
+_DEFAULT: dict = {}
 
 
 def default_mesh() -> Mesh:
+    """The mesh engine calls use when none is passed (``set_default_mesh`` changes it)."""
+    if "user" in _DEFAULT:
+        return _DEFAULT["user"]
     n = len(jax.local_devices())
     if n not in _DEFAULT:
         _DEFAULT[n] = make_mesh()
     return _DEFAULT[n]
+
+
+def set_default_mesh(mesh: Mesh | None) -> None:
+    if mesh is None:
+        _DEFAULT.pop("user", None)
+    else:
+        _DEFAULT["user"] = mesh
 
 
 def data_size(mesh: Mesh) -> int:

@@ -1,0 +1,274 @@
+"""Plots and HTML reports: one run (``write_report``), or several side by side.
+
+    python -m experiments.report --runs=DIR1,DIR2,... [--out=DIR]
+
+The comparison answers the study's questions from finished runs: does an intervention
+change faithfulness (MFG / cMFG* per estimator), do estimators agree, and are later steps
+more faithful (F over normalised step position).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from absl import app, flags
+
+from fcjax.metrics import cmfg_star
+from fcjax.store.tables import read_table
+
+METRICS = ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc", "mean_conf")
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+
+def _save(fig, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def run_plots(run: Path) -> list[str]:
+    """Writes run/plots/*.png; returns their file names."""
+    summary = json.loads((run / "summary.json").read_text())
+    steps = read_table(run / "steps.parquet")
+    examples = read_table(run / "examples.parquet")
+    names = list(summary["estimators"])
+    plots = run / "plots"
+    out = []
+    d = np.asarray(steps["decisiveness"], float)
+    correct = np.asarray(examples["correct"], float)
+    cols = max(len(names), 1)
+
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        c = np.asarray(steps[f"conf_{name}"], float)
+        ok = np.isfinite(c) & np.isfinite(d)
+        ax.scatter(c[ok], d[ok], s=6, alpha=0.5)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"C ({name})", ylabel="D", title=name)
+    out.append(_save(fig, plots / "decisiveness_vs_confidence.png"))
+
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
+    edges = np.linspace(0, 1, 11)
+    for ax, name in zip(axes[0], names, strict=False):
+        c = np.asarray(examples[f"conf_{name}"], float)
+        ok = np.isfinite(c)
+        idx = np.clip(np.digitize(c[ok], edges) - 1, 0, 9)
+        acc = [correct[ok][idx == b].mean() if (idx == b).any() else np.nan for b in range(10)]
+        ax.bar(edges[:-1] + 0.05, acc, width=0.09, alpha=0.7)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
+    out.append(_save(fig, plots / "reliability.png"))
+
+    traj = summary.get("trajectory", {})
+    if traj:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        centers = (np.asarray(traj["edges"][:-1]) + np.asarray(traj["edges"][1:])) / 2
+        for key, values in traj["mean"].items():
+            ax = axes[1] if key.startswith("faith_") else axes[0]
+            ax.plot(centers, np.asarray(values, float), marker=".", label=key)
+        axes[0].set(title="D and C over the trace", xlabel="step position", ylim=(0, 1))
+        axes[1].set(title="faithfulness F", xlabel="step position", ylim=(0, 1))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        out.append(_save(fig, plots / "trajectory.png"))
+
+    keys = ["decisiveness", *names]
+    mat = np.eye(len(keys))
+    for i, a in enumerate(keys):
+        for j, b in enumerate(keys):
+            pair = summary["agreement"].get(f"{a}|{b}") or summary["agreement"].get(f"{b}|{a}")
+            if pair is not None and pair.get("spearman") is not None:
+                mat[i, j] = pair["spearman"]
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(keys), 0.8 + 0.7 * len(keys)))
+    im = ax.imshow(mat, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(keys)), keys, fontsize=8)
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title("Spearman between estimators (steps)")
+    out.append(_save(fig, plots / "estimator_correlation.png"))
+
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        c = np.asarray(examples[f"conf_{name}"], float)
+        f = np.asarray(examples[f"faith_{name}"], float)
+        ok = np.isfinite(c) & np.isfinite(f)
+        if ok.sum() == 0:
+            continue
+        value, bins = cmfg_star(f[ok], np.clip(c[ok], 0, 1), return_bins=True)
+        lower, width = np.asarray(bins["lower"]), np.asarray(bins["width"])
+        ax.bar(
+            lower,
+            bins["mean_f"],
+            width=np.maximum(width, 0.01),
+            align="edge",
+            alpha=0.7,
+            edgecolor="k",
+        )
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="trace confidence",
+            ylabel="mean F",
+            title=f"{name}: cMFG*={value:.3f}",
+        )
+    out.append(_save(fig, plots / "cmfg_star_bins.png"))
+    return out
+
+
+def write_report(run: str | Path) -> Path:
+    """Writes run/report.html (and the plots it shows)."""
+    run = Path(run)
+    summary = json.loads((run / "summary.json").read_text())
+    images = run_plots(run)
+    examples = read_table(run / "examples.parquet")
+    steps = read_table(run / "steps.parquet")
+    cfg = summary["config"]
+    esc = {k: html.escape(str(cfg.get(k))) for k in ("model", "dataset", "intervention",
+                                                     "intervention_role", "decisiveness")}
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td>"
+        + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in METRICS)
+        + f"<td>{m.get('n_traces')}</td></tr>"
+        for n, m in summary["estimators"].items()
+    )
+    agree = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v.get('spearman'))}</td>"
+        f"<td>{_fmt(v.get('kendall'))}</td><td>{v.get('n')}</td></tr>"
+        for k, v in summary["agreement"].items()
+    )
+    times = "".join(
+        f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>"
+        for k, v in summary.get("stage_wall_s", {}).items()
+    )
+    names = list(summary["estimators"])
+    sample = []
+    eids = np.asarray(steps["example_id"]).astype(str)
+    for i, eid in enumerate(list(examples["example_id"])[:3]):
+        mask = np.flatnonzero(eids == str(eid))
+        lines = "".join(
+            f"<tr><td>{int(steps['step'][r])}</td><td>{_fmt(float(steps['decisiveness'][r]))}"
+            "</td>"
+            + "".join(f"<td>{_fmt(float(steps[f'conf_{n}'][r]))}</td>" for n in names)
+            + f"<td><pre>{html.escape(str(steps['text'][r])[:300])}</pre></td></tr>"
+            for r in mask
+        )
+        head = "".join(f"<th>C {n}</th>" for n in names)
+        sample.append(
+            f"<h3>{html.escape(str(eid))}: prediction {html.escape(str(examples['prediction'][i]))}"
+            f", gold {html.escape(str(examples['gold'][i]))}, correct {examples['correct'][i]}"
+            f"</h3><table><tr><th>step</th><th>D</th>{head}<th>text</th></tr>{lines}</table>"
+        )
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fcjax run</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}pre{{margin:0;white-space:pre-wrap}}
+</style></head><body>
+<h1>fcjax run: {esc["model"]} on {esc["dataset"]}</h1>
+<p>{summary["n_examples"]} examples, accuracy {_fmt(summary["accuracy"])}, intervention
+<b>{esc["intervention"]}</b> ({esc["intervention_role"]}),
+decisiveness from <b>{esc["decisiveness"]}</b>.
+Counts: {html.escape(json.dumps(summary["counts"]))}</p>
+<h2>Faithfulness and calibration per estimator</h2>
+<table><tr><th>estimator</th>{"".join(f"<th>{k}</th>" for k in METRICS)}<th>traces</th></tr>
+{rows}</table>
+<h2>Agreement (steps)</h2><table><tr><th>pair</th><th>Spearman</th><th>Kendall</th><th>n</th></tr>
+{agree}</table>
+{"".join(f'<h2>{html.escape(i[:-4])}</h2><img src="plots/{i}">' for i in images)}
+<h2>Stage wall time (s)</h2><table>{times}</table>
+<h2>Example traces</h2>{"".join(sample)}
+<h2>Config</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"""
+    path = run / "report.html"
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(body)
+    tmp.replace(path)
+    return path
+
+
+def compare(runs: Sequence[Path], out: Path) -> Path:
+    """Side-by-side table and plots of several runs; writes out/compare.html."""
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    names = sorted({n for s in summaries for n in s["estimators"]})
+    out.mkdir(parents=True, exist_ok=True)
+    head = "".join(f"<th>{n} {m}</th>" for n in names for m in ("MFG", "cMFG*", "AUROC"))
+    rows = []
+    for r, s in zip(runs, summaries, strict=True):
+        c = s["config"]
+        cells = "".join(
+            f"<td>{_fmt(s['estimators'].get(n, {}).get(k))}</td>"
+            for n in names
+            for k in ("mfg", "cmfg_star", "auroc")
+        )
+        rows.append(
+            f"<tr><td>{html.escape(str(r))}</td><td>{html.escape(str(c['model']))}</td>"
+            f"<td>{html.escape(str(c['dataset']))}</td>"
+            f"<td>{html.escape(str(c['intervention']))}</td>"
+            f"<td>{s['n_examples']}</td><td>{_fmt(s['accuracy'])}</td>{cells}</tr>"
+        )
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    width = 0.8 / max(len(runs), 1)
+    for i, (r, s) in enumerate(zip(runs, summaries, strict=True)):
+        vals = [s["estimators"].get(n, {}).get("cmfg_star") or np.nan for n in names]
+        axes[0].bar(np.arange(len(names)) + i * width, vals, width, label=r.name)
+        traj = s.get("trajectory", {})
+        if traj:
+            centers = (np.asarray(traj["edges"][:-1]) + np.asarray(traj["edges"][1:])) / 2
+            for n in names:
+                key = f"faith_{n}"
+                if key in traj["mean"]:
+                    axes[1].plot(
+                        centers,
+                        np.asarray(traj["mean"][key], float),
+                        marker=".",
+                        label=f"{r.name}:{n}",
+                    )
+    axes[0].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+    axes[0].set(ylabel="cMFG*", ylim=(0, 1), title="cMFG* per estimator")
+    axes[1].set(xlabel="step position", ylabel="F", ylim=(0, 1), title="faithfulness over steps")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=6)
+    img = _save(fig, out / "compare.png")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fcjax comparison</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>
+<h1>fcjax: {len(runs)} runs side by side</h1>
+<table><tr><th>run</th><th>model</th><th>dataset</th><th>intervention</th><th>n</th>
+<th>accuracy</th>{head}</tr>{"".join(rows)}</table><img src="{img}"></body></html>"""
+    path = out / "compare.html"
+    path.write_text(page)
+    return path
+
+
+def main(argv):
+    del argv
+    runs_flag, out_flag = flags.FLAGS.runs, flags.FLAGS.out
+    if not runs_flag:
+        raise app.UsageError("--runs=DIR1,DIR2,... is required")
+    runs = [Path(r) for r in runs_flag]
+    for r in runs:
+        if not (r / "summary.json").exists():
+            raise app.UsageError(f"{r} has no summary.json (is the run finished?)")
+    if len(runs) == 1 and not out_flag:
+        print(write_report(runs[0]))
+        return
+    print(compare(runs, Path(out_flag) if out_flag else runs[0] / "compare"))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_list("runs", [], "run directories to compare")
+    flags.DEFINE_string("out", "", "where to write compare.html (default: <first run>/compare)")
+    app.run(main)

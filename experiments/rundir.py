@@ -1,0 +1,243 @@
+"""The run directory: lock, stored config, stage markers, resumable parts, progress.
+
+Every stage writes its outputs under temporary names and renames them, then writes its
+marker ``stages/<stage>.done``; a stage with a marker is skipped on rerun. Long stages
+write ``parts`` (one parquet file per batch of examples) so a killed run resumes inside the
+stage. A rerun whose result-affecting flags differ from the stored ones is refused with the
+list of differences, unless ``--redo`` names a stage at or before the first affected one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+
+from fcjax.store.tables import read_table, write_table_atomic
+
+STAGES = (
+    "generate",
+    "segment",
+    "estimators",
+    "hidden",
+    "probes",
+    "decisiveness",
+    "metrics",
+    "report",
+)
+
+# result-affecting settings -> the first stage whose output they change
+AFFECTS = {
+    "model": "generate",
+    "dtype": "generate",
+    "dataset": "generate",
+    "data_path": "generate",
+    "num_examples": "generate",
+    "difficulty": "generate",
+    "intervention": "generate",
+    "intervention_role": "generate",
+    "max_new_tokens": "generate",
+    "temperature": "generate",
+    "seed": "generate",
+    "segmenter": "segment",
+    "estimators": "estimators",
+    "k": "estimators",
+    "max_steps": "estimators",
+    "branch_new_tokens": "estimators",
+    "branch_temperature": "estimators",
+    "branch_top_p": "estimators",
+    "layers": "hidden",
+    "folds": "probes",
+    "probe_label": "probes",
+    "judge_model": "decisiveness",
+    "decisiveness": "decisiveness",
+    "judge_batch": "decisiveness",
+}
+
+
+class RunError(RuntimeError):
+    """A user-facing problem with the run directory (lock, config mismatch, bad stage)."""
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    """One experiment's output directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.stages = self.path / "stages"
+        self._locked = False
+
+    # --- lock -------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def lock(self) -> None:
+        """Takes the directory lock; refuses if a live process holds it, takes over a stale
+        lock left by a dead one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.lock_path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
+                    logging.warning("taking over stale lock %s of dead pid %s", self.lock_path, pid)
+                    stale = self.lock_path.with_name(f".lock.stale{os.getpid()}")
+                    try:
+                        os.replace(self.lock_path, stale)
+                        stale.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise RunError(
+                    f"{self.path} is in use: lock {self.lock_path} is held by pid {pid} on "
+                    f"{host}. Wait for it to finish, or remove the lock if that process is gone."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+        raise RunError(f"could not take lock {self.lock_path}")
+
+    def unlock(self) -> None:
+        if self._locked:
+            self.lock_path.unlink(missing_ok=True)
+            self._locked = False
+
+    # --- config -----------------------------------------------------------------------------
+    def check_config(self, config: Mapping[str, Any], redo: str | None) -> str | None:
+        """Stores the config; returns the first stage to recompute because of changes (or
+        ``redo``), or refuses when results would change and no redo covers it."""
+        path = self.path / "config.json"
+        first = STAGES.index(redo) if redo else len(STAGES)
+        if path.exists():
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in AFFECTS if _norm(old.get(k)) != _norm(config.get(k)))
+            if changed:
+                affected = min(STAGES.index(AFFECTS[k]) for k in changed)
+                diffs = ", ".join(f"--{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                if first > affected:
+                    raise RunError(
+                        f"{self.path} holds results made with other settings ({diffs}). "
+                        f"Use a new --out, or --redo={STAGES[affected]} to recompute from "
+                        f"the first affected stage."
+                    )
+        write_json_atomic(path, dict(config))
+        return STAGES[first] if first < len(STAGES) else None
+
+    # --- stages -----------------------------------------------------------------------------
+    def marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.done"
+
+    def done(self, stage: str) -> bool:
+        return self.marker(stage).exists()
+
+    def mark(self, stage: str, info: Mapping[str, Any]) -> None:
+        self.stages.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.marker(stage), dict(info))
+
+    def info(self, stage: str) -> dict:
+        return json.loads(self.marker(stage).read_text()) if self.done(stage) else {}
+
+    def invalidate_from(self, stage: str) -> None:
+        """Removes markers (and parts) of ``stage`` and every later stage."""
+        for s in STAGES[STAGES.index(stage) :]:
+            self.marker(s).unlink(missing_ok=True)
+            for d in self.stages.glob(f"{s}*"):
+                if d.is_dir():
+                    for f in d.glob("*"):
+                        f.unlink()
+                    d.rmdir()
+
+    # --- resumable parts ----------------------------------------------------------------------
+    def parts_dir(self, name: str) -> Path:
+        d = self.stages / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def write_part(self, name: str, index: int, columns: Mapping[str, Any]) -> None:
+        write_table_atomic(self.parts_dir(name) / f"part-{index:06d}.parquet", columns)
+
+    def part_done(self, name: str, index: int) -> bool:
+        return (self.parts_dir(name) / f"part-{index:06d}.parquet").exists()
+
+    def read_parts(self, name: str) -> dict[str, list]:
+        merged: dict[str, list] = {}
+        for f in sorted(self.parts_dir(name).glob("part-*.parquet")):
+            for k, v in read_table(f).items():
+                merged.setdefault(k, []).extend(list(v))
+        return merged
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=_json_default))
+
+
+def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
+    for i, start in enumerate(range(0, len(items), size)):
+        yield i, items[start : start + size]
+
+
+class Progress:
+    """Logs done/total with rate and ETA, at most every few seconds."""
+
+    def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0):
+        self.stage, self.total, self.unit, self.every = stage, total, unit, every
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logging.info(
+                "%s: %d/%d %s (%.2f/s, ETA %.0fs)",
+                self.stage,
+                self.done,
+                self.total,
+                self.unit,
+                rate,
+                eta,
+            )

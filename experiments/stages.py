@@ -1,0 +1,538 @@
+"""The pipeline stages over a run directory (see ``experiments.rundir``).
+
+generate -> segment -> estimators -> hidden -> probes -> decisiveness -> metrics -> report.
+``segment`` writes the contract tables ``examples.parquet`` and ``steps.parquet``; each later
+stage adds its columns to them atomically, and ``metrics`` derives faithfulness and the
+summary from the tables alone, so every number in ``summary.json`` can be recomputed from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+import fcjax
+from experiments.rundir import Progress, RunDir, batches, write_json_atomic
+from fcjax.confidence.base import EstimatorContext, get_estimator, trace_confidence
+from fcjax.confidence.trace import Trace, build_trace
+from fcjax.data import Example, build_messages, load_dataset
+from fcjax.decisiveness.judge import judge_decisiveness
+from fcjax.decisiveness.lexicon import lexicon_scores
+from fcjax.engine.complete import chat_completer
+from fcjax.engine.generate import Generation
+from fcjax.metrics import (
+    auroc,
+    brier,
+    cmfg,
+    cmfg_star,
+    ece,
+    mfg,
+    pairwise_agreement,
+    step_faithfulness,
+    trajectory_bins,
+)
+from fcjax.store.tables import read_table, update_columns, write_table_atomic
+
+# estimators computed in the ``estimators`` stage (``probe`` has its own stages)
+PROBE = "probe"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every flag of ``experiments.run`` that the stages read."""
+
+    model: str = "smollm2-135m-instruct"
+    judge_model: str = ""
+    dtype: str = "float32"
+    dataset: str = "arithmetic"
+    data_path: str = ""
+    num_examples: int = 20
+    difficulty: int = 1
+    intervention: str = "blank"
+    intervention_role: str = "user"
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    seed: int = 0
+    segmenter: str = "paragraph"
+    estimators: tuple[str, ...] = ("deepconf", "rcc", "sampling", "probe", "forcing")
+    k: int = 10
+    max_steps: int = 20
+    branch_new_tokens: int = 200
+    branch_temperature: float = 0.8
+    branch_top_p: float = 0.95
+    layers: tuple[int, ...] = ()
+    folds: int = 5
+    probe_label: str = "correct"
+    decisiveness: str = "judge"
+    judge_batch: int = 20
+    batch_size: int = 16
+
+    def config(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["judge_model"] = self.judge_model or self.model
+        d["estimators"] = list(self.estimators)
+        d["layers"] = list(self.layers)
+        return d
+
+
+class Pipeline:
+    """Runs the stages of one run directory with one set of settings."""
+
+    def __init__(self, run: RunDir, settings: Settings):
+        self.run, self.s = run, settings
+        self._lm = None
+        self._judge = None
+        self.timings: dict[str, float] = {}
+
+    # --- shared resources -----------------------------------------------------------------
+    @property
+    def lm(self):
+        if self._lm is None:
+            logging.info("loading model %s (%s)", self.s.model, self.s.dtype)
+            self._lm = fcjax.load(self.s.model, dtype=self.s.dtype)
+        return self._lm
+
+    @property
+    def judge_lm(self):
+        name = self.s.judge_model or self.s.model
+        if name == self.s.model:
+            return self.lm
+        if self._judge is None:
+            logging.info("loading judge model %s", name)
+            self._judge = fcjax.load(name, dtype=self.s.dtype)
+        return self._judge
+
+    def examples(self) -> list[Example]:
+        s = self.s
+        kw: dict[str, Any] = {}
+        if s.data_path:
+            return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=s.seed)
+        if s.dataset == "arithmetic":
+            kw["difficulty"] = s.difficulty
+        return load_dataset(name=s.dataset, num_examples=s.num_examples, seed=s.seed, **kw)
+
+    def prompt(self, example: Example) -> str:
+        messages = build_messages(
+            example, intervention=self.s.intervention, role=self.s.intervention_role
+        )
+        return self.lm.chat(messages)
+
+    # --- stages -----------------------------------------------------------------------------
+    def run_stage(self, stage: str) -> None:
+        if self.run.done(stage):
+            logging.info("stage %s: complete, skipped", stage)
+            return
+        t0 = time.perf_counter()
+        logging.info("stage %s: start", stage)
+        info = getattr(self, f"stage_{stage}")() or {}
+        wall = time.perf_counter() - t0
+        self.run.mark(stage, {**info, "wall_s": wall})
+        logging.info("stage %s: done in %.1fs", stage, wall)
+
+    def stage_generate(self) -> dict:
+        examples = self.examples()
+        params = fcjax.SamplingParams(
+            temperature=self.s.temperature,
+            max_new_tokens=self.s.max_new_tokens,
+            seed=self.s.seed,
+            logprobs=5,
+        )
+        progress = Progress("generate", len(examples))
+        for index, chunk in batches(examples, self.s.batch_size):
+            if self.run.part_done("generate", index):
+                progress.update(len(chunk))
+                continue
+            prompts = [self.prompt(e) for e in chunk]
+            gens = fcjax.generate(
+                self.lm, prompts, params, keys=[e.id for e in chunk], batch_size=self.s.batch_size
+            )
+            _check_finite(gens, chunk)
+            self.run.write_part(
+                "generate",
+                index,
+                {
+                    "example_id": [str(e.id) for e in chunk],
+                    "prompt": prompts,
+                    "prompt_ids": [g.prompt_ids for g in gens],
+                    "output_ids": [g.token_ids for g in gens],
+                    "text": [g.text for g in gens],
+                    "token_logprobs": [g.token_logprobs.tolist() for g in gens],
+                    "top_logprobs": [g.top_logprobs.reshape(-1).tolist() for g in gens],
+                    "finish_reason": [g.finish_reason for g in gens],
+                },
+            )
+            progress.update(len(chunk))
+        return {"n_examples": len(examples)}
+
+    def generations(self) -> dict[str, tuple[str, Generation]]:
+        rows = self.run.read_parts("generate")
+        out = {}
+        for i, eid in enumerate(rows["example_id"]):
+            lp = np.asarray(rows["token_logprobs"][i], np.float32)
+            top = np.asarray(rows["top_logprobs"][i], np.float32).reshape(len(lp), -1)
+            g = Generation(
+                rows["text"][i],
+                list(rows["output_ids"][i]),
+                lp,
+                top,
+                np.zeros(top.shape, np.int32),
+                rows["finish_reason"][i],
+                list(rows["prompt_ids"][i]),
+            )
+            out[str(eid)] = (rows["prompt"][i], g)
+        return out
+
+    def traces(self) -> list[Trace]:
+        gens = self.generations()
+        return [
+            build_trace(self.lm, e, gens[str(e.id)][1], method=self.s.segmenter)
+            for e in self.examples()
+        ]
+
+    def stage_segment(self) -> dict:
+        gens = self.generations()
+        examples = self.examples()
+        traces = self.traces()
+        ex_cols: dict[str, list] = {
+            k: []
+            for k in (
+                "example_id",
+                "question",
+                "gold",
+                "kind",
+                "prediction",
+                "correct",
+                "n_steps",
+                "prompt",
+                "prompt_ids",
+                "output_ids",
+                "text",
+                "finish_reason",
+            )
+        }
+        st_cols: dict[str, list] = {
+            k: []
+            for k in (
+                "example_id",
+                "step",
+                "char_start",
+                "char_end",
+                "token_start",
+                "token_end",
+                "text",
+                "position",
+            )
+        }
+        for e, tr in zip(examples, traces, strict=True):
+            prompt, g = gens[str(e.id)]
+            for key, value in (
+                ("example_id", tr.example_id),
+                ("question", e.question),
+                ("gold", e.answer),
+                ("kind", e.kind),
+                ("prediction", tr.answer),
+                ("correct", bool(tr.correct)),
+                ("n_steps", tr.n_steps),
+                ("prompt", prompt),
+                ("prompt_ids", tr.prompt_ids),
+                ("output_ids", tr.output_ids),
+                ("text", tr.text),
+                ("finish_reason", g.finish_reason),
+            ):
+                ex_cols[key].append(value)
+            n = tr.n_steps
+            for step in tr.steps:
+                st_cols["example_id"].append(tr.example_id)
+                st_cols["step"].append(step.index)
+                st_cols["char_start"].append(step.start)
+                st_cols["char_end"].append(step.end)
+                st_cols["token_start"].append(step.token_start)
+                st_cols["token_end"].append(step.token_end)
+                st_cols["text"].append(step.text)
+                st_cols["position"].append(step.index / (n - 1) if n > 1 else 0.0)
+        write_table_atomic(self.run.path / "steps.parquet", st_cols)
+        write_table_atomic(self.run.path / "examples.parquet", ex_cols)
+        return {
+            "n_steps": len(st_cols["step"]),
+            "no_steps": sum(n == 0 for n in ex_cols["n_steps"]),
+            "no_answer": sum(p is None for p in ex_cols["prediction"]),
+            "truncated": sum(f == "length" for f in ex_cols["finish_reason"]),
+        }
+
+    def _ctx(self) -> EstimatorContext:
+        judge = chat_completer(self.judge_lm, max_new_tokens=16)
+        return EstimatorContext(
+            self.lm,
+            judge,
+            k=self.s.k,
+            max_steps=self.s.max_steps,
+            seed=self.s.seed,
+            temperature=self.s.branch_temperature,
+            top_p=self.s.branch_top_p,
+            max_new_tokens=self.s.branch_new_tokens,
+        )
+
+    def stage_estimators(self) -> dict:
+        names = [n for n in self.s.estimators if n != PROBE]
+        traces = [t for t in self.traces() if t.n_steps > 0]
+        ctx = self._ctx()
+        columns: dict[str, list] = {}
+        for name in names:
+            estimator = get_estimator(name)
+            progress = Progress(f"estimator {name}", len(traces), "traces")
+            part = f"estimators_{name}"
+            for index, chunk in batches(traces, max(1, self.s.batch_size // 4)):
+                if not self.run.part_done(part, index):
+                    results = estimator.score(list(chunk), ctx)
+                    cols: dict[str, list] = {"example_id": [], "step": []}
+                    for tr, res in zip(chunk, results, strict=True):
+                        cols["example_id"] += [tr.example_id] * tr.n_steps
+                        cols["step"] += list(range(tr.n_steps))
+                        for key, value in res.items():
+                            cols.setdefault(key, []).extend(np.asarray(value, float).tolist())
+                    self.run.write_part(part, index, cols)
+                progress.update(len(chunk))
+            merged = self.run.read_parts(part)
+            for key, value in _align_steps(self.run.path, merged).items():
+                columns[key] = value
+        if columns:
+            update_columns(self.run.path / "steps.parquet", columns)
+        return {"estimators": names}
+
+    def stage_hidden(self) -> dict:
+        if PROBE not in self.s.estimators:
+            return {"skipped": "probe estimator not requested"}
+        from fcjax.engine import capture
+        from fcjax.store.hidden import HiddenStore
+
+        n_layers = self.lm.config.num_layers
+        layers = list(self.s.layers) or list(range(n_layers + 1))
+        store = HiddenStore(
+            self.run.path / "hidden",
+            layers=layers,
+            width=self.lm.config.hidden_size,
+            dtype="float32",
+        )
+        traces = [t for t in self.traces() if t.n_steps > 0]
+        progress = Progress("hidden", len(traces), "traces")
+        for tr in traces:
+            if (tr.example_id, tr.n_steps - 1) in store:
+                progress.update()
+                continue
+            ends = [len(tr.prompt_ids) + s.token_end - 1 for s in tr.steps]
+            cap = capture(self.lm, [tr.prompt_ids + tr.output_ids], [ends], layers)[0]
+            store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
+            progress.update()
+        rows = store.finalize()
+        return {"rows": rows, "layers": layers}
+
+    def stage_probes(self) -> dict:
+        if PROBE not in self.s.estimators:
+            return {"skipped": "probe estimator not requested"}
+        from probes.model import ProbeError
+        from probes.train import run_probe_stage
+
+        try:
+            return run_probe_stage(
+                self.run.path,
+                folds=self.s.folds,
+                label=self.s.probe_label,
+                seed=self.s.seed,
+                model_name=self.s.model,
+            )
+        except (ProbeError, ValueError) as e:
+            logging.warning("probe stage could not train probes (%s); conf_probe left empty", e)
+            n = len(read_table(self.run.path / "steps.parquet", ["step"])["step"])
+            update_columns(self.run.path / "steps.parquet", {"conf_probe": np.full(n, np.nan)})
+            return {"skipped": str(e)}
+
+    def stage_decisiveness(self) -> dict:
+        steps = read_table(self.run.path / "steps.parquet")
+        texts = list(steps["text"])
+        cols = {"decisiveness_lexicon": lexicon_scores(texts)}
+        info: dict[str, Any] = {"source": self.s.decisiveness}
+        if self.s.decisiveness == "judge":
+            complete = chat_completer(self.judge_lm, max_new_tokens=8 * self.s.judge_batch + 16)
+            eids = np.asarray(steps["example_id"]).astype(str)
+            order = list(dict.fromkeys(eids.tolist()))
+            progress = Progress("decisiveness judge", len(order), "traces")
+            for index, chunk in batches(order, max(1, self.s.batch_size // 2)):
+                if not self.run.part_done("decisiveness", index):
+                    out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
+                    for eid in chunk:
+                        rows = np.flatnonzero(eids == eid)
+                        scores, bad = judge_decisiveness(
+                            [texts[r] for r in rows], complete, batch_size=self.s.judge_batch
+                        )
+                        out["example_id"] += [eid] * len(rows)
+                        out["step"] += np.asarray(steps["step"])[rows].tolist()
+                        out["d"] += scores.tolist()
+                        out["bad"] += [bad] * len(rows)
+                    self.run.write_part("decisiveness", index, out)
+                progress.update(len(chunk))
+            merged = _align_steps(self.run.path, self.run.read_parts("decisiveness"))
+            cols["decisiveness_judge"] = merged["d"]
+            cols["decisiveness"] = merged["d"]
+            parts = self.run.read_parts("decisiveness")
+            per_trace = dict(zip(parts["example_id"], parts["bad"], strict=True))
+            info["judge_unparsed_batches"] = int(sum(per_trace.values()))
+            info["judge_missing_steps"] = int(np.isnan(merged["d"]).sum())
+        else:
+            cols["decisiveness"] = cols["decisiveness_lexicon"]
+        update_columns(self.run.path / "steps.parquet", cols)
+        return info
+
+    def estimator_names(self, steps: dict) -> list[str]:
+        return [n for n in self.s.estimators if f"conf_{n}" in steps]
+
+    def stage_metrics(self) -> dict:
+        return compute_metrics(
+            self.run,
+            self.s,
+            self.estimator_names(read_table(self.run.path / "steps.parquet")),
+            self.timings_from_markers(),
+        )
+
+    def timings_from_markers(self) -> dict[str, float]:
+        from experiments.rundir import STAGES
+
+        return {s: self.run.info(s).get("wall_s") for s in STAGES if self.run.done(s)}
+
+    def stage_report(self) -> dict:
+        from experiments.report import write_report
+
+        write_report(self.run.path)
+        return {}
+
+
+def _check_finite(gens: Sequence[Generation], examples: Sequence[Example]) -> None:
+    for g, e in zip(gens, examples, strict=True):
+        if g.token_logprobs.size and not np.all(np.isfinite(g.token_logprobs)):
+            raise FloatingPointError(
+                f"example {e.id!r}: the model produced non-finite log-probabilities (NaN/inf "
+                f"logits); check the weights and dtype"
+            )
+
+
+def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray]:
+    """Orders per-step part columns like steps.parquet (NaN where a step has no row)."""
+    steps = read_table(run_path / "steps.parquet", ["example_id", "step"])
+    index = {
+        (str(e), int(s)): i
+        for i, (e, s) in enumerate(zip(steps["example_id"], steps["step"], strict=True))
+    }
+    n = len(index)
+    out = {}
+    rows = [
+        index.get((str(e), int(s)))
+        for e, s in zip(parts.get("example_id", []), parts.get("step", []), strict=True)
+    ]
+    for key, values in parts.items():
+        if key in ("example_id", "step"):
+            continue
+        col = np.full(n, np.nan)
+        for r, v in zip(rows, values, strict=True):
+            if r is not None:
+                col[r] = np.nan if v is None else float(v)
+        out[key] = col
+    return out
+
+
+TRACE_REDUCE = {
+    "deepconf": "mean",
+    "rcc": "last",
+    "sampling": "mean",
+    "forcing": "last",
+    "agreement": "mean",
+    "probe": "last",
+}
+
+
+def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -> dict:
+    """Faithfulness per step and trace, and summary.json, from the two tables alone."""
+    steps = read_table(run.path / "steps.parquet")
+    examples = read_table(run.path / "examples.parquet")
+    eids = np.asarray(steps["example_id"]).astype(str)
+    d = np.asarray(steps["decisiveness"], float)
+    step_cols, ex_cols = {}, {}
+    ex_ids = np.asarray(examples["example_id"]).astype(str)
+    correct = np.asarray(examples["correct"], float)
+    summary_est = {}
+    for name in names:
+        conf = np.asarray(steps[f"conf_{name}"], float)
+        faith = step_faithfulness(d, conf)
+        step_cols[f"faith_{name}"] = faith
+        reduce = TRACE_REDUCE.get(name, "mean")
+        if name != PROBE:  # probes.train writes the probe's trace confidence itself
+            ex_cols[f"conf_{name}"] = np.array(
+                [trace_confidence(conf[eids == e], reduce) for e in ex_ids]
+            )
+        ex_conf = ex_cols.get(
+            f"conf_{name}",
+            np.asarray(examples.get(f"conf_{name}", np.full(len(ex_ids), np.nan)), float),
+        )
+        ex_cols[f"conf_{name}"] = ex_conf
+        ex_faith = np.array([_nanmean(faith[eids == e]) for e in ex_ids])
+        ex_cols[f"faith_{name}"] = ex_faith
+        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith)
+        ok_c = np.isfinite(ex_conf)
+        summary_est[name] = {
+            "mfg": _f(mfg(ex_faith[ok])),
+            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
+            "cmfg_star": _f(cmfg_star(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
+            "ece": _f(ece(ex_conf[ok_c], correct[ok_c])),
+            "brier": _f(brier(ex_conf[ok_c], correct[ok_c])),
+            "auroc": _f(auroc(ex_conf[ok_c], correct[ok_c])),
+            "mean_conf": _f(np.nanmean(ex_conf) if ok_c.any() else np.nan),
+            "n_traces": int(ok.sum()),
+            "n_steps_scored": int(np.isfinite(conf).sum()),
+        }
+    update_columns(run.path / "steps.parquet", step_cols)
+    update_columns(run.path / "examples.parquet", ex_cols)
+    conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in names}
+    agreement = pairwise_agreement({"decisiveness": d, **conf_steps}) if names else {}
+    position = np.asarray(steps["position"], float)
+    traj = trajectory_bins(
+        position,
+        {"decisiveness": d, **conf_steps, **{f"faith_{n}": step_cols[f"faith_{n}"] for n in names}},
+    )
+    fin = list(examples["finish_reason"])
+    summary = {
+        "n_examples": len(ex_ids),
+        "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
+        "estimators": summary_est,
+        "agreement": agreement,
+        "trajectory": traj,
+        "counts": {
+            "no_steps": int(sum(np.asarray(examples["n_steps"]) == 0)),
+            "no_answer": int(sum(p is None for p in examples["prediction"])),
+            "truncated": int(sum(f == "length" for f in fin)),
+            "steps": len(eids),
+            "decisiveness_missing": int(np.isnan(d).sum()),
+        },
+        "stage_wall_s": timings,
+        "config": s.config(),
+    }
+    write_json_atomic(run.path / "summary.json", summary)
+    return {"estimators": names}
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def _f(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def load_summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
