@@ -1,0 +1,105 @@
+"""Prefix-conditioned sampling consistency (METHOD.md 4.3).
+
+For each selected step i (``select_steps``: all steps up to ``ctx.max_steps``, else the
+first, the last and a seeded random draw), the prefix is the prompt plus the output tokens
+before the step (``prefix_tokens``: up to the first token whose char start is >= the step's
+start). K = ``ctx.k`` continuations are sampled from every prefix of a trace in ONE
+``branch`` call (temperature 0.8, top-p 0.95, at most 200 new tokens by default) with the
+stop string "\\n\\n", so each continuation is its first paragraph. A judge then answers, for
+each (sampled paragraph as context, original step text as assertion), whether they are
+consistent: Yes = 0, No = 1, unparsable = 0.5; conf_sampling = 1 - mean over the K answers
+(``consistency_score``). All K x steps judge prompts of a trace go in one ``complete`` call.
+
+An empty paragraph (the continuation starts with a blank line, or is empty) is not sent to
+the judge and counts as unparsable (0.5), like an unreadable judge reply; the reference
+code instead falls back to the first 300 characters of the stripped sample.
+
+Columns: conf_sampling, sampling_unparsed (replies counted as 0.5, empty paragraphs
+included), sampling_n (answers per step); all NaN on steps that were not selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from fcjax.confidence.base import (
+    Columns,
+    Estimator,
+    EstimatorContext,
+    EstimatorError,
+    nan_columns,
+    register,
+)
+from fcjax.confidence.consistency_judge import build_consistency_prompt, consistency_score
+from fcjax.confidence.trace import Trace, prefix_tokens
+from fcjax.engine.generate import Generation, branch
+from fcjax.text.steps import select_steps
+
+PARAGRAPH_STOP = "\n\n"
+
+
+def step_cuts(trace: Trace, ctx: EstimatorContext) -> tuple[list[int], list[int]]:
+    """(selected step indices, branch cut of each: token count of prompt + prefix)."""
+    chosen = select_steps(trace.n_steps, ctx.max_steps, ctx.seed, key=trace.example_id)
+    cuts = [trace.prompt_len + prefix_tokens(trace, trace.steps[i]) for i in chosen]
+    return chosen, cuts
+
+
+def sample_from_steps(
+    trace: Trace, ctx: EstimatorContext, stop: tuple[str, ...]
+) -> tuple[list[int], list[list[Generation]]]:
+    """K continuations from each selected step's prefix, one ``branch`` call per trace."""
+    chosen, cuts = step_cuts(trace, ctx)
+    if not chosen:
+        return [], []
+    if trace.prompt_len == 0:
+        raise EstimatorError(f"trace {trace.example_id!r} has an empty prompt")
+    outs = branch(
+        ctx.lm, trace.sequence, cuts, ctx.k, ctx.branch_params(stop), key=trace.example_id
+    )
+    return chosen, outs
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SamplingConsistency(Estimator):
+    """conf_sampling = 1 - mean judge verdict over K sampled first paragraphs."""
+
+    name = "sampling"
+    trace_reduce = "mean"
+
+    def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
+        if ctx.judge_complete is None:
+            raise EstimatorError(
+                "sampling: EstimatorContext.judge_complete is None; pass a judge, e.g. "
+                "fcjax.engine.complete.chat_completer(lm)"
+            )
+        results = []
+        for n, trace in enumerate(traces):
+            cols = nan_columns(trace.n_steps, "conf_sampling", "sampling_unparsed", "sampling_n")
+            chosen, outs = sample_from_steps(trace, ctx, (PARAGRAPH_STOP,))
+            prompts, slots = [], []  # slots[(step j, sample s)] -> prompt index or None
+            for j, gens in zip(chosen, outs, strict=True):
+                for g in gens:
+                    paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
+                    if paragraph:
+                        slots.append(len(prompts))
+                        prompts.append(build_consistency_prompt(paragraph, trace.steps[j].text))
+                    else:
+                        slots.append(None)
+            replies = ctx.judge_complete(prompts) if prompts else []
+            if len(replies) != len(prompts):
+                raise EstimatorError(
+                    f"sampling: judge returned {len(replies)} replies for {len(prompts)} prompts"
+                )
+            for a, j in enumerate(chosen):
+                step_slots = slots[a * ctx.k : (a + 1) * ctx.k]
+                step_replies = [None if s is None else replies[s] for s in step_slots]
+                conf, unparsed = consistency_score(step_replies)
+                cols["conf_sampling"][j] = conf
+                cols["sampling_unparsed"][j] = unparsed
+                cols["sampling_n"][j] = len(step_replies)
+            results.append(cols)
+            ctx.report(self.name, n + 1, len(traces))
+        return results
