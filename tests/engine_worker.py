@@ -5,6 +5,7 @@ argv: model_dir [process_id num_processes coordinator_port]
 """
 
 import json
+import os
 import sys
 
 if len(sys.argv) > 2:
@@ -22,6 +23,10 @@ import jax
 import fcjax
 from fcjax.engine import multihost
 
+if os.environ.get("FCJAX_TEST_MESH"):
+    from fcjax.engine import mesh as mesh_lib
+
+    mesh_lib.set_default_mesh(mesh_lib.make_mesh(os.environ["FCJAX_TEST_MESH"]))
 lm = fcjax.load(sys.argv[1])
 lm = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=()))
 prompts = [[5, 6, 7, 8, 9], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26], [3, 4], [40, 41, 42]]

@@ -57,3 +57,20 @@ def test_two_processes_match_one(baseline):
     assert two["processes"] == 2 and results[1] is None  # only process 0 prints
     for key in ("greedy", "sampled", "branch"):
         assert two[key] == one[key], key
+
+
+def test_tensor_parallel_mesh_matches_one(baseline):
+    """Heads and MLP columns split over a ``model`` axis (data:4, model:2) change nothing."""
+    model, one = baseline
+    tp = _result(
+        _run(
+            [model],
+            {
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                "FCJAX_TEST_MESH": "data:4,model:2",
+            },
+        )
+    )
+    assert tp["devices"] == 8
+    for key in ("greedy", "sampled", "branch"):
+        assert tp[key] == one[key], key
