@@ -169,11 +169,15 @@ def run(
     rd = RunDir(out)
     rd.lock()
     try:
-        first = rd.check_config(settings.config(), redo)
+        config = settings.config()
+        first = rd.check_config(config, redo)
+        pipe = Pipeline(rd, settings)
+        # bad data or a bad model is reported before anything in the directory changes
+        pipe.validate(first, stop_after)
         if first is not None:
             logging.info("recomputing from stage %s", first)
             rd.invalidate_from(first)
-        pipe = Pipeline(rd, settings)
+        rd.save_config(config)
         t0 = time.perf_counter()
         for stage in STAGES:
             pipe.run_stage(stage)
@@ -186,6 +190,7 @@ def run(
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from experiments.stages import ResourceError
     from fcjax.confidence.base import EstimatorError
     from fcjax.data import DataError
     from fcjax.engine.mesh import MeshError
@@ -200,6 +205,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         WeightError,
         EstimatorError,
         FloatingPointError,
+        ResourceError,
     )
 
 

@@ -145,8 +145,9 @@ class RunDir:
 
     # --- config -----------------------------------------------------------------------------
     def check_config(self, config: Mapping[str, Any], redo: str | None) -> str | None:
-        """Stores the config; returns the first stage to recompute because of changes (or
-        ``redo``), or refuses when results would change and no redo covers it."""
+        """Returns the first stage to recompute because of changes (or ``redo``), or refuses
+        when results would change and no redo covers it. Writes nothing: ``save_config``
+        stores the config once the inputs are known to be good and stale stages are gone."""
         path = self.path / "config.json"
         first = STAGES.index(redo) if redo else len(STAGES)
         if path.exists():
@@ -161,8 +162,10 @@ class RunDir:
                         f"Use a new --out, or --redo={STAGES[affected]} to recompute from "
                         f"the first affected stage."
                     )
-        write_json_atomic(path, dict(config))
         return STAGES[first] if first < len(STAGES) else None
+
+    def save_config(self, config: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path / "config.json", dict(config))
 
     # --- stages -----------------------------------------------------------------------------
     def marker(self, stage: str) -> Path:
@@ -179,8 +182,9 @@ class RunDir:
         return json.loads(self.marker(stage).read_text()) if self.done(stage) else {}
 
     def invalidate_from(self, stage: str) -> None:
-        """Removes markers (and parts) of ``stage`` and every later stage."""
-        for s in STAGES[STAGES.index(stage) :]:
+        """Removes markers (and parts) of ``stage`` and every later stage, last stage first,
+        so a crash midway still leaves the finished stages a prefix of ``STAGES``."""
+        for s in reversed(STAGES[STAGES.index(stage) :]):
             self.marker(s).unlink(missing_ok=True)
             for d in self.stages.glob(f"{s}*"):
                 if d.is_dir():

@@ -19,10 +19,10 @@ import numpy as np
 from absl import logging
 
 import fcjax
-from experiments.rundir import Progress, RunDir, batches, write_json_atomic
+from experiments.rundir import STAGES, Progress, RunDir, RunError, batches, write_json_atomic
 from fcjax.confidence.base import EstimatorContext, get_estimator, trace_confidence
 from fcjax.confidence.trace import Trace, build_trace
-from fcjax.data import Example, build_messages, load_dataset
+from fcjax.data import DataError, Example, build_messages, load_dataset
 from fcjax.decisiveness.judge import judge_decisiveness
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
@@ -39,9 +39,18 @@ from fcjax.metrics import (
     trajectory_bins,
 )
 from fcjax.store.tables import read_table, update_columns, write_table_atomic
+from fcjax.text.chat import has_chat_template
 
 # estimators computed in the ``estimators`` stage (``probe`` has its own stages)
 PROBE = "probe"
+# top log-probabilities stored per generated token
+TOP_K = 5
+# stages that read the examples and run the model
+MODEL_STAGES = ("generate", "segment", "estimators", "hidden", "decisiveness")
+
+
+class ResourceError(RuntimeError):
+    """The device ran out of memory even for the smallest batch."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +98,28 @@ class Pipeline:
         self.run, self.s = run, settings
         self._lm = None
         self._judge = None
+        self._gen_batch = settings.batch_size  # lowered when a batch exhausts device memory
         self.timings: dict[str, float] = {}
+
+    def validate(self, first: str | None, stop_after: str | None = None) -> None:
+        """Loads what the pending stages need (examples, models), so bad data or a bad model
+        stops the run before it changes anything in the run directory."""
+        last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
+        start = STAGES.index(first) if first else len(STAGES)
+        pending = {
+            stage
+            for i, stage in enumerate(STAGES[: last + 1])
+            if i >= start or not self.run.done(stage)
+        }
+        if not pending & set(MODEL_STAGES):
+            return
+        self.examples()
+        n_layers = self.lm.config.num_layers
+        bad = [x for x in self.s.layers if not 0 <= x <= n_layers]
+        if bad and "hidden" in pending and PROBE in self.s.estimators:
+            raise RunError(f"--layers: {bad} outside 0..{n_layers} (the model has {n_layers})")
+        if "decisiveness" in pending and self.s.decisiveness == "judge":
+            _ = self.judge_lm
 
     # --- shared resources -----------------------------------------------------------------
     @property
@@ -113,7 +143,10 @@ class Pipeline:
         s = self.s
         kw: dict[str, Any] = {}
         if s.data_path:
-            return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=s.seed)
+            try:
+                return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=s.seed)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{s.data_path}: not UTF-8 text ({e})") from None
         if s.dataset == "arithmetic":
             kw["difficulty"] = s.difficulty
         return load_dataset(name=s.dataset, num_examples=s.num_examples, seed=s.seed, **kw)
@@ -142,17 +175,21 @@ class Pipeline:
             temperature=self.s.temperature,
             max_new_tokens=self.s.max_new_tokens,
             seed=self.s.seed,
-            logprobs=5,
+            logprobs=TOP_K,
         )
+        chat_template = has_chat_template(self.lm.tokenizer)
+        if not chat_template:
+            logging.warning(
+                "%s has no chat template: prompts use the plain 'Role: text' format",
+                self.s.model,
+            )
         progress = Progress("generate", len(examples))
         for index, chunk in batches(examples, self.s.batch_size):
             if self.run.part_done("generate", index):
                 progress.update(len(chunk))
                 continue
             prompts = [self.prompt(e) for e in chunk]
-            gens = fcjax.generate(
-                self.lm, prompts, params, keys=[e.id for e in chunk], batch_size=self.s.batch_size
-            )
+            gens = self._generate(prompts, list(chunk), params)
             _check_finite(gens, chunk)
             self.run.write_part(
                 "generate",
@@ -169,14 +206,47 @@ class Pipeline:
                 },
             )
             progress.update(len(chunk))
-        return {"n_examples": len(examples)}
+        return {"n_examples": len(examples), "chat_template": chat_template}
+
+    def _generate(self, prompts: list[str], chunk: list[Example], params) -> list[Generation]:
+        """``fcjax.generate`` in batches of ``self._gen_batch``, halved while a batch exhausts
+        device memory (rows are seeded by example id, so batching leaves results unchanged)."""
+        while True:
+            size, start = self._gen_batch, 0
+            try:
+                gens: list[Generation] = []
+                for start in range(0, len(prompts), size):
+                    gens += fcjax.generate(
+                        self.lm,
+                        prompts[start : start + size],
+                        params,
+                        keys=[e.id for e in chunk[start : start + size]],
+                        batch_size=size,
+                    )
+                return gens
+            except Exception as e:
+                if not _out_of_memory(e):
+                    raise
+                if size == 1:
+                    raise ResourceError(
+                        f"out of device memory even at batch 1 (example {chunk[start].id!r}, "
+                        f"--max_new_tokens={self.s.max_new_tokens}): lower --max_new_tokens, "
+                        f"use --dtype=bfloat16, a smaller model or more devices (--mesh)"
+                    ) from e
+                self._gen_batch = max(1, min(size, len(prompts)) // 2)
+                logging.warning(
+                    "out of device memory at batch %d; retrying with %d",
+                    min(size, len(prompts)),
+                    self._gen_batch,
+                )
 
     def generations(self) -> dict[str, tuple[str, Generation]]:
         rows = self.run.read_parts("generate")
         out = {}
         for i, eid in enumerate(rows["example_id"]):
             lp = np.asarray(rows["token_logprobs"][i], np.float32)
-            top = np.asarray(rows["top_logprobs"][i], np.float32).reshape(len(lp), -1)
+            # [T, k]; an empty generation (EOS first) has T = 0
+            top = np.asarray(rows["top_logprobs"][i], np.float32).reshape(len(lp), TOP_K)
             g = Generation(
                 rows["text"][i],
                 list(rows["output_ids"][i]),
@@ -410,6 +480,16 @@ class Pipeline:
 
         write_report(self.run.path)
         return {}
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """True for an XLA RESOURCE_EXHAUSTED / out-of-memory runtime error."""
+    import jax
+
+    message = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and (
+        "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
+    )
 
 
 def _check_finite(gens: Sequence[Generation], examples: Sequence[Example]) -> None:
