@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -186,6 +187,8 @@ class RunDir:
         so a crash midway still leaves the finished stages a prefix of ``STAGES``."""
         for s in reversed(STAGES[STAGES.index(stage) :]):
             self.marker(s).unlink(missing_ok=True)
+            if s in ("hidden", "probes"):  # their outputs live beside the tables
+                shutil.rmtree(self.path / s, ignore_errors=True)
             for d in self.stages.glob(f"{s}*"):
                 if d.is_dir():
                     for f in d.glob("*"):

@@ -20,7 +20,12 @@ from absl import logging
 
 import fcjax
 from experiments.rundir import STAGES, Progress, RunDir, RunError, batches, write_json_atomic
-from fcjax.confidence.base import EstimatorContext, get_estimator, trace_confidence
+from fcjax.confidence.base import (
+    EstimatorContext,
+    check_columns,
+    get_estimator,
+    trace_confidence,
+)
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
 from fcjax.decisiveness.judge import judge_decisiveness
@@ -363,6 +368,7 @@ class Pipeline:
                     results = estimator.score(list(chunk), ctx)
                     cols: dict[str, list] = {"example_id": [], "step": []}
                     for tr, res in zip(chunk, results, strict=True):
+                        res = check_columns(estimator, tr, res)
                         cols["example_id"] += [tr.example_id] * tr.n_steps
                         cols["step"] += list(range(tr.n_steps))
                         for key, value in res.items():
@@ -525,16 +531,6 @@ def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray
     return out
 
 
-TRACE_REDUCE = {
-    "deepconf": "mean",
-    "rcc": "last",
-    "sampling": "mean",
-    "forcing": "last",
-    "agreement": "mean",
-    "probe": "last",
-}
-
-
 def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -> dict:
     """Faithfulness per step and trace, and summary.json, from the two tables alone."""
     steps = read_table(run.path / "steps.parquet")
@@ -549,7 +545,7 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
         conf = np.asarray(steps[f"conf_{name}"], float)
         faith = step_faithfulness(d, conf)
         step_cols[f"faith_{name}"] = faith
-        reduce = TRACE_REDUCE.get(name, "mean")
+        reduce = get_estimator(name).trace_reduce
         if name != PROBE:  # probes.train writes the probe's trace confidence itself
             ex_cols[f"conf_{name}"] = np.array(
                 [trace_confidence(conf[eids == e], reduce) for e in ex_ids]

@@ -222,3 +222,17 @@ def test_changed_flags_refused_then_redo(tiny_chat, finished, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["estimators"]) == ["deepconf"]
     assert RunDir(out).info("generate") == RunDir(finished).info("generate")
+
+
+def test_redo_hidden_with_new_layers_rebuilds_the_store(tiny_chat, finished, tmp_path):
+    import shutil
+
+    from fcjax.store.hidden import read_hidden
+
+    shutil.copytree(finished, tmp_path / "r")
+    out = tmp_path / "r"
+    run(settings(tiny_chat, layers=(0, 2)), str(out), redo="hidden")
+    _, states = read_hidden(out / "hidden")
+    assert states.shape[1] == 2
+    _, full = read_hidden(finished / "hidden")
+    np.testing.assert_array_equal(states, full[:, [0, 2]])

@@ -203,6 +203,9 @@ def _numeric_value(s: str) -> float | None:
 
 
 def _close(a: float, b: float) -> bool:
+    """Integers compare exactly (so 1000000000 != 1000000001); other values within 1e-9."""
+    if a.is_integer() and b.is_integer():
+        return a == b
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
