@@ -9,6 +9,20 @@ from __future__ import annotations
 from fcjax.models.config import ModelConfig, RopeConfig
 
 PRESETS: dict[str, ModelConfig] = {
+    "tiny-llama": ModelConfig(  # for smoke tests of the benchmark and memory planning
+        family="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=10000.0),
+        max_position_embeddings=2048,
+        name="tiny-llama",
+    ),
     "smollm2-135m": ModelConfig(
         family="llama",
         vocab_size=49152,

@@ -1,0 +1,680 @@
+"""Generation speed of fcjax against transformers, both measured in this one process.
+
+    python -m experiments.benchmark --model=smollm2-135m-instruct --batch=8 --prompt_len=128 \
+        --new_tokens=64 --dtype=float32 --peer=transformers --workload=all --out=bench.json
+
+Workloads:
+- ``generate``: ``batch`` random prompts of ``prompt_len`` tokens, exactly ``new_tokens`` new
+  tokens each (EOS disabled). tokens/s = batch * new_tokens / wall time of one call (prefill
+  included); ms/token = per decode step of the whole batch, (t(new) - t(1)) / (new - 1).
+- ``branch``: a random trace of ``trace_len`` tokens, ``cuts`` evenly spaced prefixes,
+  ``k`` samples of ``branch_new`` tokens from each: ``fcjax.branch`` (one shared prefill),
+  ``fcjax.generate`` on the explicit prefixes (one prefill per row) and transformers
+  ``generate`` on the same prefixes.
+
+The peer is a transformers model with the very weights fcjax holds (copied over, so greedy
+outputs can be compared as a sanity check), in the same dtype, with a static KV cache where
+that works (a dynamic one otherwise, and the table says so). Timed runs exclude the first
+call of each shape, whose extra time is reported as compile seconds; the systems' timed runs
+take turns and each figure is the fastest of ``repeats`` (the machine may be shared). On an
+accelerator the table also shows the fraction of the memory-bandwidth roofline each decode
+step reaches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+import fcjax
+from fcjax.models import loading
+from fcjax.models.config import ModelConfig
+from fcjax.models.presets import PRESETS
+
+# This module's own flags: experiments.run defines flags of the same names (--model, --dtype,
+# --k, ...) and tests import both modules into one process. They join absl's global flags
+# only when this file runs as a program (see ``parse_flags``).
+_FLAGS = flags.FlagValues()
+MODEL = flags.DEFINE_string(
+    "model",
+    "random:smollm2-135m",
+    "registry name, path, or random preset (random:NAME or NAME)",
+    flag_values=_FLAGS,
+)
+BATCH = flags.DEFINE_integer("batch", 8, "prompts per generate call", flag_values=_FLAGS)
+PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt", flag_values=_FLAGS)
+NEW_TOKENS = flags.DEFINE_integer(
+    "new_tokens", 64, "new tokens per prompt (EOS disabled)", flag_values=_FLAGS
+)
+DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=_FLAGS
+)
+PEER = flags.DEFINE_enum(
+    "peer", "transformers", ["transformers", "none"], "system to compare", flag_values=_FLAGS
+)
+PEER_CACHE = flags.DEFINE_enum(
+    "peer_cache",
+    "static",
+    ["static", "dynamic", "both"],
+    "transformers KV cache (both: 2 rows)",
+    flag_values=_FLAGS,
+)
+WORKLOAD = flags.DEFINE_enum(
+    "workload", "all", ["generate", "branch", "all"], "what to time", flag_values=_FLAGS
+)
+TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "generate workload (0: greedy)", flag_values=_FLAGS
+)
+BRANCH_TEMPERATURE = flags.DEFINE_float(
+    "branch_temperature", 0.6, "branch workload", flag_values=_FLAGS
+)
+LOGPROBS = flags.DEFINE_integer(
+    "logprobs", 5, "top log-probabilities fcjax keeps per token", flag_values=_FLAGS
+)
+TRACE_LEN = flags.DEFINE_integer(
+    "trace_len", 2000, "branch: trace length in tokens", flag_values=_FLAGS
+)
+CUTS = flags.DEFINE_integer(
+    "cuts", 20, "branch: evenly spaced prefixes of the trace", flag_values=_FLAGS
+)
+K = flags.DEFINE_integer("k", 10, "branch: samples per prefix", flag_values=_FLAGS)
+BRANCH_NEW = flags.DEFINE_integer(
+    "branch_new", 200, "branch: new tokens per sample", flag_values=_FLAGS
+)
+BRANCH_BATCH = flags.DEFINE_integer(
+    "branch_batch", 64, "branch: rows per call of the re-prefill baselines", flag_values=_FLAGS
+)
+PEER_THREADS = flags.DEFINE_integer(
+    "peer_threads",
+    0,
+    "torch intra-op threads for the peer (0: torch's default)",
+    flag_values=_FLAGS,
+)
+REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "timed runs per measurement (fastest is kept)", flag_values=_FLAGS
+)
+PEAK_BW = flags.DEFINE_float(
+    "peak_bw",
+    0.0,
+    "peak memory bandwidth in bytes/s (0: from the device table, else skipped)",
+    flag_values=_FLAGS,
+)
+SEED = flags.DEFINE_integer("seed", 0, "prompt tokens and sampling", flag_values=_FLAGS)
+OUT = flags.DEFINE_string("out", "", "write the table as JSON here", flag_values=_FLAGS)
+
+# Peak memory bandwidth (bytes/s) by device kind substring, most specific first.
+PEAK_BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM
+    ("H200", 4.8e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+    ("TPU v5 lite", 8.19e11),
+    ("TPU v5e", 8.19e11),
+    ("TPU v5p", 2.765e12),
+    ("TPU v5", 2.765e12),
+    ("TPU v4", 1.2e12),
+    ("TPU v6", 1.64e12),
+)
+
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table; None where a figure does not apply."""
+
+    workload: str
+    system: str
+    tokens_per_s: float
+    ms_per_token: float | None = None
+    prefill_ms: float | None = None
+    compile_s: float | None = None  # first calls' extra time over the timed ones (>= 0)
+    ratio: float | None = None  # tokens/s over the peer's on the same workload
+    roofline: float | None = None  # fraction of peak memory bandwidth per decode step
+    bandwidth_gbs: float | None = None  # bytes read per decode step / step time
+    peak_mem_gb: float | None = None
+    new_tokens: int = 0
+    times_s: list[float] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Timing:
+    first_s: float  # first call (compiles)
+    best_s: float  # fastest timed call
+    times_s: list[float]
+    out: Any
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def load_model(spec: str, dtype: str) -> fcjax.LM:
+    """fcjax.load with EOS disabled (so every row makes exactly the new tokens asked for) and
+    no tokenizer (prompts are token ids; neither system decodes text)."""
+    name = spec.removeprefix("random:")
+    lm = fcjax.load(f"random:{name}" if name in PRESETS else spec, dtype=dtype)
+    config = dataclasses.replace(lm.config, eos_token_ids=())
+    return dataclasses.replace(lm, config=config, tokenizer=None)
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+    """The transformers config.json fields of a fcjax ModelConfig."""
+    rope = config.rope
+    rope_parameters: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type != "default":
+        rope_parameters["factor"] = rope.factor
+    if rope.rope_type == "llama3":
+        rope_parameters |= {
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        }
+    if rope.rope_type == "yarn":
+        rope_parameters |= {
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+            "beta_fast": rope.beta_fast,
+            "beta_slow": rope.beta_slow,
+            "attention_factor": rope.attention_factor,
+            "mscale": rope.mscale,
+            "mscale_all_dim": rope.mscale_all_dim,
+            "truncate": rope.truncate,
+        }
+    return {
+        "model_type": config.family,
+        "architectures": [_HF_ARCH[config.family]],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": config.qkv_bias and config.family == "llama",
+        "rope_parameters": rope_parameters,
+        "rope_theta": rope.theta,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
+
+
+def _to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
+    """Inverse of ``loading._to_layout``: one decoder-layout tensor -> torch layout."""
+    if kind == "transpose":
+        return array.T
+    if kind == "in_proj":  # [embed, heads, hd] -> [heads * hd, embed]
+        d, n, h = array.shape
+        return array.transpose(1, 2, 0).reshape(n * h, d)
+    if kind == "out_proj":  # [heads, hd, embed] -> [embed, heads * hd]
+        n, h, d = array.shape
+        return array.transpose(2, 0, 1).reshape(d, n * h)
+    return array.reshape(-1) if kind == "bias" else array
+
+
+def torch_state_dict(lm: fcjax.LM) -> dict[str, np.ndarray]:
+    """fcjax's weights under transformers' names, in float32 torch layouts."""
+    by_path = {path: (name, kind) for name, (path, kind) in loading._GLOBAL.items()}
+    per_layer = {path: (name, kind) for name, (path, kind) in loading._PER_LAYER.items()}
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(lm.state)[0]:
+        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        names = tuple(n for n in names if n != "value")
+        value = np.asarray(jax.device_get(var), np.float32)
+        if names in by_path:
+            name, kind = by_path[names]
+            out[name] = _to_torch_layout(value, kind)
+        else:
+            suffix, kind = per_layer[names]
+            for layer in range(lm.config.num_layers):
+                out[f"model.layers.{layer}.{suffix}"] = _to_torch_layout(value[layer], kind)
+    if lm.config.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def torch_peer(lm: fcjax.LM, dtype: str):
+    """A transformers model of lm's architecture holding lm's weights (eval mode)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = hf_config_dict(lm.config)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in torch_state_dict(lm).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def random_tokens(rng: np.random.Generator, vocab: int, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(3, min(vocab, 32000), size=shape, dtype=np.int64)
+
+
+def branch_cuts(trace_len: int, cuts: int) -> list[int]:
+    """``cuts`` evenly spaced prefix lengths, the last the whole trace."""
+    return sorted({max(1, round(trace_len * (i + 1) / cuts)) for i in range(cuts)})
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
+    """Calls every case once (warm-up, compiles), then ``repeats`` rounds of each case in
+    turn, so load from other processes hits all systems alike; keeps each one's fastest."""
+    first, outs = {}, {}
+    for name, fn in cases.items():
+        t0 = time.perf_counter()
+        outs[name] = fn()
+        first[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(max(repeats, 1)):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+            logging.info("%s: %.3fs (first call %.3fs)", name, times[name][-1], first[name])
+    return {n: Timing(first[n], min(times[n]), times[n], outs[n]) for n in cases}
+
+
+def warmup_s(timing: Timing) -> float:
+    """What the first call took beyond the fastest later one (compilation, caches); 0 where
+    it was no slower, as happens when load from other processes varies."""
+    return max(timing.first_s - timing.best_s, 0.0)
+
+
+def fcjax_generate_fn(lm, prompts: np.ndarray, params: fcjax.SamplingParams, new: int):
+    batch = [p.tolist() for p in prompts]
+    params = dataclasses.replace(params, max_new_tokens=new)
+
+    def call() -> np.ndarray:
+        gens = fcjax.generate(lm, batch, params, batch_size=len(batch))
+        return np.array([g.token_ids for g in gens])
+
+    return call
+
+
+def _sampling_kwargs(temperature: float) -> dict:
+    if temperature > 0:  # top_k=0 / top_p=1: no filtering, as in fcjax's defaults
+        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return {"do_sample": False}
+
+
+def peer_generate_fn(model, batches, new: int, temperature: float, cache: str):
+    """transformers ``generate`` over left-padded (ids, mask) batches; returns new ids."""
+    import torch
+
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+
+    def call() -> list[np.ndarray]:
+        outs = []
+        with torch.inference_mode():
+            for ids, mask in batches:
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    **_sampling_kwargs(temperature),
+                    **extra,
+                )
+                outs.append(out[:, ids.shape[1] :])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return [o.cpu().numpy() for o in outs]
+
+    return call
+
+
+def peer_batches(model, prefixes: Sequence[Sequence[int]], batch: int):
+    """Left-padded torch (ids, attention mask) batches of ``batch`` rows."""
+    import torch
+
+    out = []
+    for start in range(0, len(prefixes), batch):
+        part = prefixes[start : start + batch]
+        width = max(len(p) for p in part)
+        ids = np.zeros((len(part), width), np.int64)
+        mask = np.zeros((len(part), width), np.int64)
+        for i, p in enumerate(part):
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        out.append(
+            (torch.as_tensor(ids, device=model.device), torch.as_tensor(mask, device=model.device))
+        )
+    return out
+
+
+def peer_caches(model, requested: str, notes: list[str]) -> list[str]:
+    """The cache implementations to time: static falls back to dynamic when it fails."""
+    caches = ["static", "dynamic"] if requested == "both" else [requested]
+    if "static" not in caches:
+        return caches
+    try:
+        peer_generate_fn(model, peer_batches(model, [[5, 6, 7]], 1), 2, 0.0, "static")()
+    except Exception as e:
+        notes.append(
+            f"transformers static cache failed ({type(e).__name__}: {str(e)[:100]}); "
+            "timed with the dynamic cache instead"
+        )
+        caches = list(dict.fromkeys("dynamic" if c == "static" else c for c in caches))
+    return caches
+
+
+def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list[str]) -> list[Row]:
+    """The generate workload: fcjax and each peer cache, each at new_tokens and at 1 (the
+    difference gives the per-step latency, the 1-token call the prefill time)."""
+    params = fcjax.SamplingParams(
+        temperature=TEMPERATURE.value, seed=SEED.value, logprobs=LOGPROBS.value
+    )
+    new, rows_n = NEW_TOKENS.value, prompts.shape[0]
+    lengths = (new, 1) if new > 1 else (new,)
+    cases: dict[str, Callable[[], Any]] = {}
+    for n in lengths:
+        cases[f"fcjax@{n}"] = fcjax_generate_fn(lm, prompts, params, n)
+    if model is not None:
+        batches = peer_batches(model, prompts.tolist(), rows_n)
+        for cache in caches:
+            for n in lengths:
+                cases[f"transformers[{cache}]@{n}"] = peer_generate_fn(
+                    model, batches, n, TEMPERATURE.value, cache
+                )
+    timings = interleaved(cases, REPEATS.value)
+    rows, tokens = [], {}
+    for system in dict.fromkeys(name.split("@")[0] for name in cases):
+        full = timings[f"{system}@{new}"]
+        out = full.out if system == "fcjax" else np.concatenate(full.out)
+        if out.shape != (rows_n, new):
+            raise RuntimeError(f"{system} made {out.shape} new tokens, expected {(rows_n, new)}")
+        tokens[system] = out
+        row = Row("generate", system, rows_n * new / full.best_s, new_tokens=rows_n * new)
+        row.times_s, row.compile_s = full.times_s, warmup_s(full)
+        if new > 1:
+            one = timings[f"{system}@1"]
+            row.ms_per_token = (full.best_s - one.best_s) / (new - 1) * 1e3
+            row.prefill_ms = one.best_s * 1e3
+            row.compile_s += warmup_s(one)
+        row.note = "greedy" if TEMPERATURE.value == 0 else f"T={TEMPERATURE.value}"
+        if system != "fcjax":
+            row.note += f", {system[13:-1]} cache"
+        rows.append(row)
+    if TEMPERATURE.value == 0:
+        for system, out in tokens.items():
+            if system != "fcjax":
+                same = np.mean(out == tokens["fcjax"])
+                notes.append(f"greedy tokens equal to {system}'s: {same:.1%}")
+    return rows
+
+
+def branch_rows(lm, model, caches: list[str], trace: list[int]) -> list[Row]:
+    """The branch workload: fcjax.branch vs re-prefilling every explicit prefix."""
+    cuts = branch_cuts(len(trace), CUTS.value)
+    k, new, batch = K.value, BRANCH_NEW.value, BRANCH_BATCH.value
+    prefixes = [trace[:c] for c in cuts for _ in range(k)]
+    params = fcjax.SamplingParams(
+        temperature=BRANCH_TEMPERATURE.value,
+        max_new_tokens=new,
+        seed=SEED.value,
+        logprobs=LOGPROBS.value,
+    )
+    keys = list(range(len(prefixes)))
+    cases: dict[str, Callable[[], Any]] = {
+        "fcjax.branch": lambda: fcjax.branch(lm, trace, cuts, k, params),
+        "fcjax.generate": lambda: fcjax.generate(lm, prefixes, params, keys=keys, batch_size=batch),
+    }
+    notes = {"fcjax.branch": "one shared prefill", "fcjax.generate": f"re-prefill, {batch}/call"}
+    if model is not None:
+        batches = peer_batches(model, prefixes, batch)
+        for cache in caches:
+            system = f"transformers[{cache}]"
+            cases[system] = peer_generate_fn(model, batches, new, BRANCH_TEMPERATURE.value, cache)
+            notes[system] = f"re-prefill, {batch}/call, {cache} cache"
+    timings = interleaved(cases, REPEATS.value)
+    rows = []
+    for system, timing in timings.items():
+        if system == "fcjax.branch":
+            n = sum(len(g.token_ids) for per_cut in timing.out for g in per_cut)
+        elif system == "fcjax.generate":
+            n = sum(len(g.token_ids) for g in timing.out)
+        else:
+            n = sum(o.size for o in timing.out)
+        if n != len(prefixes) * new:
+            raise RuntimeError(f"{system} made {n} new tokens, expected {len(prefixes) * new}")
+        row = Row("branch", system, n / timing.best_s, new_tokens=n, note=notes[system])
+        row.times_s, row.compile_s = timing.times_s, warmup_s(timing)
+        rows.append(row)
+    return rows
+
+
+def step_bytes(config: ModelConfig, itemsize: int, rows: int, mean_context: float) -> float:
+    """Bytes a decode step must read: every weight once (the embedding table only when tied,
+    since the unembedding reads it; an untied one is gathered row by row) plus each row's
+    K/V over its mean context."""
+    weights = config.param_count()
+    if not config.tie_embeddings:
+        weights -= config.vocab_size * config.hidden_size
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * rows * mean_context
+    return float((weights + kv) * itemsize)
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    """Peak memory bandwidth of a device kind from the table (None when not listed)."""
+    for key, value in PEAK_BANDWIDTH:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def jax_peak_gb() -> float | None:
+    """The accelerator's peak bytes in use (None where the backend keeps no such count)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
+
+
+def torch_peak_gb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def host_max_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- report ---------------------------------------------------------------------------------
+
+COLUMNS = (  # header, width, format, Row field
+    ("workload", 9, "s", "workload"),
+    ("system", 21, "s", "system"),
+    ("tokens/s", 10, ".1f", "tokens_per_s"),
+    ("ms/token", 9, ".2f", "ms_per_token"),
+    ("prefill ms", 10, ".1f", "prefill_ms"),
+    ("ratio", 6, ".2f", "ratio"),
+    ("compile s", 9, ".2f", "compile_s"),
+    ("roofline", 8, ".3f", "roofline"),
+    ("GB/s", 7, ".1f", "bandwidth_gbs"),
+    ("peak GB", 7, ".2f", "peak_mem_gb"),
+)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    def cell(value, width: int, spec: str) -> str:
+        text = "-" if value is None else format(value, spec)
+        return text.ljust(width) if spec == "s" else text.rjust(width)
+
+    header = " ".join(cell(h, w, "s" if f == "s" else "") for h, w, f, _ in COLUMNS) + "  note"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        cells = [cell(getattr(r, field), w, f) for _, w, f, field in COLUMNS]
+        lines.append(" ".join(cells) + f"  {r.note}")
+    return "\n".join(lines)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's tokens/s over the fastest transformers row of its workload."""
+    for workload in {r.workload for r in rows}:
+        same = [r for r in rows if r.workload == workload]
+        peers = [r.tokens_per_s for r in same if r.system.startswith("transformers")]
+        for r in same:
+            r.ratio = r.tokens_per_s / max(peers) if peers else None
+
+
+def add_roofline(rows: list[Row], nbytes: float, peak: float | None) -> None:
+    """Bytes read per decode step over the step time (generate rows), and that as a fraction
+    of the device's peak bandwidth where one is known."""
+    for r in rows:
+        if r.workload == "generate" and r.ms_per_token and r.ms_per_token > 0:
+            r.bandwidth_gbs = nbytes / (r.ms_per_token / 1e3) / 1e9
+            r.roofline = None if peak is None else r.bandwidth_gbs * 1e9 / peak
+
+
+def setup_peer(lm: fcjax.LM, notes: list[str]):
+    """The transformers peer and the cache implementations to time (None, [] without one)."""
+    if PEER.value != "transformers":
+        return None, []
+    if not torch_available():
+        notes.append("peer skipped: torch/transformers not importable")
+        return None, []
+    import torch
+
+    if PEER_THREADS.value > 0:
+        torch.set_num_threads(PEER_THREADS.value)
+    model = torch_peer(lm, DTYPE.value)
+    caches = peer_caches(model, PEER_CACHE.value, notes)
+    notes.append(
+        f"peer: transformers {transformers_version()} on {model.device} "
+        f"({torch.get_num_threads()} threads), same weights"
+    )
+    if model.device.type != "cpu":
+        notes.append("peak GB: each library's own accelerator peak so far (jax, torch.cuda)")
+    return model, caches
+
+
+def main(argv):
+    del argv
+    device = jax.devices()[0]
+    notes = [f"device: {device.platform} {device.device_kind} x{len(jax.devices())}"]
+    if device.platform == "cpu":
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        notes.append(f"host: {os.cpu_count()} CPUs, load average at start {load}")
+    t0 = time.perf_counter()
+    lm = load_model(MODEL.value, DTYPE.value)
+    notes.append(
+        f"model: {lm.name} ({lm.config.family}, {lm.config.num_layers} layers, "
+        f"{lm.config.param_count() / 1e6:.0f}M params, {DTYPE.value}), "
+        f"loaded in {time.perf_counter() - t0:.1f}s"
+    )
+    model, caches = setup_peer(lm, notes)
+    rng = np.random.default_rng(SEED.value)
+    prompts = random_tokens(rng, lm.config.vocab_size, (BATCH.value, PROMPT_LEN.value))
+    trace = random_tokens(rng, lm.config.vocab_size, (TRACE_LEN.value,)).tolist()
+    rows: list[Row] = []
+    if WORKLOAD.value in ("generate", "all"):
+        rows += generate_rows(lm, model, caches, prompts, notes)
+        for r in rows:
+            r.peak_mem_gb = jax_peak_gb() if r.system == "fcjax" else torch_peak_gb()
+    if WORKLOAD.value in ("branch", "all"):
+        rows += branch_rows(lm, model, caches, trace)
+        for r in rows[-len(caches) - 2 :]:
+            r.peak_mem_gb = jax_peak_gb() if r.system.startswith("fcjax") else torch_peak_gb()
+    add_ratios(rows)
+    itemsize = 4 if DTYPE.value == "float32" else 2
+    mean_ctx = PROMPT_LEN.value + (NEW_TOKENS.value - 1) / 2
+    nbytes = step_bytes(lm.config, itemsize, BATCH.value, mean_ctx)
+    peak = PEAK_BW.value or (
+        peak_bandwidth(device.device_kind) if device.platform != "cpu" else None
+    )
+    add_roofline(rows, nbytes, peak)
+    if WORKLOAD.value in ("generate", "all"):
+        notes.append(f"decode step reads {nbytes / 1e6:.1f} MB (weights + KV at mean context)")
+        notes.append(
+            f"roofline: skipped (no peak bandwidth known for {device.device_kind!r})"
+            if peak is None
+            else f"roofline: peak bandwidth {peak / 1e9:.0f} GB/s"
+        )
+    accel = jax_peak_gb()
+    notes.append(
+        f"peak memory: host max RSS {host_max_rss_gb():.2f} GB (whole process)"
+        + ("" if accel is None else f", {device.platform} peak {accel:.2f} GB (jax)")
+    )
+    main_row = next((r for r in rows if r.workload == "generate" and r.system == "fcjax"), None)
+    ratio = main_row.ratio if main_row is not None and main_row.ratio is not None else math.nan
+    print(
+        f"\nbatch={BATCH.value} prompt_len={PROMPT_LEN.value} new_tokens={NEW_TOKENS.value} "
+        f"trace_len={TRACE_LEN.value} cuts={CUTS.value} k={K.value} "
+        f"branch_new={BRANCH_NEW.value} repeats={REPEATS.value} (fastest kept)"
+    )
+    if device.platform == "cpu":
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        notes.append(f"host load average at end {load}")
+    print(format_table(rows))
+    for note in notes:
+        print(note)
+    print(f"ratio_vs_transformers={ratio:.3f}")
+    if OUT.value:
+        payload = {
+            "config": {
+                v.name: v.value for v in globals().values() if isinstance(v, flags.FlagHolder)
+            },
+            "device": {"platform": device.platform, "kind": device.device_kind},
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "notes": notes,
+            "ratio_vs_transformers": None if math.isnan(ratio) else ratio,
+        }
+        Path(OUT.value).write_text(json.dumps(payload, indent=2))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """app.run's flag parser: this module's flags plus absl's own (--help, logging)."""
+    # JAX and torch share an accelerator here: JAX allocates on demand instead of taking 75%.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    flags.FLAGS.append_flag_values(_FLAGS)
+    for name in _FLAGS:  # listed under this program in --help
+        flags.FLAGS.register_flag_by_module(sys.argv[0], _FLAGS[name])
+    rest = flags.FLAGS(argv)
+    _FLAGS.mark_as_parsed()
+    return rest
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

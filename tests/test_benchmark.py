@@ -1,0 +1,124 @@
+"""experiments.benchmark: a tiny end-to-end run (exit status, table rows, JSON) and its
+arithmetic (bytes per decode step, cuts, roofline, weight layouts). Never a speed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import benchmark
+from fcjax.models import loading
+from fcjax.models.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(batch=2, prompt_len=16, new_tokens=8, trace_len=64, cuts=3, k=2, branch_new=8)
+PEAK_BW = 1e10  # given on the command line so the roofline column is filled on CPU too
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.benchmark",
+        "--model=random:tiny-llama",
+        "--peer=transformers",
+        "--workload=all",
+        "--repeats=1",
+        f"--peak_bw={PEAK_BW}",
+        f"--out={out}",
+        *(f"--{k}={v}" for k, v in TINY.items()),
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_exits_cleanly_and_prints_every_row(run):
+    proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    pairs = {(r[0], r[1]) for r in rows if len(r) > 1}
+    for workload, system in [
+        ("generate", "fcjax"),
+        ("generate", "transformers[static]"),
+        ("branch", "fcjax.branch"),
+        ("branch", "fcjax.generate"),
+        ("branch", "transformers[static]"),
+    ]:
+        assert (workload, system) in pairs, proc.stdout
+    ratio = [line for line in proc.stdout.splitlines() if line.startswith("ratio_vs_")]
+    assert len(ratio) == 1 and ratio == [proc.stdout.strip().splitlines()[-1]]
+    value = float(ratio[0].split("=")[1])
+    assert math.isfinite(value) and value > 0
+
+
+def test_json_counts_tokens_and_derives_columns(run):
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {(r["workload"], r["system"]): r for r in data["rows"]}
+    gen, peer = rows[("generate", "fcjax")], rows[("generate", "transformers[static]")]
+    assert gen["new_tokens"] == peer["new_tokens"] == TINY["batch"] * TINY["new_tokens"]
+    for system in ("fcjax.branch", "fcjax.generate", "transformers[static]"):
+        want = TINY["cuts"] * TINY["k"] * TINY["branch_new"]
+        assert rows[("branch", system)]["new_tokens"] == want
+    # ratio: tokens/s over the peer's, workload by workload
+    assert gen["ratio"] == pytest.approx(gen["tokens_per_s"] / peer["tokens_per_s"])
+    assert data["ratio_vs_transformers"] == pytest.approx(gen["ratio"])
+    branch_peer = rows[("branch", "transformers[static]")]["tokens_per_s"]
+    fast = rows[("branch", "fcjax.branch")]
+    assert fast["ratio"] == pytest.approx(fast["tokens_per_s"] / branch_peer)
+    # tokens/s is tokens over the fastest timed call
+    assert gen["tokens_per_s"] == pytest.approx(gen["new_tokens"] / min(gen["times_s"]))
+    # roofline = bytes per step / step time / peak, for generate rows with a step time
+    nbytes = benchmark.step_bytes(
+        PRESETS["tiny-llama"], 4, TINY["batch"], TINY["prompt_len"] + (TINY["new_tokens"] - 1) / 2
+    )
+    for row in (gen, peer):
+        if row["ms_per_token"] is None or row["ms_per_token"] <= 0:
+            continue  # a step time lost in timing noise leaves the columns empty
+        bw = nbytes / (row["ms_per_token"] / 1e3)
+        assert row["bandwidth_gbs"] == pytest.approx(bw / 1e9)
+        assert row["roofline"] == pytest.approx(bw / PEAK_BW)
+    # same weights in both systems: greedy tokens agree (a broken copy gives ~1/vocab)
+    agree = [n for n in data["notes"] if n.startswith("greedy tokens equal")]
+    assert agree and float(agree[0].rsplit(" ", 1)[1].rstrip("%")) >= 75
+
+
+def test_step_bytes_by_hand():
+    # tiny-llama: d=64, f=128, heads 4, kv 2, hd 16, 2 layers, vocab 256, untied
+    attn = 64 * 4 * 16 * 2 + 64 * 2 * 16 * 2
+    layer = attn + 3 * 64 * 128 + 2 * 64
+    weights = 2 * layer + 256 * 64 + 64  # the untied embedding is gathered, not read whole
+    kv = 2 * 2 * 2 * 16 * 3 * 10.5  # K and V, 2 layers, 2 kv heads x 16, 3 rows x 10.5 positions
+    config = PRESETS["tiny-llama"]
+    assert benchmark.step_bytes(config, 2, 3, 10.5) == pytest.approx((weights + kv) * 2)
+    tied = PRESETS["smollm2-135m"]  # tied: the unembedding reads the whole table
+    assert benchmark.step_bytes(tied, 4, 1, 0) == pytest.approx(tied.param_count() * 4)
+
+
+def test_cuts_and_bandwidth_table():
+    assert benchmark.branch_cuts(64, 3) == [21, 43, 64]
+    assert benchmark.branch_cuts(2000, 20)[:2] == [100, 200]
+    assert benchmark.branch_cuts(5, 10) == [1, 2, 3, 4, 5]  # duplicates dropped
+    assert benchmark.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert benchmark.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert benchmark.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert benchmark.peak_bandwidth("cpu") is None
+
+
+@pytest.mark.parametrize(
+    "kind, shape", [("transpose", (6, 10)), ("in_proj", (8, 3, 4)), ("out_proj", (3, 4, 8))]
+)
+def test_torch_layout_inverts_the_loader(kind, shape):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    torch_layout = benchmark._to_torch_layout(x, kind)
+    assert torch_layout.shape == loading._expected_torch_shape(kind, shape)
+    np.testing.assert_array_equal(loading._to_layout(torch_layout, kind, shape), x)
