@@ -158,3 +158,28 @@ def test_max_new_tokens_and_bad_input(lm):
 
 def test_devices_visible():
     assert len(jax.devices()) >= 1
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+@pytest.mark.parametrize("shortlist", [64, 4096])
+def test_top_p_keeps_the_sorted_nucleus(scale, shortlist):
+    """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
+    one a float64 descending sort gives; flat rows differ from it by at most a boundary token
+    (float32 sums in another order)."""
+    from fcjax.engine.sampling import _filter_top_p
+
+    rng = np.random.default_rng(int(scale * 10) + shortlist)
+    logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
+    logits[0, :7] = -np.inf  # rows already cut by top-k
+    logits[1, :3] = logits[1, 3]  # ties
+    kept = ~np.isinf(np.asarray(_filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist)))
+    for row, keep in zip(logits.astype(np.float64), kept, strict=True):
+        order = np.argsort(-row, kind="stable")
+        probs = np.exp(row[order] - row.max())
+        probs /= probs.sum()
+        n = int(np.searchsorted(np.cumsum(probs) - probs, 0.9, side="left"))
+        expected = row >= row[order][n - 1]
+        if scale >= 1:
+            np.testing.assert_array_equal(keep, expected)
+        else:
+            assert keep[order[0]] and abs(int(keep.sum()) - int(expected.sum())) <= 1
