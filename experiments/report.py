@@ -139,8 +139,10 @@ def write_report(run: str | Path) -> Path:
     examples = read_table(run / "examples.parquet")
     steps = read_table(run / "steps.parquet")
     cfg = summary["config"]
-    esc = {k: html.escape(str(cfg.get(k))) for k in ("model", "dataset", "intervention",
-                                                     "intervention_role", "decisiveness")}
+    esc = {
+        k: html.escape(str(cfg.get(k)))
+        for k in ("model", "dataset", "intervention", "intervention_role", "decisiveness")
+    }
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td>"
         + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in METRICS)

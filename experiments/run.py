@@ -25,7 +25,12 @@ flags.DEFINE_string(
     "smollm2-135m-instruct",
     "model: registry name, HF directory, .gguf path or random:<preset>",
 )
-flags.DEFINE_string("judge_model", "", "model of the LLM judges (default: --model)")
+flags.DEFINE_string(
+    "judge_model", "", "model of the sampling estimator's consistency judge (default: --model)"
+)
+flags.DEFINE_string(
+    "decisiveness_model", "", "model of the decisiveness judge (default: --judge_model)"
+)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
 flags.DEFINE_string("dataset", "arithmetic", "named dataset (see fcjax.data.DATASETS)")
 flags.DEFINE_string(
@@ -117,6 +122,7 @@ def settings_from_flags() -> Settings:
     return Settings(
         model=f.model,
         judge_model=f.judge_model,
+        decisiveness_model=f.decisiveness_model,
         dtype=f.dtype,
         dataset=f.dataset,
         data_path=f.data_path,

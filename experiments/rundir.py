@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,8 @@ AFFECTS = {
     "layers": "hidden",
     "folds": "probes",
     "probe_label": "probes",
-    "judge_model": "decisiveness",
+    "judge_model": "estimators",  # the sampling estimator's consistency judge
+    "decisiveness_model": "decisiveness",
     "decisiveness": "decisiveness",
     "judge_batch": "decisiveness",
 }
@@ -154,8 +155,8 @@ class RunDir:
         if path.exists():
             old = json.loads(path.read_text())
             changed = sorted(k for k in AFFECTS if _norm(old.get(k)) != _norm(config.get(k)))
-            if changed:
-                affected = min(STAGES.index(AFFECTS[k]) for k in changed)
+            affected = min((STAGES.index(AFFECTS[k]) for k in changed), default=len(STAGES))
+            if any(self.started(s) for s in STAGES[affected:]):
                 diffs = ", ".join(f"--{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
                 if first > affected:
                     raise RunError(
@@ -178,6 +179,12 @@ class RunDir:
     def mark(self, stage: str, info: Mapping[str, Any]) -> None:
         self.stages.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.marker(stage), dict(info))
+
+    def started(self, stage: str) -> bool:
+        """Whether ``stage`` has left anything behind: its marker, parts or output directory."""
+        if self.done(stage) or (stage in ("hidden", "probes") and (self.path / stage).exists()):
+            return True
+        return any(d.is_dir() and any(d.iterdir()) for d in self.stages.glob(f"{stage}*"))
 
     def info(self, stage: str) -> dict:
         return json.loads(self.marker(stage).read_text()) if self.done(stage) else {}
@@ -231,6 +238,29 @@ class Progress:
         self.stage, self.total, self.unit, self.every = stage, total, unit, every
         self.start = self.last = time.perf_counter()
         self.done = 0
+
+    def tokens(self, rows: int) -> Callable[[int, int], None]:
+        """A ``progress`` callback for ``fcjax.generate``/``branch``: logs decode position within
+        the current batch of ``rows`` rows, so a long batch is not silent."""
+        start = time.perf_counter()
+
+        def report(t: int, limit: int) -> None:
+            now = time.perf_counter()
+            if now - self.last >= self.every and t < limit:
+                self.last = now
+                logging.info(
+                    "%s: %d/%d %s done, current batch of %d at token %d/%d (%.1f tokens/s)",
+                    self.stage,
+                    self.done,
+                    self.total,
+                    self.unit,
+                    rows,
+                    t,
+                    limit,
+                    rows * t / max(now - start, 1e-9),
+                )
+
+        return report
 
     def update(self, n: int = 1) -> None:
         self.done += n

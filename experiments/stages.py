@@ -28,7 +28,7 @@ from fcjax.confidence.base import (
 )
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
-from fcjax.decisiveness.judge import judge_decisiveness
+from fcjax.decisiveness.judge import judge_traces
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
@@ -64,6 +64,7 @@ class Settings:
 
     model: str = "smollm2-135m-instruct"
     judge_model: str = ""
+    decisiveness_model: str = ""
     dtype: str = "float32"
     dataset: str = "arithmetic"
     data_path: str = ""
@@ -91,6 +92,7 @@ class Settings:
     def config(self) -> dict:
         d = dataclasses.asdict(self)
         d["judge_model"] = self.judge_model or self.model
+        d["decisiveness_model"] = self.decisiveness_model or d["judge_model"]
         d["estimators"] = list(self.estimators)
         d["layers"] = list(self.layers)
         return d
@@ -102,7 +104,7 @@ class Pipeline:
     def __init__(self, run: RunDir, settings: Settings):
         self.run, self.s = run, settings
         self._lm = None
-        self._judge = None
+        self._others: dict[str, Any] = {}  # judge models other than --model, by name
         self._gen_batch = settings.batch_size  # lowered when a batch exhausts device memory
         self.timings: dict[str, float] = {}
 
@@ -123,8 +125,10 @@ class Pipeline:
         bad = [x for x in self.s.layers if not 0 <= x <= n_layers]
         if bad and "hidden" in pending and PROBE in self.s.estimators:
             raise RunError(f"--layers: {bad} outside 0..{n_layers} (the model has {n_layers})")
-        if "decisiveness" in pending and self.s.decisiveness == "judge":
+        if "estimators" in pending and self._needs_judge():
             _ = self.judge_lm
+        if "decisiveness" in pending and self.s.decisiveness == "judge":
+            _ = self.decisiveness_lm
 
     # --- shared resources -----------------------------------------------------------------
     @property
@@ -134,15 +138,23 @@ class Pipeline:
             self._lm = fcjax.load(self.s.model, dtype=self.s.dtype)
         return self._lm
 
-    @property
-    def judge_lm(self):
-        name = self.s.judge_model or self.s.model
+    def _model(self, name: str):
         if name == self.s.model:
             return self.lm
-        if self._judge is None:
-            logging.info("loading judge model %s", name)
-            self._judge = fcjax.load(name, dtype=self.s.dtype)
-        return self._judge
+        if name not in self._others:
+            logging.info("loading judge model %s (%s)", name, self.s.dtype)
+            self._others[name] = fcjax.load(name, dtype=self.s.dtype)
+        return self._others[name]
+
+    @property
+    def judge_lm(self):
+        """The consistency judge of the sampling estimator (``--judge_model``)."""
+        return self._model(self.s.judge_model or self.s.model)
+
+    @property
+    def decisiveness_lm(self):
+        """The decisiveness judge (``--decisiveness_model``, default ``--judge_model``)."""
+        return self._model(self.s.decisiveness_model or self.s.judge_model or self.s.model)
 
     def examples(self) -> list[Example]:
         s = self.s
@@ -194,7 +206,7 @@ class Pipeline:
                 progress.update(len(chunk))
                 continue
             prompts = [self.prompt(e) for e in chunk]
-            gens = self._generate(prompts, list(chunk), params)
+            gens = self._generate(prompts, list(chunk), params, progress.tokens(len(chunk)))
             _check_finite(gens, chunk)
             self.run.write_part(
                 "generate",
@@ -213,7 +225,9 @@ class Pipeline:
             progress.update(len(chunk))
         return {"n_examples": len(examples), "chat_template": chat_template}
 
-    def _generate(self, prompts: list[str], chunk: list[Example], params) -> list[Generation]:
+    def _generate(
+        self, prompts: list[str], chunk: list[Example], params, progress=None
+    ) -> list[Generation]:
         """``fcjax.generate`` in batches of ``self._gen_batch``, halved while a batch exhausts
         device memory (rows are seeded by example id, so batching leaves results unchanged)."""
         while True:
@@ -227,6 +241,7 @@ class Pipeline:
                         params,
                         keys=[e.id for e in chunk[start : start + size]],
                         batch_size=size,
+                        progress=progress,
                     )
                 return gens
             except Exception as e:
@@ -341,8 +356,11 @@ class Pipeline:
             "truncated": sum(f == "length" for f in ex_cols["finish_reason"]),
         }
 
+    def _needs_judge(self) -> bool:
+        return any(get_estimator(n).needs_judge for n in self.s.estimators if n != PROBE)
+
     def _ctx(self) -> EstimatorContext:
-        judge = chat_completer(self.judge_lm, max_new_tokens=16)
+        judge = chat_completer(self.judge_lm, max_new_tokens=16) if self._needs_judge() else None
         return EstimatorContext(
             self.lm,
             judge,
@@ -435,22 +453,26 @@ class Pipeline:
         cols = {"decisiveness_lexicon": lexicon_scores(texts)}
         info: dict[str, Any] = {"source": self.s.decisiveness}
         if self.s.decisiveness == "judge":
-            complete = chat_completer(self.judge_lm, max_new_tokens=8 * self.s.judge_batch + 16)
+            complete = chat_completer(
+                self.decisiveness_lm, max_new_tokens=8 * self.s.judge_batch + 16
+            )
             eids = np.asarray(steps["example_id"]).astype(str)
             order = list(dict.fromkeys(eids.tolist()))
             progress = Progress("decisiveness judge", len(order), "traces")
             for index, chunk in batches(order, max(1, self.s.batch_size // 2)):
                 if not self.run.part_done("decisiveness", index):
                     out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
-                    for eid in chunk:
-                        rows = np.flatnonzero(eids == eid)
-                        scores, bad = judge_decisiveness(
-                            [texts[r] for r in rows], complete, batch_size=self.s.judge_batch
-                        )
-                        out["example_id"] += [eid] * len(rows)
-                        out["step"] += np.asarray(steps["step"])[rows].tolist()
+                    rows = [np.flatnonzero(eids == eid) for eid in chunk]
+                    judged = judge_traces(
+                        [[texts[r] for r in rs] for rs in rows],
+                        complete,
+                        batch_size=self.s.judge_batch,
+                    )
+                    for eid, rs, (scores, bad) in zip(chunk, rows, judged, strict=True):
+                        out["example_id"] += [eid] * len(rs)
+                        out["step"] += np.asarray(steps["step"])[rs].tolist()
                         out["d"] += scores.tolist()
-                        out["bad"] += [bad] * len(rows)
+                        out["bad"] += [bad] * len(rs)
                     self.run.write_part("decisiveness", index, out)
                 progress.update(len(chunk))
             merged = _align_steps(self.run.path, self.run.read_parts("decisiveness"))

@@ -3,5 +3,13 @@
 from fcjax.engine import Generation, SamplingParams, branch, generate, make_mesh
 from fcjax.models import LM, ModelConfig, load
 
-__all__ = ["LM", "Generation", "ModelConfig", "SamplingParams", "branch", "generate", "load",
-           "make_mesh"]
+__all__ = [
+    "LM",
+    "Generation",
+    "ModelConfig",
+    "SamplingParams",
+    "branch",
+    "generate",
+    "load",
+    "make_mesh",
+]

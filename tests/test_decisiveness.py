@@ -171,6 +171,17 @@ def test_judge_decisiveness_batches_and_bad_batch():
     assert n_unparsed == 1
 
 
+def test_judge_traces_one_call_batches_never_mix_traces():
+    traces = [[f"a{'x' * i}" for i in range(3)], [], [f"b{'y' * i}" for i in range(25)]]
+    complete, calls = fake_complete(bad_batch=1)  # the second prompt: trace 2's first 20 steps
+    (s0, n0), (s1, n1), (s2, n2) = judge.judge_traces(traces, complete, batch_size=20)
+    assert len(calls) == 1 and [p[-1]["content"].count("Step ") for p in calls[0]] == [3, 20, 5]
+    np.testing.assert_allclose(s0, [len(t) / 100 for t in traces[0]])
+    assert s1.shape == (0,) and n0 == n1 == 0
+    assert np.isnan(s2[:20]).all() and n2 == 1
+    np.testing.assert_allclose(s2[20:], [len(t) / 100 for t in traces[2][20:]])
+
+
 def test_judge_decisiveness_edge_cases():
     complete, calls = fake_complete()
     scores, n = judge.judge_decisiveness([], complete)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny_chat
+from tiny_models import build_tiny_chat, cli_flags
 
 import fcjax
 from experiments.run import run
-from experiments.rundir import STAGES, RunDir
+from experiments.rundir import STAGES, RunDir, RunError
 from experiments.stages import ResourceError, Settings
 from fcjax.data import build_messages, load_dataset
 from fcjax.engine.generate import Generation
@@ -54,16 +54,6 @@ BASE = dict(
 
 def make_settings(model, **kw) -> Settings:
     return Settings(**{**BASE, "model": str(model), **kw})
-
-
-def cli_flags(s: Settings) -> list[str]:
-    flags = []
-    for key, value in s.config().items():
-        if key == "judge_model":
-            continue
-        value = ",".join(map(str, value)) if isinstance(value, list) else value
-        flags.append(f"--{key}={value}")
-    return flags
 
 
 def subprocess_env(cache: Path, **extra: str) -> dict[str, str]:
@@ -707,3 +697,20 @@ def test_yesno_scoring_ignores_case_and_emphasis(word: str, gold: str, data) -> 
     form = data.draw(st.sampled_from(["{}", "**{}**", "{}.", "The answer is {}"]))
     expected = (word in ("yes", "true")) == (gold == "Yes")
     assert score_answer(form.format(shown), gold, "yesno") is expected
+
+
+def test_changed_flags_refused_only_when_their_stage_has_outputs(tmp_path):
+    """A run stopped after `segment` may go on with other estimator settings (nothing made
+    with the old ones exists); a changed segmenter refuses, naming the flag."""
+    rd = RunDir(tmp_path)
+    old = make_settings("m").config()
+    rd.save_config(old)
+    rd.mark("generate", {})
+    rd.mark("segment", {})
+    assert rd.check_config({**old, "k": old["k"] + 1}, None) is None
+    with pytest.raises(RunError, match="--segmenter"):
+        rd.check_config({**old, "segmenter": "tokens"}, None)
+    rd.write_part("estimators_deepconf", 0, {"x": [1.0]})  # a half-done stage counts
+    with pytest.raises(RunError, match="--k: 2 -> 3"):
+        rd.check_config({**old, "k": 3}, None)
+    assert rd.check_config({**old, "k": 3}, "estimators") == "estimators"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import build_tiny_chat
+from tiny_models import build_tiny_chat, cli_flags
 
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
@@ -161,12 +161,7 @@ def test_resume_between_stages_equals_uninterrupted(tiny_chat, finished, tmp_pat
 
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tiny_chat, finished, tmp_path):
     cmd = [sys.executable, "-m", "experiments.run", f"--out={tmp_path}"]
-    s = settings(tiny_chat)
-    for key, value in s.config().items():
-        if key == "judge_model":
-            continue
-        value = ",".join(map(str, value)) if isinstance(value, list) else value
-        cmd.append(f"--{key}={value}")
+    cmd += cli_flags(settings(tiny_chat))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait until generation has written its first part, then kill mid-generation

@@ -126,3 +126,15 @@ def build_tiny_chat(out: Path, seed: int = 0) -> Path:
     for f in tok_dir.iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+def cli_flags(settings) -> list[str]:
+    """``experiments.run`` flags that reproduce ``settings`` (an ``experiments.stages.Settings``);
+    judge models left to their defaults."""
+    flags = []
+    for key, value in settings.config().items():
+        if key in ("judge_model", "decisiveness_model"):
+            continue
+        value = ",".join(map(str, value)) if isinstance(value, list) else value
+        flags.append(f"--{key}={value}")
+    return flags

@@ -81,6 +81,7 @@ class Estimator(abc.ABC):
 
     name: ClassVar[str]
     trace_reduce: ClassVar[Reduce] = "mean"
+    needs_judge: ClassVar[bool] = False  # reads ``ctx.judge_complete``
 
     @property
     def column(self) -> str:

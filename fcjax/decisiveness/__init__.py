@@ -1,6 +1,11 @@
 """Decisiveness D(step): the local LLM judge and the lexicon baseline."""
 
-from fcjax.decisiveness.judge import build_judge_prompt, judge_decisiveness, parse_judge_reply
+from fcjax.decisiveness.judge import (
+    build_judge_prompt,
+    judge_decisiveness,
+    judge_traces,
+    parse_judge_reply,
+)
 from fcjax.decisiveness.lexicon import (
     BOOSTERS,
     HEDGES,
@@ -15,6 +20,7 @@ __all__ = [
     "build_judge_prompt",
     "find_cues",
     "judge_decisiveness",
+    "judge_traces",
     "lexicon_decisiveness",
     "lexicon_scores",
     "parse_judge_reply",

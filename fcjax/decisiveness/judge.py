@@ -112,26 +112,34 @@ def judge_decisiveness(
     complete: Callable[[list[Messages]], list[str]],
     batch_size: int = 20,
 ) -> tuple[np.ndarray, int]:
-    """Rates every step with the judge; returns (scores [n_steps], n_unparsed).
+    """Rates every step of one trace with the judge; returns (scores [n_steps], n_unparsed).
 
     Steps go to the judge `batch_size` at a time (the study: 20). `complete` maps a list
     of chat-message lists to one reply string each; all batches are sent in one call.
     A batch whose reply does not parse leaves NaN for its steps; `n_unparsed` counts
     those replies (batches), not steps.
     """
+    return judge_traces([steps], complete, batch_size)[0]
+
+
+def judge_traces(
+    traces: Sequence[Sequence[str]],
+    complete: Callable[[list[Messages]], list[str]],
+    batch_size: int = 20,
+) -> list[tuple[np.ndarray, int]]:
+    """``judge_decisiveness`` for many traces with ONE ``complete`` call, so the engine
+    decodes every trace's judge prompt in the same batch. A batch never mixes traces."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    scores = np.full(len(steps), np.nan)
-    if not steps:
-        return scores, 0
-    starts = range(0, len(steps), batch_size)
-    prompts = [build_judge_prompt(steps[s : s + batch_size]) for s in starts]
-    replies = complete(prompts)
+    spans = [(t, s) for t, steps in enumerate(traces) for s in range(0, len(steps), batch_size)]
+    prompts = [build_judge_prompt(traces[t][s : s + batch_size]) for t, s in spans]
+    replies = complete(prompts) if prompts else []
     if len(replies) != len(prompts):
         raise ValueError(f"complete() returned {len(replies)} replies for {len(prompts)} prompts")
-    n_unparsed = 0
-    for s, reply in zip(starts, replies, strict=True):
-        batch = parse_judge_reply(reply, min(batch_size, len(steps) - s))
-        n_unparsed += int(np.isnan(batch).all())
+    out = [(np.full(len(steps), np.nan), 0) for steps in traces]
+    for (t, s), reply in zip(spans, replies, strict=True):
+        scores, n_unparsed = out[t]
+        batch = parse_judge_reply(reply, min(batch_size, len(traces[t]) - s))
         scores[s : s + len(batch)] = batch
-    return scores, n_unparsed
+        out[t] = (scores, n_unparsed + int(np.isnan(batch).all()))
+    return out

@@ -68,7 +68,7 @@ def _write(buf: jnp.ndarray, value: jnp.ndarray, t, axis: int) -> jnp.ndarray:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampler", "eos", "steps"), donate_argnames=("st",)
+    jax.jit, static_argnames=("graphdef", "sampler", "eos", "window"), donate_argnames=("st",)
 )
 def decode_chunk(
     graphdef,
@@ -78,16 +78,23 @@ def decode_chunk(
     ctx_valid,
     limit,
     st: DecodeState,
+    steps,
     *,
     sampler: Sampler,
     eos: tuple[int, ...],
-    steps: int,
+    window: int | None = None,
 ) -> DecodeState:
-    """Samples up to ``steps`` more tokens (at most ``limit`` in all) for unfinished rows."""
+    """Samples up to ``steps`` more tokens (at most ``limit`` in all) for unfinished rows.
+
+    Attention reads only the first ``window`` own-cache slots (static; the chunk never goes
+    past it), so early steps of a long generation do not read the whole own cache: the host
+    grows the window in powers of two, one compiled program per window.
+    """
     model = nnx.merge(graphdef, params)
     n_ctx, rows, max_new = st.tokens.shape
+    window = max_new if window is None else min(window, max_new)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    stop_t = jnp.minimum(st.t + steps, jnp.minimum(limit, max_new))
+    stop_t = jnp.minimum(st.t + steps, jnp.minimum(jnp.minimum(limit, max_new), window))
 
     def cond(s: DecodeState):
         return (s.t < stop_t) & ~jnp.all(s.done)
@@ -101,7 +108,8 @@ def decode_chunk(
         active = ~s.done
         tok = jnp.where(active, tok.reshape(n_ctx, rows), 0)
         finished = active & (jnp.isin(tok, eos_ids) | (t + 1 >= limit))
-        out = model.decode(tok, ctx_valid + t, ctx_k, ctx_v, ctx_valid, s.own_k, s.own_v, t)
+        own_k, own_v = s.own_k[:, :, :, :window], s.own_v[:, :, :, :window]
+        out = model.decode(tok, ctx_valid + t, ctx_k, ctx_v, ctx_valid, own_k, own_v, t)
         return DecodeState(
             t=t + 1,
             logits=model.unembed(out.normed),

@@ -105,10 +105,12 @@ def _run(
     st = init_state(lm.config, ctx_k, first, put(keys), put(active), max_new, sampler.logprobs)
     ctx_valid_dev = put(ctx_valid)
     limit = params.max_new_tokens
-    chunk = 32 if params.stop else min(max_new, 512)
+    chunk = 32 if params.stop else max_new  # stop strings are checked between chunks
     stopped = np.zeros(active.shape, bool)
     cut_text: dict[tuple[int, int], str] = {}
+    t = 0
     while True:
+        window = min(max_new, bucket(t + 1))  # own-cache slots this chunk may read
         st = decode_chunk(
             lm.graphdef,
             state_params,
@@ -117,9 +119,10 @@ def _run(
             ctx_valid_dev,
             limit,
             st,
+            min(chunk, window - t),
             sampler=sampler,
             eos=eos,
-            steps=chunk,
+            window=window,
         )
         t = int(st.t)
         n_gen = np.asarray(st.n_gen)
