@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
+from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
 
@@ -201,6 +202,59 @@ Counts: {html.escape(json.dumps(summary["counts"]))}</p>
     return path
 
 
+def compare_table(runs: Sequence[Path], summaries: Sequence[dict]) -> str:
+    """The comparison as a markdown table: accuracy and counts, each estimator's mean C, MFG, cMFG,
+    cMFG*, ECE and AUROC, the step-level Spearman correlations, and stage wall times, one
+    column per run."""
+    names = sorted({n for s in summaries for n in s["estimators"]})
+    cols = [r.name for r in runs]
+    lines: list[tuple[str, list[str]]] = [
+        ("model", [str(s["config"]["model"]) for s in summaries]),
+        ("dataset", [str(s["config"]["dataset"]) for s in summaries]),
+        ("intervention", [str(s["config"]["intervention"]) for s in summaries]),
+        ("examples", [str(s["n_examples"]) for s in summaries]),
+        ("accuracy", [_fmt(s["accuracy"]) for s in summaries]),
+        ("steps", [str(s["counts"]["steps"]) for s in summaries]),
+        (
+            "no answer / truncated",
+            [f"{s['counts']['no_answer']} / {s['counts']['truncated']}" for s in summaries],
+        ),
+    ]
+    for n in names:
+        for key, label in (
+            ("mean_conf", "mean C"),
+            ("mfg", "MFG"),
+            ("cmfg", "cMFG"),
+            ("cmfg_star", "cMFG*"),
+            ("ece", "ECE"),
+            ("auroc", "AUROC"),
+        ):
+            lines.append(
+                (f"{n} {label}", [_fmt(s["estimators"].get(n, {}).get(key)) for s in summaries])
+            )
+    pairs = sorted({p for s in summaries for p in s.get("agreement", {})})
+    for pair in pairs:
+        lines.append(
+            (
+                f"spearman {pair.replace('|', ' ~ ')}",
+                [_fmt(s.get("agreement", {}).get(pair, {}).get("spearman")) for s in summaries],
+            )
+        )
+    stages = [st for st in STAGES if any(st in s.get("stage_wall_s", {}) for s in summaries)]
+    for st in stages:
+        lines.append((f"wall s {st}", [_fmt(s.get("stage_wall_s", {}).get(st)) for s in summaries]))
+    width = max(len(label) for label, _ in lines)
+    cw = [max(len(c), *(len(v[i]) for _, v in lines)) for i, c in enumerate(cols)]
+
+    def row(label: str, values: Sequence[str]) -> str:
+        cells = (v.rjust(w) for v, w in zip(values, cw, strict=True))
+        return f"| {label.ljust(width)} | " + " | ".join(cells) + " |"
+
+    out = [row("", cols), row("-" * width, ["-" * w for w in cw])]
+    out += [row(label, values) for label, values in lines]
+    return "\n".join(out)
+
+
 def compare(runs: Sequence[Path], out: Path) -> Path:
     """Side-by-side table and plots of several runs; writes out/compare.html."""
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
@@ -244,12 +298,15 @@ def compare(runs: Sequence[Path], out: Path) -> Path:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6)
     img = _save(fig, out / "compare.png")
+    table = compare_table(runs, summaries)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fcjax comparison</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>
 <h1>fcjax: {len(runs)} runs side by side</h1>
 <table><tr><th>run</th><th>model</th><th>dataset</th><th>intervention</th><th>n</th>
-<th>accuracy</th>{head}</tr>{"".join(rows)}</table><img src="{img}"></body></html>"""
+<th>accuracy</th>{head}</tr>{"".join(rows)}</table><img src="{img}">
+<h2>All figures</h2><pre>{html.escape(table)}</pre></body></html>"""
+    (out / "compare.txt").write_text(table + "\n")
     path = out / "compare.html"
     path.write_text(page)
     return path
@@ -267,7 +324,9 @@ def main(argv):
     if len(runs) == 1 and not out_flag:
         print(write_report(runs[0]))
         return
-    print(compare(runs, Path(out_flag) if out_flag else runs[0] / "compare"))
+    path = compare(runs, Path(out_flag) if out_flag else runs[0] / "compare")
+    print((path.parent / "compare.txt").read_text())
+    print(path)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ out = {"devices": len(jax.devices()), "processes": jax.process_count()}
 for name, params in (("greedy", greedy), ("sampled", sampled)):
     gens = multihost.generate_sharded(lm, prompts, params, keys=keys)
     out[name] = [g.token_ids for g in gens]
+    out[f"{name}_logprobs"] = [g.token_logprobs.tolist() for g in gens]
 trace = prompts[0] + out["greedy"][0]
 branches = fcjax.branch(lm, trace, [3, 8, 14], 3, sampled, key="ex-0")
 out["branch"] = [[g.token_ids for g in outs] for outs in branches]

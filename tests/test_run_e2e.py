@@ -231,3 +231,30 @@ def test_redo_hidden_with_new_layers_rebuilds_the_store(tiny_chat, finished, tmp
     assert states.shape[1] == 2
     _, full = read_hidden(finished / "hidden")
     np.testing.assert_array_equal(states, full[:, [0, 2]])
+
+
+def test_compare_prints_every_figure_side_by_side(finished, tmp_path):
+    """`experiments.report --runs=A,B`: one column per run, each number the summary's."""
+    from experiments.report import compare
+
+    other = tmp_path / "other"
+    other.mkdir()
+    summary = json.loads((finished / "summary.json").read_text())
+    changed = {**summary, "accuracy": 0.125, "config": {**summary["config"], "intervention": "x"}}
+    (other / "summary.json").write_text(json.dumps(changed))
+    page = compare([finished, other], tmp_path / "cmp")
+    assert page.exists() and (tmp_path / "cmp" / "compare.png").exists()
+    table = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in (tmp_path / "cmp" / "compare.txt").read_text().splitlines()
+    ]
+    assert table[0] == ["", finished.name, "other"]
+    rows = {label: values for label, *values in table[2:]}
+    assert rows["accuracy"] == [f"{summary['accuracy']:.3f}", "0.125"]
+    assert rows["intervention"] == [summary["config"]["intervention"], "x"]
+    for name, values in summary["estimators"].items():
+        if values["cmfg_star"] is not None:
+            assert rows[f"{name} cMFG*"] == [f"{values['cmfg_star']:.3f}"] * 2
+    pair = next(iter(summary["agreement"]))
+    assert f"spearman {pair.replace('|', ' ~ ')}" in rows
+    assert f"{summary['stage_wall_s']['generate']:.3f}" in rows["wall s generate"]

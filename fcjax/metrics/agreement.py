@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcjax.metrics._arrays import finite_pairs
+
 
 def rankdata(values: object) -> np.ndarray:
     """Ranks 1..n of a 1-D array, ties given their average rank (scipy's 'average')."""
@@ -23,21 +25,12 @@ def rankdata(values: object) -> np.ndarray:
     return ranks
 
 
-def _pair(x: object, y: object, fn: str) -> tuple[np.ndarray, np.ndarray]:
-    x_arr = np.asarray(x, dtype=np.float64).ravel()
-    y_arr = np.asarray(y, dtype=np.float64).ravel()
-    if x_arr.shape != y_arr.shape:
-        raise ValueError(f"{fn}: x has {x_arr.size} values but y has {y_arr.size}")
-    keep = np.isfinite(x_arr) & np.isfinite(y_arr)
-    return x_arr[keep], y_arr[keep]
-
-
 def spearman(x: object, y: object) -> float:
     """Spearman's rho (Pearson correlation of average ranks) over finite pairs.
 
     NaN with fewer than 2 pairs or when either side is constant.
     """
-    x_arr, y_arr = _pair(x, y, "spearman")
+    x_arr, y_arr = finite_pairs(x, y, "spearman")
     if x_arr.size < 2:
         return float("nan")
     rx, ry = rankdata(x_arr), rankdata(y_arr)
@@ -87,7 +80,7 @@ def kendall(x: object, y: object) -> float:
     tau_b = (n_c - n_d) / sqrt((n0 - n1) (n0 - n2)) with n0 = n(n-1)/2, n1/n2 pairs tied
     in x/y. NaN with fewer than 2 pairs or when either side is constant.
     """
-    x_arr, y_arr = _pair(x, y, "kendall")
+    x_arr, y_arr = finite_pairs(x, y, "kendall")
     n = x_arr.size
     if n < 2:
         return float("nan")

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcjax.metrics._arrays import bin_index, check_confidence, finite_pairs
 from fcjax.metrics.agreement import rankdata
 
 
 def _pairs(conf: object, correct: object, fn: str) -> tuple[np.ndarray, np.ndarray]:
-    c = np.asarray(conf, dtype=np.float64).ravel()
-    y = np.asarray(correct, dtype=np.float64).ravel()
-    if c.shape != y.shape:
-        raise ValueError(f"{fn}: conf has {c.size} values but correct has {y.size}")
-    keep = np.isfinite(c) & np.isfinite(y)
-    c, y = c[keep], y[keep]
-    if np.any((c < 0.0) | (c > 1.0)):
-        raise ValueError(f"{fn}: confidence must lie in [0, 1]; got {c[(c < 0) | (c > 1)][0]!r}")
+    c, y = finite_pairs(conf, correct, fn, ("conf", "correct"))
+    check_confidence(c, fn)
     if np.any((y != 0.0) & (y != 1.0)):
         raise ValueError(f"{fn}: correct must be 0/1 (or bool); got {y[(y != 0) & (y != 1)][0]!r}")
     return c, y
@@ -35,7 +30,7 @@ def ece(conf: object, correct: object, bins: int = 10) -> float:
     c, y = _pairs(conf, correct, "ece")
     if c.size == 0:
         return float("nan")
-    index = np.minimum(np.floor(c * bins).astype(np.int64), bins - 1)
+    index = bin_index(c, bins)
     conf_sum = np.bincount(index, weights=c, minlength=bins)
     acc_sum = np.bincount(index, weights=y, minlength=bins)
     return float(np.abs(acc_sum - conf_sum).sum() / c.size)

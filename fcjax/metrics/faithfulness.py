@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcjax.metrics._arrays import bin_index, check_confidence, finite_pairs
+
 
 def _vector(name: str, values: object) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
@@ -19,15 +21,9 @@ def _vector(name: str, values: object) -> np.ndarray:
 
 def _paired(f: object, c: object, fn: str) -> tuple[np.ndarray, np.ndarray]:
     """Finite (f, c) pairs with c checked to lie in [0, 1]."""
-    f_arr, c_arr = _vector(f"{fn}: f", f), _vector(f"{fn}: c", c)
-    if f_arr.shape != c_arr.shape:
-        raise ValueError(f"{fn}: f has shape {f_arr.shape} but c has shape {c_arr.shape}")
-    keep = np.isfinite(f_arr) & np.isfinite(c_arr)
-    f_arr, c_arr = f_arr[keep], c_arr[keep]
-    bad = np.flatnonzero((c_arr < 0.0) | (c_arr > 1.0))
-    if bad.size:
-        raise ValueError(f"{fn}: confidence must lie in [0, 1]; got {c_arr[bad[0]]!r}")
-    return f_arr, c_arr
+    _vector(f"{fn}: f", f), _vector(f"{fn}: c", c)
+    f_arr, c_arr = finite_pairs(f, c, fn, ("f", "c"))
+    return f_arr, check_confidence(c_arr, fn)
 
 
 def step_faithfulness(d: object, c: object) -> np.ndarray:
@@ -57,7 +53,7 @@ def cmfg(f: object, c: object, bins: int = 10) -> float:
     f_arr, c_arr = _paired(f, c, "cmfg")
     if f_arr.size == 0:
         return float("nan")
-    index = np.minimum(np.floor(c_arr * bins).astype(np.int64), bins - 1)
+    index = bin_index(c_arr, bins)
     totals = np.bincount(index, weights=f_arr, minlength=bins)
     counts = np.bincount(index, minlength=bins)
     means = np.where(counts > 0, totals / np.maximum(counts, 1), 0.5)

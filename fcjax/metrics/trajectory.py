@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcjax.metrics._arrays import bin_index
+
 
 def trajectory_bins(
     position: object, values: dict[str, object], bins: int = 20
@@ -23,7 +25,7 @@ def trajectory_bins(
     if np.any((pos[finite] < 0.0) | (pos[finite] > 1.0)):
         raise ValueError("trajectory_bins: position must lie in [0, 1]")
     index = np.full(pos.shape, -1, dtype=np.int64)
-    index[finite] = np.minimum(np.floor(pos[finite] * bins).astype(np.int64), bins - 1)
+    index[finite] = bin_index(pos[finite], bins)
     in_bin = index >= 0
     out: dict[str, object] = {
         "edges": np.linspace(0.0, 1.0, bins + 1),
