@@ -1,6 +1,6 @@
 """fcjax: faithful confidence expression in reasoning models, measured with JAX."""
 
-from fcjax.engine import Generation, SamplingParams, branch, generate, make_mesh
+from fcjax.engine import Generation, SamplingParams, branch, branch_many, generate, make_mesh
 from fcjax.models import LM, ModelConfig, load
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ModelConfig",
     "SamplingParams",
     "branch",
+    "branch_many",
     "generate",
     "load",
     "make_mesh",

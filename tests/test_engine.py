@@ -116,6 +116,28 @@ def test_sampled_branches_reproducible_across_row_splits(lm):
     assert len({tuple(x) for x in ids[1]}) > 1  # the k samples differ from each other
 
 
+def test_branch_many_equals_branch_per_trace(lm):
+    """Traces of different lengths and cut counts decoded together give each trace the
+    tokens ``branch`` gives it alone (rows seeded by example id, cut and sample)."""
+    params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8, seed=3)
+    traces = [
+        (PROMPTS[2] + list(range(40, 60)), [4, 11, 25]),
+        (PROMPTS[1] + list(range(70, 75)), [2]),
+        (PROMPTS[0] + list(range(80, 120)), [5, 6, 30, 47]),
+    ]
+    keys = ["ex-1", "ex-2", 7]
+    many = fcjax.branch_many(lm, traces, 3, params, keys=keys)
+    split = fcjax.branch_many(lm, traces, 3, params, keys=keys, max_rows=8)  # other groups
+    for (ids, cuts), key, got, got_split in zip(traces, keys, many, split, strict=True):
+        alone = fcjax.branch(lm, ids, cuts, 3, params, key=key)
+        assert len(got) == len(cuts) and all(len(g) == 3 for g in got)
+        for a, b, c, cut in zip(alone, got, got_split, cuts, strict=True):
+            assert [g.token_ids for g in a] == [g.token_ids for g in b] == [g.token_ids for g in c]
+            assert all(g.prompt_ids == ids[:cut] for g in b)
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
+
+
 def test_eos_stops_rows_independently(lm):
     free = fcjax.generate(lm, PROMPTS, GREEDY)
     eos = free[0].token_ids[4]  # a token the first row emits at step 5

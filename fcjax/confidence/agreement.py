@@ -80,9 +80,9 @@ class AnswerAgreement(Estimator):
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
         results = []
-        for n, trace in enumerate(traces):
+        sampled = sample_from_steps(traces, ctx, ())
+        for n, (trace, (chosen, outs)) in enumerate(zip(traces, sampled, strict=True)):
             cols = nan_columns(trace.n_steps, "conf_agreement", "agreement_entropy")
-            chosen, outs = sample_from_steps(trace, ctx, ())
             for j, gens in zip(chosen, outs, strict=True):
                 answers = [extract_answer(g.text) for g in gens]
                 cols["agreement_entropy"][j] = semantic_entropy(

@@ -3,12 +3,12 @@
 For each selected step i (``select_steps``: all steps up to ``ctx.max_steps``, else the
 first, the last and a seeded random draw), the prefix is the prompt plus the output tokens
 before the step (``prefix_tokens``: up to the first token whose char start is >= the step's
-start). K = ``ctx.k`` continuations are sampled from every prefix of a trace in ONE
-``branch`` call (temperature 0.8, top-p 0.95, at most 200 new tokens by default) with the
+start). K = ``ctx.k`` continuations are sampled from every prefix of every trace in ONE
+``branch_many`` call (temperature 0.8, top-p 0.95, at most 200 new tokens by default) with the
 stop string "\\n\\n", so each continuation is its first paragraph. A judge then answers, for
 each (sampled paragraph as context, original step text as assertion), whether they are
 consistent: Yes = 0, No = 1, unparsable = 0.5; conf_sampling = 1 - mean over the K answers
-(``consistency_score``). All K x steps judge prompts of a trace go in one ``complete`` call.
+(``consistency_score``). All K x steps judge prompts of all traces go in one ``complete`` call.
 
 An empty paragraph (the continuation starts with a blank line, or is empty) is not sent to
 the judge and counts as unparsable (0.5), like an unreadable judge reply; the reference
@@ -33,7 +33,7 @@ from fcjax.confidence.base import (
 )
 from fcjax.confidence.consistency_judge import build_consistency_prompt, consistency_score
 from fcjax.confidence.trace import Trace, prefix_tokens
-from fcjax.engine.generate import Generation, branch
+from fcjax.engine.generate import Generation, branch_many
 from fcjax.text.steps import select_steps
 
 PARAGRAPH_STOP = "\n\n"
@@ -47,18 +47,23 @@ def step_cuts(trace: Trace, ctx: EstimatorContext) -> tuple[list[int], list[int]
 
 
 def sample_from_steps(
-    trace: Trace, ctx: EstimatorContext, stop: tuple[str, ...]
-) -> tuple[list[int], list[list[Generation]]]:
-    """K continuations from each selected step's prefix, one ``branch`` call per trace."""
-    chosen, cuts = step_cuts(trace, ctx)
-    if not chosen:
-        return [], []
-    if trace.prompt_len == 0:
-        raise EstimatorError(f"trace {trace.example_id!r} has an empty prompt")
-    outs = branch(
-        ctx.lm, trace.sequence, cuts, ctx.k, ctx.branch_params(stop), key=trace.example_id
+    traces: Sequence[Trace], ctx: EstimatorContext, stop: tuple[str, ...]
+) -> list[tuple[list[int], list[list[Generation]]]]:
+    """Per trace, (selected steps, K continuations from each one's prefix). All traces go
+    to ONE ``branch_many`` call, so their rows share every decode step; each trace's rows
+    read only its own KV and are seeded by its example id, as ``branch`` would."""
+    selected = [step_cuts(trace, ctx) for trace in traces]
+    for trace, (chosen, _) in zip(traces, selected, strict=True):
+        if chosen and trace.prompt_len == 0:
+            raise EstimatorError(f"trace {trace.example_id!r} has an empty prompt")
+    outs = branch_many(
+        ctx.lm,
+        [(trace.sequence, cuts) for trace, (_, cuts) in zip(traces, selected, strict=True)],
+        ctx.k,
+        ctx.branch_params(stop),
+        keys=[trace.example_id for trace in traces],
     )
-    return chosen, outs
+    return [(chosen, o) for (chosen, _), o in zip(selected, outs, strict=True)]
 
 
 @register
@@ -76,31 +81,33 @@ class SamplingConsistency(Estimator):
                 "sampling: EstimatorContext.judge_complete is None; pass a judge, e.g. "
                 "fcjax.engine.complete.chat_completer(lm)"
             )
-        results = []
-        for n, trace in enumerate(traces):
-            cols = nan_columns(trace.n_steps, "conf_sampling", "sampling_unparsed", "sampling_n")
-            chosen, outs = sample_from_steps(trace, ctx, (PARAGRAPH_STOP,))
-            prompts, slots = [], []  # slots[(step j, sample s)] -> prompt index or None
+        sampled = sample_from_steps(traces, ctx, (PARAGRAPH_STOP,))
+        prompts, slots = [], []  # slots[trace][(step, sample)] -> prompt index or None
+        for trace, (chosen, outs) in zip(traces, sampled, strict=True):
+            slots.append([])
             for j, gens in zip(chosen, outs, strict=True):
                 for g in gens:
                     paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
                     if paragraph:
-                        slots.append(len(prompts))
+                        slots[-1].append(len(prompts))
                         prompts.append(build_consistency_prompt(paragraph, trace.steps[j].text))
                     else:
-                        slots.append(None)
-            replies = ctx.judge_complete(prompts) if prompts else []
-            if len(replies) != len(prompts):
-                raise EstimatorError(
-                    f"sampling: judge returned {len(replies)} replies for {len(prompts)} prompts"
-                )
+                        slots[-1].append(None)
+        replies = ctx.judge_complete(prompts) if prompts else []  # every trace in one call
+        if len(replies) != len(prompts):
+            raise EstimatorError(
+                f"sampling: judge returned {len(replies)} replies for {len(prompts)} prompts"
+            )
+        results = []
+        for trace, (chosen, _), trace_slots in zip(traces, sampled, slots, strict=True):
+            cols = nan_columns(trace.n_steps, "conf_sampling", "sampling_unparsed", "sampling_n")
             for a, j in enumerate(chosen):
-                step_slots = slots[a * ctx.k : (a + 1) * ctx.k]
+                step_slots = trace_slots[a * ctx.k : (a + 1) * ctx.k]
                 step_replies = [None if s is None else replies[s] for s in step_slots]
                 conf, unparsed = consistency_score(step_replies)
                 cols["conf_sampling"][j] = conf
                 cols["sampling_unparsed"][j] = unparsed
                 cols["sampling_n"][j] = len(step_replies)
             results.append(cols)
-            ctx.report(self.name, n + 1, len(traces))
+        ctx.report(self.name, len(traces), len(traces))
         return results

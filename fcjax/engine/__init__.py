@@ -1,10 +1,10 @@
 """Generation engine: KV-cached jitted decoding, prefix branching, mesh placement."""
 
-from fcjax.engine.generate import Generation, branch, generate
+from fcjax.engine.generate import Generation, branch, branch_many, generate
 from fcjax.engine.mesh import make_mesh
 from fcjax.engine.sampling import SamplingParams
 
-__all__ = ["Generation", "SamplingParams", "branch", "generate", "make_mesh"]
+__all__ = ["Generation", "SamplingParams", "branch", "branch_many", "generate", "make_mesh"]
 
 from fcjax.engine.capture import Capture, capture
 

@@ -231,39 +231,94 @@ def branch(
     """``k`` continuations from every prefix ``ids[:cut]``: one prefill of ``ids``, then all
     cuts x k rows decode together against that single shared KV copy. ``key`` (the example
     id) seeds the rows together with each row's cut and sample index."""
+    return branch_many(
+        lm, [(ids, cuts)], k, params, keys=[key], mesh=mesh, max_rows=max_rows, progress=progress
+    )[0]
+
+
+def branch_many(
+    lm: LM,
+    traces: Sequence[tuple[Sequence[int], Sequence[int]]],
+    k: int,
+    params: SamplingParams | None = None,
+    *,
+    keys: Sequence | None = None,
+    mesh=None,
+    max_rows: int = 512,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[list[Generation]]]:
+    """``branch`` for several traces at once: each trace is one context of the batch and its
+    cuts x k rows read only that context's KV, so a decode step serves every trace together.
+    Returns [trace][cut][sample]. Rows are seeded by (``keys[i]``, cut, sample) exactly as in
+    ``branch``, so grouping traces changes no token."""
     params = params or SamplingParams()
     mesh = mesh or mesh_lib.default_mesh()
-    ids = [int(t) for t in ids]
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    for c in cuts:
-        if not 1 <= c <= len(ids):
-            raise ValueError(f"cut {c} outside 1..{len(ids)} (the trace has {len(ids)} tokens)")
-    seq = bucket(len(ids))
-    tokens = np.zeros((1, seq), np.int32)
-    tokens[0, : len(ids)] = ids
-    lengths = np.array([len(ids)], np.int32)
-    rows = [(c, s) for c in cuts for s in range(k)]
-    n_data = mesh_lib.data_size(mesh)
-    out: list[Generation] = []
+    keys = list(range(len(traces))) if keys is None else list(keys)
+    if len(keys) != len(traces):
+        raise ValueError(f"{len(keys)} keys for {len(traces)} traces")
+    seqs = [[int(t) for t in ids] for ids, _ in traces]
+    for ids, (_, cuts) in zip(seqs, traces, strict=True):
+        for c in cuts:
+            if not 1 <= c <= len(ids):
+                raise ValueError(f"cut {c} outside 1..{len(ids)} (the trace has {len(ids)} tokens)")
+    rows = [[(int(c), s) for c in cuts for s in range(k)] for _, cuts in traces]
+    out: list[list[Generation]] = [[] for _ in traces]
     t0 = time.perf_counter()
-    for start in range(0, len(rows), max_rows):
-        part = rows[start : start + max_rows]
-        n_rows = _row_bucket(len(part), n_data)
-        valid = np.ones((1, n_rows), np.int32)
-        valid[0, : len(part)] = [c for c, _ in part]
-        active = (np.arange(n_rows) < len(part))[None]
-        pad = n_rows - len(part)
-        rk = row_keys(
-            params.seed,
-            [stable_key(key)] * n_rows,
-            [c for c, _ in part] + [0] * pad,
-            [s for _, s in part] + [0] * pad,
-        )
-        st, stopped, cut = _run(
-            lm, tokens, lengths, valid, rk.reshape(1, n_rows, 2), active, params, mesh, progress
-        )
-        for j, (c, _) in enumerate(part):
-            out.append(_collect(lm, st, 0, j, params.max_new_tokens, stopped, cut, ids[:c]))
-    log.debug("branch: %d rows in %.2fs", len(rows), time.perf_counter() - t0)
-    return [out[i * k : (i + 1) * k] for i in range(len(cuts))]
+    # traces decoded together, at most max_rows rows per group; a trace with more rows than
+    # that goes alone and its rows are split
+    groups: list[list[int]] = []
+    for i, r in enumerate(rows):
+        if r and groups and _group_rows(rows, groups[-1] + [i]) <= max_rows:
+            groups[-1].append(i)
+        elif r:
+            groups.append([i])
+    for group in groups:
+        starts = range(0, len(rows[group[0]]), max_rows) if len(group) == 1 else [0]
+        for start in starts:
+            _branch_group(lm, seqs, rows, group, start, max_rows, keys, params, mesh, progress, out)
+    log.debug("branch: %d rows in %.2fs", sum(map(len, rows)), time.perf_counter() - t0)
+    return [
+        [gens[j * k : (j + 1) * k] for j in range(len(cuts))]
+        for gens, (_, cuts) in zip(out, traces, strict=True)
+    ]
+
+
+def _group_rows(rows, group) -> int:
+    """Rows a group decodes: its traces times the bucketed rows of its largest trace."""
+    return len(group) * _row_bucket(max(len(rows[i]) for i in group), 1)
+
+
+def _branch_group(lm, seqs, rows, group, start, max_rows, keys, params, mesh, progress, out):
+    """Decodes rows[start:start + max_rows] of every trace in ``group`` together."""
+    parts = [rows[i][start : start + max_rows] for i in group]
+    single, n_data = len(group) == 1, mesh_lib.data_size(mesh)
+    n_ctx = 1 if single else _row_bucket(len(group), n_data)
+    n_rows = _row_bucket(max(map(len, parts)), n_data if single else 1)
+    seq = bucket(max(len(seqs[i]) for i in group))
+    tokens = np.zeros((n_ctx, seq), np.int32)
+    lengths = np.ones((n_ctx,), np.int32)
+    valid = np.ones((n_ctx, n_rows), np.int32)
+    active = np.zeros((n_ctx, n_rows), bool)
+    ex_keys = np.zeros((n_ctx, n_rows), np.int64)
+    cut_ids = np.zeros((n_ctx, n_rows), np.int64)
+    samples = np.zeros((n_ctx, n_rows), np.int64)
+    for c, (i, part) in enumerate(zip(group, parts, strict=True)):
+        tokens[c, : len(seqs[i])] = seqs[i]
+        lengths[c] = len(seqs[i])
+        m = len(part)
+        valid[c, :m] = [cut for cut, _ in part]
+        active[c, :m] = True
+        ex_keys[c, :m] = stable_key(keys[i])
+        cut_ids[c, :m] = [cut for cut, _ in part]
+        samples[c, :m] = [smp for _, smp in part]
+    rk = row_keys(params.seed, ex_keys.ravel(), cut_ids.ravel(), samples.ravel())
+    st, stopped, cut_text = _run(
+        lm, tokens, lengths, valid, rk.reshape(n_ctx, n_rows, 2), active, params, mesh, progress
+    )
+    for c, (i, part) in enumerate(zip(group, parts, strict=True)):
+        for j, (cut, _) in enumerate(part):
+            out[i].append(
+                _collect(lm, st, c, j, params.max_new_tokens, stopped, cut_text, seqs[i][:cut])
+            )
