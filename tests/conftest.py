@@ -14,3 +14,12 @@ from tiny_models import TINY_CONFIGS, build_tiny
 def tiny_model_dir(request, tmp_path_factory):
     """An HF directory holding one tiny random model per family/config."""
     return build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (real weights, float32), loaded once for every test that reads
+    it, so they also share its compiled programs."""
+    import fcjax
+
+    return fcjax.load("smollm2-135m-instruct", dtype="float32")

@@ -138,6 +138,17 @@ def test_branch_many_equals_branch_per_trace(lm):
                 np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
+def test_generate_batches_by_length_and_returns_input_order(lm):
+    """Prompts are batched by length; outputs come back in input order, equal to one batch."""
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[0], PROMPTS[1][:2], PROMPTS[2][:9]]
+    params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=6, seed=2)
+    keys = [f"k{i}" for i in range(len(prompts))]
+    whole = fcjax.generate(lm, prompts, params, keys=keys)
+    split = fcjax.generate(lm, prompts, params, keys=keys, batch_size=2)
+    assert [g.prompt_ids for g in split] == [list(p) for p in prompts]
+    assert [g.token_ids for g in split] == [g.token_ids for g in whole]
+
+
 def test_eos_stops_rows_independently(lm):
     free = fcjax.generate(lm, PROMPTS, GREEDY)
     eos = free[0].token_ids[4]  # a token the first row emits at step 5

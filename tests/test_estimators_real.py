@@ -31,8 +31,8 @@ K, MAX_STEPS = 2, 3
 
 
 @pytest.fixture(scope="module")
-def scored():
-    lm = fcjax.load("smollm2-135m-instruct")
+def scored(smollm2):
+    lm = smollm2
     examples = load_dataset("arithmetic", num_examples=2, difficulty=1)
     prompts = [lm.chat(build_messages(e)) for e in examples]
     params = fcjax.SamplingParams(temperature=0.6, max_new_tokens=96)

@@ -36,8 +36,8 @@ def reference(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def lm32():
-    return fcjax.load("smollm2-135m-instruct", dtype="float32")
+def lm32(smollm2):
+    return smollm2
 
 
 def test_registry_fetch_is_verified_and_reused(gguf_path):

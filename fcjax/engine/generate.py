@@ -195,8 +195,11 @@ def generate(
         raise ValueError(f"{len(keys)} keys for {len(ids)} prompts")
     results: list[Generation | None] = [None] * len(ids)
     n_data = mesh_lib.data_size(mesh)
+    # batches of similar prompt lengths pad less (rows are seeded by key, not position)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
+        members = order[start : start + batch_size]
+        chunk = [ids[i] for i in members]
         n_ctx = _row_bucket(len(chunk), n_data)
         seq = bucket(max(len(x) for x in chunk))
         tokens = np.zeros((n_ctx, seq), np.int32)
@@ -205,14 +208,13 @@ def generate(
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
         active = (np.arange(n_ctx) < len(chunk))[:, None]
-        ex_keys = [stable_key(k) for k in keys[start : start + batch_size]]
-        ex_keys += [0] * (n_ctx - len(chunk))
+        ex_keys = [stable_key(keys[i]) for i in members] + [0] * (n_ctx - len(chunk))
         rk = row_keys(params.seed, ex_keys, [0] * n_ctx, [0] * n_ctx).reshape(n_ctx, 1, 2)
         st, stopped, cut = _run(
             lm, tokens, lengths, lengths[:, None].copy(), rk, active, params, mesh, progress
         )
-        for i, x in enumerate(chunk):
-            results[start + i] = _collect(lm, st, i, 0, params.max_new_tokens, stopped, cut, x)
+        for row, (i, x) in enumerate(zip(members, chunk, strict=True)):
+            results[i] = _collect(lm, st, row, 0, params.max_new_tokens, stopped, cut, x)
     return results  # type: ignore[return-value]
 
 
