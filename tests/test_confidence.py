@@ -348,11 +348,11 @@ def test_forcing_equals_independent_logprobs(tiny_lm):
 def test_sampling_plumbing_with_fake_judge(tiny_lm, monkeypatch):
     trace = _trace(tiny_lm)
     calls, judged = [], []
-    real_branch = sampling_mod.branch
+    real_branch = sampling_mod.branch_many
 
-    def spy_branch(lm, ids, cuts, k, params, key):
-        calls.append((list(ids), list(cuts), k, params, key))
-        return real_branch(lm, ids, cuts, k, params, key=key)
+    def spy_branch(lm, traces, k, params, keys):
+        calls.append(([(list(i), list(c)) for i, c in traces], k, params, list(keys)))
+        return real_branch(lm, traces, k, params, keys=keys)
 
     verdict = {0: "Yes", 1: "**No**, it does not.", 2: "I cannot tell."}
 
@@ -364,46 +364,54 @@ def test_sampling_plumbing_with_fake_judge(tiny_lm, monkeypatch):
             out.append(verdict[[s.text for s in trace.steps].index(assertion)])
         return out
 
-    monkeypatch.setattr(sampling_mod, "branch", spy_branch)
+    monkeypatch.setattr(sampling_mod, "branch_many", spy_branch)
     ctx = EstimatorContext(lm=tiny_lm, judge_complete=judge, k=3, max_steps=2, max_new_tokens=8)
-    cols = get_estimator("sampling").score([trace], ctx)[0]
-    # one branch call, cuts = prompt + output tokens before each selected step (first, last)
+    twin = dataclasses.replace(trace, example_id="ex2")
+    cols, cols_twin = get_estimator("sampling").score([trace, twin], ctx)
+    # one branch call and one judge call for both traces; cuts = prompt + output tokens
+    # before each selected step (first, last)
     assert len(calls) == 1 and len(judged) == 1
-    ids, cuts, k, params, key = calls[0]
-    assert ids == trace.prompt_ids + trace.output_ids and k == 3 and key == "ex1"
+    (ids, cuts), (twin_ids, _) = calls[0][0]
+    k, params, keys = calls[0][1:]
+    assert ids == twin_ids == trace.prompt_ids + trace.output_ids and k == 3
+    assert keys == ["ex1", "ex2"]
     assert cuts == [
         trace.prompt_len + trace.steps[0].start,
         trace.prompt_len + trace.steps[2].start,
     ]
     assert params.stop == ("\n\n",) and params.temperature == 0.8 and params.top_p == 0.95
     # Yes -> 0 -> conf 1; unparsable -> 0.5; step 1 not selected -> NaN everywhere.
-    # Step 0's only unparsed answers are empty paragraphs (not sent to the judge).
+    # Step 0's only unparsed answers are empty paragraphs (not sent to the judge); both traces'
+    # step-0 prompts are in the one judge call.
     sent_0 = sum(trace.steps[0].text in p[0]["content"] for p in judged[0])
-    assert sent_0 == 3 - cols["sampling_unparsed"][0]
+    assert sent_0 == 6 - cols["sampling_unparsed"][0] - cols_twin["sampling_unparsed"][0]
     assert cols["conf_sampling"][0] == pytest.approx(1.0 - 0.5 * cols["sampling_unparsed"][0] / 3)
     assert cols["conf_sampling"][2] == pytest.approx(0.5)
     assert cols["sampling_unparsed"][2] == 3
     np.testing.assert_array_equal(cols["sampling_n"][[0, 2]], [3, 3])
     assert np.isnan(cols["conf_sampling"][1]) and np.isnan(cols["sampling_n"][1])
+    # the twin was scored from the same single branch and judge calls
+    assert np.isfinite(cols_twin["conf_sampling"][[0, 2]]).all()
+    assert np.isnan(cols_twin["conf_sampling"][1])
     with pytest.raises(EstimatorError, match="judge_complete"):
         get_estimator("sampling").score([trace], EstimatorContext(lm=tiny_lm))
 
 
 def _fake_branch(texts):
-    def branch(lm, ids, cuts, k, params, key):
-        assert k == len(texts)
+    def branch_many(lm, traces, k, params, keys):
+        assert k == len(texts) and len(keys) == len(traces)
         gen = [
             Generation(t, [], np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), "stop")
             for t in texts
         ]
-        return [list(gen) for _ in cuts]
+        return [[list(gen) for _ in cuts] for _, cuts in traces]
 
-    return branch
+    return branch_many
 
 
 def test_sampling_empty_paragraph_counts_unparsed(tiny_lm, monkeypatch):
     trace = _trace(tiny_lm)
-    monkeypatch.setattr(sampling_mod, "branch", _fake_branch(["", "  ", "the sum is 5"]))
+    monkeypatch.setattr(sampling_mod, "branch_many", _fake_branch(["", "  ", "the sum is 5"]))
     judged = []
     ctx = EstimatorContext(
         lm=tiny_lm, judge_complete=lambda p: judged.extend(p) or ["Yes"] * len(p), k=3, max_steps=20
@@ -422,7 +430,7 @@ def test_agreement_and_semantic_entropy(tiny_lm, monkeypatch):
     assert semantic_entropy(["a", "a", "b", "b"]) == pytest.approx(0.5)
     trace = _trace(tiny_lm)
     texts = ["so \\boxed{5}", "it is \\boxed{5.0}", "\\boxed{6}", ""]
-    monkeypatch.setattr(sampling_mod, "branch", _fake_branch(texts))
+    monkeypatch.setattr(sampling_mod, "branch_many", _fake_branch(texts))
     ctx = EstimatorContext(lm=tiny_lm, k=4, max_steps=20)
     cols = get_estimator("agreement").score([trace], ctx)[0]
     # 5 and 5.0 agree with the trace's answer 5 -> 2/4
