@@ -74,6 +74,13 @@ def test_two_anchors_average_and_hedge_on_anchor():
     assert hedged == pytest.approx(0.7091 * 0.7)
 
 
+def test_possibility_is_a_hedge():
+    """A hedge missed on real SmolLM2 traces ("It is possible for a silverfish to ...")."""
+    text = "It is possible for a silverfish to reach the top."
+    assert lexicon.lexicon_decisiveness(text) == pytest.approx(lexicon.NEUTRAL * 0.7)
+    assert lexicon.find_cues("It\u2019s  possible.")[0][:2] == ("it's possible", "hedge")
+
+
 def test_lexicons_disjoint_and_scores_vector():
     assert not set(lexicon.HEDGES) & set(lexicon.BOOSTERS)
     assert not set(CALIBRATED_PHRASES) & (set(lexicon.HEDGES) | set(lexicon.BOOSTERS))
