@@ -131,22 +131,20 @@ def _filter_top_p(logits: jnp.ndarray, p: float, shortlist: int = 256) -> jnp.nd
     probs = jnp.exp(logits - log_norm)
     keys = _sortable_bits(logits)
 
-    def from_shortlist():
-        top = jax.lax.top_k(logits, shortlist)[0]
+    def from_shortlist(top):
         top_probs = jnp.exp(top - log_norm)
         before = jnp.cumsum(top_probs, axis=-1) - top_probs
         threshold = jnp.min(jnp.where(before < p, top, jnp.inf), axis=-1, keepdims=True)
         return _sortable_bits(threshold)
 
-    def by_bisection():
-        return _bisect_top_p_keys(logits, probs, p)
-
     if shortlist >= logits.shape[-1]:
-        threshold = by_bisection()
+        threshold = _bisect_top_p_keys(logits, probs, p)
     else:
-        top = jax.lax.top_k(logits, shortlist)[0]
+        top = jax.lax.top_k(logits, shortlist)[0]  # one top_k, shared by the test and the branch
         covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= p)
-        threshold = jax.lax.cond(covered, from_shortlist, by_bisection)
+        threshold = jax.lax.cond(
+            covered, from_shortlist, lambda _: _bisect_top_p_keys(logits, probs, p), top
+        )
     return jnp.where(keys < threshold, -jnp.inf, logits)
 
 
