@@ -1,15 +1,23 @@
-"""The jitted prefill and decode loop shared by ``generate`` and ``branch``.
+"""The device side of the engine: a slot pool, prefill into it, and fixed-length decode
+chunks.
 
-Rows are laid out as [contexts, rows_per_context]. ``generate`` has one row per prompt
-(``[prompts, 1]``); ``branch`` has one context (the trace) and cuts x k rows that all read it.
-Each row sees ``ctx_valid`` positions of its context and then its own generated tokens, whose
-K/V live in a small per-row cache of ``max_new`` slots. Nothing leaves the device per token:
-the loop runs ``lax.while_loop`` chunks of many steps and the host looks in only between
-chunks (to apply stop strings and report progress).
+The pool has ``contexts x rows`` row slots. A context slot holds one shared prefix (a prompt
+for ``generate``; a whole trace that many branch rows read, for ``branch``); each of its row
+slots holds one continuation being sampled, which sees the first ``ctx_valid`` positions of
+its context and then its own tokens. Between chunks the host refills finished row slots (and
+context slots whose rows are all done) from its queue (``fcjax.engine.scheduler``), so a
+batch never waits for its longest row.
+
+Per layer the caches are batch-first, ``ctx_k [contexts, kv_heads, ctx_len, head_dim]`` and
+``own_k [contexts, rows, kv_heads, new, head_dim]``, donated and written in place. A chunk
+runs a fixed number of steps (no data-dependent loop); rows that finish stop writing but keep
+their slot until the host refills it. Every row's random stream is folded from its own key
+and its own token index, so a token does not depend on the slot, the chunk or the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -17,111 +25,233 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcjax.engine.sampling import Sampler, logprob_stats, sample
+from fcjax.engine.sampling import Sampler, sample_step
+from fcjax.models.decoder import KVCache
 
 
-class DecodeState(NamedTuple):
-    t: jnp.ndarray  # [] next own-cache slot to fill
-    logits: jnp.ndarray  # [ctx, rows, vocab] float32 for the token about to be sampled
-    own_k: jnp.ndarray  # [layers, ctx, rows, max_new, kv_heads, head_dim]
-    own_v: jnp.ndarray
-    tokens: jnp.ndarray  # [ctx, rows, max_new] int32
-    chosen: jnp.ndarray  # [ctx, rows, max_new] float32 log-probability of each token
-    top_lp: jnp.ndarray  # [ctx, rows, max_new, k] float32
-    top_ids: jnp.ndarray  # [ctx, rows, max_new, k] int32
-    n_gen: jnp.ndarray  # [ctx, rows] tokens generated (an EOS included)
-    done: jnp.ndarray  # [ctx, rows] bool
-    keys: jnp.ndarray  # [ctx, rows, 2] per-row base keys
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static shape of a slot pool (one compiled program per layout)."""
+
+    contexts: int
+    rows: int  # row slots per context
+    ctx_len: int  # context positions per context slot
+    new: int  # own-cache positions per row (>= max_new_tokens)
+    reads: int  # positions per context whose hidden state seeds a row's first token
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def prefill_context(graphdef, state, tokens, lengths, read_pos):
-    """Prefills contexts [ctx, seq] and returns their K/V plus the logits at ``read_pos``
-    [ctx, rows] (the last position each row has seen), which seed the first sampled token."""
-    model = nnx.merge(graphdef, state)
-    out = model.prefill(tokens, lengths)
-    h = jnp.take_along_axis(out.normed, read_pos[..., None], axis=1)
-    return out.k, out.v, model.unembed(h)
+class Pool(NamedTuple):
+    """Device state of the slot pool."""
+
+    cache: KVCache
+    ctx_h: jnp.ndarray  # [contexts, reads, embed] final-norm hidden at the read positions
+    logits: jnp.ndarray  # [contexts, rows, vocab] float32 for each row's next token
+    n_own: jnp.ndarray  # [contexts, rows] tokens the row has generated (own-cache fill)
+    ctx_valid: jnp.ndarray  # [contexts, rows]
+    done: jnp.ndarray  # [contexts, rows] bool
+    keys: jnp.ndarray  # [contexts, rows, 2] per-row base keys
+    tail: jnp.ndarray  # [contexts, rows] uint32 stop-string prefixes the last token ends with
 
 
-def init_state(config, ctx_k, first_logits, keys, active, max_new: int, k: int) -> DecodeState:
-    n_ctx, rows = first_logits.shape[:2]
-    layers, kv, hd = config.num_layers, config.num_kv_heads, config.head_dim
-    own_shape = (layers, n_ctx, rows, max_new, kv, hd)
-    return DecodeState(
-        t=jnp.zeros((), jnp.int32),
-        logits=first_logits,
-        own_k=jnp.zeros(own_shape, ctx_k.dtype),
-        own_v=jnp.zeros(own_shape, ctx_k.dtype),
-        tokens=jnp.zeros((n_ctx, rows, max_new), jnp.int32),
-        chosen=jnp.zeros((n_ctx, rows, max_new), jnp.float32),
-        top_lp=jnp.zeros((n_ctx, rows, max_new, k), jnp.float32),
-        top_ids=jnp.zeros((n_ctx, rows, max_new, k), jnp.int32),
-        n_gen=jnp.zeros((n_ctx, rows), jnp.int32),
-        done=~active,
-        keys=keys,
+class Refill(NamedTuple):
+    """Row slots to (re)start at the next chunk, [contexts, rows] each."""
+
+    start: jnp.ndarray  # bool: this slot starts a new row
+    read: jnp.ndarray  # int32: index into the context's read positions (its first token)
+    ctx_valid: jnp.ndarray  # int32
+    keys: jnp.ndarray  # [contexts, rows, 2]
+
+
+class StopTables(NamedTuple):
+    """Token-level stop-string detection (``fcjax.engine.stops``): a token contains a stop
+    string, or the previous token ends with a stop's first j characters (bit j of ``tail``)
+    and this one starts with its remaining characters (bit j of ``head``)."""
+
+    contains: jnp.ndarray  # [vocab] bool
+    head: jnp.ndarray  # [vocab] uint32
+    tail: jnp.ndarray  # [vocab] uint32
+
+
+class ChunkOut(NamedTuple):
+    """What the host reads back after a chunk (small: no caches, no logits)."""
+
+    tokens: jnp.ndarray  # [contexts, rows, steps] int32
+    chosen: jnp.ndarray  # [contexts, rows, steps] float32
+    top_lp: jnp.ndarray  # [contexts, rows, steps, k] float32
+    top_ids: jnp.ndarray  # [contexts, rows, steps, k] int32
+    emitted: jnp.ndarray  # [contexts, rows, steps] bool: the row produced this token
+    done: jnp.ndarray  # [contexts, rows] bool after the chunk
+    stopped: jnp.ndarray  # [contexts, rows] bool: finished on a stop string
+
+
+def _zeros_pool(config, layout: Layout, dtype) -> Pool:
+    c, r = layout.contexts, layout.rows
+    kv, hd = config.num_kv_heads, config.head_dim
+    layers = range(config.num_layers)
+    ctx = tuple(jnp.zeros((c, kv, layout.ctx_len, hd), dtype) for _ in layers)
+    ctx_v = tuple(jnp.zeros((c, kv, layout.ctx_len, hd), dtype) for _ in layers)
+    own = tuple(jnp.zeros((c, r, kv, layout.new, hd), dtype) for _ in layers)
+    own_v = tuple(jnp.zeros((c, r, kv, layout.new, hd), dtype) for _ in layers)
+    return Pool(
+        cache=KVCache(ctx, ctx_v, own, own_v),
+        ctx_h=jnp.zeros((c, layout.reads, config.hidden_size), dtype),
+        logits=jnp.zeros((c, r, config.vocab_size), jnp.float32),
+        n_own=jnp.zeros((c, r), jnp.int32),
+        ctx_valid=jnp.ones((c, r), jnp.int32),
+        done=jnp.ones((c, r), bool),
+        keys=jnp.zeros((c, r, 2), jnp.uint32),
+        tail=jnp.zeros((c, r), jnp.uint32),
     )
 
 
-def _write(buf: jnp.ndarray, value: jnp.ndarray, t, axis: int) -> jnp.ndarray:
-    return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), t, axis)
+def pool_shardings(config, layout: Layout, dtype, mesh, row_axis: int):
+    """Shardings of a pool: the ``data`` mesh axis over contexts (``row_axis`` 0) or over the
+    row slots of each context (1, when a few long contexts carry many rows each)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    shapes = jax.eval_shape(lambda: _zeros_pool(config, layout, dtype))
+
+    def spec(path, x):
+        names = [getattr(p, "name", None) for p in path]
+        if "ctx_k" in names or "ctx_v" in names or "ctx_h" in names:
+            return NamedSharding(mesh, P("data") if row_axis == 0 else P())
+        axes = [None] * x.ndim
+        axes[row_axis] = "data"
+        return NamedSharding(mesh, P(*axes))
+
+    return jax.tree_util.tree_map_with_path(spec, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _pool_factory(config, layout: Layout, dtype, mesh, row_axis: int):
+    shardings = pool_shardings(config, layout, dtype, mesh, row_axis)
+    return jax.jit(lambda: _zeros_pool(config, layout, dtype), out_shardings=shardings)
+
+
+def init_pool(config, layout: Layout, dtype, mesh, row_axis: int) -> Pool:
+    """A zeroed pool created on the devices, already sharded."""
+    return _pool_factory(config, layout, jnp.dtype(dtype), mesh, row_axis)()
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("pool",))
+def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots) -> Pool:
+    """Prefills contexts ``tokens`` [n, ctx_len] (right padded to ``lengths``) into the
+    context slots ``slots`` [n] (an out-of-range slot drops its row: padding), keeping the
+    final-norm hidden state at ``read_pos`` [n, reads]."""
+    model = nnx.merge(graphdef, params)
+    out = model.prefill(tokens, lengths)
+    h = jnp.take_along_axis(out.normed, read_pos[..., None], axis=1).astype(pool.ctx_h.dtype)
+
+    def put(buf, value):
+        return buf.at[slots].set(value.astype(buf.dtype), mode="drop")
+
+    cache = pool.cache._replace(
+        ctx_k=tuple(map(put, pool.cache.ctx_k, out.k)),
+        ctx_v=tuple(map(put, pool.cache.ctx_v, out.v)),
+    )
+    return pool._replace(cache=cache, ctx_h=put(pool.ctx_h, h))
+
+
+def _write_own(buf, value, n_own):
+    """buf [c, r, kv, new, hd] <- value [c, r, kv, hd] at each row's own position."""
+
+    def one(b, v, t):
+        return jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), t, axis=1)
+
+    return jax.vmap(jax.vmap(one))(buf, value, n_own)
+
+
+def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, eos):
+    """Samples one token for every unfinished row and advances it; returns the new pool and
+    the step's (token, chosen, top_lp, top_ids, emitted, stopped)."""
+    n_ctx, rows, vocab = pool.logits.shape
+    active = ~pool.done
+    step_keys = jax.vmap(jax.random.fold_in)(pool.keys.reshape(-1, 2), pool.n_own.reshape(-1))
+    tok, chosen, top_lp, top_ids = sample_step(pool.logits.reshape(-1, vocab), step_keys, sampler)
+    tok = jnp.where(active, tok.reshape(n_ctx, rows), 0)
+    stopped = active & (stops.contains[tok] | ((pool.tail & stops.head[tok]) != 0))
+    n_own = pool.n_own + active.astype(jnp.int32)
+    finished = active & (jnp.isin(tok, jnp.asarray(eos, jnp.int32)) | stopped | (n_own >= limit))
+    out = model.decode(tok, pool.ctx_valid + pool.n_own, pool.cache, pool.ctx_valid, pool.n_own)
+    write = functools.partial(_write_own, n_own=pool.n_own)
+    cache = pool.cache._replace(
+        own_k=tuple(map(write, pool.cache.own_k, out.k)),
+        own_v=tuple(map(write, pool.cache.own_v, out.v)),
+    )
+    new = pool._replace(
+        cache=cache,
+        logits=model.unembed(out.normed),
+        n_own=n_own,
+        done=pool.done | finished,
+        tail=jnp.where(active, stops.tail[tok], pool.tail),
+    )
+    k = top_lp.shape[-1]
+    step = (
+        tok,
+        chosen.reshape(n_ctx, rows),
+        top_lp.reshape(n_ctx, rows, k),
+        top_ids.reshape(n_ctx, rows, k),
+        active,
+        stopped,
+    )
+    return new, step
+
+
+def _apply_refill(model, pool: Pool, refill: Refill) -> Pool:
+    start = refill.start
+    h = jnp.take_along_axis(pool.ctx_h, refill.read[..., None], axis=1)  # [ctx, rows, embed]
+    first = model.unembed(h)
+    return pool._replace(
+        logits=jnp.where(start[..., None], first, pool.logits),
+        n_own=jnp.where(start, 0, pool.n_own),
+        ctx_valid=jnp.where(start, refill.ctx_valid, pool.ctx_valid),
+        done=jnp.where(start, False, pool.done),
+        keys=jnp.where(start[..., None], refill.keys, pool.keys),
+        tail=jnp.where(start, jnp.uint32(0), pool.tail),
+    )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampler", "eos", "window"), donate_argnames=("st",)
+    jax.jit,
+    static_argnames=("graphdef", "sampler", "eos", "steps"),
+    donate_argnames=("pool",),
 )
 def decode_chunk(
     graphdef,
     params,
-    ctx_k,
-    ctx_v,
-    ctx_valid,
+    pool: Pool,
+    refill: Refill,
+    stops: StopTables,
     limit,
-    st: DecodeState,
-    steps,
     *,
-    sampler: Sampler,
-    eos: tuple[int, ...],
-    window: int | None = None,
-) -> DecodeState:
-    """Samples up to ``steps`` more tokens (at most ``limit`` in all) for unfinished rows.
-
-    Attention reads only the first ``window`` own-cache slots (static; the chunk never goes
-    past it), so early steps of a long generation do not read the whole own cache: the host
-    grows the window in powers of two, one compiled program per window.
-    """
+    sampler,
+    eos,
+    steps: int,
+) -> tuple[Pool, ChunkOut]:
+    """Starts the refilled rows, then runs ``steps`` decode steps (rows stop at EOS, a stop
+    string or ``limit`` tokens). ``eos`` is a tuple of token ids."""
     model = nnx.merge(graphdef, params)
-    n_ctx, rows, max_new = st.tokens.shape
-    window = max_new if window is None else min(window, max_new)
-    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    stop_t = jnp.minimum(st.t + steps, jnp.minimum(jnp.minimum(limit, max_new), window))
+    pool = _apply_refill(model, pool, refill)
+    eos = eos if eos else (-1,)
 
-    def cond(s: DecodeState):
-        return (s.t < stop_t) & ~jnp.all(s.done)
+    def body(pool, _):
+        return decode_step(model, pool, stops, limit, sampler, eos)
 
-    def body(s: DecodeState) -> DecodeState:
-        t = s.t
-        flat_logits = s.logits.reshape(n_ctx * rows, -1)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys.reshape(-1, 2), t)
-        tok = sample(flat_logits, step_keys, sampler)
-        chosen, top_lp, top_ids = logprob_stats(flat_logits, tok, sampler.logprobs)
-        active = ~s.done
-        tok = jnp.where(active, tok.reshape(n_ctx, rows), 0)
-        finished = active & (jnp.isin(tok, eos_ids) | (t + 1 >= limit))
-        own_k, own_v = s.own_k[:, :, :, :window], s.own_v[:, :, :, :window]
-        out = model.decode(tok, ctx_valid + t, ctx_k, ctx_v, ctx_valid, own_k, own_v, t)
-        return DecodeState(
-            t=t + 1,
-            logits=model.unembed(out.normed),
-            own_k=_write(s.own_k, out.k, t, axis=3),
-            own_v=_write(s.own_v, out.v, t, axis=3),
-            tokens=_write(s.tokens, tok, t, axis=2),
-            chosen=_write(s.chosen, chosen.reshape(n_ctx, rows), t, axis=2),
-            top_lp=_write(s.top_lp, top_lp.reshape(n_ctx, rows, -1), t, axis=2),
-            top_ids=_write(s.top_ids, top_ids.reshape(n_ctx, rows, -1), t, axis=2),
-            n_gen=s.n_gen + active.astype(jnp.int32),
-            done=s.done | finished,
-            keys=s.keys,
-        )
+    pool, (tok, chosen, top_lp, top_ids, emitted, stopped) = jax.lax.scan(
+        body, pool, None, length=steps
+    )
 
-    return jax.lax.while_loop(cond, body, st)
+    def steps_last(x):  # [steps, c, r, ...] -> [c, r, steps, ...]
+        return jnp.moveaxis(x, 0, 2)
+
+    out = ChunkOut(
+        tokens=steps_last(tok),
+        chosen=steps_last(chosen).astype(jnp.float32),
+        top_lp=steps_last(top_lp),
+        top_ids=steps_last(top_ids),
+        emitted=steps_last(emitted),
+        done=pool.done,
+        stopped=jnp.any(stopped, axis=0),
+    )
+    return pool, out

@@ -1,12 +1,19 @@
 """``generate`` (one trace per prompt) and ``branch`` (many continuations from every cut of a
-trace, all reading one shared copy of the trace's KV cache).
+trace, all reading one shared copy of the trace's KV cache), both served by one continuously
+batched loop.
 
-Shapes are bucketed (context length, rows, new tokens) so a run compiles a bounded number of
-programs. Rows are padded to a multiple of the mesh's data axis and sharded over it.
+The work is a queue of *contexts* (a prompt, or a trace) each with its *rows* (one
+continuation per prompt; cuts x k per trace). The device keeps a pool of context slots x row
+slots (``fcjax.engine.decode``); the host fills free slots from the queue, dispatches a
+fixed-length decode chunk, and reads back the previous chunk's tokens while the next one runs,
+so no batch waits for its longest row and no step waits for the host. A call compiles at most
+three programs: the pool, a prefill into it and the decode chunk (shapes are bucketed, so a
+later call with other lengths in the same buckets compiles none).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -18,11 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcjax.engine import mesh as mesh_lib
-from fcjax.engine.decode import decode_chunk, init_state, prefill_context
+from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
 from fcjax.engine.sampling import SamplingParams, row_keys, stable_key
+from fcjax.engine.stops import stop_tables
+from fcjax.models.attention import CTX_BLOCK, block_size
 from fcjax.models.lm import LM
 
 log = logging.getLogger("fcjax")
+
+CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks)
+PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
 
 
 @dataclasses.dataclass
@@ -37,6 +49,27 @@ class Generation:
     top_ids: np.ndarray
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of the continuous-batching loop (summed over calls that share the object)."""
+
+    chunks: int = 0
+    prefills: int = 0
+    useful_row_steps: int = 0  # tokens generated
+    row_steps: int = 0  # row slots x steps computed
+    ctx_read: int = 0  # context positions the decode attention read (per context, per step)
+    ctx_valid: int = 0  # of those, positions some live row of that context attends to
+    host_reads: int = 0  # device-to-host transfers (one per chunk)
+
+    @property
+    def row_utilisation(self) -> float:
+        return self.useful_row_steps / max(self.row_steps, 1)
+
+    @property
+    def ctx_padding(self) -> float:
+        return 1.0 - self.ctx_valid / max(self.ctx_read, 1)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -77,86 +110,198 @@ def _decode_text(lm: LM, ids: list[int]) -> str:
     return lm.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _run(
+# --- the work queue --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Row:
+    """One continuation: sampled from ``context.tokens[:ctx_valid]`` with its own key."""
+
+    out: int  # index of its result
+    read: int  # index of position ctx_valid - 1 in the context's read positions
+    ctx_valid: int
+    key: np.ndarray  # [2] uint32
+    tokens: list = dataclasses.field(default_factory=list)
+    chosen: list = dataclasses.field(default_factory=list)
+    top_lp: list = dataclasses.field(default_factory=list)
+    top_ids: list = dataclasses.field(default_factory=list)
+    stopped: bool = False
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class _Context:
+    tokens: list[int]
+    reads: list[int]  # positions whose next-token distribution starts a row
+    rows: collections.deque  # _Row not yet started
+    live: int = 0  # rows in slots, not yet known finished
+
+
+def _serve(
     lm: LM,
-    ctx_tokens: np.ndarray,  # [ctx, seq]
-    ctx_lengths: np.ndarray,  # [ctx]
-    ctx_valid: np.ndarray,  # [ctx, rows]
-    keys: jnp.ndarray,  # [ctx, rows, 2]
-    active: np.ndarray,  # [ctx, rows]
+    contexts: list[_Context],
+    layout: Layout,
     params: SamplingParams,
     mesh,
-    progress: Callable[[int, int], None] | None = None,
-):
-    """Prefill + chunked decode; returns host arrays for every row and its finish reason."""
+    row_axis: int,
+    n_rows: int,
+    progress: Callable[[int, int], None] | None,
+    stats: EngineStats | None,
+) -> list[_Row]:
+    """Runs every row of every context through the slot pool; returns rows by ``out``."""
+    stats = stats if stats is not None else EngineStats()
     sampler = params.sampler
-    max_new = bucket(params.max_new_tokens)
-    eos = lm.eos_token_ids
-    row_axis = 1 if ctx_valid.shape[0] == 1 else 0
-    put = _putter(mesh, row_axis)
-    state_params = mesh_lib.replicate(lm.state, mesh)
-    ctx_k, ctx_v, first = prefill_context(
-        lm.graphdef,
-        state_params,
-        mesh_lib.put(ctx_tokens, mesh, 0 if row_axis == 0 else None),
-        mesh_lib.put(ctx_lengths, mesh, 0 if row_axis == 0 else None),
-        put(np.maximum(ctx_valid - 1, 0)),
-    )
-    st = init_state(lm.config, ctx_k, first, put(keys), put(active), max_new, sampler.logprobs)
-    ctx_valid_dev = put(ctx_valid)
-    limit = params.max_new_tokens
-    chunk = 32 if params.stop else max_new  # stop strings are checked between chunks
-    stopped = np.zeros(active.shape, bool)
-    cut_text: dict[tuple[int, int], str] = {}
-    t = 0
+    n_ctx, n_slot = layout.contexts, layout.rows
+    n_data = mesh_lib.data_size(mesh)
+    weights = mesh_lib.replicate(lm.state, mesh)
+    pool = init_pool(lm.config, layout, lm.dtype, mesh, row_axis)
+    stops = jax.device_put(stop_tables(lm, params.stop), mesh_lib.replicated(mesh))
+    limit = jnp.asarray(params.max_new_tokens, jnp.int32)
+    eos = tuple(lm.eos_token_ids)
+    group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
+    group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
+    prefill_axis = 0 if row_axis == 0 and group % n_data == 0 else None
+
+    queue = collections.deque(range(len(contexts)))
+    ctx_of: list[int | None] = [None] * n_ctx
+    slot_row: list[list[_Row | None]] = [[None] * n_slot for _ in range(n_ctx)]
+    results: list[_Row | None] = [None] * n_rows
+    inflight = None
+    generated = 0
+
+    def prefill(new: list[tuple[int, int]]) -> None:
+        nonlocal pool
+        for start in range(0, len(new), group):
+            part = new[start : start + group]
+            tokens = np.zeros((group, layout.ctx_len), np.int32)
+            lengths = np.ones((group,), np.int32)
+            reads = np.zeros((group, layout.reads), np.int32)
+            slots = np.full((group,), n_ctx, np.int32)  # out of range: dropped
+            for i, (c, j) in enumerate(part):
+                ctx = contexts[j]
+                tokens[i, : len(ctx.tokens)] = ctx.tokens
+                lengths[i] = len(ctx.tokens)
+                reads[i, : len(ctx.reads)] = ctx.reads
+                slots[i] = c
+            put = lambda x: mesh_lib.put(x, mesh, prefill_axis)  # noqa: E731
+            pool = prefill_into(
+                lm.graphdef, weights, pool, put(tokens), put(lengths), put(reads), put(slots)
+            )
+            stats.prefills += 1
+
+    def finish(c: int, r: int, row: _Row, stopped: bool) -> None:
+        row.finished, row.stopped = True, stopped
+        results[row.out] = row
+        if slot_row[c][r] is row:
+            slot_row[c][r] = None
+            contexts[ctx_of[c]].live -= 1
+
+    def read_back(out, snapshot) -> None:
+        nonlocal generated
+        out = jax.device_get(out)
+        stats.host_reads += 1
+        for c, r, row in snapshot:
+            if row.finished:
+                continue
+            emitted = out.emitted[c, r]
+            n = int(emitted.sum())
+            if n:
+                row.tokens += out.tokens[c, r, :n].tolist()
+                row.chosen.append(out.chosen[c, r, :n])
+                row.top_lp.append(out.top_lp[c, r, :n])
+                row.top_ids.append(out.top_ids[c, r, :n])
+                generated += n
+            if out.done[c, r]:
+                finish(c, r, row, bool(out.stopped[c, r]))
+        stats.useful_row_steps += int(out.emitted.sum())
+
     while True:
-        window = min(max_new, bucket(t + 1))  # own-cache slots this chunk may read
-        st = decode_chunk(
-            lm.graphdef,
-            state_params,
-            ctx_k,
-            ctx_v,
-            ctx_valid_dev,
-            limit,
-            st,
-            min(chunk, window - t),
-            sampler=sampler,
-            eos=eos,
-            window=window,
-        )
-        t = int(st.t)
-        n_gen = np.asarray(st.n_gen)
-        done = np.asarray(st.done) | (n_gen >= limit)
-        if params.stop and lm.tokenizer is not None:
-            tokens = np.asarray(st.tokens)
-            for c, r in zip(*np.nonzero(active & ~stopped), strict=True):
-                text = _decode_text(lm, tokens[c, r, : n_gen[c, r]].tolist())
-                cut = _stop_cut(text, params.stop)
-                if cut is not None:
-                    stopped[c, r] = done[c, r] = True
-                    cut_text[(c, r)] = text[:cut]
-        if progress is not None:
-            progress(t, limit)
-        if done.all() or t >= limit:
+        # context slots whose rows are all finished take the next contexts of the queue
+        new = []
+        for c in range(n_ctx):
+            j = ctx_of[c]
+            if j is not None and not contexts[j].rows and contexts[j].live == 0:
+                ctx_of[c] = j = None
+            if j is None and queue:
+                ctx_of[c] = queue.popleft()
+                new.append((c, ctx_of[c]))
+        if new:
+            prefill(new)
+        # free row slots take their context's next rows
+        start = np.zeros((n_ctx, n_slot), bool)
+        read = np.zeros((n_ctx, n_slot), np.int32)
+        valid = np.ones((n_ctx, n_slot), np.int32)
+        keys = np.zeros((n_ctx, n_slot, 2), np.uint32)
+        for c in range(n_ctx):
+            if ctx_of[c] is None:
+                continue
+            ctx = contexts[ctx_of[c]]
+            for r in range(n_slot):
+                if slot_row[c][r] is None and ctx.rows:
+                    row = slot_row[c][r] = ctx.rows.popleft()
+                    ctx.live += 1
+                    start[c, r], read[c, r], valid[c, r] = True, row.read, row.ctx_valid
+                    keys[c, r] = row.key
+        snapshot = [(c, r, row) for c in range(n_ctx) for r, row in enumerate(slot_row[c]) if row]
+        launched = None
+        if snapshot:
+            put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731
+            refill = Refill(put(start), put(read), put(valid), put(keys))
+            pool, out = decode_chunk(
+                lm.graphdef,
+                weights,
+                pool,
+                refill,
+                stops,
+                limit,
+                sampler=sampler,
+                eos=eos,
+                steps=CHUNK,
+            )
+            launched = (out, snapshot)
+            stats.chunks += 1
+            stats.row_steps += CHUNK * n_ctx * n_slot
+            _count_context_reads(stats, layout, contexts, ctx_of, slot_row)
+        if inflight is not None:
+            read_back(*inflight)  # the previous chunk, while this one runs
+            if progress is not None:
+                progress(generated, n_rows * params.max_new_tokens)
+        elif launched is None:
             break
-        st = st._replace(done=put(done))
-    return jax.device_get(st), stopped, cut_text
+        inflight = launched
+    return results  # type: ignore[return-value]
 
 
-def _putter(mesh, axis):
-    return lambda x: mesh_lib.put(x, mesh, axis)
+def _count_context_reads(stats, layout, contexts, ctx_of, slot_row) -> None:
+    """Context positions one decode step reads (blocks up to the longest live row) against
+    those the live rows need, times the chunk's steps."""
+    needed = []
+    for c, j in enumerate(ctx_of):
+        rows = [row.ctx_valid for row in slot_row[c] if row is not None]
+        if j is not None and rows:
+            needed.append(max(rows))
+    if not needed:
+        return
+    blk = block_size(layout.ctx_len, CTX_BLOCK)
+    read = math.ceil(max(needed) / blk) * blk
+    stats.ctx_read += CHUNK * layout.contexts * read
+    stats.ctx_valid += CHUNK * sum(needed)
 
 
-def _collect(lm: LM, st, c: int, r: int, limit: int, stopped, cut_text, prompt_ids) -> Generation:
-    n = min(int(st.n_gen[c, r]), limit)
-    ids = st.tokens[c, r, :n].tolist()
+def _result(lm: LM, row: _Row, params: SamplingParams, prompt_ids) -> Generation:
+    ids = row.tokens
+    k = params.logprobs
+    cat = lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt)  # noqa: E731
+    chosen = cat(row.chosen, (0,), np.float32)
+    top_lp = cat(row.top_lp, (0, k), np.float32)
+    top_ids = cat(row.top_ids, (0, k), np.int32)
     finish = "length"
-    if n and ids[-1] in lm.eos_token_ids and not stopped[c, r]:
+    if ids and ids[-1] in lm.eos_token_ids and not row.stopped:
         ids, finish = ids[:-1], "eos"
     text = _decode_text(lm, ids)
-    if stopped[c, r]:
-        finish = "stop"
-        text = cut_text[(c, r)]
+    cut = _stop_cut(text, params.stop) if params.stop else None
+    if cut is not None:
+        finish, text = "stop", text[:cut]
         # keep the tokens that cover the text up to the stop string (a token straddling the
         # stop is kept, so token_ids may decode slightly past ``text``)
         kept = len(ids)
@@ -166,13 +311,21 @@ def _collect(lm: LM, st, c: int, r: int, limit: int, stopped, cut_text, prompt_i
     m = len(ids)
     return Generation(
         text=text,
-        token_ids=ids,
-        token_logprobs=np.asarray(st.chosen[c, r, :m], np.float32),
-        top_logprobs=np.asarray(st.top_lp[c, r, :m], np.float32),
-        top_ids=np.asarray(st.top_ids[c, r, :m], np.int32),
+        token_ids=list(ids),
+        token_logprobs=np.asarray(chosen[:m], np.float32),
+        top_logprobs=np.asarray(top_lp[:m], np.float32),
+        top_ids=np.asarray(top_ids[:m], np.int32),
         finish_reason=finish,
         prompt_ids=list(prompt_ids),
     )
+
+
+def _keys(seed: int, example_keys, cuts, samples) -> np.ndarray:
+    """Row keys [n, 2], computed in a bucketed batch (one small program per bucket)."""
+    n = len(example_keys)
+    size = _row_bucket(n, 1)
+    pad = lambda xs: list(xs) + [0] * (size - n)  # noqa: E731
+    return np.asarray(row_keys(seed, pad(example_keys), pad(cuts), pad(samples)))[:n]
 
 
 def generate(
@@ -184,38 +337,38 @@ def generate(
     batch_size: int = 64,
     mesh=None,
     progress: Callable[[int, int], None] | None = None,
+    stats: EngineStats | None = None,
 ) -> list[Generation]:
     """Samples one continuation per prompt (strings are tokenized as given: chat-format
-    them first). ``keys`` (e.g. example ids) seed each row; by default the prompt index."""
+    them first). ``keys`` (e.g. example ids) seed each row; by default the prompt index.
+    ``batch_size`` is the number of rows decoded together; finished rows are refilled."""
     params = params or SamplingParams()
     mesh = mesh or mesh_lib.default_mesh()
     ids = _encode_prompts(lm, prompts)
     keys = list(range(len(ids))) if keys is None else list(keys)
     if len(keys) != len(ids):
         raise ValueError(f"{len(keys)} keys for {len(ids)} prompts")
-    results: list[Generation | None] = [None] * len(ids)
-    n_data = mesh_lib.data_size(mesh)
-    # batches of similar prompt lengths pad less (rows are seeded by key, not position)
+    if not ids:
+        return []
+    row_key = _keys(params.seed, [stable_key(k) for k in keys], [0] * len(ids), [0] * len(ids))
+    # similar lengths decode side by side (rows are seeded by key, not position)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(ids), batch_size):
-        members = order[start : start + batch_size]
-        chunk = [ids[i] for i in members]
-        n_ctx = _row_bucket(len(chunk), n_data)
-        seq = bucket(max(len(x) for x in chunk))
-        tokens = np.zeros((n_ctx, seq), np.int32)
-        lengths = np.ones((n_ctx,), np.int32)
-        for i, x in enumerate(chunk):
-            tokens[i, : len(x)] = x
-            lengths[i] = len(x)
-        active = (np.arange(n_ctx) < len(chunk))[:, None]
-        ex_keys = [stable_key(keys[i]) for i in members] + [0] * (n_ctx - len(chunk))
-        rk = row_keys(params.seed, ex_keys, [0] * n_ctx, [0] * n_ctx).reshape(n_ctx, 1, 2)
-        st, stopped, cut = _run(
-            lm, tokens, lengths, lengths[:, None].copy(), rk, active, params, mesh, progress
+    contexts = [
+        _Context(
+            ids[i], [len(ids[i]) - 1], collections.deque([_Row(i, 0, len(ids[i]), row_key[i])])
         )
-        for row, (i, x) in enumerate(zip(members, chunk, strict=True)):
-            results[i] = _collect(lm, st, row, 0, params.max_new_tokens, stopped, cut, x)
-    return results  # type: ignore[return-value]
+        for i in order
+    ]
+    n_data = mesh_lib.data_size(mesh)
+    layout = Layout(
+        contexts=_row_bucket(min(batch_size, len(ids)), n_data),
+        rows=1,
+        ctx_len=bucket(max(map(len, ids))),
+        new=bucket(params.max_new_tokens),
+        reads=1,
+    )
+    rows = _serve(lm, contexts, layout, params, mesh, 0, len(ids), progress, stats)
+    return [_result(lm, row, params, ids[i]) for i, row in enumerate(rows)]
 
 
 def branch(
@@ -229,12 +382,21 @@ def branch(
     mesh=None,
     max_rows: int = 512,
     progress: Callable[[int, int], None] | None = None,
+    stats: EngineStats | None = None,
 ) -> list[list[Generation]]:
     """``k`` continuations from every prefix ``ids[:cut]``: one prefill of ``ids``, then all
-    cuts x k rows decode together against that single shared KV copy. ``key`` (the example
-    id) seeds the rows together with each row's cut and sample index."""
+    cuts x k rows decode against that single shared KV copy. ``key`` (the example id) seeds
+    the rows together with each row's cut and sample index."""
     return branch_many(
-        lm, [(ids, cuts)], k, params, keys=[key], mesh=mesh, max_rows=max_rows, progress=progress
+        lm,
+        [(ids, cuts)],
+        k,
+        params,
+        keys=[key],
+        mesh=mesh,
+        max_rows=max_rows,
+        progress=progress,
+        stats=stats,
     )[0]
 
 
@@ -248,11 +410,13 @@ def branch_many(
     mesh=None,
     max_rows: int = 512,
     progress: Callable[[int, int], None] | None = None,
+    stats: EngineStats | None = None,
 ) -> list[list[list[Generation]]]:
-    """``branch`` for several traces at once: each trace is one context of the batch and its
-    cuts x k rows read only that context's KV, so a decode step serves every trace together.
-    Returns [trace][cut][sample]. Rows are seeded by (``keys[i]``, cut, sample) exactly as in
-    ``branch``, so grouping traces changes no token."""
+    """``branch`` for several traces at once: each trace is one context slot of the pool and
+    its cuts x k rows read only that context's KV (once per step for all of them); finished
+    rows and traces are replaced from the queue. Returns [trace][cut][sample]. Rows are
+    seeded by (``keys[i]``, cut, sample), so grouping or splitting changes no token.
+    ``max_rows`` bounds the rows decoded together."""
     params = params or SamplingParams()
     mesh = mesh or mesh_lib.default_mesh()
     if k < 1:
@@ -261,66 +425,57 @@ def branch_many(
     if len(keys) != len(traces):
         raise ValueError(f"{len(keys)} keys for {len(traces)} traces")
     seqs = [[int(t) for t in ids] for ids, _ in traces]
-    for ids, (_, cuts) in zip(seqs, traces, strict=True):
+    cut_lists = [[int(c) for c in cuts] for _, cuts in traces]
+    for ids, cuts in zip(seqs, cut_lists, strict=True):
         for c in cuts:
             if not 1 <= c <= len(ids):
                 raise ValueError(f"cut {c} outside 1..{len(ids)} (the trace has {len(ids)} tokens)")
-    rows = [[(int(c), s) for c in cuts for s in range(k)] for _, cuts in traces]
-    out: list[list[Generation]] = [[] for _ in traces]
-    t0 = time.perf_counter()
-    # traces decoded together, at most max_rows rows per group; a trace with more rows than
-    # that goes alone and its rows are split
-    groups: list[list[int]] = []
-    for i, r in enumerate(rows):
-        if r and groups and _group_rows(rows, groups[-1] + [i]) <= max_rows:
-            groups[-1].append(i)
-        elif r:
-            groups.append([i])
-    for group in groups:
-        starts = range(0, len(rows[group[0]]), max_rows) if len(group) == 1 else [0]
-        for start in starts:
-            _branch_group(lm, seqs, rows, group, start, max_rows, keys, params, mesh, progress, out)
-    log.debug("branch: %d rows in %.2fs", sum(map(len, rows)), time.perf_counter() - t0)
-    return [
-        [gens[j * k : (j + 1) * k] for j in range(len(cuts))]
-        for gens, (_, cuts) in zip(out, traces, strict=True)
+    specs = [  # (trace, cut index, sample) per row, in result order
+        (i, j, s) for i, cuts in enumerate(cut_lists) for j in range(len(cuts)) for s in range(k)
     ]
-
-
-def _group_rows(rows, group) -> int:
-    """Rows a group decodes: its traces times the bucketed rows of its largest trace."""
-    return len(group) * _row_bucket(max(len(rows[i]) for i in group), 1)
-
-
-def _branch_group(lm, seqs, rows, group, start, max_rows, keys, params, mesh, progress, out):
-    """Decodes rows[start:start + max_rows] of every trace in ``group`` together."""
-    parts = [rows[i][start : start + max_rows] for i in group]
-    single, n_data = len(group) == 1, mesh_lib.data_size(mesh)
-    n_ctx = 1 if single else _row_bucket(len(group), n_data)
-    n_rows = _row_bucket(max(map(len, parts)), n_data if single else 1)
-    seq = bucket(max(len(seqs[i]) for i in group))
-    tokens = np.zeros((n_ctx, seq), np.int32)
-    lengths = np.ones((n_ctx,), np.int32)
-    valid = np.ones((n_ctx, n_rows), np.int32)
-    active = np.zeros((n_ctx, n_rows), bool)
-    ex_keys = np.zeros((n_ctx, n_rows), np.int64)
-    cut_ids = np.zeros((n_ctx, n_rows), np.int64)
-    samples = np.zeros((n_ctx, n_rows), np.int64)
-    for c, (i, part) in enumerate(zip(group, parts, strict=True)):
-        tokens[c, : len(seqs[i])] = seqs[i]
-        lengths[c] = len(seqs[i])
-        m = len(part)
-        valid[c, :m] = [cut for cut, _ in part]
-        active[c, :m] = True
-        ex_keys[c, :m] = stable_key(keys[i])
-        cut_ids[c, :m] = [cut for cut, _ in part]
-        samples[c, :m] = [smp for _, smp in part]
-    rk = row_keys(params.seed, ex_keys.ravel(), cut_ids.ravel(), samples.ravel())
-    st, stopped, cut_text = _run(
-        lm, tokens, lengths, valid, rk.reshape(n_ctx, n_rows, 2), active, params, mesh, progress
+    if not specs:
+        return [[] for _ in traces]
+    row_key = _keys(
+        params.seed,
+        [stable_key(keys[i]) for i, _, _ in specs],
+        [cut_lists[i][j] for i, j, _ in specs],
+        [s for _, _, s in specs],
     )
-    for c, (i, part) in enumerate(zip(group, parts, strict=True)):
-        for j, (cut, _) in enumerate(part):
-            out[i].append(
-                _collect(lm, st, c, j, params.max_new_tokens, stopped, cut_text, seqs[i][:cut])
-            )
+    contexts, of_context = [], []
+    for i, cuts in enumerate(cut_lists):
+        if not cuts:
+            continue
+        reads = sorted(set(cuts))
+        ctx = _Context(seqs[i], [c - 1 for c in reads], collections.deque())
+        contexts.append(ctx)
+        of_context.append(i)
+    by_trace = dict(zip(of_context, contexts, strict=True))
+    for out, (i, j, _) in enumerate(specs):
+        ctx, cut = by_trace[i], cut_lists[i][j]
+        ctx.rows.append(_Row(out, ctx.reads.index(cut - 1), cut, row_key[out]))
+    n_data = mesh_lib.data_size(mesh)
+    most = max(len(c.rows) for c in contexts)
+    rows = max(1, min(_row_bucket(most, 1), max_rows))
+    n_ctx = max(1, min(max_rows // rows, _row_bucket(len(contexts), 1)))
+    if n_ctx % n_data == 0:
+        row_axis = 0
+    else:
+        row_axis, rows = 1, int(math.ceil(rows / n_data) * n_data)
+    layout = Layout(
+        contexts=n_ctx,
+        rows=rows,
+        ctx_len=bucket(max(len(c.tokens) for c in contexts)),
+        new=bucket(params.max_new_tokens),
+        reads=_row_bucket(max(len(c.reads) for c in contexts), 1),
+    )
+    t0 = time.perf_counter()
+    done = _serve(lm, contexts, layout, params, mesh, row_axis, len(specs), progress, stats)
+    log.debug("branch: %d rows in %.2fs", len(specs), time.perf_counter() - t0)
+    gens = [
+        _result(lm, row, params, seqs[i][: cut_lists[i][j]])
+        for row, (i, j, _) in zip(done, specs, strict=True)
+    ]
+    out: list[list[list[Generation]]] = [[[] for _ in cuts] for cuts in cut_lists]
+    for g, (i, j, _) in zip(gens, specs, strict=True):
+        out[i][j].append(g)
+    return out

@@ -67,6 +67,10 @@ def data_size(mesh: Mesh) -> int:
     return mesh.shape["data"]
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
 def put(x, mesh: Mesh, axis: int | None):
     """Places x on the mesh, sharded over ``data`` along ``axis`` (None: replicated)."""
     spec = [None] * np.ndim(x)
@@ -76,18 +80,18 @@ def put(x, mesh: Mesh, axis: int | None):
 
 
 # Parameter placement for tensor parallelism: path suffix -> axis split over ``model``
-# (axes counted on the stacked [layers, ...] parameter).
+# (axes of one layer's parameter: q [embed, heads, hd], o [heads, hd, embed], ...).
 _MODEL_AXIS = {
-    ("attn", "q"): 2,
-    ("attn", "k"): 2,
-    ("attn", "v"): 2,
-    ("attn", "o"): 1,
-    ("attn", "q_bias"): 1,
-    ("attn", "k_bias"): 1,
-    ("attn", "v_bias"): 1,
-    ("mlp", "gate"): 2,
-    ("mlp", "up"): 2,
-    ("mlp", "down"): 1,
+    ("attn", "q"): 1,
+    ("attn", "k"): 1,
+    ("attn", "v"): 1,
+    ("attn", "o"): 0,
+    ("attn", "q_bias"): 0,
+    ("attn", "k_bias"): 0,
+    ("attn", "v_bias"): 0,
+    ("mlp", "gate"): 1,
+    ("mlp", "up"): 1,
+    ("mlp", "down"): 0,
 }
 
 

@@ -79,20 +79,6 @@ def row_keys(seed: int, example_keys, cuts, samples) -> jnp.ndarray:
     return jax.vmap(one)(ex, cut, smp)
 
 
-def _filter_top_k(logits: jnp.ndarray, k: int) -> jnp.ndarray:
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def _top_p_threshold(sorted_logits: jnp.ndarray, log_norm: jnp.ndarray, p: float) -> jnp.ndarray:
-    """Smallest logit kept by nucleus filtering, from logits sorted descending [rows, n]
-    and the full-vocabulary log normaliser [rows, 1] (the token that crosses p is kept)."""
-    probs = jnp.exp(sorted_logits - log_norm)
-    cum = jnp.cumsum(probs, axis=-1)
-    keep = (cum - probs) < p
-    return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-
-
 def _sortable_bits(x: jnp.ndarray) -> jnp.ndarray:
     """float32 -> uint32 with the same order (so a threshold can be bisected exactly)."""
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -118,18 +104,30 @@ def _bisect_top_p_keys(logits: jnp.ndarray, probs: jnp.ndarray, p: float) -> jnp
     return lo
 
 
-def _filter_top_p(logits: jnp.ndarray, p: float, shortlist: int = 256) -> jnp.ndarray:
+SHORTLIST = 256  # largest logits looked at for top-k / top-p before any full-vocabulary pass
+
+
+def _filter_top_p(
+    logits: jnp.ndarray,
+    p: float,
+    shortlist: int = SHORTLIST,
+    top: jnp.ndarray | None = None,
+    log_norm: jnp.ndarray | None = None,
+) -> jnp.ndarray:
     """Nucleus filter: keep the smallest set of largest logits whose probability reaches p
     (the token that crosses p is kept).
 
-    A full sort of the vocabulary dominated a sampled decode step on CPU, so the nucleus is
-    looked for in the ``shortlist`` largest logits (``lax.top_k``); only when some row's
-    shortlist holds less than p of the mass is the threshold found by exact bisection over the
-    float bit patterns. Both give the nucleus a descending sort would.
+    The nucleus is looked for in the ``shortlist`` largest logits (``top``, descending, when
+    the caller has them); only when some row's shortlist holds less than p of the mass is the
+    threshold found by exact bisection over the float bit patterns. Both give the nucleus a
+    descending sort would.
     """
-    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - log_norm)
+    if log_norm is None:
+        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     keys = _sortable_bits(logits)
+
+    def bisect(_):
+        return _bisect_top_p_keys(logits, jnp.exp(logits - log_norm), p)
 
     def from_shortlist(top):
         top_probs = jnp.exp(top - log_norm)
@@ -138,35 +136,50 @@ def _filter_top_p(logits: jnp.ndarray, p: float, shortlist: int = 256) -> jnp.nd
         return _sortable_bits(threshold)
 
     if shortlist >= logits.shape[-1]:
-        threshold = _bisect_top_p_keys(logits, probs, p)
+        threshold = bisect(None)
     else:
-        top = jax.lax.top_k(logits, shortlist)[0]  # one top_k, shared by the test and the branch
+        if top is None:
+            top = jax.lax.top_k(logits, shortlist)[0]
         covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= p)
-        threshold = jax.lax.cond(
-            covered, from_shortlist, lambda _: _bisect_top_p_keys(logits, probs, p), top
-        )
+        threshold = jax.lax.cond(covered, from_shortlist, bisect, top)
     return jnp.where(keys < threshold, -jnp.inf, logits)
 
 
-def sample(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler) -> jnp.ndarray:
-    """logits float32 [rows, vocab], keys [rows, 2] -> tokens [rows] int32."""
+def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
+    """One fused pass over the logits float32 [rows, vocab] with keys [rows, 2] -> (tokens
+    [rows] int32, chosen log-probability [rows], top-k log-probabilities [rows, k] and ids).
+
+    Log-probabilities are at temperature 1 before any filter (DeepConf reads them). One
+    log-sum-exp and one ``top_k`` shortlist serve the log-probabilities, the top-k and top-p
+    filters and greedy decoding; sampling is Gumbel-max with the row's key (the draw
+    ``jax.random.categorical`` makes).
+    """
+    vocab = logits.shape[-1]
+    k = sampler.logprobs
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    filtered = sampler.temperature > 0 and (sampler.top_k > 0 or sampler.top_p < 1.0)
+    n_top = max(k, 1)
+    if filtered:
+        n_top = max(n_top, min(SHORTLIST, vocab), min(sampler.top_k, vocab))
+    top, top_ids = jax.lax.top_k(logits, n_top)  # descending; ties: lower id first
     if sampler.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / sampler.temperature
-    if sampler.top_k > 0:
-        scaled = _filter_top_k(scaled, sampler.top_k)
-    if sampler.top_p < 1.0:
-        scaled = _filter_top_p(scaled, sampler.top_p)
-    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-
-
-def logprob_stats(logits: jnp.ndarray, tokens: jnp.ndarray, k: int):
-    """Temperature-1 log-probabilities before any filtering: the chosen token's [rows] and
-    the top-k [rows, k] (values and ids)."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    if k == 0:
-        empty = jnp.zeros((logits.shape[0], 0))
-        return chosen, empty, empty.astype(jnp.int32)
-    top_lp, top_ids = jax.lax.top_k(logp, k)
-    return chosen, top_lp, top_ids.astype(jnp.int32)
+        tok = top_ids[:, 0]  # = argmax
+    else:
+        scaled, scaled_top = logits / sampler.temperature, top / sampler.temperature
+        if sampler.top_k > 0 and sampler.top_k < vocab:
+            kth = scaled_top[:, sampler.top_k - 1 : sampler.top_k]
+            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+            scaled_top = jnp.where(scaled_top < kth, -jnp.inf, scaled_top)
+        if sampler.top_p < 1.0:
+            scaled = _filter_top_p(
+                scaled,
+                sampler.top_p,
+                shortlist=n_top if n_top < vocab else vocab,
+                top=scaled_top,
+            )
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
+        tok = jnp.argmax(scaled + gumbel, axis=-1)
+    tok = tok.astype(jnp.int32)
+    chosen = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - log_norm[:, 0]
+    top_lp = (top[:, :k] - log_norm).astype(jnp.float32)
+    return tok, chosen, top_lp, top_ids[:, :k].astype(jnp.int32)

@@ -1,11 +1,14 @@
 """One Flax NNX decoder for Llama, Qwen2 and Qwen3, switched by ``ModelConfig``.
 
-Layer parameters are stacked along a leading [layers] axis and the forward pass scans over
-them, so compile time does not grow with depth. Two entry points cover all uses:
+Each layer owns its parameters (``blocks`` is a list) and the forward pass is a Python loop
+over them, as in flax's gemma example: a decode step reads every weight in place, where a
+scan over layer-stacked weights copies each layer's slice out per step on backends that cannot
+fuse the slice into the matmul. Two entry points cover all uses:
 
 - ``prefill``: a right-padded block of tokens -> final hidden states, per-layer K/V (to seed
   a cache) and, optionally, hidden states of every layer at chosen positions.
-- ``decode``: one token per row against a shared context cache plus each row's own cache.
+- ``decode``: one token per row against a shared context cache plus each row's own cache
+  (``KVCache``; layouts in ``fcjax.models.attention``).
 
 The residual stream is kept in float32 (matmuls run in the weight dtype), which keeps
 bfloat16 models closer to their float32 logits at negligible cost.
@@ -49,19 +52,19 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Q/K/V/O projections (+ optional q/k/v bias and q/k RMSNorm over head_dim)."""
 
-    def __init__(self, config: ModelConfig, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q = _init(rngs, (*stack, d, h, hd), dtype)
-        self.k = _init(rngs, (*stack, d, kv, hd), dtype)
-        self.v = _init(rngs, (*stack, d, kv, hd), dtype)
-        self.o = _init(rngs, (*stack, h, hd, d), dtype)
+        self.q = _init(rngs, (d, h, hd), dtype)
+        self.k = _init(rngs, (d, kv, hd), dtype)
+        self.v = _init(rngs, (d, kv, hd), dtype)
+        self.o = _init(rngs, (h, hd, d), dtype)
         if config.qkv_bias:
-            self.q_bias = _init(rngs, (*stack, h, hd), dtype)
-            self.k_bias = _init(rngs, (*stack, kv, hd), dtype)
-            self.v_bias = _init(rngs, (*stack, kv, hd), dtype)
+            self.q_bias = _init(rngs, (h, hd), dtype)
+            self.k_bias = _init(rngs, (kv, hd), dtype)
+            self.v_bias = _init(rngs, (kv, hd), dtype)
         if config.qk_norm:
-            self.q_norm = RMSNorm((*stack, hd), config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm((*stack, hd), config.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm((hd), config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm((hd), config.rms_norm_eps, dtype)
         self.config = config
 
     def project(self, x, cos, sin, precision=None):
@@ -82,11 +85,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward."""
 
-    def __init__(self, config: ModelConfig, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        self.gate = _init(rngs, (*stack, d, f), dtype)
-        self.up = _init(rngs, (*stack, d, f), dtype)
-        self.down = _init(rngs, (*stack, f, d), dtype)
+        self.gate = _init(rngs, (d, f), dtype)
+        self.up = _init(rngs, (d, f), dtype)
+        self.down = _init(rngs, (f, d), dtype)
 
     def __call__(self, x, precision=None):
         gate = jnp.einsum("...d,df->...f", x, self.gate[...], precision=precision)
@@ -97,28 +100,44 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder layer (parameters may carry a leading [layers] axis)."""
+    """One pre-norm decoder layer."""
 
-    def __init__(self, config: ModelConfig, stack: tuple[int, ...], dtype, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm((*stack, config.hidden_size), config.rms_norm_eps, dtype)
-        self.attn = Attention(config, stack, dtype, rngs)
-        self.mlp_norm = RMSNorm((*stack, config.hidden_size), config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, stack, dtype, rngs)
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm((config.hidden_size,), config.rms_norm_eps, dtype)
+        self.attn = Attention(config, dtype, rngs)
+        self.mlp_norm = RMSNorm((config.hidden_size,), config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, cos, sin, attend, precision=None):
+        """x float32 [..., embed] -> (x after the layer, this layer's new k, v)."""
+        q, k, v = self.attn.project(self.attn_norm(x), cos, sin, precision)
+        y = x + self.attn.output(attend(q, k, v), precision).astype(jnp.float32)
+        y = y + self.mlp(self.mlp_norm(y), precision).astype(jnp.float32)
+        return y, k, v
+
+
+class KVCache(NamedTuple):
+    """Per-layer K/V a decode step reads (tuples with one array per layer)."""
+
+    ctx_k: tuple  # [ctx, kv_heads, ctx_len, head_dim]: the context (prompt or trace)
+    ctx_v: tuple
+    own_k: tuple  # [ctx, rows, kv_heads, new, head_dim]: each row's generated tokens
+    own_v: tuple
 
 
 class PrefillOut(NamedTuple):
     normed: jnp.ndarray  # [batch, seq, embed] after the final norm
     last_hidden: jnp.ndarray  # [batch, seq, embed] last layer output, before the final norm
-    k: jnp.ndarray | None  # [layers, batch, seq, kv_heads, head_dim]
-    v: jnp.ndarray | None
+    k: tuple | None  # per layer [batch, kv_heads, seq, head_dim]
+    v: tuple | None
     captured: jnp.ndarray | None  # [layers + 1, batch, positions, embed] (HF convention)
 
 
 class DecodeOut(NamedTuple):
     normed: jnp.ndarray  # [ctx, rows, embed]
     last_hidden: jnp.ndarray  # [ctx, rows, embed]
-    k: jnp.ndarray  # [layers, ctx, rows, kv_heads, head_dim] of the new token
-    v: jnp.ndarray
+    k: tuple  # per layer [ctx, rows, kv_heads, head_dim]: the new token's
+    v: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +152,14 @@ class Numerics:
 
 
 class Decoder(nnx.Module):
-    """The decoder: embedding, a stack of ``Block`` scanned over layers, final norm, head."""
+    """The decoder: embedding, a list of ``Block`` layers, final norm, head."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.numerics = Numerics(jnp.dtype(dtype).name)
         self.embed = _init(rngs, (config.vocab_size, config.hidden_size), dtype)
-        self.blocks = Block(config, (config.num_layers,), dtype, rngs)
+        self.blocks = nnx.List([Block(config, dtype, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm((config.hidden_size,), config.rms_norm_eps, dtype)
         if not config.tie_embeddings:
             self.lm_head = _init(rngs, (config.hidden_size, config.vocab_size), dtype)
@@ -149,35 +168,18 @@ class Decoder(nnx.Module):
     def dtype(self):
         return self.embed[...].dtype
 
-    def _scan_layers(self, body, x, xs):
-        graphdef, layers = nnx.split(self.blocks)
-
-        def step(carry, layer_xs):
-            layer_state, extra = layer_xs
-            return body(nnx.merge(graphdef, layer_state), carry, extra)
-
-        return jax.lax.scan(step, x, (layers, xs))
-
     def unembed(self, normed: jnp.ndarray) -> jnp.ndarray:
         """[..., embed] -> float32 logits [..., vocab]."""
         prec = self.numerics.precision
         if self.config.tie_embeddings:
-            logits = jnp.einsum(
-                "...d,vd->...v",
-                normed,
-                self.embed[...],
-                precision=prec,
-                preferred_element_type=jnp.float32,
-            )
+            spec, head = "...d,vd->...v", self.embed[...]
         else:
-            logits = jnp.einsum(
-                "...d,dv->...v",
-                normed,
-                self.lm_head[...],
-                precision=prec,
-                preferred_element_type=jnp.float32,
-            )
+            spec, head = "...d,dv->...v", self.lm_head[...]
+        logits = jnp.einsum(spec, normed, head, precision=prec, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32)
+
+    def _embed(self, tokens):
+        return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
 
     def prefill(
         self,
@@ -192,7 +194,6 @@ class Decoder(nnx.Module):
         prec = self.numerics.precision
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(self.config, positions)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
 
         def capture(h):
             if capture_all:
@@ -201,46 +202,55 @@ class Decoder(nnx.Module):
                 return None
             return jnp.take_along_axis(h, capture_positions[..., None], axis=1)
 
-        def body(block: Block, x, _):
-            h = block.attn_norm(x)
-            q, k, v = block.attn.project(h, cos, sin, prec)
-            attn = prefill_attention(q, k, v, lengths, precision=prec)
-            y = x + block.attn.output(attn, prec).astype(jnp.float32)
-            y = y + block.mlp(block.mlp_norm(y), prec).astype(jnp.float32)
-            kv = (k, v) if return_kv else (None, None)
-            return y, (*kv, capture(x))
+        def attend(q, k, v):
+            return prefill_attention(q, k, v, lengths, precision=prec)
 
-        x, (k, v, captured) = self._scan_layers(body, x, None)
+        x = self._embed(tokens)
+        ks, vs, captured = [], [], []
+        for block in self.blocks:
+            captured.append(capture(x))
+            x, k, v = block(x, cos, sin, attend, prec)
+            if return_kv:  # batch-first cache layout [batch, kv_heads, seq, head_dim]
+                ks.append(k.swapaxes(1, 2))
+                vs.append(v.swapaxes(1, 2))
         normed = self.final_norm(x)
-        if captured is not None:
-            captured = jnp.concatenate([captured, capture(normed)[None]], axis=0)
-        return PrefillOut(normed, x, k, v, captured)
+        stacked = None
+        if captured[0] is not None:
+            stacked = jnp.stack([*captured, capture(normed)])
+        kv = (tuple(ks), tuple(vs)) if return_kv else (None, None)
+        return PrefillOut(normed, x, *kv, stacked)
 
     def decode(
         self,
         tokens: jnp.ndarray,  # [ctx, rows]
         positions: jnp.ndarray,  # [ctx, rows]
-        ctx_k: jnp.ndarray,  # [layers, ctx, ctx_len, kv_heads, head_dim]
-        ctx_v: jnp.ndarray,
+        cache: KVCache,
         ctx_valid: jnp.ndarray,  # [ctx, rows]
-        own_k: jnp.ndarray,  # [layers, ctx, rows, new, kv_heads, head_dim]
-        own_v: jnp.ndarray,
-        own_valid: jnp.ndarray,  # [] or [ctx, rows]
+        own_valid: jnp.ndarray,  # [ctx, rows]
     ) -> DecodeOut:
-        """One decoding step for every row; returns the new token's K/V for the caller to
-        write into the own cache (so the caches stay read-only inside the layer scan)."""
+        """One decoding step for every row; returns the new token's K/V per layer for the
+        caller to write into the own cache (so attention reads the caches as they are)."""
         prec = self.numerics.precision
         cos, sin = rope_tables(self.config, positions)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+        x = self._embed(tokens)
+        ks, vs = [], []
+        for layer, block in enumerate(self.blocks):
 
-        def body(block: Block, x, caches):
-            ck, cv, ok, ov = caches
-            h = block.attn_norm(x)
-            q, k, v = block.attn.project(h, cos, sin, prec)
-            attn = decode_attention(q, k, v, ck, cv, ctx_valid, ok, ov, own_valid, precision=prec)
-            y = x + block.attn.output(attn, prec).astype(jnp.float32)
-            y = y + block.mlp(block.mlp_norm(y), prec).astype(jnp.float32)
-            return y, (k, v)
+            def attend(q, k, v, layer=layer):
+                return decode_attention(
+                    q,
+                    k,
+                    v,
+                    cache.ctx_k[layer],
+                    cache.ctx_v[layer],
+                    ctx_valid,
+                    cache.own_k[layer],
+                    cache.own_v[layer],
+                    own_valid,
+                    precision=prec,
+                )
 
-        x, (k, v) = self._scan_layers(body, x, (ctx_k, ctx_v, own_k, own_v))
-        return DecodeOut(self.final_norm(x), x, k, v)
+            x, k, v = block(x, cos, sin, attend, prec)
+            ks.append(k)
+            vs.append(v)
+        return DecodeOut(self.final_norm(x), x, tuple(ks), tuple(vs))

@@ -1,8 +1,8 @@
 """Weights from HF safetensors directories and GGUF files into a ``Decoder``.
 
 Both sources are read as one stream of ``(hf_name, array in torch layout)`` pairs, one
-tensor at a time; ``assemble`` writes each into a preallocated, layer-stacked host array of
-the target dtype, so peak host memory stays near one copy of the model plus one tensor.
+tensor at a time; ``assemble`` writes each into a preallocated host array of the target
+dtype, so peak host memory stays near one copy of the model plus one tensor.
 """
 
 from __future__ import annotations
@@ -36,20 +36,20 @@ _GLOBAL = {
     "lm_head.weight": (("lm_head",), "transpose"),
 }
 _PER_LAYER = {
-    "input_layernorm.weight": (("blocks", "attn_norm", "scale"), "same"),
-    "post_attention_layernorm.weight": (("blocks", "mlp_norm", "scale"), "same"),
-    "self_attn.q_proj.weight": (("blocks", "attn", "q"), "in_proj"),
-    "self_attn.k_proj.weight": (("blocks", "attn", "k"), "in_proj"),
-    "self_attn.v_proj.weight": (("blocks", "attn", "v"), "in_proj"),
-    "self_attn.o_proj.weight": (("blocks", "attn", "o"), "out_proj"),
-    "self_attn.q_proj.bias": (("blocks", "attn", "q_bias"), "bias"),
-    "self_attn.k_proj.bias": (("blocks", "attn", "k_bias"), "bias"),
-    "self_attn.v_proj.bias": (("blocks", "attn", "v_bias"), "bias"),
-    "self_attn.q_norm.weight": (("blocks", "attn", "q_norm", "scale"), "same"),
-    "self_attn.k_norm.weight": (("blocks", "attn", "k_norm", "scale"), "same"),
-    "mlp.gate_proj.weight": (("blocks", "mlp", "gate"), "transpose"),
-    "mlp.up_proj.weight": (("blocks", "mlp", "up"), "transpose"),
-    "mlp.down_proj.weight": (("blocks", "mlp", "down"), "transpose"),
+    "input_layernorm.weight": (("attn_norm", "scale"), "same"),
+    "post_attention_layernorm.weight": (("mlp_norm", "scale"), "same"),
+    "self_attn.q_proj.weight": (("attn", "q"), "in_proj"),
+    "self_attn.k_proj.weight": (("attn", "k"), "in_proj"),
+    "self_attn.v_proj.weight": (("attn", "v"), "in_proj"),
+    "self_attn.o_proj.weight": (("attn", "o"), "out_proj"),
+    "self_attn.q_proj.bias": (("attn", "q_bias"), "bias"),
+    "self_attn.k_proj.bias": (("attn", "k_bias"), "bias"),
+    "self_attn.v_proj.bias": (("attn", "v_bias"), "bias"),
+    "self_attn.q_norm.weight": (("attn", "q_norm", "scale"), "same"),
+    "self_attn.k_norm.weight": (("attn", "k_norm", "scale"), "same"),
+    "mlp.gate_proj.weight": (("mlp", "gate"), "transpose"),
+    "mlp.up_proj.weight": (("mlp", "up"), "transpose"),
+    "mlp.down_proj.weight": (("mlp", "down"), "transpose"),
 }
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -89,48 +89,45 @@ def assemble(
     np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype.name)
     graphdef, shapes = abstract_decoder(config, dtype)
     host = {path: np.empty(s.shape, np_dtype) for path, s in shapes.items()}
-    filled: dict[tuple[str, ...], set[int]] = {path: set() for path in shapes}
+    filled: set[tuple] = set()
     for name, array in tensors:
         if _IGNORED.search(name):
             continue
-        layer = None
         if name in _GLOBAL:
             path, kind = _GLOBAL[name]
         elif (m := _LAYER.match(name)) and m.group(2) in _PER_LAYER:
             layer = int(m.group(1))
-            path, kind = _PER_LAYER[m.group(2)]
+            if layer >= config.num_layers:
+                raise WeightError(
+                    f"{source}: tensor {name!r} is for layer {layer}, but the config has "
+                    f"{config.num_layers} layers"
+                )
+            sub, kind = _PER_LAYER[m.group(2)]
+            path = ("blocks", layer, *sub)
         else:
             continue  # tensors fcjax has no use for (e.g. vision towers) are skipped
         if path == ("lm_head",) and config.tie_embeddings:
             continue
         if path not in host:
             raise WeightError(f"{source}: tensor {name!r} is not used by a {config.family} config")
-        target = shapes[path].shape if layer is None else shapes[path].shape[1:]
-        if layer is not None and layer >= config.num_layers:
-            raise WeightError(
-                f"{source}: tensor {name!r} is for layer {layer}, but the config has "
-                f"{config.num_layers} layers"
-            )
+        target = shapes[path].shape
         value = _to_layout(np.asarray(array), kind, target)
         if tuple(value.shape) != tuple(target):
             raise WeightError(
                 f"{source}: tensor {name!r} has shape {tuple(np.shape(array))}, but the config "
                 f"expects {_expected_torch_shape(kind, target)}"
             )
-        if layer is None:
-            host[path][...] = value
-            filled[path].add(-1)
-        else:
-            host[path][layer] = value
-            filled[path].add(layer)
+        host[path][...] = value
+        filled.add(path)
         del value, array
-    missing = []
-    for path, got in filled.items():
-        want = {-1} if path[0] != "blocks" else set(range(config.num_layers))
-        if got != want:
-            missing.append(_hf_name_of(path, sorted(want - got)))
+    missing: dict[tuple, list[int]] = {}
+    for path in shapes:
+        if path not in filled:
+            key, layer = (path, -1) if path[0] != "blocks" else (path[2:], path[1])
+            missing.setdefault(key, []).append(layer)
     if missing:
-        raise WeightError(f"{source}: missing weights for {', '.join(missing)}")
+        names = [_hf_name_of(key, layers) for key, layers in missing.items()]
+        raise WeightError(f"{source}: missing weights for {', '.join(names)}")
     _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
     flat = nnx.to_flat_state(state)
     for path, var in flat:
@@ -139,8 +136,9 @@ def assemble(
 
 
 def _hf_name_of(path: tuple[str, ...], layers: list[int]) -> str:
-    """The HF tensor name(s) behind a decoder param path, for error messages."""
-    if path[0] != "blocks":
+    """The HF tensor name(s) behind a decoder param path (a layer's path without its
+    ``blocks, N`` prefix), for error messages."""
+    if layers == [-1]:
         return next(name for name, (p, _) in _GLOBAL.items() if p == path)
     suffix = next(name for name, (p, _) in _PER_LAYER.items() if p == path)
     if len(layers) == 1:

@@ -1,0 +1,44 @@
+"""Stop strings as token-level properties, so rows stop on device.
+
+A row stops when its new token's text contains a stop string, or when the previous token's
+text ends with a stop's first j characters and the new one starts with the rest. That covers
+every stop spread over at most two tokens (``"\\n\\n"`` always is); the host still cuts each
+finished text at the first stop string, so a longer split only costs a few extra tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fcjax.engine.decode import StopTables
+
+MAX_SPLITS = 32  # bits of the head/tail masks
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(tokenizer, vocab: int, stops: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    contains = np.zeros(vocab, bool)
+    head = np.zeros(vocab, np.uint32)
+    tail = np.zeros(vocab, np.uint32)
+    if not stops or tokenizer is None:
+        return contains, head, tail
+    n = min(vocab, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    splits = [(s, j) for s in stops if s for j in range(1, len(s))][:MAX_SPLITS]
+    for i, text in enumerate(texts):
+        if not text:
+            continue
+        contains[i] = any(s in text for s in stops if s)
+        for bit, (s, j) in enumerate(splits):
+            if text.endswith(s[:j]):
+                tail[i] |= np.uint32(1 << bit)
+            if text.startswith(s[j:]):
+                head[i] |= np.uint32(1 << bit)
+    return contains, head, tail
+
+
+def stop_tables(lm, stops: tuple[str, ...]) -> StopTables:
+    """The device tables for ``stops`` (all zero when there are none or no tokenizer)."""
+    return StopTables(*_tables(lm.tokenizer, lm.config.vocab_size, tuple(stops)))
