@@ -24,8 +24,12 @@ def _tables(tokenizer, vocab: int, stops: tuple[str, ...]) -> tuple[np.ndarray, 
     tail = np.zeros(vocab, np.uint32)
     if not stops or tokenizer is None:
         return contains, head, tail
-    n = min(vocab, len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    n = min(vocab, len(tokenizer)) if hasattr(tokenizer, "__len__") else vocab
+    ids = [[i] for i in range(n)]
+    if hasattr(tokenizer, "batch_decode"):  # transformers: one call into the fast tokenizer
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=False)
+    else:
+        texts = [tokenizer.decode(i, skip_special_tokens=False) for i in ids]
     splits = [(s, j) for s in stops if s for j in range(1, len(s))][:MAX_SPLITS]
     for i, text in enumerate(texts):
         if not text:

@@ -1,8 +1,9 @@
 """Attention for the two shapes the toolkit needs.
 
-- ``prefill_attention``: causal self-attention over a right-padded block of tokens, through
-  ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for 16-bit dtypes; on other
-  backends the XLA path, chunked over queries so a long trace never holds [seq, seq] scores).
+- ``prefill_attention``: causal self-attention over a right-padded block of tokens: on GPU in
+  16-bit dtypes ``jax.nn.dot_product_attention`` with cuDNN's flash kernel and sequence
+  lengths; elsewhere (and as the tested reference) an XLA path chunked over queries, so a
+  long trace never holds [seq, seq] scores.
 - ``decode_attention``: one new token per row, rows grouped as [contexts, rows]. Every row
   attends to a prefix of its context's cache (a prompt, or a trace that many branch rows
   share), to its own cache of generated tokens, and to itself. It is cascade attention with
@@ -58,28 +59,29 @@ def prefill_attention(
             key_value_seq_lengths=lengths,
             implementation="cudnn",
         )
+    heads, head_dim = q.shape[2:]
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     key_pos = jnp.arange(seq)
     key_ok = key_pos[None, :] < lengths[:, None]  # [batch, seq]
 
-    def attend(q_chunk, q_pos):  # q_chunk [batch, chunk, heads, hd]; q_pos [chunk]
-        mask = (key_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]
-        with jax.default_matmul_precision(_precision_name(precision)):
-            out = jax.nn.dot_product_attention(
-                q_chunk, k, v, mask=mask[:, None], implementation="xla"
-            )
-        return out.astype(q.dtype)
+    def attend(q_chunk, q_pos):  # q_chunk [batch, chunk, kv, groups, hd]; q_pos [chunk]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_chunk, k, precision=precision)
+        scores = scores * head_dim**-0.5
+        mask = (key_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]  # [b, t, s]
+        scores = jnp.where(mask[:, None, None], scores, NEG_INF).astype(jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bskh->btkgh", weights, v, precision=precision)
 
     chunk = PREFILL_QUERY_CHUNK
     if seq <= chunk or seq % chunk:
-        return attend(q, key_pos)
-    n = seq // chunk
-    q_chunks = q.reshape(batch, n, chunk, *q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(lambda a: attend(*a), (q_chunks, key_pos.reshape(n, chunk)))
-    return out.swapaxes(0, 1).reshape(q.shape)
-
-
-def _precision_name(precision) -> str:
-    return "highest" if precision == jax.lax.Precision.HIGHEST else "default"
+        out = attend(q, key_pos)
+    else:
+        n = seq // chunk
+        q_chunks = q.reshape(batch, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+        out = jax.lax.map(lambda a: attend(*a), (q_chunks, key_pos.reshape(n, chunk)))
+        out = out.swapaxes(0, 1)
+    return out.reshape(batch, seq, heads, head_dim)
 
 
 def decode_attention(
