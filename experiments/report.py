@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
-from experiments.report_html import compare_page, run_page
+from experiments.report_html import compare_page, reliability_bins, run_page
 from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
@@ -65,13 +65,9 @@ def run_plots(run: Path) -> list[str]:
     out.append(_save(fig, plots / "decisiveness_vs_confidence.png"))
 
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
-    edges = np.linspace(0, 1, 11)
     for ax, name in zip(axes[0], names, strict=False):
-        c = np.asarray(examples[f"conf_{name}"], float)
-        ok = np.isfinite(c)
-        idx = np.clip(np.digitize(c[ok], edges) - 1, 0, 9)
-        acc = [correct[ok][idx == b].mean() if (idx == b).any() else np.nan for b in range(10)]
-        ax.bar(edges[:-1] + 0.05, acc, width=0.09, alpha=0.7)
+        bins = reliability_bins(np.asarray(examples[f"conf_{name}"], float), correct)
+        ax.bar(bins["edges"][:-1] + 0.05, bins["accuracy"], width=0.09, alpha=0.7)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
     out.append(_save(fig, plots / "reliability.png"))

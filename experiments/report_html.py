@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import report_svg as svg
+from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
 
@@ -40,6 +41,7 @@ COUNTS = (
     ("truncated", "traces cut off at --max_new_tokens"),
     ("decisiveness_missing", "steps without a decisiveness score D"),
 )
+LOWER_BETTER = ("ece", "brier")
 SAMPLE_CHARS = 400  # each stored continuation is cut to this many characters in the page
 SAMPLE_BUDGET = 8_000_000  # characters of continuations embedded per page, at most
 SCATTER_MAX = 1500  # steps drawn as dots; more are drawn as a density grid
@@ -226,21 +228,11 @@ def reliability_bins(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> d
         }
 
 
-def run_figures(summary: dict, data: dict) -> str:
-    names = data["estimators"]
-    ex, st = data["examples"], data["steps"]
-    correct = np.asarray(ex["correct"], np.float64)
+def scatter_panels(data: dict) -> list[str]:
+    """Per estimator, D against C of every step (a density grid beyond ``SCATTER_MAX``)."""
+    st, out = data["steps"], []
     d = _arr(st["d"])
-    out = [
-        figure(
-            "Faithfulness and calibration per estimator",
-            "Bar height is the summary's value for each estimator; a whisker is its 95% "
-            "interval where the summary has one; hover a bar for the numbers.",
-            metric_panels(names, [("", [summary["estimators"][n] for n in names])]),
-        )
-    ]
-    scatter = []
-    for i, n in enumerate(names):
+    for i, n in enumerate(data["estimators"]):
         c = _arr(st["conf"][n])
         ok = np.isfinite(c) & np.isfinite(d)
         p = svg.Panel(f"{n} ({int(ok.sum())} steps)", f"C ({n})", "D")
@@ -249,18 +241,15 @@ def run_figures(summary: dict, data: dict) -> str:
         else:
             p.dots(c[ok], d[ok], svg.colour(i), opacity=0.6, tips=_dot_tips(data, ok, c, d))
         p.diagonal()
-        scatter.append(p.svg())
-    out.append(
-        figure(
-            "Decisiveness D vs internal confidence C, per step",
-            "Each mark is a step: on the dashed diagonal it sounds as sure as the model is; "
-            "above it, it sounds more decisive than the model's confidence (darker cells hold "
-            "more steps).",
-            scatter,
-        )
-    )
-    rel = []
-    for i, n in enumerate(names):
+        out.append(p.svg())
+    return out
+
+
+def reliability_panels(data: dict) -> list[str]:
+    """Per estimator, accuracy per tenth of trace confidence, with its number of traces."""
+    ex, out = data["examples"], []
+    correct = np.asarray(ex["correct"], np.float64)
+    for i, n in enumerate(data["estimators"]):
         b = reliability_bins(_arr(ex["conf"][n]), correct)
         p = svg.Panel(f"{n} ({int(b['count'].sum())} traces)", "trace confidence", "accuracy")
         for j in range(len(b["count"])):
@@ -279,17 +268,14 @@ def run_figures(summary: dict, data: dict) -> str:
             )
             p.text((lo + hi) / 2, max(acc, 0.0), f"n={k}", size=7, dy=-3)
         p.diagonal()
-        rel.append(p.svg())
-    out.append(
-        figure(
-            "Reliability diagrams (trace level)",
-            "Bars are the accuracy of the traces whose confidence falls in each tenth, n the "
-            "number of traces in it; a calibrated estimator's bars reach the diagonal.",
-            rel,
-        )
-    )
-    bins_panels = []
-    for i, n in enumerate(names):
+        out.append(p.svg())
+    return out
+
+
+def cmfg_bin_panels(data: dict) -> list[str]:
+    """Per estimator, the cMFG* bins: confidence range, mean F and number of traces."""
+    ex, out = data["examples"], []
+    for i, n in enumerate(data["estimators"]):
         f, c = _arr(ex["faith"][n]), _arr(ex["conf"][n])
         ok = np.isfinite(f) & np.isfinite(c)
         p = svg.Panel(f"{n} ({int(ok.sum())} traces)", "trace confidence", "mean F")
@@ -300,16 +286,45 @@ def run_figures(summary: dict, data: dict) -> str:
                 tip = f"C in [{lo:.3f}, {hi:.3f}]: {int(k)} traces, mean F {fmt(mf)}"
                 p.rect(lo, max(hi, lo + 0.01), 0, mf, svg.colour(i), tip, stroke="#333")
                 p.text((lo + max(hi, lo + 0.01)) / 2, mf, f"{int(k)}", size=7, dy=-3)
-        bins_panels.append(p.svg())
-    out.append(
+        out.append(p.svg())
+    return out
+
+
+# title, caption and panel builder of the figures drawn per estimator
+PER_ESTIMATOR = (
+    (
+        "Decisiveness D vs internal confidence C, per step",
+        "Each mark is a step: on the dashed diagonal it sounds as sure as the model is; above "
+        "it, it sounds more decisive than the model's confidence (darker cells hold more steps).",
+        scatter_panels,
+    ),
+    (
+        "Reliability diagrams (trace level)",
+        "Bars are the accuracy of the traces whose confidence falls in each tenth, n the number "
+        "of traces in it; a calibrated estimator's bars reach the diagonal.",
+        reliability_panels,
+    ),
+    (
+        "cMFG* bins",
+        "Traces sorted by confidence in equal-count bins: bar width is the bin's confidence "
+        "range, height its mean faithfulness, the number its traces; cMFG* is the "
+        "width-weighted mean height.",
+        cmfg_bin_panels,
+    ),
+)
+
+
+def run_figures(summary: dict, data: dict) -> str:
+    names = data["estimators"]
+    out = [
         figure(
-            "cMFG* bins",
-            "Traces sorted by confidence in equal-count bins: bar width is the bin's confidence "
-            "range, height its mean faithfulness, the number its traces; cMFG* is the "
-            "width-weighted mean height.",
-            bins_panels,
+            "Faithfulness and calibration per estimator",
+            "Bar height is the summary's value for each estimator; a whisker is its 95% "
+            "interval where the summary has one; hover a bar for the numbers.",
+            metric_panels(names, [("", [summary["estimators"][n] for n in names])]),
         )
-    )
+    ]
+    out += [figure(title, caption, build(data)) for title, caption, build in PER_ESTIMATOR]
     traj = summary.get("trajectory") or {}
     if traj.get("mean"):
         edges = np.asarray(traj["edges"], float)
@@ -447,7 +462,8 @@ def agreement_table(summary: dict) -> str:
 
 
 def times_table(summaries: Sequence[dict], names: Sequence[str]) -> str:
-    stages = list(dict.fromkeys(k for s in summaries for k in s.get("stage_wall_s", {})))
+    seen = {k for s in summaries for k in s.get("stage_wall_s", {})}
+    stages = [st for st in STAGES if st in seen] + sorted(seen - set(STAGES))
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     rows = "".join(
         f"<tr><td>{_esc(st)}</td>"
@@ -540,7 +556,12 @@ def compare_page(runs: Sequence[Path], summaries: Sequence[dict], markdown: str)
             for v in vals[1:]:
                 x = v.get(key)
                 delta = x - base if svg.finite(x) and svg.finite(base) else None
-                cls = "" if delta is None else (" class='up'" if delta > 0 else " class='down'")
+                better = delta is not None and (delta < 0 if key in LOWER_BETTER else delta > 0)
+                cls = (
+                    ""
+                    if not delta or key == "mean_conf"
+                    else (" class='up'" if better else " class='down'")
+                )
                 cells += f"<td{cls}>{'–' if delta is None else f'{delta:+.3f}'}</td>"
             diff_rows.append(
                 f"<tr><th>{_esc(n)}</th><td title='{_esc(tip)}'>{label}</td>{cells}</tr>"
@@ -572,6 +593,18 @@ def compare_page(runs: Sequence[Path], summaries: Sequence[dict], markdown: str)
         else:
             payloads.append(None)
             missing.append(lab)
+    per_run = "".join(
+        f"<figure><h3>{_esc(title)}</h3>"
+        + "".join(
+            f'<div class="runrow"><h4>{_esc(lab)}</h4><div class="panels">'
+            f"{''.join(build(data))}</div></div>"
+            for lab, data in zip(labels, payloads, strict=True)
+            if data is not None
+        )
+        + f"<figcaption>{_esc(caption)} One row per run.</figcaption></figure>"
+        for title, caption, build in PER_ESTIMATOR
+        if any(payloads)
+    )
     note = (
         f"<p class='note'>No tables (examples.parquet, steps.parquet) in: "
         f"{_esc(', '.join(missing))}; those runs are left out of the per-question view.</p>"
@@ -586,13 +619,14 @@ def compare_page(runs: Sequence[Path], summaries: Sequence[dict], markdown: str)
 <h3>Counts</h3>{counts_table(summaries, labels)}</section>
 <section id="differences"><h2>Differences per estimator</h2>
 <p class="caption">Each run's value (95% interval where its summary has one) and its
-difference from the first run; green: higher than {_esc(labels[0])}, red: lower (for ECE
-and Brier lower is better).</p>
+difference from the first run: green where it is better than {_esc(labels[0])} (higher,
+or lower for ECE and Brier), red where worse.</p>
 <table class="num"><tr><th>estimator</th><th>metric</th>{diff_head}</tr>{"".join(diff_rows)}
 </table></section>
 <section id="figures"><h2>Figures</h2>
 {figure("Metrics per estimator and run", CAPTION_METRICS, per_metric, legend=legend)}
 {figure("Faithfulness over the trace", CAPTION_TRAJ, traj_panels, legend=legend)}
+{per_run}
 <h3>Stage wall time</h3>{times_table(summaries, labels)}
 <details><summary>All figures as text (compare.txt)</summary><pre>{_esc(markdown)}</pre></details>
 </section>

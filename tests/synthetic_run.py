@@ -116,12 +116,11 @@ def write_synthetic_run(
         ):
             ex[key].append(value)
     n_rows = len(st["step"])
-    eids = np.asarray(st["example_id"])
     d = rng.uniform(0, 1, n_rows)
     d[rng.random(n_rows) < 0.05] = np.nan
     st["decisiveness"] = d
     st["decisiveness_lexicon"] = d
-    ex_ids = np.asarray(ex["example_id"])
+    owner = np.repeat(np.arange(n_examples), ex["n_steps"])  # example index of each step row
     correct = np.asarray(ex["correct"], float)
     summary_est = {}
     conf_steps = {}
@@ -135,8 +134,7 @@ def write_synthetic_run(
         f = step_faithfulness(d, c)
         st[f"conf_{name}"], st[f"faith_{name}"] = c, f
         conf_steps[name] = c
-        tc = np.array([_nanmean(c[eids == e]) for e in ex_ids])
-        tf = np.array([_nanmean(f[eids == e]) for e in ex_ids])
+        tc, tf = _trace_means(c, owner, n_examples), _trace_means(f, owner, n_examples)
         ex[f"conf_{name}"], ex[f"faith_{name}"] = tc, tf
         ok, okc = np.isfinite(tc) & np.isfinite(tf), np.isfinite(tc)
         m = {
@@ -189,9 +187,13 @@ def write_synthetic_run(
     return out
 
 
-def _nanmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else float("nan")
+def _trace_means(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Mean of the finite step values of each example (NaN where none)."""
+    ok = np.isfinite(values)
+    total = np.bincount(owner[ok], weights=values[ok], minlength=n)
+    count = np.bincount(owner[ok], minlength=n)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _jsonable(x):

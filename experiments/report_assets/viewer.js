@@ -94,7 +94,7 @@
     });
     var thead = h('thead', null, [r1, r2]); tbl.appendChild(thead);
     var body = h('tbody');
-    var a = ex.step0[i], b = a + ex.n_steps[i];
+    var a = ex.step0[i], b = a + ex.n_steps[i], sampleRows = [], nSamples = 0;
     for (var r = a; r < b; r++) {
       var row = h('tr', { cls: 'step', 'data-step': String(st.step[r]) }, [
         h('td', { text: String(st.step[r]) }), h('td', { cls: 'text', text: st.text[r] }), valueCell(st.d[r], 'D')]);
@@ -104,8 +104,11 @@
       });
       body.appendChild(row);
       var idx = samplesFor(run, r);
-      if (idx && idx.length) body.appendChild(samplesRow(run, idx, 3 + 2 * names.length));
+      if (idx && idx.length) sampleRows.push(body.appendChild(samplesRow(run, idx, 3 + 2 * names.length)));
+      nSamples += idx ? idx.length : 0;
     }
+    // a short trace's continuations are shown open; a long one's stay folded
+    if (nSamples <= 30) sampleRows.forEach(function (tr) { tr.querySelector('details').open = true; });
     tbl.appendChild(body);
     box.appendChild(tbl);
     if (ex.n_steps[i] === 0) box.appendChild(h('p', { cls: 'note', text: 'This trace has no steps.' }));
