@@ -138,6 +138,25 @@ def test_report_lists_examples_and_opens_a_trace_with_its_values(run, tmp_path):
 
 
 @needs_browser
+def test_list_sorts_and_filters_from_the_url(run, tmp_path):
+    """#sort=deepconf.C&dir=desc&show=wrong: wrong traces only, highest confidence first,
+    traces without a value last; #find= filters by id or question text."""
+    ex = read_table(run / "examples.parquet")
+    conf = np.round(np.asarray(ex["conf_deepconf"], float), 4)
+    wrong = [i for i, c in enumerate(ex["correct"]) if not c]
+    want = sorted(wrong, key=lambda i: (bool(np.isnan(conf[i])), -np.nan_to_num(conf[i]), i))
+    url = (run / "report.html").as_uri() + "#sort=deepconf.C&dir=desc&show=wrong"
+    dom, check, console = open_page(url, tmp_path)
+    assert console == [] and check["errors"] == []
+    assert parse(dom).keys == [ex["example_id"][i] for i in want]
+    assert check["list_total"] == len(wrong) < len(ex["example_id"])
+    dom, check, _ = open_page((run / "report.html").as_uri() + "#find=q0001&sort=steps", tmp_path)
+    ids = [e for e in ex["example_id"] if "q0001" in e]
+    n = dict(zip(ex["example_id"], ex["n_steps"], strict=True))
+    assert parse(dom).keys == sorted(ids, key=lambda e: (n[e], ids.index(e)))
+
+
+@needs_browser
 def test_report_of_200_questions_loads_and_pages(tmp_path):
     path = write_synthetic_run(tmp_path / "big", n_examples=200, max_steps=23, k=4)
     t = time.perf_counter()

@@ -29,6 +29,15 @@
     });
     return el;
   }
+  // the URL fragment holds the view: ex / q (opened trace), sort, dir, show, find
+  function params() { return new URLSearchParams(location.hash.slice(1)); }
+  function setParams(changes, replace) {
+    var p = params();
+    for (var k in changes) { if (changes[k] == null || changes[k] === '') p.delete(k); else p.set(k, changes[k]); }
+    var hash = '#' + p.toString();
+    if (!replace) { location.hash = hash; return; }
+    try { history.replaceState(null, '', hash); } catch (e) { /* some file:// settings refuse */ }
+  }
   function fmt(v, d) { return v == null ? '–' : v.toFixed(d == null ? 2 : d); }
   // sequential colour scale, 0 light -> 1 dark blue
   var STOPS = [[247, 251, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]];
@@ -136,17 +145,25 @@
   /* ---- list (run page and compare page share it) ------------------------------------------ */
   function makeList(cfg) {
     // cfg: n, columns [{label, group, get(i) -> sortable, cell(i) -> td}], search(i) -> text,
-    //      filters [{label, options: [[value, label, pred(i)]]}], open(i), key(i)
-    var state = { sort: null, dir: 1, page: 0, query: '', filt: cfg.filters.map(function () { return 0; }) };
+    //      filter {label, options: [[value, label, pred(i)]]}, open(i), key(i); a column's
+    //      key in the URL (sort=) is "group.label" ("deepconf.C") or its label ("steps")
+    cfg.columns.forEach(function (c) { c.key = (c.group != null ? c.group + '.' : '') + c.label; });
+    var init = params();
+    var state = { sort: null, dir: 1, page: 0, query: (init.get('find') || '').toLowerCase(), filt: [0] };
     var order = [];
     var info = h('span', { cls: 'info' });
     var search = h('input', { type: 'search', placeholder: 'filter by id or question text' });
+    search.value = init.get('find') || '';
     search.addEventListener('input', function () { state.query = search.value.toLowerCase(); state.page = 0; update(); });
     var controls = h('div', { cls: 'controls' }, [search]);
-    cfg.filters.forEach(function (f, k) {
-      var sel = h('select', null, f.options.map(function (o, j) { return h('option', { value: String(j), text: o[1] }); }));
-      sel.addEventListener('change', function () { state.filt[k] = +sel.value; state.page = 0; update(); });
-      controls.appendChild(h('label', null, [f.label + ' ', sel]));
+    var filter = cfg.filter;
+    state.filt = Math.max(0, filter.options.map(function (o) { return o[0]; }).indexOf(init.get('show')));
+    var sel = h('select', null, filter.options.map(function (o, j) { return h('option', { value: String(j), text: o[1] }); }));
+    sel.value = String(state.filt);
+    sel.addEventListener('change', function () { state.filt = +sel.value; state.page = 0; update(); });
+    controls.appendChild(h('label', null, [filter.label + ' ', sel]));
+    cfg.columns.forEach(function (c, k) {
+      if (c.key === init.get('sort')) { state.sort = k; state.dir = init.get('dir') === 'desc' ? -1 : 1; }
     });
     var prev = h('button', { text: '◀', onclick: function () { state.page--; draw(); } });
     var next = h('button', { text: '▶', onclick: function () { state.page++; draw(); } });
@@ -176,14 +193,10 @@
     var openKey = null;
     function update() {
       order = [];
+      var pred = filter.options[state.filt][2];
       for (var i = 0; i < cfg.n; i++) {
         if (state.query && cfg.search(i).indexOf(state.query) < 0) continue;
-        var ok = true;
-        for (var k = 0; k < cfg.filters.length; k++) {
-          var pred = cfg.filters[k].options[state.filt[k]][2];
-          if (pred && !pred(i)) { ok = false; break; }
-        }
-        if (ok) order.push(i);
+        if (!pred || pred(i)) order.push(i);
       }
       if (state.sort != null) {
         var get = cfg.columns[state.sort].get, dir = state.dir;
@@ -197,6 +210,10 @@
         order = keyed.map(function (p) { return p[1]; });
       }
       ths.forEach(function (th, k) { th.className = state.sort === k ? (state.dir > 0 ? 'sorted-asc' : 'sorted-desc') : ''; });
+      setParams({
+        sort: state.sort == null ? null : cfg.columns[state.sort].key, dir: state.sort == null ? null : (state.dir > 0 ? 'asc' : 'desc'),
+        show: state.filt ? filter.options[state.filt][0] : null, find: search.value
+      }, true);
       draw();
     }
     function draw() {
@@ -251,16 +268,16 @@
     var list = makeList({
       n: n, columns: cols, key: function (i) { return ex.id[i]; },
       search: function (i) { return lower[i]; },
-      filters: [{ label: 'show', options: [['all', 'all'], ['ok', 'correct', function (i) { return ex.correct[i]; }],
-        ['bad', 'wrong', function (i) { return !ex.correct[i]; }], ['none', 'no answer', function (i) { return ex.prediction[i] === null; }]] }],
-      open: function (i) { location.hash = 'ex=' + encodeURIComponent(ex.id[i]); }
+      filter: { label: 'show', options: [['all', 'all'], ['correct', 'correct', function (i) { return ex.correct[i]; }],
+        ['wrong', 'wrong', function (i) { return !ex.correct[i]; }], ['none', 'no answer', function (i) { return ex.prediction[i] === null; }]] },
+      open: function (i) { setParams({ ex: ex.id[i] }); }
     });
     root.appendChild(list.el);
     root.appendChild(detail);
     function route() {
-      var m = /^#ex=(.*)$/.exec(location.hash);
-      if (!m) return;
-      var id = decodeURIComponent(m[1]), i = index[id];
+      var id = params().get('ex');
+      if (id == null) return;
+      var i = index[id];
       detail.textContent = '';
       if (i === undefined) { detail.appendChild(h('p', { cls: 'note', text: 'No example with id ' + id + ' in this run.' })); CHECK.opened = null; return; }
       var t = performance.now();
@@ -332,15 +349,15 @@
     var list = makeList({
       n: ids.length, columns: cols, key: function (i) { return ids[i]; },
       search: function (i) { return lower[i]; },
-      filters: [{ label: 'show', options: [['all', 'all questions'], ['changed', 'changed (flipped or |Δ C| ≥ 0.1)', function (i) { return flipped[i] || (moved[i] != null && Math.abs(moved[i]) >= 0.1); }],
-        ['flip', 'correctness flipped', function (i) { return flipped[i]; }]] }],
-      open: function (i) { location.hash = 'q=' + encodeURIComponent(ids[i]); }
+      filter: { label: 'show', options: [['all', 'all questions'], ['changed', 'changed (flipped or |Δ C| ≥ 0.1)', function (i) { return flipped[i] || (moved[i] != null && Math.abs(moved[i]) >= 0.1); }],
+        ['flipped', 'correctness flipped', function (i) { return flipped[i]; }]] },
+      open: function (i) { setParams({ q: ids[i] }); }
     });
     root.appendChild(list.el); root.appendChild(detail);
     function route() {
-      var m = /^#q=(.*)$/.exec(location.hash);
-      if (!m) return;
-      var id = decodeURIComponent(m[1]), i = index[id];
+      var id = params().get('q');
+      if (id == null) return;
+      var i = index[id];
       detail.textContent = '';
       if (i === undefined) { detail.appendChild(h('p', { cls: 'note', text: 'No question with id ' + id + '.' })); return; }
       detail.appendChild(h('h3', { text: id }));
