@@ -314,7 +314,35 @@ PER_ESTIMATOR = (
 )
 
 
-def run_figures(summary: dict, data: dict) -> str:
+def probe_layer_panel(path: Path) -> str | None:
+    """Cross-fitted AUROC and ECE of the linear probe per layer (``probes/layers.parquet``)."""
+    if not path.exists():
+        return None
+    table = read_table(path)
+    layers = np.asarray(table["layer"], float)
+    if layers.size == 0:
+        return None
+    xlim = (0.0, float(max(layers.max(), 1)))
+    p = svg.Panel("linear probe by layer", "layer", "AUROC / ECE", xlim=xlim, width=560)
+    p.line([0, layers.max()], [0.5, 0.5], stroke="#aaa", width=0.8)
+    for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
+        values = np.asarray(table[key], float).tolist()
+        p.line(layers.tolist(), values, stroke, dash=dash, tip=key)
+        p.dots(
+            layers.tolist(),
+            values,
+            stroke,
+            r=2.5,
+            tips=[f"layer {int(x)}: {key} {fmt(v)}" for x, v in zip(layers, values, strict=True)],
+        )
+    chosen = np.asarray(table.get("times_chosen", np.zeros(layers.size)), float)
+    for x, k in zip(layers, chosen, strict=True):
+        if k > 0:
+            p.text(x, 0.97, "▼", size=9, fill="#444")
+    return p.svg()
+
+
+def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
     names = data["estimators"]
     out = [
         figure(
@@ -325,6 +353,18 @@ def run_figures(summary: dict, data: dict) -> str:
         )
     ]
     out += [figure(title, caption, build(data)) for title, caption, build in PER_ESTIMATOR]
+    probe = probe_layer_panel(run / "probes" / "layers.parquet") if run else None
+    if probe:
+        out.append(
+            figure(
+                "Probe by layer",
+                "Cross-fitted AUROC (solid) and ECE (dashed) of a linear probe on each layer's "
+                "step-end hidden states; 0.5 AUROC is chance; ▼ marks layers the folds chose.",
+                [probe],
+                wide=True,
+                legend=[("AUROC", svg.colour(0)), ("ECE", svg.colour(1))],
+            )
+        )
     traj = summary.get("trajectory") or {}
     if traj.get("mean"):
         edges = np.asarray(traj["edges"], float)
@@ -526,7 +566,7 @@ def run_page(run: Path) -> str:
 <div class="row"><div><h3>Counts</h3>{counts_table([summary], ["this run"])}</div>
 <div><h3>Agreement</h3>{agreement_table(summary)}</div>
 <div><h3>Stage wall time</h3>{times_table([summary], ["this run"])}</div></div></section>
-<section id="figures"><h2>Figures</h2>{run_figures(summary, data)}</section>
+<section id="figures"><h2>Figures</h2>{run_figures(summary, data, run)}</section>
 <section id="traces"><h2>Traces</h2>{note}
 <p class="caption">Click a row (or a column name to sort) to read its trace step by step;
 the link of an opened trace (#ex=ID) reopens it.</p><div id="viewer"></div></section>

@@ -57,7 +57,9 @@ class Panel:
         ylim: tuple[float, float] = (0.0, 1.0),
         xticks: Sequence[tuple[float, str]] | None = None,
         yticks: Sequence[float] | None = None,
+        width: int = 280,
     ):
+        self.W = width
         self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
         self.xlim, self.ylim = xlim, ylim
         self.xticks = xticks

@@ -108,6 +108,8 @@ def test_report_lists_examples_and_opens_a_trace_with_its_values(run, tmp_path):
     dom, check, console = open_page((run / "report.html").as_uri() + f"#ex={eid}", tmp_path)
     assert console == [] and check["errors"] == [], (console, check["errors"])
     assert check["ready"] and check["mode"] == "run"
+    # no horizontal scrolling in a 1280 px window (less its vertical scrollbar)
+    assert check["page_width"] <= check["view_width"] and check["view_width"] > 1200
     examples = read_table(run / "examples.parquet")
     rows = parse(dom)
     assert rows.keys == list(examples["example_id"])  # one row per example, in file order
@@ -169,6 +171,7 @@ def test_report_of_200_questions_loads_and_pages(tmp_path):
     assert check["examples"] == check["list_total"] == 200
     assert check["list_rows"] == len(parse(dom).keys) == 50  # one page of the list in the DOM
     assert check["opened"] == "q00150" and check["steps_rendered"] >= 17
+    assert check["page_width"] <= check["view_width"]
     print(
         f"\n200-question report: {n_steps} steps, {page.stat().st_size / 1e6:.2f} MB, "
         f"built in {build_s:.1f} s, script ready {check['load_ms']:.0f} ms after it started, "
@@ -199,6 +202,7 @@ def test_compare_page_shows_changed_questions_side_by_side(run, tmp_path):
         for r in (run, other)
     ]
     assert check["opened"] == eid and check["steps_rendered"] == sum(n)
+    assert check["page_width"] <= check["view_width"]
 
 
 @needs_browser
@@ -211,9 +215,15 @@ def test_report_of_a_real_run(run_dir, tmp_path):
         pytest.skip("FCJAX_BROWSER_RUNS names no finished run")
     src = Path(run_dir)
     dst = tmp_path / src.name
-    for name in ("summary.json", "examples.parquet", "steps.parquet", "sampling_samples.parquet"):
+    for name in (
+        "summary.json",
+        "examples.parquet",
+        "steps.parquet",
+        "sampling_samples.parquet",
+        "probes/layers.parquet",
+    ):
         if (src / name).exists():
-            dst.mkdir(exist_ok=True)
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src / name, dst / name)
     write_report(dst)
     examples = read_table(dst / "examples.parquet")
@@ -222,3 +232,4 @@ def test_report_of_a_real_run(run_dir, tmp_path):
     assert console == [] and check["errors"] == []
     assert parse(dom).keys == list(examples["example_id"])[:50]
     assert check["opened"] == eid and check["steps_rendered"] > 0 and check["step_values"] > 0
+    assert check["page_width"] <= check["view_width"]

@@ -227,7 +227,9 @@
         var tr = h('tr', { 'data-key': cfg.key(i) });
         if (cfg.key(i) === openKey) tr.className = 'open';
         cfg.columns.forEach(function (c) { tr.appendChild(c.cell(i)); });
+        tr.tabIndex = 0;  // rows open with Enter as well as a click
         tr.addEventListener('click', (function (i) { return function () { cfg.open(i); }; })(i));
+        tr.addEventListener('keydown', (function (i) { return function (e) { if (e.key === 'Enter') cfg.open(i); }; })(i));
         frag.appendChild(tr);
       }
       tbody.appendChild(frag);
@@ -390,6 +392,8 @@
   } finally {
     CHECK.ready = true;
     CHECK.load_ms = performance.now() - T0;
+    CHECK.page_width = document.documentElement.scrollWidth;
+    CHECK.view_width = document.documentElement.clientWidth;
     CHECK.nav_ms = performance.now();
     writeCheck();
   }
