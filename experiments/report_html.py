@@ -166,11 +166,12 @@ def figure(
     title: str,
     caption: str,
     panels: Sequence[str],
-    wide: bool = False,
+    size: str = "",
     legend: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """A titled block of panels (wrapping to the page width) with a one-line caption."""
-    cls = "panels wide" if wide else "panels"
+    """A titled block of panels (wrapping to the page width) with a one-line caption;
+    ``size`` "wide" or "half" gives each panel more room than a per-estimator panel."""
+    cls = f"panels {size}".strip()
     keys = "".join(
         f'<span class="key" style="background:{fill}"></span>{_esc(name)}' for name, fill in legend
     )
@@ -322,8 +323,12 @@ def probe_layer_panel(path: Path) -> str | None:
     layers = np.asarray(table["layer"], float)
     if layers.size == 0:
         return None
-    xlim = (0.0, float(max(layers.max(), 1)))
-    p = svg.Panel("linear probe by layer", "layer", "AUROC / ECE", xlim=xlim, width=560)
+    top = int(max(layers.max(), 1))
+    step = max(1, math.ceil(top / 8))
+    ticks = [(float(v), str(v)) for v in range(0, top + 1, step)]
+    p = svg.Panel(
+        "linear probe by layer", "layer", "AUROC / ECE", xlim=(0.0, top), xticks=ticks, width=560
+    )
     p.line([0, layers.max()], [0.5, 0.5], stroke="#aaa", width=0.8)
     for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
         values = np.asarray(table[key], float).tolist()
@@ -361,7 +366,7 @@ def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
                 "Cross-fitted AUROC (solid) and ECE (dashed) of a linear probe on each layer's "
                 "step-end hidden states; 0.5 AUROC is chance; ▼ marks layers the folds chose.",
                 [probe],
-                wide=True,
+                size="wide",
                 legend=[("AUROC", svg.colour(0)), ("ECE", svg.colour(1))],
             )
         )
@@ -387,6 +392,7 @@ def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
                 "Mean over steps in each tenth of the trace (0 = first step, 1 = last); the "
                 "dashed black line is D.",
                 [left.svg(), right.svg()],
+                size="half",
                 legend=legend,
             )
         )
@@ -406,7 +412,7 @@ def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
             "Spearman correlation of the step values of each pair (red: rank steps alike, "
             "blue: opposite, white: unrelated).",
             [svg.heatmap("Spearman (steps)", keys, mat, tips)],
-            wide=True,
+            size="heat",
         )
     )
     return "".join(out)

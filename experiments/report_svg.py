@@ -195,7 +195,7 @@ def heatmap(title: str, labels: Sequence[str], matrix, tips) -> str:
     """A square matrix in [-1, 1] (blue negative, red positive) with its values written in."""
     n = len(labels)
     cell, left, top = 34, 92, 24
-    w, h = left + cell * n + 60, top + cell * n + 70
+    w, h = left + cell * n + 60, top + cell * n + 80
     out = [
         f'<svg class="panel wide" viewBox="0 0 {w} {h}" role="img" aria-label="{_esc(title)}"'
         ' xmlns="http://www.w3.org/2000/svg">',
