@@ -28,8 +28,6 @@ from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
 
-METRICS = ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc", "mean_conf")
-
 
 def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
