@@ -43,6 +43,8 @@ def write_synthetic_run(
     ci: bool = True,
     id_prefix: str = "q",
     flip: float = 0.0,
+    sampled_steps: int = 3,
+    paragraph_words: int = 0,
 ) -> Path:
     """Writes the run; example i has 1..max_steps steps (example 0 has none, so the page
     must cope with an empty trace). ``flip`` changes that fraction of correctness labels
@@ -89,14 +91,15 @@ def write_synthetic_run(
             st["char_end"].append(s1)
             st["text"].append(step)
             st["position"].append(j / (n - 1) if n > 1 else 0.0)
-            if j < 3:  # the sampling estimator scores some steps only
+            if j < sampled_steps:  # the sampling estimator scores the first steps only
                 for s in range(k):
                     reply = [None, "Yes", "No", "hmm"][int(rng.integers(0, 4))]
                     samples["example_id"].append(eid)
                     samples["step"].append(j)
                     samples["sample"].append(s)
+                    words = " ".join(rng.choice(WORDS, size=paragraph_words))
                     samples["paragraph"].append(
-                        "" if reply is None else f"continuation {s} of {eid}/{j}"
+                        "" if reply is None else f"continuation {s} of {eid}/{j} {words}".strip()
                     )
                     samples["reply"].append(reply)
                     samples["consistent"].append({"Yes": 1.0, "No": 0.0}.get(reply, np.nan))
@@ -127,7 +130,7 @@ def write_synthetic_run(
     for name in ESTIMATORS:
         c = np.clip(0.5 * d + 0.5 * rng.uniform(0, 1, n_rows), 0, 1)
         if name == "sampling":
-            scored = np.asarray(st["step"]) < 3
+            scored = np.asarray(st["step"]) < sampled_steps
             c = np.where(scored, c, np.nan)
         if name == "probe":
             c[rng.random(n_rows) < 0.1] = np.nan
@@ -216,4 +219,6 @@ if __name__ == "__main__":
         max_steps=int(args.get("steps", 6)),
         k=int(args.get("k", 3)),
         seed=int(args.get("seed", 0)),
+        sampled_steps=int(args.get("sampled_steps", 3)),
+        paragraph_words=int(args.get("paragraph_words", 0)),
     )

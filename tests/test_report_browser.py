@@ -160,7 +160,10 @@ def test_list_sorts_and_filters_from_the_url(run, tmp_path):
 
 @needs_browser
 def test_report_of_200_questions_loads_and_pages(tmp_path):
-    path = write_synthetic_run(tmp_path / "big", n_examples=200, max_steps=23, k=4)
+    # ~20 steps each, 10 sampled continuations of ~30 words on each of the first 20 steps
+    path = write_synthetic_run(
+        tmp_path / "big", n_examples=200, max_steps=23, k=10, sampled_steps=20, paragraph_words=30
+    )
     t = time.perf_counter()
     write_report(path)
     build_s = time.perf_counter() - t
@@ -171,6 +174,8 @@ def test_report_of_200_questions_loads_and_pages(tmp_path):
     assert check["examples"] == check["list_total"] == 200
     assert check["list_rows"] == len(parse(dom).keys) == 50  # one page of the list in the DOM
     assert check["opened"] == "q00150" and check["steps_rendered"] >= 17
+    assert check["samples_rendered"] == 10 * min(check["steps_rendered"], 20)
+    assert "not embedded" not in page.read_text()  # every continuation fits the budget
     assert check["page_width"] <= check["view_width"]
     print(
         f"\n200-question report: {n_steps} steps, {page.stat().st_size / 1e6:.2f} MB, "
