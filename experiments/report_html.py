@@ -91,7 +91,7 @@ def run_data(run: Path, summary: dict) -> dict:
     ex_of_row = np.asarray([position[e] for e in step_ex], np.int64)
     order = np.lexsort((step_no, ex_of_row))
     counts = np.bincount(ex_of_row, minlength=n_ex)
-    step0 = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    step0 = (np.cumsum(counts) - counts).astype(int).tolist()
     n_rows = len(step_ex)
     texts = list(steps["text"])
     d = _col(steps, "decisiveness", n_rows)

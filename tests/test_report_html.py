@@ -108,3 +108,21 @@ def test_bins_show_their_trace_counts(runs):
     assert b["count"].tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
     np.testing.assert_allclose(b["accuracy"][[0, 1, 9]], [1, 0.5, 1])
     assert np.isnan(b["accuracy"][2])
+
+
+def test_compare_page_with_a_run_without_tables(runs, tmp_path):
+    from experiments.report import compare
+
+    _, base = runs
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    summary = json.loads((base / "ci" / "summary.json").read_text())
+    summary["estimators"]["deepconf"]["cmfg_star"] += 0.25
+    (bare / "summary.json").write_text(json.dumps(summary))
+    page = compare([base / "ci", bare], tmp_path / "cmp").read_text()
+    data = _data(page)
+    assert data["compare"] and data["labels"] == ["ci", "bare"] and data["runs"][1] is None
+    assert data["runs"][0]["examples"]["id"] == _data(runs[0]["ci"])["examples"]["id"]
+    assert "No tables (examples.parquet, steps.parquet) in: bare" in page
+    # the difference column: deepconf cMFG* is 0.25 higher in the second run (green)
+    assert "<td class='up'>+0.250</td>" in page
