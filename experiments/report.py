@@ -1,5 +1,8 @@
 """Plots and HTML reports: one run (``write_report``), or several side by side.
 
+The pages themselves (trace viewer, inline figures) are built by ``experiments.report_html``;
+this module writes them and the PNG plots, and prints the comparison table.
+
     python -m experiments.report --runs=DIR1,DIR2,... [--out=DIR]
 
 The comparison answers the study's questions from finished runs: does an intervention
@@ -9,7 +12,6 @@ more faithful (F over normalised step position).
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +23,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
+from experiments.report_html import compare_page, reliability_bins, run_page
 from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
-
-METRICS = ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc", "mean_conf")
 
 
 def _fmt(x) -> str:
@@ -62,13 +63,9 @@ def run_plots(run: Path) -> list[str]:
     out.append(_save(fig, plots / "decisiveness_vs_confidence.png"))
 
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
-    edges = np.linspace(0, 1, 11)
     for ax, name in zip(axes[0], names, strict=False):
-        c = np.asarray(examples[f"conf_{name}"], float)
-        ok = np.isfinite(c)
-        idx = np.clip(np.digitize(c[ok], edges) - 1, 0, 9)
-        acc = [correct[ok][idx == b].mean() if (idx == b).any() else np.nan for b in range(10)]
-        ax.bar(edges[:-1] + 0.05, acc, width=0.09, alpha=0.7)
+        bins = reliability_bins(np.asarray(examples[f"conf_{name}"], float), correct)
+        ax.bar(bins["edges"][:-1] + 0.05, bins["accuracy"], width=0.09, alpha=0.7)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
     out.append(_save(fig, plots / "reliability.png"))
@@ -133,71 +130,12 @@ def run_plots(run: Path) -> list[str]:
 
 
 def write_report(run: str | Path) -> Path:
-    """Writes run/report.html (and the plots it shows)."""
+    """Writes run/report.html (self-contained, with the trace viewer) and run/plots/*.png."""
     run = Path(run)
-    summary = json.loads((run / "summary.json").read_text())
-    images = run_plots(run)
-    examples = read_table(run / "examples.parquet")
-    steps = read_table(run / "steps.parquet")
-    cfg = summary["config"]
-    esc = {
-        k: html.escape(str(cfg.get(k)))
-        for k in ("model", "dataset", "intervention", "intervention_role", "decisiveness")
-    }
-    rows = "".join(
-        f"<tr><td>{html.escape(n)}</td>"
-        + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in METRICS)
-        + f"<td>{m.get('n_traces')}</td></tr>"
-        for n, m in summary["estimators"].items()
-    )
-    agree = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v.get('spearman'))}</td>"
-        f"<td>{_fmt(v.get('kendall'))}</td><td>{v.get('n')}</td></tr>"
-        for k, v in summary["agreement"].items()
-    )
-    times = "".join(
-        f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>"
-        for k, v in summary.get("stage_wall_s", {}).items()
-    )
-    names = list(summary["estimators"])
-    sample = []
-    eids = np.asarray(steps["example_id"]).astype(str)
-    for i, eid in enumerate(list(examples["example_id"])[:3]):
-        mask = np.flatnonzero(eids == str(eid))
-        lines = "".join(
-            f"<tr><td>{int(steps['step'][r])}</td><td>{_fmt(float(steps['decisiveness'][r]))}"
-            "</td>"
-            + "".join(f"<td>{_fmt(float(steps[f'conf_{n}'][r]))}</td>" for n in names)
-            + f"<td><pre>{html.escape(str(steps['text'][r])[:300])}</pre></td></tr>"
-            for r in mask
-        )
-        head = "".join(f"<th>C {n}</th>" for n in names)
-        sample.append(
-            f"<h3>{html.escape(str(eid))}: prediction {html.escape(str(examples['prediction'][i]))}"
-            f", gold {html.escape(str(examples['gold'][i]))}, correct {examples['correct'][i]}"
-            f"</h3><table><tr><th>step</th><th>D</th>{head}<th>text</th></tr>{lines}</table>"
-        )
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fcjax run</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}pre{{margin:0;white-space:pre-wrap}}
-</style></head><body>
-<h1>fcjax run: {esc["model"]} on {esc["dataset"]}</h1>
-<p>{summary["n_examples"]} examples, accuracy {_fmt(summary["accuracy"])}, intervention
-<b>{esc["intervention"]}</b> ({esc["intervention_role"]}),
-decisiveness from <b>{esc["decisiveness"]}</b>.
-Counts: {html.escape(json.dumps(summary["counts"]))}</p>
-<h2>Faithfulness and calibration per estimator</h2>
-<table><tr><th>estimator</th>{"".join(f"<th>{k}</th>" for k in METRICS)}<th>traces</th></tr>
-{rows}</table>
-<h2>Agreement (steps)</h2><table><tr><th>pair</th><th>Spearman</th><th>Kendall</th><th>n</th></tr>
-{agree}</table>
-{"".join(f'<h2>{html.escape(i[:-4])}</h2><img src="plots/{i}">' for i in images)}
-<h2>Stage wall time (s)</h2><table>{times}</table>
-<h2>Example traces</h2>{"".join(sample)}
-<h2>Config</h2><pre>{html.escape(json.dumps(cfg, indent=1))}</pre></body></html>"""
+    run_plots(run)
     path = run / "report.html"
     tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(body)
+    tmp.write_text(run_page(run), encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -256,25 +194,11 @@ def compare_table(runs: Sequence[Path], summaries: Sequence[dict]) -> str:
 
 
 def compare(runs: Sequence[Path], out: Path) -> Path:
-    """Side-by-side table and plots of several runs; writes out/compare.html."""
+    """Several runs side by side; writes out/compare.html (differences per estimator and the
+    per-question view), out/compare.txt and out/compare.png."""
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     names = sorted({n for s in summaries for n in s["estimators"]})
     out.mkdir(parents=True, exist_ok=True)
-    head = "".join(f"<th>{n} {m}</th>" for n in names for m in ("MFG", "cMFG*", "AUROC"))
-    rows = []
-    for r, s in zip(runs, summaries, strict=True):
-        c = s["config"]
-        cells = "".join(
-            f"<td>{_fmt(s['estimators'].get(n, {}).get(k))}</td>"
-            for n in names
-            for k in ("mfg", "cmfg_star", "auroc")
-        )
-        rows.append(
-            f"<tr><td>{html.escape(str(r))}</td><td>{html.escape(str(c['model']))}</td>"
-            f"<td>{html.escape(str(c['dataset']))}</td>"
-            f"<td>{html.escape(str(c['intervention']))}</td>"
-            f"<td>{s['n_examples']}</td><td>{_fmt(s['accuracy'])}</td>{cells}</tr>"
-        )
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     width = 0.8 / max(len(runs), 1)
     for i, (r, s) in enumerate(zip(runs, summaries, strict=True)):
@@ -297,18 +221,12 @@ def compare(runs: Sequence[Path], out: Path) -> Path:
     axes[1].set(xlabel="step position", ylabel="F", ylim=(0, 1), title="faithfulness over steps")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6)
-    img = _save(fig, out / "compare.png")
+    _save(fig, out / "compare.png")
     table = compare_table(runs, summaries)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fcjax comparison</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>
-<h1>fcjax: {len(runs)} runs side by side</h1>
-<table><tr><th>run</th><th>model</th><th>dataset</th><th>intervention</th><th>n</th>
-<th>accuracy</th>{head}</tr>{"".join(rows)}</table><img src="{img}">
-<h2>All figures</h2><pre>{html.escape(table)}</pre></body></html>"""
+    page = compare_page(runs, summaries, table)
     (out / "compare.txt").write_text(table + "\n")
     path = out / "compare.html"
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")
     return path
 
 

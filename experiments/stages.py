@@ -381,9 +381,18 @@ class Pipeline:
             estimator = get_estimator(name)
             progress = Progress(f"estimator {name}", len(traces), "traces")
             part = f"estimators_{name}"
+            kept_part = f"{part}_kept"  # records kept through ctx.store (e.g. samples)
             for index, chunk in batches(traces, max(1, self.s.batch_size // 4)):
                 if not self.run.part_done(part, index):
-                    results = estimator.score(list(chunk), ctx)
+                    kept: dict[str, list] = {}
+                    results = estimator.score(
+                        list(chunk),
+                        dataclasses.replace(
+                            ctx, keep=lambda _, rows, kept=kept: _extend(kept, rows)
+                        ),
+                    )
+                    if kept:  # before the columns part, which marks the batch done
+                        self.run.write_part(kept_part, index, kept)
                     cols: dict[str, list] = {"example_id": [], "step": []}
                     for tr, res in zip(chunk, results, strict=True):
                         res = check_columns(estimator, tr, res)
@@ -396,6 +405,9 @@ class Pipeline:
             merged = self.run.read_parts(part)
             for key, value in _align_steps(self.run.path, merged).items():
                 columns[key] = value
+            kept_rows = self.run.read_parts(kept_part)
+            if kept_rows:
+                write_table_atomic(self.run.path / f"{name}_samples.parquet", kept_rows)
         if columns:
             update_columns(self.run.path / "steps.parquet", columns)
         return {"estimators": names}
@@ -508,6 +520,11 @@ class Pipeline:
 
         write_report(self.run.path)
         return {}
+
+
+def _extend(columns: dict[str, list], rows: dict[str, list]) -> None:
+    for key, values in rows.items():
+        columns.setdefault(key, []).extend(values)
 
 
 def _out_of_memory(error: Exception) -> bool:

@@ -423,6 +423,35 @@ def test_sampling_empty_paragraph_counts_unparsed(tiny_lm, monkeypatch):
     assert len(judged) == 3 and "Context:\nthe sum is 5" in judged[0][0]["content"]
 
 
+def test_sampling_keeps_continuations_and_verdicts(tiny_lm, monkeypatch):
+    """ctx.store receives one record per continuation: the judged paragraph, the reply and
+    the verdict (1 consistent, 0 not, NaN unparsable or empty), in step and sample order."""
+    trace = _trace(tiny_lm)
+    texts = ["first idea\n\nnever judged", "", "second idea"]
+    monkeypatch.setattr(sampling_mod, "branch_many", _fake_branch(texts))
+    replies = iter(["Yes", "No.", "maybe", "yes", "no", "yes"])
+    kept = []
+    ctx = EstimatorContext(
+        lm=tiny_lm,
+        judge_complete=lambda p: [next(replies) for _ in p],
+        k=3,
+        max_steps=20,
+        keep=lambda name, rows: kept.append((name, rows)),
+    )
+    cols = get_estimator("sampling").score([trace], ctx)[0]
+    [(name, rows)] = kept
+    assert name == "sampling" and set(rows) == set(sampling_mod.SAMPLE_COLUMNS)
+    assert rows["step"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rows["sample"] == [0, 1, 2] * 3 and rows["example_id"] == ["ex1"] * 9
+    assert rows["paragraph"] == ["first idea", "", "second idea"] * 3
+    assert rows["reply"] == ["Yes", None, "No.", "maybe", None, "yes", "no", None, "yes"]
+    np.testing.assert_array_equal(
+        rows["consistent"], [1, np.nan, 0, np.nan, np.nan, 1, 0, np.nan, 1]
+    )
+    # the verdicts are the ones the confidence was computed from: 1 - mean(No=1, other=0.5)
+    np.testing.assert_allclose(cols["conf_sampling"], [1 - 1.5 / 3, 1 - 1.0 / 3, 1 - 1.5 / 3])
+
+
 def test_agreement_and_semantic_entropy(tiny_lm, monkeypatch):
     assert semantic_entropy(["a", "a", "a", "a"]) == 0.0
     assert semantic_entropy(["a", "b", "c", "d"]) == pytest.approx(1.0)

@@ -83,6 +83,14 @@ def test_contract_files_and_columns(finished):
         st["example_id"], st["char_start"], st["char_end"], st["text"], strict=True
     ):
         assert texts[eid][int(a) : int(b)] == t
+    # the sampling estimator's continuations: sampling_n records per scored step
+    kept = read_table(finished / "sampling_samples.parquet")
+    n = np.nan_to_num(np.asarray(st["sampling_n"], float)).astype(int)
+    got = {}
+    for eid, step in zip(kept["example_id"], kept["step"], strict=True):
+        got[(eid, int(step))] = got.get((eid, int(step)), 0) + 1
+    want = {(e, int(s)): k for e, s, k in zip(st["example_id"], st["step"], n, strict=True) if k}
+    assert got == want and want
 
 
 def test_faithfulness_and_summary_recomputed_from_tables(finished):

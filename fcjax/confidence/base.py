@@ -42,6 +42,9 @@ class EstimatorContext:
     ``fcjax.engine.complete.chat_completer``); only judge-based estimators need it.
     ``k``, ``max_steps`` and the branch sampling settings are METHOD.md 4.3's defaults.
     ``progress(estimator_name, traces_done, n_traces)`` is called after each trace.
+    ``keep(estimator_name, rows)`` receives records an estimator wants stored beside the
+    step table (columns of equal length, e.g. the sampling estimator's continuations and
+    judge verdicts); estimators call ``ctx.store``, which does nothing without ``keep``.
     """
 
     lm: Any
@@ -53,6 +56,7 @@ class EstimatorContext:
     top_p: float = 0.95
     max_new_tokens: int = 200
     progress: Callable[[str, int, int], None] | None = None
+    keep: Callable[[str, dict[str, list]], None] | None = None
 
     def __post_init__(self):
         if self.k < 1:
@@ -70,6 +74,10 @@ class EstimatorContext:
             seed=self.seed,
             logprobs=0,
         )
+
+    def store(self, name: str, rows: dict[str, list]) -> None:
+        if self.keep is not None:
+            self.keep(name, rows)
 
     def report(self, name: str, done: int, total: int) -> None:
         if self.progress is not None:

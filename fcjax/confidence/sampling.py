@@ -16,6 +16,10 @@ code instead falls back to the first 300 characters of the stripped sample.
 
 Columns: conf_sampling, sampling_unparsed (replies counted as 0.5, empty paragraphs
 included), sampling_n (answers per step); all NaN on steps that were not selected.
+Through ``ctx.store`` it also keeps one record per continuation (``SAMPLE_COLUMNS``): the
+judged paragraph, the judge's reply (None for an empty paragraph) and the verdict
+(1 consistent, 0 not, NaN unparsable), which the runner writes to
+``sampling_samples.parquet``.
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ from fcjax.confidence.base import (
     nan_columns,
     register,
 )
-from fcjax.confidence.consistency_judge import build_consistency_prompt, consistency_score
+from fcjax.confidence.consistency_judge import (
+    build_consistency_prompt,
+    consistency_score,
+    parse_yes_no,
+)
 from fcjax.confidence.trace import Trace, prefix_tokens
 from fcjax.engine.generate import Generation, branch_many
 from fcjax.text.steps import select_steps
 
 PARAGRAPH_STOP = "\n\n"
+# one record per continuation, kept through ``EstimatorContext.store``
+SAMPLE_COLUMNS = ("example_id", "step", "sample", "paragraph", "reply", "consistent")
 
 
 def step_cuts(trace: Trace, ctx: EstimatorContext) -> tuple[list[int], list[int]]:
@@ -83,11 +93,14 @@ class SamplingConsistency(Estimator):
             )
         sampled = sample_from_steps(traces, ctx, (PARAGRAPH_STOP,))
         prompts, slots = [], []  # slots[trace][(step, sample)] -> prompt index or None
+        paragraphs = []  # per trace, flat like slots
         for trace, (chosen, outs) in zip(traces, sampled, strict=True):
             slots.append([])
+            paragraphs.append([])
             for j, gens in zip(chosen, outs, strict=True):
                 for g in gens:
                     paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
+                    paragraphs[-1].append(paragraph)
                     if paragraph:
                         slots[-1].append(len(prompts))
                         prompts.append(build_consistency_prompt(paragraph, trace.steps[j].text))
@@ -99,7 +112,10 @@ class SamplingConsistency(Estimator):
                 f"sampling: judge returned {len(replies)} replies for {len(prompts)} prompts"
             )
         results = []
-        for trace, (chosen, _), trace_slots in zip(traces, sampled, slots, strict=True):
+        kept: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
+        for trace, (chosen, _), trace_slots, texts in zip(
+            traces, sampled, slots, paragraphs, strict=True
+        ):
             cols = nan_columns(trace.n_steps, "conf_sampling", "sampling_unparsed", "sampling_n")
             for a, j in enumerate(chosen):
                 step_slots = trace_slots[a * ctx.k : (a + 1) * ctx.k]
@@ -108,6 +124,22 @@ class SamplingConsistency(Estimator):
                 cols["conf_sampling"][j] = conf
                 cols["sampling_unparsed"][j] = unparsed
                 cols["sampling_n"][j] = len(step_replies)
+                for i, reply in enumerate(step_replies):
+                    verdict = parse_yes_no(reply)  # Yes = 0 (consistent), No = 1
+                    for key, value in zip(
+                        SAMPLE_COLUMNS,
+                        (
+                            trace.example_id,
+                            j,
+                            i,
+                            texts[a * ctx.k + i],
+                            reply,
+                            float("nan") if verdict is None else 1.0 - verdict,
+                        ),
+                        strict=True,
+                    ):
+                        kept[key].append(value)
             results.append(cols)
+        ctx.store(self.name, kept)
         ctx.report(self.name, len(traces), len(traces))
         return results

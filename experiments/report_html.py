@@ -1,0 +1,688 @@
+"""The HTML reports: one run (``run_page``) and several runs side by side (``compare_page``).
+
+Each page is one self-contained file (inline CSS, JS and SVG; no network, works from
+``file://``). The run's tables go in as one compact columnar JSON block, read by
+``report_assets/viewer.js``, which builds the example list a page at a time and only the
+opened trace's steps. ``#ex=ID`` (run page) or ``#q=ID`` (compare page) in the URL opens
+that trace. After loading, the page writes what it rendered into ``#fcjax-selfcheck``
+(JSON: load time, rows, errors) for the browser test.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from experiments import report_svg as svg
+from experiments.rundir import STAGES
+from fcjax.metrics import cmfg_star
+from fcjax.store.tables import read_table
+
+# summary metrics per estimator: key, label, how to read it
+METRICS = (
+    ("mean_conf", "mean C", "mean trace confidence"),
+    ("mfg", "MFG", "mean faithfulness 1 - |D - C| (higher: D tracks C)"),
+    ("cmfg", "cMFG", "MFG averaged over confidence bins"),
+    ("cmfg_star", "cMFG*", "equal-count bins, width-weighted (the headline)"),
+    ("ece", "ECE", "calibration error (lower is better)"),
+    ("brier", "Brier", "squared error of C vs correctness (lower is better)"),
+    ("auroc", "AUROC", "does C rank correct above wrong traces (0.5 = chance)"),
+)
+COUNTS = (
+    ("steps", "steps in all traces"),
+    ("no_steps", "traces with no steps"),
+    ("no_answer", "traces with no extracted answer"),
+    ("truncated", "traces cut off at --max_new_tokens"),
+    ("decisiveness_missing", "steps without a decisiveness score D"),
+)
+LOWER_BETTER = ("ece", "brier")
+SAMPLE_CHARS = 400  # each stored continuation is cut to this many characters in the page
+SAMPLE_BUDGET = 8_000_000  # characters of continuations embedded per page, at most
+SCATTER_MAX = 1500  # steps drawn as dots; more are drawn as a density grid
+
+
+def fmt(x, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if svg.finite(x) else "–"
+
+
+def _esc(s: object) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _values(a, digits: int = 4) -> list:
+    """Floats rounded for the page; None where missing."""
+    arr = np.round(np.asarray(a, np.float64), digits)
+    return [None if math.isnan(v) or math.isinf(v) else v for v in arr.tolist()]
+
+
+def _col(table: dict, key: str, n: int) -> np.ndarray:
+    return np.asarray(table[key], np.float64) if key in table else np.full(n, np.nan)
+
+
+def _asset(name: str) -> str:
+    return (resources.files("experiments") / "report_assets" / name).read_text(encoding="utf-8")
+
+
+# --- data -----------------------------------------------------------------------------------
+def run_data(run: Path, summary: dict) -> dict:
+    """The run's examples, steps and stored continuations as columnar JSON-ready lists.
+
+    Steps are ordered by example (as in examples.parquet), then step; example i's steps are
+    rows ``step0[i] .. step0[i] + n_steps[i]``. Continuations (``samples``) are ordered by
+    step row; ``row`` gives each one's step row.
+    """
+    examples = read_table(run / "examples.parquet")
+    steps = read_table(run / "steps.parquet")
+    names = list(summary["estimators"])
+    ids = [str(e) for e in examples["example_id"]]
+    n_ex = len(ids)
+    position = {e: i for i, e in enumerate(ids)}
+    step_ex = [str(e) for e in steps["example_id"]]
+    step_no = np.asarray(steps["step"], np.int64)
+    unknown = sorted(set(step_ex) - set(position))
+    if unknown:
+        raise ValueError(f"{run / 'steps.parquet'}: example ids {unknown[:5]} not in examples")
+    ex_of_row = np.asarray([position[e] for e in step_ex], np.int64)
+    order = np.lexsort((step_no, ex_of_row))
+    counts = np.bincount(ex_of_row, minlength=n_ex)
+    step0 = (np.cumsum(counts) - counts).astype(int).tolist()
+    n_rows = len(step_ex)
+    texts = list(steps["text"])
+    d = _col(steps, "decisiveness", n_rows)
+    data = {
+        "estimators": names,
+        "examples": {
+            "id": ids,
+            "question": [str(q) for q in examples["question"]],
+            "gold": [None if g is None else str(g) for g in examples["gold"]],
+            "prediction": [None if p is None else str(p) for p in examples["prediction"]],
+            "correct": [bool(c) for c in examples["correct"]],
+            "n_steps": counts.astype(int).tolist(),
+            "finish": [str(f) for f in examples.get("finish_reason", [""] * n_ex)],
+            "step0": step0,
+            "conf": {n: _values(_col(examples, f"conf_{n}", n_ex)) for n in names},
+            "faith": {n: _values(_col(examples, f"faith_{n}", n_ex)) for n in names},
+        },
+        "steps": {
+            "step": step_no[order].tolist(),
+            "text": [str(texts[r]) for r in order],
+            "d": _values(d[order]),
+            "conf": {n: _values(_col(steps, f"conf_{n}", n_rows)[order]) for n in names},
+            "faith": {n: _values(_col(steps, f"faith_{n}", n_rows)[order]) for n in names},
+        },
+    }
+    path = run / "sampling_samples.parquet"
+    if "sampling" in names and path.exists():
+        data["samples"] = _samples(path, step_ex, step_no, order)
+    return data
+
+
+def _samples(path: Path, step_ex, step_no, order) -> dict:
+    kept = read_table(path)
+    new_row = np.empty(len(order), np.int64)
+    new_row[order] = np.arange(len(order))
+    index = {
+        (e, int(s)): int(new_row[r]) for r, (e, s) in enumerate(zip(step_ex, step_no, strict=True))
+    }
+    rows = [
+        index.get((str(e), int(s))) for e, s in zip(kept["example_id"], kept["step"], strict=True)
+    ]
+    keep = sorted(
+        (r, int(k), i)
+        for i, (r, k) in enumerate(zip(rows, kept["sample"], strict=True))
+        if r is not None
+    )
+    out: dict = {"row": [], "text": [], "reply": [], "consistent": [], "omitted": 0}
+    budget = SAMPLE_BUDGET
+    consistent = np.asarray(kept["consistent"], np.float64)
+    for r, _, i in keep:
+        text = str(kept["paragraph"][i] or "")[:SAMPLE_CHARS]
+        budget -= len(text)
+        if budget < 0:
+            out["omitted"] += 1
+            continue
+        out["row"].append(r)
+        out["text"].append(text)
+        reply = kept["reply"][i]
+        out["reply"].append(None if reply is None else str(reply)[:80])
+        out["consistent"].append(None if math.isnan(consistent[i]) else int(consistent[i]))
+    return out
+
+
+def _json_block(element_id: str, obj) -> str:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = text.replace("</", "<\\/").replace("<!--", "<\\!--")
+    return f'<script type="application/json" id="{element_id}">{text}</script>'
+
+
+# --- figures --------------------------------------------------------------------------------
+def figure(
+    title: str,
+    caption: str,
+    panels: Sequence[str],
+    size: str = "",
+    legend: Sequence[tuple[str, str]] = (),
+) -> str:
+    """A titled block of panels (wrapping to the page width) with a one-line caption;
+    ``size`` "wide" or "half" gives each panel more room than a per-estimator panel."""
+    cls = f"panels {size}".strip()
+    keys = "".join(
+        f'<span class="key" style="background:{fill}"></span>{_esc(name)}' for name, fill in legend
+    )
+    return (
+        f'<figure><h3>{_esc(title)}</h3><div class="{cls}">{"".join(panels)}</div>'
+        f"<figcaption>{f'<span class=legend>{keys}</span> ' if keys else ''}"
+        f"{_esc(caption)}</figcaption></figure>"
+    )
+
+
+def metric_panels(labels: Sequence[str], series: Sequence[tuple[str, Sequence[dict]]]) -> list[str]:
+    """One panel per metric: bars per estimator (one colour per series, e.g. per run) with
+    95% intervals from ``<metric>_ci95`` where the summary has them."""
+    panels = []
+    for key, label, _ in METRICS:
+        if key == "mean_conf":
+            continue
+        n, m = len(labels), max(len(series), 1)
+        p = svg.Panel(
+            label,
+            ylabel=label,
+            xlim=(0, n),
+            xticks=[(i + 0.5, lab[:9]) for i, lab in enumerate(labels)],
+        )
+        width = 0.8 / m
+        for j, (run_name, per_est) in enumerate(series):
+            for i, est in enumerate(per_est):
+                v = est.get(key)
+                ci = est.get(f"{key}_ci95")
+                x0 = i + 0.1 + j * width
+                tip = f"{labels[i]} {label} = {fmt(v)}" + (f" ({run_name})" if run_name else "")
+                if isinstance(ci, list | tuple) and len(ci) == 2:
+                    tip += f", 95% CI [{fmt(ci[0])}, {fmt(ci[1])}]"
+                p.rect(x0, x0 + width, 0, v, svg.colour(j if len(series) > 1 else i), tip)
+                if isinstance(ci, list | tuple) and len(ci) == 2:
+                    p.errorbar(x0 + width / 2, ci[0], ci[1], tip=tip)
+        panels.append(p.svg())
+    return panels
+
+
+def reliability_bins(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """Equal-width confidence bins: count, accuracy and mean confidence per bin."""
+    ok = np.isfinite(conf)
+    c, y = np.clip(conf[ok], 0, 1), correct[ok]
+    idx = np.minimum((c * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    hits = np.bincount(idx, weights=y, minlength=bins)
+    total = np.bincount(idx, weights=c, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "edges": np.linspace(0, 1, bins + 1),
+            "count": count,
+            "accuracy": np.where(count > 0, hits / np.maximum(count, 1), np.nan),
+            "mean_conf": np.where(count > 0, total / np.maximum(count, 1), np.nan),
+        }
+
+
+def scatter_panels(data: dict) -> list[str]:
+    """Per estimator, D against C of every step (a density grid beyond ``SCATTER_MAX``)."""
+    st, out = data["steps"], []
+    d = _arr(st["d"])
+    for i, n in enumerate(data["estimators"]):
+        c = _arr(st["conf"][n])
+        ok = np.isfinite(c) & np.isfinite(d)
+        p = svg.Panel(f"{n} ({int(ok.sum())} steps)", f"C ({n})", "D")
+        if ok.sum() > SCATTER_MAX:
+            _density(p, c[ok], d[ok], svg.colour(i))
+        else:
+            p.dots(c[ok], d[ok], svg.colour(i), opacity=0.6, tips=_dot_tips(data, ok, c, d))
+        p.diagonal()
+        out.append(p.svg())
+    return out
+
+
+def reliability_panels(data: dict) -> list[str]:
+    """Per estimator, accuracy per tenth of trace confidence, with its number of traces."""
+    ex, out = data["examples"], []
+    correct = np.asarray(ex["correct"], np.float64)
+    for i, n in enumerate(data["estimators"]):
+        b = reliability_bins(_arr(ex["conf"][n]), correct)
+        p = svg.Panel(f"{n} ({int(b['count'].sum())} traces)", "trace confidence", "accuracy")
+        for j in range(len(b["count"])):
+            lo, hi, k = b["edges"][j], b["edges"][j + 1], int(b["count"][j])
+            if k == 0:
+                continue
+            acc = b["accuracy"][j]
+            p.rect(
+                lo + 0.005,
+                hi - 0.005,
+                0,
+                acc,
+                svg.colour(i),
+                f"C in [{lo:.1f}, {hi:.1f}): {k} traces, accuracy {fmt(acc)}, "
+                f"mean C {fmt(b['mean_conf'][j])}",
+            )
+            p.text((lo + hi) / 2, max(acc, 0.0), f"n={k}", size=7, dy=-3)
+        p.diagonal()
+        out.append(p.svg())
+    return out
+
+
+def cmfg_bin_panels(data: dict) -> list[str]:
+    """Per estimator, the cMFG* bins: confidence range, mean F and number of traces."""
+    ex, out = data["examples"], []
+    for i, n in enumerate(data["estimators"]):
+        f, c = _arr(ex["faith"][n]), _arr(ex["conf"][n])
+        ok = np.isfinite(f) & np.isfinite(c)
+        p = svg.Panel(f"{n} ({int(ok.sum())} traces)", "trace confidence", "mean F")
+        if ok.any():
+            value, b = cmfg_star(f[ok], np.clip(c[ok], 0, 1), return_bins=True)
+            p.title = f"{n}: cMFG* {fmt(value)}"
+            for lo, hi, mf, k in zip(b["lower"], b["upper"], b["mean_f"], b["count"], strict=True):
+                tip = f"C in [{lo:.3f}, {hi:.3f}]: {int(k)} traces, mean F {fmt(mf)}"
+                p.rect(lo, max(hi, lo + 0.01), 0, mf, svg.colour(i), tip, stroke="#333")
+                p.text((lo + max(hi, lo + 0.01)) / 2, mf, f"{int(k)}", size=7, dy=-3)
+        out.append(p.svg())
+    return out
+
+
+# title, caption and panel builder of the figures drawn per estimator
+PER_ESTIMATOR = (
+    (
+        "Decisiveness D vs internal confidence C, per step",
+        "Each mark is a step: on the dashed diagonal it sounds as sure as the model is; above "
+        "it, it sounds more decisive than the model's confidence (darker cells hold more steps).",
+        scatter_panels,
+    ),
+    (
+        "Reliability diagrams (trace level)",
+        "Bars are the accuracy of the traces whose confidence falls in each tenth, n the number "
+        "of traces in it; a calibrated estimator's bars reach the diagonal.",
+        reliability_panels,
+    ),
+    (
+        "cMFG* bins",
+        "Traces sorted by confidence in equal-count bins: bar width is the bin's confidence "
+        "range, height its mean faithfulness, the number its traces; cMFG* is the "
+        "width-weighted mean height.",
+        cmfg_bin_panels,
+    ),
+)
+
+
+def probe_layer_panel(path: Path) -> str | None:
+    """Cross-fitted AUROC and ECE of the linear probe per layer (``probes/layers.parquet``)."""
+    if not path.exists():
+        return None
+    table = read_table(path)
+    layers = np.asarray(table["layer"], float)
+    if layers.size == 0:
+        return None
+    top = int(max(layers.max(), 1))
+    step = max(1, math.ceil(top / 8))
+    ticks = [(float(v), str(v)) for v in range(0, top + 1, step)]
+    p = svg.Panel(
+        "linear probe by layer", "layer", "AUROC / ECE", xlim=(0.0, top), xticks=ticks, width=560
+    )
+    p.line([0, layers.max()], [0.5, 0.5], stroke="#aaa", width=0.8)
+    for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
+        values = np.asarray(table[key], float).tolist()
+        p.line(layers.tolist(), values, stroke, dash=dash, tip=key)
+        p.dots(
+            layers.tolist(),
+            values,
+            stroke,
+            r=2.5,
+            tips=[f"layer {int(x)}: {key} {fmt(v)}" for x, v in zip(layers, values, strict=True)],
+        )
+    chosen = np.asarray(table.get("times_chosen", np.zeros(layers.size)), float)
+    for x, k in zip(layers, chosen, strict=True):
+        if k > 0:
+            p.text(x, 0.97, "▼", size=9, fill="#444")
+    return p.svg()
+
+
+def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
+    names = data["estimators"]
+    out = [
+        figure(
+            "Faithfulness and calibration per estimator",
+            "Bar height is the summary's value for each estimator; a whisker is its 95% "
+            "interval where the summary has one; hover a bar for the numbers.",
+            metric_panels(names, [("", [summary["estimators"][n] for n in names])]),
+        )
+    ]
+    out += [figure(title, caption, build(data)) for title, caption, build in PER_ESTIMATOR]
+    probe = probe_layer_panel(run / "probes" / "layers.parquet") if run else None
+    if probe:
+        out.append(
+            figure(
+                "Probe by layer",
+                "Cross-fitted AUROC (solid) and ECE (dashed) of a linear probe on each layer's "
+                "step-end hidden states; 0.5 AUROC is chance; ▼ marks layers the folds chose.",
+                [probe],
+                size="wide",
+                legend=[("AUROC", svg.colour(0)), ("ECE", svg.colour(1))],
+            )
+        )
+    traj = summary.get("trajectory") or {}
+    if traj.get("mean"):
+        edges = np.asarray(traj["edges"], float)
+        centers = ((edges[:-1] + edges[1:]) / 2).tolist()
+        left = svg.Panel("D and C over the trace", "step position (0 first, 1 last)", "value")
+        right = svg.Panel("faithfulness F over the trace", "step position", "F")
+        legend = []
+        for key, values in traj["mean"].items():
+            base = key.removeprefix("faith_")
+            i = names.index(base) if base in names else -1
+            stroke = "#111" if i < 0 else svg.colour(i)
+            panel = right if key.startswith("faith_") else left
+            panel.line(centers, values, stroke, dash=(key == "decisiveness"), tip=key)
+            panel.dots(centers, values, stroke, tips=[f"{key}: {fmt(v)}" for v in values])
+            if not key.startswith("faith_"):
+                legend.append((key, stroke))
+        out.append(
+            figure(
+                "Trajectories",
+                "Mean over steps in each tenth of the trace (0 = first step, 1 = last); the "
+                "dashed black line is D.",
+                [left.svg(), right.svg()],
+                size="half",
+                legend=legend,
+            )
+        )
+    agreement = summary.get("agreement") or {}
+    keys = ["decisiveness", *names]
+    mat = [[1.0 if a == b else None for b in keys] for a in keys]
+    tips = [[f"{a} vs {b}" for b in keys] for a in keys]
+    for i, a in enumerate(keys):
+        for j, b in enumerate(keys):
+            pair = agreement.get(f"{a}|{b}") or agreement.get(f"{b}|{a}")
+            if pair and pair.get("spearman") is not None:
+                mat[i][j] = pair["spearman"]
+                tips[i][j] = f"{a} vs {b}: Spearman {fmt(pair['spearman'])}, n={pair.get('n')}"
+    out.append(
+        figure(
+            "Agreement between estimators",
+            "Spearman correlation of the step values of each pair (red: rank steps alike, "
+            "blue: opposite, white: unrelated).",
+            [svg.heatmap("Spearman (steps)", keys, mat, tips)],
+            size="heat",
+        )
+    )
+    return "".join(out)
+
+
+def _arr(values) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], np.float64)
+
+
+def _dot_tips(data: dict, ok: np.ndarray, c: np.ndarray, d: np.ndarray) -> list[str]:
+    ex = data["examples"]
+    owner = np.repeat(np.arange(len(ex["id"])), ex["n_steps"])
+    steps = data["steps"]["step"]
+    return [
+        f"{ex['id'][owner[r]]} step {steps[r]}: C {fmt(c[r])}, D {fmt(d[r])}" if ok[r] else ""
+        for r in range(len(c))
+    ]
+
+
+def _density(p: svg.Panel, x: np.ndarray, y: np.ndarray, fill: str, bins: int = 20) -> None:
+    h, _, _ = np.histogram2d(np.clip(x, 0, 1), np.clip(y, 0, 1), bins=bins, range=[[0, 1], [0, 1]])
+    top = h.max() or 1
+    for i in range(bins):
+        for j in range(bins):
+            if h[i, j]:
+                p.rect(
+                    i / bins,
+                    (i + 1) / bins,
+                    j / bins,
+                    (j + 1) / bins,
+                    fill,
+                    f"C {i / bins:.2f}-{(i + 1) / bins:.2f}, D {j / bins:.2f}-{(j + 1) / bins:.2f}:"
+                    f" {int(h[i, j])} steps",
+                    opacity=0.15 + 0.85 * h[i, j] / top,
+                )
+
+
+# --- tables ---------------------------------------------------------------------------------
+def _metric_cell(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    v = fmt(m.get(key))
+    if isinstance(ci, list | tuple) and len(ci) == 2 and svg.finite(m.get(key)):
+        interval = f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+        return f'<td title="95% interval {interval}">{v}<small> {interval}</small></td>'
+    return f"<td>{v}</td>"
+
+
+def metrics_table(summary: dict) -> str:
+    head = "".join(f'<th title="{_esc(tip)}">{_esc(label)}</th>' for _, label, tip in METRICS)
+    rows = []
+    for n, m in summary["estimators"].items():
+        cells = "".join(_metric_cell(m, k) for k, _, _ in METRICS)
+        extra = f"<td>{fmt(m.get('auroc_p'))}</td>" if "auroc_p" in m else ""
+        rows.append(f"<tr><th>{_esc(n)}</th>{cells}{extra}<td>{m.get('n_traces', '–')}</td></tr>")
+    p_head = (
+        "<th title='p-value of AUROC against 0.5'>AUROC p</th>"
+        if any("auroc_p" in m for m in summary["estimators"].values())
+        else ""
+    )
+    return (
+        f'<table class="num"><tr><th>estimator</th>{head}{p_head}<th>traces</th></tr>'
+        f"{''.join(rows)}</table>"
+    )
+
+
+def counts_table(summaries: Sequence[dict], names: Sequence[str]) -> str:
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = [
+        "<tr><td>examples</td>" + "".join(f"<td>{s['n_examples']}</td>" for s in summaries),
+        "<tr><td>accuracy</td>" + "".join(f"<td>{fmt(s['accuracy'])}</td>" for s in summaries),
+    ]
+    keys = [k for k, _ in COUNTS]
+    keys += sorted({k for s in summaries for k in s.get("counts", {})} - set(keys))
+    labels = dict(COUNTS)
+    for k in keys:
+        rows.append(
+            f"<tr><td>{_esc(labels.get(k, k.replace('_', ' ')))}</td>"
+            + "".join(f"<td>{s.get('counts', {}).get(k, '–')}</td>" for s in summaries)
+        )
+    return f'<table class="num"><tr><th></th>{head}</tr>{"</tr>".join(rows)}</tr></table>'
+
+
+def agreement_table(summary: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{_esc(k.replace('|', ' ~ '))}</td><td>{fmt(v.get('spearman'))}</td>"
+        f"<td>{fmt(v.get('kendall'))}</td><td>{v.get('n')}</td></tr>"
+        for k, v in (summary.get("agreement") or {}).items()
+    )
+    return (
+        '<table class="num"><tr><th>pair (steps)</th><th>Spearman</th><th>Kendall</th>'
+        f"<th>steps</th></tr>{rows}</table>"
+    )
+
+
+def times_table(summaries: Sequence[dict], names: Sequence[str]) -> str:
+    seen = {k for s in summaries for k in s.get("stage_wall_s", {})}
+    stages = [st for st in STAGES if st in seen] + sorted(seen - set(STAGES))
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><td>{_esc(st)}</td>"
+        + "".join(f"<td>{fmt(s.get('stage_wall_s', {}).get(st), 1)}</td>" for s in summaries)
+        + "</tr>"
+        for st in stages
+    )
+    return f'<table class="num"><tr><th>stage (s)</th>{head}</tr>{rows}</table>'
+
+
+def _page(title: str, body: str, blocks: Sequence[str]) -> str:
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_asset('report.css')}</style></head>"
+        f'<body>{body}<pre id="fcjax-selfcheck" hidden></pre>{"".join(blocks)}'
+        f"<script>{_asset('viewer.js')}</script></body></html>"
+    )
+
+
+def _describe(summary: dict) -> str:
+    cfg = summary.get("config", {})
+    return (
+        f"{_esc(cfg.get('model'))} on {_esc(cfg.get('dataset'))}, intervention "
+        f"<b>{_esc(cfg.get('intervention'))}</b> ({_esc(cfg.get('intervention_role'))}), "
+        f"D from <b>{_esc(cfg.get('decisiveness'))}</b>"
+    )
+
+
+CAPTION_METRICS = (
+    "One colour per run; whiskers are 95% intervals where the summaries have them; hover a "
+    "bar for its value."
+)
+CAPTION_TRAJ = (
+    "Mean step faithfulness F in each tenth of the trace, one line per run (colours as above)."
+)
+
+
+# --- pages ----------------------------------------------------------------------------------
+def run_page(run: Path) -> str:
+    """The report of one finished run."""
+    summary = json.loads((run / "summary.json").read_text())
+    data = run_data(run, summary)
+    data["title"] = run.name
+    samples = data.get("samples")
+    note = ""
+    if samples and samples["omitted"]:
+        note = (
+            f"<p class='note'>{samples['omitted']} sampled continuations are not embedded "
+            "(page size budget); all are in sampling_samples.parquet.</p>"
+        )
+    body = f"""<header><h1>fcjax run <code>{_esc(run.name)}</code></h1>
+<p>{_describe(summary)}. {summary["n_examples"]} examples, accuracy {fmt(summary["accuracy"])}.</p>
+<nav><a href="#summary">Summary</a> · <a href="#figures">Figures</a> ·
+<a href="#traces">Traces</a> · <a href="#config">Config</a></nav></header>
+<section id="summary"><h2>Summary</h2>
+<h3>Faithfulness and calibration per estimator</h3>{metrics_table(summary)}
+<p class="caption">Trace level: C is the trace confidence, F the mean step faithfulness
+1 - |D - C|; hover a column name for how to read it.</p>
+<div class="row"><div><h3>Counts</h3>{counts_table([summary], ["this run"])}</div>
+<div><h3>Agreement</h3>{agreement_table(summary)}</div>
+<div><h3>Stage wall time</h3>{times_table([summary], ["this run"])}</div></div></section>
+<section id="figures"><h2>Figures</h2>{run_figures(summary, data, run)}</section>
+<section id="traces"><h2>Traces</h2>{note}
+<p class="caption">Click a row (or a column name to sort) to read its trace step by step;
+the link of an opened trace (#ex=ID) reopens it.</p><div id="viewer"></div></section>
+<section id="config"><h2>Config</h2><details><summary>flags of this run</summary>
+<pre>{_esc(json.dumps(summary.get("config", {}), indent=1))}</pre></details></section>"""
+    return _page(f"fcjax run {run.name}", body, [_json_block("fcjax-data", data)])
+
+
+def compare_page(runs: Sequence[Path], summaries: Sequence[dict], markdown: str) -> str:
+    """Several runs side by side: figures, differences per estimator, changed traces."""
+    labels = [r.name for r in runs]
+    names = sorted({n for s in summaries for n in s["estimators"]})
+    runs_rows = "".join(
+        f"<tr><th>{_esc(lab)}</th><td>{_describe(s)}</td><td>{s['n_examples']}</td>"
+        f"<td>{fmt(s['accuracy'])}</td><td><code>{_esc(r)}</code></td></tr>"
+        for lab, r, s in zip(labels, runs, summaries, strict=True)
+    )
+    diff_head = "".join(f"<th>{_esc(lab)}</th>" for lab in labels) + "".join(
+        f"<th>Δ {_esc(lab)} − {_esc(labels[0])}</th>" for lab in labels[1:]
+    )
+    diff_rows = []
+    for n in names:
+        for key, label, tip in METRICS:
+            vals = [s["estimators"].get(n, {}) for s in summaries]
+            cells = "".join(_metric_cell(v, key) for v in vals)
+            base = vals[0].get(key)
+            for v in vals[1:]:
+                x = v.get(key)
+                delta = x - base if svg.finite(x) and svg.finite(base) else None
+                better = delta is not None and (delta < 0 if key in LOWER_BETTER else delta > 0)
+                cls = (
+                    ""
+                    if not delta or key == "mean_conf"
+                    else (" class='up'" if better else " class='down'")
+                )
+                cells += f"<td{cls}>{'–' if delta is None else f'{delta:+.3f}'}</td>"
+            diff_rows.append(
+                f"<tr><th>{_esc(n)}</th><td title='{_esc(tip)}'>{label}</td>{cells}</tr>"
+            )
+    per_metric = metric_panels(
+        names,
+        [
+            (lab, [s["estimators"].get(n, {}) for n in names])
+            for lab, s in zip(labels, summaries, strict=True)
+        ],
+    )
+    legend = [(lab, svg.colour(j)) for j, lab in enumerate(labels)]
+    traj_panels = []
+    for n in names:
+        p = svg.Panel(f"{n}: F over the trace", "step position", "F")
+        for j, (lab, s) in enumerate(zip(labels, summaries, strict=True)):
+            traj = s.get("trajectory") or {}
+            values = (traj.get("mean") or {}).get(f"faith_{n}")
+            if values:
+                e = np.asarray(traj["edges"], float)
+                centers = ((e[:-1] + e[1:]) / 2).tolist()
+                p.line(centers, values, svg.colour(j), tip=f"{lab}: faith_{n}")
+                p.dots(centers, values, svg.colour(j), tips=[f"{lab}: {fmt(v)}" for v in values])
+        traj_panels.append(p.svg())
+    payloads, missing = [], []
+    for lab, r, s in zip(labels, runs, summaries, strict=True):
+        if (r / "examples.parquet").exists() and (r / "steps.parquet").exists():
+            payloads.append({**run_data(r, s), "title": lab})
+        else:
+            payloads.append(None)
+            missing.append(lab)
+    per_run = "".join(
+        f"<figure><h3>{_esc(title)}</h3>"
+        + "".join(
+            f'<div class="runrow"><h4>{_esc(lab)}</h4><div class="panels">'
+            f"{''.join(build(data))}</div></div>"
+            for lab, data in zip(labels, payloads, strict=True)
+            if data is not None
+        )
+        + f"<figcaption>{_esc(caption)} One row per run.</figcaption></figure>"
+        for title, caption, build in PER_ESTIMATOR
+        if any(payloads)
+    )
+    note = (
+        f"<p class='note'>No tables (examples.parquet, steps.parquet) in: "
+        f"{_esc(', '.join(missing))}; those runs are left out of the per-question view.</p>"
+        if missing
+        else ""
+    )
+    body = f"""<header><h1>fcjax: {len(runs)} runs side by side</h1>
+<nav><a href="#runs">Runs</a> · <a href="#differences">Differences</a> ·
+<a href="#figures">Figures</a> · <a href="#questions">Per question</a></nav></header>
+<section id="runs"><h2>Runs</h2><table><tr><th>run</th><th>setting</th><th>examples</th>
+<th>accuracy</th><th>directory</th></tr>{runs_rows}</table>
+<h3>Counts</h3>{counts_table(summaries, labels)}</section>
+<section id="differences"><h2>Differences per estimator</h2>
+<p class="caption">Each run's value (95% interval where its summary has one) and its
+difference from the first run: green where it is better than {_esc(labels[0])} (higher,
+or lower for ECE and Brier), red where worse.</p>
+<table class="num"><tr><th>estimator</th><th>metric</th>{diff_head}</tr>{"".join(diff_rows)}
+</table></section>
+<section id="figures"><h2>Figures</h2>
+{figure("Metrics per estimator and run", CAPTION_METRICS, per_metric, legend=legend)}
+{figure("Faithfulness over the trace", CAPTION_TRAJ, traj_panels, legend=legend)}
+{per_run}
+<h3>Stage wall time</h3>{times_table(summaries, labels)}
+<details><summary>All figures as text (compare.txt)</summary><pre>{_esc(markdown)}</pre></details>
+</section>
+<section id="questions"><h2>Per question</h2>{note}
+<p class="caption">One row per question present in the runs; "flipped" marks a question
+whose correctness differs from {_esc(labels[0])}, Δ C the largest change of a trace
+confidence. Click a row to read its traces side by side (#q=ID).</p>
+<div id="viewer"></div></section>"""
+    return _page(
+        "fcjax comparison",
+        body,
+        [_json_block("fcjax-data", {"compare": True, "runs": payloads, "labels": labels})],
+    )
