@@ -241,10 +241,9 @@ def torch_state_dict(lm: fcjax.LM) -> dict[str, np.ndarray]:
         if names in by_path:
             name, kind = by_path[names]
             out[name] = _to_torch_layout(value, kind)
-        else:
-            suffix, kind = per_layer[names]
-            for layer in range(lm.config.num_layers):
-                out[f"model.layers.{layer}.{suffix}"] = _to_torch_layout(value[layer], kind)
+        else:  # ("blocks", layer, ...)
+            suffix, kind = per_layer[names[2:]]
+            out[f"model.layers.{names[1]}.{suffix}"] = _to_torch_layout(value, kind)
     if lm.config.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

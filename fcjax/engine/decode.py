@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcjax.engine.sampling import Sampler, sample_step
+from fcjax.engine.sampling import Sampler, row_keys, sample_step
 from fcjax.models.decoder import KVCache
 
 
@@ -59,7 +59,7 @@ class Refill(NamedTuple):
     start: jnp.ndarray  # bool: this slot starts a new row
     read: jnp.ndarray  # int32: index into the context's read positions (its first token)
     ctx_valid: jnp.ndarray  # int32
-    keys: jnp.ndarray  # [contexts, rows, 2]
+    ident: jnp.ndarray  # [contexts, rows, 3] uint32 (example key, cut, sample) of the row
 
 
 class StopTables(NamedTuple):
@@ -198,8 +198,10 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     return new, step
 
 
-def _apply_refill(model, pool: Pool, refill: Refill) -> Pool:
+def _apply_refill(model, pool: Pool, refill: Refill, seed) -> Pool:
     start = refill.start
+    ident = refill.ident.reshape(-1, 3)
+    keys = row_keys(seed, ident[:, 0], ident[:, 1], ident[:, 2]).reshape(pool.keys.shape)
     h = jnp.take_along_axis(pool.ctx_h, refill.read[..., None], axis=1)  # [ctx, rows, embed]
     first = model.unembed(h)
     return pool._replace(
@@ -207,7 +209,7 @@ def _apply_refill(model, pool: Pool, refill: Refill) -> Pool:
         n_own=jnp.where(start, 0, pool.n_own),
         ctx_valid=jnp.where(start, refill.ctx_valid, pool.ctx_valid),
         done=jnp.where(start, False, pool.done),
-        keys=jnp.where(start[..., None], refill.keys, pool.keys),
+        keys=jnp.where(start[..., None], keys, pool.keys),
         tail=jnp.where(start, jnp.uint32(0), pool.tail),
     )
 
@@ -224,15 +226,17 @@ def decode_chunk(
     refill: Refill,
     stops: StopTables,
     limit,
+    seed,
     *,
     sampler,
     eos,
     steps: int,
 ) -> tuple[Pool, ChunkOut]:
-    """Starts the refilled rows, then runs ``steps`` decode steps (rows stop at EOS, a stop
-    string or ``limit`` tokens). ``eos`` is a tuple of token ids."""
+    """Starts the refilled rows (their keys from ``seed`` and each row's ident), then runs
+    ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens). ``eos`` is a
+    tuple of token ids."""
     model = nnx.merge(graphdef, params)
-    pool = _apply_refill(model, pool, refill)
+    pool = _apply_refill(model, pool, refill, seed)
     eos = eos if eos else (-1,)
 
     def body(pool, _):

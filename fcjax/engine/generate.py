@@ -26,7 +26,7 @@ import numpy as np
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
-from fcjax.engine.sampling import SamplingParams, row_keys, stable_key
+from fcjax.engine.sampling import SamplingParams, stable_key
 from fcjax.engine.stops import stop_tables
 from fcjax.models.attention import CTX_BLOCK, block_size
 from fcjax.models.lm import LM
@@ -120,7 +120,7 @@ class _Row:
     out: int  # index of its result
     read: int  # index of position ctx_valid - 1 in the context's read positions
     ctx_valid: int
-    key: np.ndarray  # [2] uint32
+    ident: tuple[int, int, int]  # (example key, cut, sample): the row's random stream
     tokens: list = dataclasses.field(default_factory=list)
     chosen: list = dataclasses.field(default_factory=list)
     top_lp: list = dataclasses.field(default_factory=list)
@@ -157,6 +157,7 @@ def _serve(
     pool = init_pool(lm.config, layout, lm.dtype, mesh, row_axis)
     stops = jax.device_put(stop_tables(lm, params.stop), mesh_lib.replicated(mesh))
     limit = jnp.asarray(params.max_new_tokens, jnp.int32)
+    seed = jnp.asarray(params.seed, jnp.uint32)
     eos = tuple(lm.eos_token_ids)
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
@@ -231,7 +232,7 @@ def _serve(
         start = np.zeros((n_ctx, n_slot), bool)
         read = np.zeros((n_ctx, n_slot), np.int32)
         valid = np.ones((n_ctx, n_slot), np.int32)
-        keys = np.zeros((n_ctx, n_slot, 2), np.uint32)
+        ident = np.zeros((n_ctx, n_slot, 3), np.uint32)
         for c in range(n_ctx):
             if ctx_of[c] is None:
                 continue
@@ -241,12 +242,12 @@ def _serve(
                     row = slot_row[c][r] = ctx.rows.popleft()
                     ctx.live += 1
                     start[c, r], read[c, r], valid[c, r] = True, row.read, row.ctx_valid
-                    keys[c, r] = row.key
+                    ident[c, r] = row.ident
         snapshot = [(c, r, row) for c in range(n_ctx) for r, row in enumerate(slot_row[c]) if row]
         launched = None
         if snapshot:
             put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731
-            refill = Refill(put(start), put(read), put(valid), put(keys))
+            refill = Refill(put(start), put(read), put(valid), put(ident))
             pool, out = decode_chunk(
                 lm.graphdef,
                 weights,
@@ -254,6 +255,7 @@ def _serve(
                 refill,
                 stops,
                 limit,
+                seed,
                 sampler=sampler,
                 eos=eos,
                 steps=CHUNK,
@@ -320,14 +322,6 @@ def _result(lm: LM, row: _Row, params: SamplingParams, prompt_ids) -> Generation
     )
 
 
-def _keys(seed: int, example_keys, cuts, samples) -> np.ndarray:
-    """Row keys [n, 2], computed in a bucketed batch (one small program per bucket)."""
-    n = len(example_keys)
-    size = _row_bucket(n, 1)
-    pad = lambda xs: list(xs) + [0] * (size - n)  # noqa: E731
-    return np.asarray(row_keys(seed, pad(example_keys), pad(cuts), pad(samples)))[:n]
-
-
 def generate(
     lm: LM,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -350,12 +344,13 @@ def generate(
         raise ValueError(f"{len(keys)} keys for {len(ids)} prompts")
     if not ids:
         return []
-    row_key = _keys(params.seed, [stable_key(k) for k in keys], [0] * len(ids), [0] * len(ids))
     # similar lengths decode side by side (rows are seeded by key, not position)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     contexts = [
         _Context(
-            ids[i], [len(ids[i]) - 1], collections.deque([_Row(i, 0, len(ids[i]), row_key[i])])
+            ids[i],
+            [len(ids[i]) - 1],
+            collections.deque([_Row(i, 0, len(ids[i]), (stable_key(keys[i]), 0, 0))]),
         )
         for i in order
     ]
@@ -435,12 +430,6 @@ def branch_many(
     ]
     if not specs:
         return [[] for _ in traces]
-    row_key = _keys(
-        params.seed,
-        [stable_key(keys[i]) for i, _, _ in specs],
-        [cut_lists[i][j] for i, j, _ in specs],
-        [s for _, _, s in specs],
-    )
     contexts, of_context = [], []
     for i, cuts in enumerate(cut_lists):
         if not cuts:
@@ -450,9 +439,10 @@ def branch_many(
         contexts.append(ctx)
         of_context.append(i)
     by_trace = dict(zip(of_context, contexts, strict=True))
-    for out, (i, j, _) in enumerate(specs):
+    for out, (i, j, s) in enumerate(specs):
         ctx, cut = by_trace[i], cut_lists[i][j]
-        ctx.rows.append(_Row(out, ctx.reads.index(cut - 1), cut, row_key[out]))
+        ident = (stable_key(keys[i]), cut, s)
+        ctx.rows.append(_Row(out, ctx.reads.index(cut - 1), cut, ident))
     n_data = mesh_lib.data_size(mesh)
     most = max(len(c.rows) for c in contexts)
     rows = max(1, min(_row_bucket(most, 1), max_rows))

@@ -66,11 +66,11 @@ def stable_key(x) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def row_keys(seed: int, example_keys, cuts, samples) -> jnp.ndarray:
-    """Keys [rows, 2] from per-row (example key, cut, sample index)."""
-    ex = jnp.asarray(np.asarray(example_keys, np.uint32))
-    cut = jnp.asarray(np.asarray(cuts, np.uint32))
-    smp = jnp.asarray(np.asarray(samples, np.uint32))
+def row_keys(seed, example_keys, cuts, samples) -> jnp.ndarray:
+    """Keys [rows, 2] from per-row (example key, cut, sample index); traceable."""
+    ex = jnp.asarray(example_keys, jnp.uint32)
+    cut = jnp.asarray(cuts, jnp.uint32)
+    smp = jnp.asarray(samples, jnp.uint32)
     base = jax.random.PRNGKey(seed)
 
     def one(e, c, s):
