@@ -9,7 +9,7 @@ context slots whose rows are all done) from its queue (``fcjax.engine.scheduler`
 batch never waits for its longest row.
 
 Per layer the caches are batch-first, ``ctx_k [contexts, kv_heads, ctx_len, head_dim]`` and
-``own_k [contexts, rows, kv_heads, new, head_dim]``, donated and written in place. A chunk
+``own_k [contexts * rows, kv_heads, new, head_dim]`` (a ring), donated and written in place. A chunk
 runs a fixed number of steps (no data-dependent loop); rows that finish stop writing but keep
 their slot until the host refills it. Every row's random stream is folded from its own key
 and its own token index, so a token does not depend on the slot, the chunk or the batch.
@@ -51,6 +51,7 @@ class Pool(NamedTuple):
     done: jnp.ndarray  # [contexts, rows] bool
     keys: jnp.ndarray  # [contexts, rows, 2] per-row base keys
     tail: jnp.ndarray  # [contexts, rows] uint32 stop-string prefixes the last token ends with
+    t: jnp.ndarray  # [] steps run: every row writes own-cache ring slot t % new
 
 
 class Refill(NamedTuple):
@@ -90,8 +91,8 @@ def _zeros_pool(config, layout: Layout, dtype) -> Pool:
     layers = range(config.num_layers)
     ctx = tuple(jnp.zeros((c, kv, layout.ctx_len, hd), dtype) for _ in layers)
     ctx_v = tuple(jnp.zeros((c, kv, layout.ctx_len, hd), dtype) for _ in layers)
-    own = tuple(jnp.zeros((c, r, kv, layout.new, hd), dtype) for _ in layers)
-    own_v = tuple(jnp.zeros((c, r, kv, layout.new, hd), dtype) for _ in layers)
+    own = tuple(jnp.zeros((c * r, kv, layout.new, hd), dtype) for _ in layers)
+    own_v = tuple(jnp.zeros((c * r, kv, layout.new, hd), dtype) for _ in layers)
     return Pool(
         cache=KVCache(ctx, ctx_v, own, own_v),
         ctx_h=jnp.zeros((c, layout.reads, config.hidden_size), dtype),
@@ -101,6 +102,7 @@ def _zeros_pool(config, layout: Layout, dtype) -> Pool:
         done=jnp.ones((c, r), bool),
         keys=jnp.zeros((c, r, 2), jnp.uint32),
         tail=jnp.zeros((c, r), jnp.uint32),
+        t=jnp.zeros((), jnp.int32),
     )
 
 
@@ -114,10 +116,12 @@ def pool_shardings(config, layout: Layout, dtype, mesh, row_axis: int):
 
     def spec(path, x):
         names = [getattr(p, "name", None) for p in path]
+        if x.ndim == 0:
+            return NamedSharding(mesh, P())
         if "ctx_k" in names or "ctx_v" in names or "ctx_h" in names:
             return NamedSharding(mesh, P("data") if row_axis == 0 else P())
         axes = [None] * x.ndim
-        axes[row_axis] = "data"
+        axes[0 if "own_k" in names or "own_v" in names else row_axis] = "data"  # [c * r, ..]
         return NamedSharding(mesh, P(*axes))
 
     return jax.tree_util.tree_map_with_path(spec, shapes)
@@ -153,15 +157,6 @@ def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots)
     return pool._replace(cache=cache, ctx_h=put(pool.ctx_h, h))
 
 
-def _write_own(buf, value, n_own):
-    """buf [c, r, kv, new, hd] <- value [c, r, kv, hd] at each row's own position."""
-
-    def one(b, v, t):
-        return jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), t, axis=1)
-
-    return jax.vmap(jax.vmap(one))(buf, value, n_own)
-
-
 def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, eos):
     """Samples one token for every unfinished row and advances it; returns the new pool and
     the step's (token, chosen, top_lp, top_ids, emitted, stopped)."""
@@ -173,18 +168,18 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     stopped = active & (stops.contains[tok] | ((pool.tail & stops.head[tok]) != 0))
     n_own = pool.n_own + active.astype(jnp.int32)
     finished = active & (jnp.isin(tok, jnp.asarray(eos, jnp.int32)) | stopped | (n_own >= limit))
-    out = model.decode(tok, pool.ctx_valid + pool.n_own, pool.cache, pool.ctx_valid, pool.n_own)
-    write = functools.partial(_write_own, n_own=pool.n_own)
-    cache = pool.cache._replace(
-        own_k=tuple(map(write, pool.cache.own_k, out.k)),
-        own_v=tuple(map(write, pool.cache.own_v, out.v)),
+    slot = pool.t % pool.cache.own_k[0].shape[2]
+    out = model.decode(
+        tok, pool.ctx_valid + pool.n_own, pool.cache, pool.ctx_valid, pool.n_own, slot
     )
+    cache = pool.cache._replace(own_k=out.own_k, own_v=out.own_v)
     new = pool._replace(
         cache=cache,
         logits=model.unembed(out.normed),
         n_own=n_own,
         done=pool.done | finished,
         tail=jnp.where(active, stops.tail[tok], pool.tail),
+        t=pool.t + 1,
     )
     k = top_lp.shape[-1]
     step = (

@@ -6,14 +6,14 @@
   long trace never holds [seq, seq] scores.
 - ``decode_attention``: one new token per row, rows grouped as [contexts, rows]. Every row
   attends to a prefix of its context's cache (a prompt, or a trace that many branch rows
-  share), to its own cache of generated tokens, and to itself. It is cascade attention with
+  share) and to its own cache of generated tokens (itself included). It is cascade attention with
   an online softmax: each context block is read once for all rows of that context, the own
-  blocks once per row, and the three parts merge by log-sum-exp. Blocks past the longest live
+  blocks once per row, and the parts merge by log-sum-exp. Blocks past the longest live
   length are never read (the block loops run to the batch's longest prefix), and scores exist
   only one block at a time.
 
 KV caches are laid out batch-first per layer, ``[contexts, kv_heads, seq, head_dim]`` and
-``[contexts, rows, kv_heads, new, head_dim]``, so no step transposes them. Grouped-query
+``[contexts * rows, kv_heads, new, head_dim]``, so no step transposes them. Grouped-query
 attention reshapes queries to [.., kv_heads, groups, head_dim]; K/V are never repeated.
 """
 
@@ -86,29 +86,26 @@ def prefill_attention(
 
 def decode_attention(
     q: jnp.ndarray,  # [ctx, rows, heads, head_dim] one new token per row
-    k_new: jnp.ndarray,  # [ctx, rows, kv_heads, head_dim]
-    v_new: jnp.ndarray,  # [ctx, rows, kv_heads, head_dim]
     ctx_k: jnp.ndarray,  # [ctx, kv_heads, ctx_len, head_dim] shared by the ctx's rows
     ctx_v: jnp.ndarray,
     ctx_valid: jnp.ndarray,  # [ctx, rows] how many context positions each row sees
-    own_k: jnp.ndarray,  # [ctx, rows, kv_heads, new, head_dim] this row's earlier tokens
+    own_k: jnp.ndarray,  # [ctx * rows, kv_heads, new, head_dim] the rows' tokens, new included
     own_v: jnp.ndarray,
-    own_valid: jnp.ndarray,  # [ctx, rows] how many own positions are filled
+    own_valid: jnp.ndarray,  # [ctx, rows] how many own tokens the row has (>= 1)
+    own_end: jnp.ndarray,  # [] ring slot after the newest token (mod new)
     *,
     precision=None,
 ) -> jnp.ndarray:
-    """Returns [ctx, rows, heads, head_dim] (the value dtype)."""
+    """Returns [ctx, rows, heads, head_dim] (the value dtype).
+
+    The own cache is a ring every row writes at the same slot each step (the caller writes
+    the new token first), so a row's ``own_valid`` tokens are the slots just before
+    ``own_end`` (mod ``new``), and the blocks read are those of the longest row's window.
+    """
     n_ctx, rows, heads, head_dim = q.shape
-    kv_heads = k_new.shape[2]
+    kv_heads = ctx_k.shape[1]
     q = q.reshape(n_ctx, rows, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
     f32 = jnp.float32
-
-    def scores(spec, k):
-        return jnp.einsum(spec, q, k, precision=precision, preferred_element_type=f32)
-
-    # the row's own new token starts the running softmax: max m, sum l, weighted values acc
-    m = scores("crkgh,crkh->crkg", k_new)
-    carry = (m, jnp.ones_like(m), jnp.broadcast_to(v_new[:, :, :, None].astype(f32), q.shape))
 
     def merge(carry, s, values, spec):
         m, l, acc = carry
@@ -120,39 +117,45 @@ def decode_attention(
         )
         return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
 
-    def blocks(carry, cache_k, cache_v, valid, axis, block, s_spec, v_spec):
-        n_blocks = (jnp.max(valid) + block - 1) // block
+    def blocks(carry, q, cache_k, cache_v, block, first, n_blocks, ok, specs):
+        """Merges blocks first, first + 1, ... (mod the cache's blocks) of a cache whose
+        positions are its axis -2; ``ok(positions)`` -> [..rows.., block] which positions
+        each row attends to."""
+        total = cache_k.shape[-2] // block
 
-        def body(b, carry):
-            kb = jax.lax.dynamic_slice_in_dim(cache_k, b * block, block, axis)
-            vb = jax.lax.dynamic_slice_in_dim(cache_v, b * block, block, axis)
-            s = scores(s_spec, kb)
-            ok = b * block + jnp.arange(block) < valid[..., None]  # [ctx, rows, block]
-            s = jnp.where(ok[:, :, None, None], s, NEG_INF)
-            return merge(carry, s, vb, v_spec)
+        def body(i, carry):
+            start = (first + i) % total * block
+            kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, cache_k.ndim - 2)
+            vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, cache_v.ndim - 2)
+            s = jnp.einsum(specs[0], q, kb, precision=precision, preferred_element_type=f32)
+            s = jnp.where(ok(start + jnp.arange(block))[..., None, None, :], s, NEG_INF)
+            return merge(carry, s, vb, specs[1])
 
-        return jax.lax.fori_loop(0, n_blocks, body, carry)
+        return jax.lax.fori_loop(0, jnp.minimum(n_blocks, total), body, carry)
 
-    ctx_len, new = ctx_k.shape[2], own_k.shape[3]
+    # the running softmax (max m, sum l, weighted values acc) over the context: positions
+    # [0, ctx_valid) of the row's context, in blocks up to the longest row's
+    m = jnp.full(q.shape[:-1], NEG_INF, f32)
+    carry = (m, jnp.zeros_like(m), jnp.zeros(q.shape, f32))
+    ctx_len, new = ctx_k.shape[2], own_k.shape[2]
+    blk = block_size(ctx_len, CTX_BLOCK)
     carry = blocks(
-        carry,
-        ctx_k,
-        ctx_v,
-        ctx_valid,
-        2,
-        block_size(ctx_len, CTX_BLOCK),
-        "crkgh,cksh->crkgs",
-        "crkgs,cksh->crkgh",
-    )
+        carry, q, ctx_k, ctx_v, blk, 0, (jnp.max(ctx_valid) + blk - 1) // blk,
+        lambda pos: pos < ctx_valid[..., None],
+        ("crkgh,cksh->crkgs", "crkgs,cksh->crkgh"),
+    )  # fmt: skip
+    # then over the own ring, rows flattened: the window of the longest row ends at own_end
+    flat = n_ctx * rows
+    carry = tuple(x.reshape(flat, *x.shape[2:]) for x in carry)
+    own_valid = own_valid.reshape(flat)
+    blk = block_size(new, OWN_BLOCK)
+    longest = jnp.max(own_valid)
+    start = (own_end - longest) % new
     carry = blocks(
-        carry,
-        own_k,
-        own_v,
-        own_valid,
-        3,
-        block_size(new, OWN_BLOCK),
-        "crkgh,crksh->crkgs",
-        "crkgs,crksh->crkgh",
-    )
+        carry, q.reshape(flat, *q.shape[2:]), own_k, own_v, blk, start // blk,
+        (start % blk + longest + blk - 1) // blk,
+        lambda pos: (own_end - 1 - pos) % new < own_valid[..., None],
+        ("bkgh,bksh->bkgs", "bkgs,bksh->bkgh"),
+    )  # fmt: skip
     _, l, acc = carry
-    return (acc / l[..., None]).reshape(n_ctx, rows, heads, head_dim).astype(v_new.dtype)
+    return (acc / l[..., None]).reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)

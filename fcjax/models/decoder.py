@@ -79,7 +79,11 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, attn, precision=None):
-        return jnp.einsum("...nh,nhd->...d", attn, self.o[...], precision=precision)
+        """attn [..., heads, hd] -> [..., embed]; heads x hd flattened on both sides (free
+        reshapes), so no backend transposes the weight to match the activation's layout."""
+        o = self.o[...]
+        flat = attn.reshape(*attn.shape[:-2], -1)
+        return jnp.einsum("...f,fd->...d", flat, o.reshape(-1, o.shape[-1]), precision=precision)
 
 
 class MLP(nnx.Module):
@@ -121,7 +125,7 @@ class KVCache(NamedTuple):
 
     ctx_k: tuple  # [ctx, kv_heads, ctx_len, head_dim]: the context (prompt or trace)
     ctx_v: tuple
-    own_k: tuple  # [ctx, rows, kv_heads, new, head_dim]: each row's generated tokens
+    own_k: tuple  # [ctx * rows, kv_heads, new, head_dim]: each row's generated tokens (a ring)
     own_v: tuple
 
 
@@ -136,8 +140,8 @@ class PrefillOut(NamedTuple):
 class DecodeOut(NamedTuple):
     normed: jnp.ndarray  # [ctx, rows, embed]
     last_hidden: jnp.ndarray  # [ctx, rows, embed]
-    k: tuple  # per layer [ctx, rows, kv_heads, head_dim]: the new token's
-    v: tuple
+    own_k: tuple  # per layer: the own caches with the new token written
+    own_v: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +230,11 @@ class Decoder(nnx.Module):
         positions: jnp.ndarray,  # [ctx, rows]
         cache: KVCache,
         ctx_valid: jnp.ndarray,  # [ctx, rows]
-        own_valid: jnp.ndarray,  # [ctx, rows]
+        own_valid: jnp.ndarray,  # [ctx, rows] tokens in the own cache before this one
+        slot: jnp.ndarray,  # [] the own-cache ring slot this step writes
     ) -> DecodeOut:
-        """One decoding step for every row; returns the new token's K/V per layer for the
-        caller to write into the own cache (so attention reads the caches as they are)."""
+        """One decoding step for every row: each layer writes the new token's K/V into the
+        own cache (in place) and attends to it with the rest; returns the written caches."""
         prec = self.numerics.precision
         cos, sin = rope_tables(self.config, positions)
         x = self._embed(tokens)
@@ -237,20 +242,27 @@ class Decoder(nnx.Module):
         for layer, block in enumerate(self.blocks):
 
             def attend(q, k, v, layer=layer):
+                own_k = _write_slot(cache.own_k[layer], k, slot)
+                own_v = _write_slot(cache.own_v[layer], v, slot)
+                ks.append(own_k)
+                vs.append(own_v)
                 return decode_attention(
                     q,
-                    k,
-                    v,
                     cache.ctx_k[layer],
                     cache.ctx_v[layer],
                     ctx_valid,
-                    cache.own_k[layer],
-                    cache.own_v[layer],
-                    own_valid,
+                    own_k,
+                    own_v,
+                    own_valid + 1,
+                    slot + 1,
                     precision=prec,
                 )
 
-            x, k, v = block(x, cos, sin, attend, prec)
-            ks.append(k)
-            vs.append(v)
+            x, _, _ = block(x, cos, sin, attend, prec)
         return DecodeOut(self.final_norm(x), x, tuple(ks), tuple(vs))
+
+
+def _write_slot(buf: jnp.ndarray, value: jnp.ndarray, slot) -> jnp.ndarray:
+    """buf [c * r, kv, new, hd] <- value [c, r, kv, hd] at ring ``slot`` (in place)."""
+    value = value.reshape(buf.shape[0], *value.shape[2:]).astype(buf.dtype)
+    return jax.lax.dynamic_update_index_in_dim(buf, value, slot, axis=2)
