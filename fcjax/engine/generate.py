@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
 from fcjax.engine.sampling import SamplingParams, stable_key
 from fcjax.engine.stops import stop_tables
-from fcjax.models.attention import CTX_BLOCK, block_size
+from fcjax.models.attention import block_size
 from fcjax.models.lm import LM
 
 log = logging.getLogger("fcjax")
@@ -62,6 +61,7 @@ class EngineStats:
     ctx_read: int = 0  # context positions the decode attention read (per context, per step)
     ctx_valid: int = 0  # of those, positions some live row of that context attends to
     host_reads: int = 0  # device-to-host transfers (one per chunk)
+    tail_row_steps: int = 0  # row_steps computed after the queue ran empty
 
     @property
     def row_utilisation(self) -> float:
@@ -156,8 +156,8 @@ def _serve(
     weights = mesh_lib.replicate(lm.state, mesh)
     pool = init_pool(lm.config, layout, lm.dtype, mesh, row_axis)
     stops = jax.device_put(stop_tables(lm, params.stop), mesh_lib.replicated(mesh))
-    limit = jnp.asarray(params.max_new_tokens, jnp.int32)
-    seed = jnp.asarray(params.seed, jnp.uint32)
+    scalars = np.int32(params.max_new_tokens), np.uint32(params.seed)
+    limit, seed = jax.device_put(scalars, mesh_lib.replicated(mesh))
     eos = tuple(lm.eos_token_ids)
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
@@ -263,6 +263,8 @@ def _serve(
             launched = (out, snapshot)
             stats.chunks += 1
             stats.row_steps += CHUNK * n_ctx * n_slot
+            if not queue and not any(contexts[j].rows for j in ctx_of if j is not None):
+                stats.tail_row_steps += CHUNK * n_ctx * n_slot
             _count_context_reads(stats, layout, contexts, ctx_of, slot_row)
         if inflight is not None:
             read_back(*inflight)  # the previous chunk, while this one runs
@@ -284,7 +286,7 @@ def _count_context_reads(stats, layout, contexts, ctx_of, slot_row) -> None:
             needed.append(max(rows))
     if not needed:
         return
-    blk = block_size(layout.ctx_len, CTX_BLOCK)
+    blk = block_size(layout.ctx_len)
     read = math.ceil(max(needed) / blk) * blk
     stats.ctx_read += CHUNK * layout.contexts * read
     stats.ctx_valid += CHUNK * sum(needed)

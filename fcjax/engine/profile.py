@@ -6,6 +6,9 @@
   the cost analysis (which counts a loop body once) covers the whole step.
 - ``layout_copies``: instructions of that program that copy, transpose or slice a KV-sized or
   weight-sized array: what a batch-first cache layout and per-layer weights exist to avoid.
+- ``CompileCounter``: XLA programs compiled during a call.
+- ``long_tailed``: row-step utilisation and context padding of continuous batching on a
+  geometric length mix, against the same generations in fixed batches.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from fcjax.engine.decode import Layout, Pool, StopTables, _zeros_pool, decode_step
-from fcjax.engine.sampling import Sampler
-from fcjax.models.attention import CTX_BLOCK, OWN_BLOCK
+from fcjax.engine.generate import EngineStats, generate
+from fcjax.engine.sampling import Sampler, SamplingParams
+from fcjax.models.attention import MIN_BLOCK
 from fcjax.models.lm import LM
 
 
@@ -34,7 +38,7 @@ def _one_step(graphdef, params, pool: Pool, stops: StopTables, limit, *, sampler
 
 def one_block_layout(contexts: int, rows: int) -> Layout:
     """A pool whose context and own caches are one attention block each."""
-    return Layout(contexts=contexts, rows=rows, ctx_len=CTX_BLOCK, new=OWN_BLOCK, reads=1)
+    return Layout(contexts=contexts, rows=rows, ctx_len=MIN_BLOCK, new=MIN_BLOCK, reads=1)
 
 
 def compile_step(lm: LM, layout: Layout, sampler: Sampler):
@@ -72,12 +76,66 @@ class StepBytes:
 
 
 def step_bytes(lm: LM, layout: Layout, sampler: Sampler, compiled=None) -> StepBytes:
-    """HLO bytes of one decode step against weights + KV, with every cache full (live)."""
+    """HLO bytes of one decode step against weights + KV, with every cache full (live).
+
+    XLA's cost analysis counts a fusion whose root is an in-place dynamic-update-slice (the
+    new token's K/V written into a cache) as reading and writing the whole cache; such a
+    fusion is counted here as reading and writing its update only."""
     compiled = compiled or compile_step(lm, layout, sampler)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
-    return StepBytes(float(cost["bytes accessed"]), _nbytes(lm.state), _nbytes(pool.cache))
+    hlo = float(cost["bytes accessed"]) - _in_place_overcount(compiled.as_text())
+    return StepBytes(hlo, _nbytes(lm.state), _nbytes(pool.cache))
+
+
+def _shape_bytes(dtype: str, dims: str) -> int:
+    return int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _ITEMSIZE.get(dtype, 4)
+
+
+def _in_place_overcount(text: str) -> float:
+    """Bytes XLA's cost analysis counts that the program does not move: a fusion whose root
+    is an in-place dynamic-update-slice is counted as reading and writing its whole buffer
+    (it moves the update only), and a fusion that gathers rows from a parameter (the token
+    embedding) as reading the whole table (it reads the gathered rows only)."""
+    shape = r"(\w+)\[([\d,]*)\]"
+    info = {}  # fused computation -> (params, DUS (buffer, update) or None, gathers)
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^%(\S+) \(", line)
+        if head:
+            current = head.group(1)
+            params = dict(re.findall(r"([\w.\-]+): (\w+\[[\d,]*\])", line))
+            info[current] = (params, None, [])
+            continue
+        if current is None:
+            continue
+        m = re.match(
+            r"^\s*ROOT %\S+ = \w+\[[\d,]*\]\S* dynamic-update-slice\(%(\S+?), %(\S+?)[,)]", line
+        )
+        if m:
+            info[current] = (info[current][0], (m.group(1), m.group(2)), info[current][2])
+        m = re.match(r"^\s*(?:ROOT )?%\S+ = " + shape + r"\S* gather\(%(\S+?)[,)]", line)
+        if m:
+            info[current][2].append((m.group(3), _shape_bytes(m.group(1), m.group(2))))
+    over = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:ROOT )?%\S+ = " + shape + r"\S* fusion\(.*calls=%([\w.\-]+)", line)
+        if not m or m.group(3) not in info:
+            continue
+        params, dus, gathers = info[m.group(3)]
+        size = functools.partial(_param_bytes, params)
+        if dus and dus[0] in params and size(dus[0]) == _shape_bytes(m.group(1), m.group(2)):
+            over += 2 * (size(dus[0]) - size(dus[1]))
+        for operand, out in gathers:
+            if operand in params:
+                over += max(size(operand) - out, 0)
+    return over
+
+
+def _param_bytes(params: dict[str, str], name: str) -> int:
+    m = re.match(r"(\w+)\[([\d,]*)\]", params.get(name, ""))
+    return _shape_bytes(*m.groups()) if m else 0
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* (\S+?)\(")
@@ -86,31 +144,85 @@ _LAYOUT_OPS = ("copy", "transpose", "dynamic-slice", "slice")
 
 
 def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
-    """Instructions (fused or not) that copy or transpose at least half of one layer's KV
-    cache, or slice at least half of the smallest weight matrix, per decode step."""
-    itemsize = jnp.dtype(lm.dtype).itemsize
-    weights = [x for x in jax.tree.leaves(lm.state) if np.ndim(x) >= 2]
-    smallest_weight = min(int(np.prod(x.shape)) for x in weights) * itemsize
-    cfg = lm.config
-    per_token = cfg.num_kv_heads * cfg.head_dim * itemsize
-    layer_kv = min(
-        layout.contexts * layout.ctx_len * per_token,
-        layout.contexts * layout.rows * layout.new * per_token,
-    )
+    """Instructions (fused or not) that copy or transpose an array the size of one layer's KV
+    cache, or slice one the size of a weight tensor, in a decode step."""
+    pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
+    kv_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(pool.cache)}
+    weight_sizes = {int(np.prod(np.shape(x))) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
     found = []
     for line in compiled.as_text().splitlines():
         m = _INSTR.match(line)
         if not m:
             continue
         name, dtype, dims, op = m.groups()
+        if "update" in name or "update" in op:
+            continue  # in-place writes
+        kind = next((w for w in _LAYOUT_OPS if w == op or w in name), None)
         size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        size *= _ITEMSIZE.get(dtype, 4)
-        kind = (
-            None
-            if "update" in name or "update" in op
-            else next((w for w in _LAYOUT_OPS if w == op or w in name), None)
-        )
-        limit = layer_kv if kind in ("copy", "transpose") else smallest_weight
-        if kind is not None and size >= limit / 2:
+        sizes = kv_sizes if kind in ("copy", "transpose") else weight_sizes
+        if kind is not None and size in sizes:
             found.append(f"{op} {name} {dtype}[{dims}]")
     return found
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (``with CompileCounter() as c: ...``)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if event == BACKEND_COMPILE:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@dataclasses.dataclass
+class Workload:
+    """What the engine did on a long-tailed batch of generations."""
+
+    stats: EngineStats
+    lengths: list[int]
+    slots: int
+
+    @property
+    def static_utilisation(self) -> float:
+        """Useful row-steps had the same generations run in fixed batches of ``slots``
+        prompts (in prompt-length order, as the engine queues them), each batch until its
+        longest row: what a batch without refilling computes."""
+        computed = sum(
+            self.slots * max(self.lengths[i : i + self.slots])
+            for i in range(0, len(self.lengths), self.slots)
+        )
+        return sum(self.lengths) / computed
+
+
+def long_tailed(lm: LM, prompts: int, slots: int, mean: int, limit: int, seed: int = 0):
+    """Samples ``prompts`` random prompts (8-200 tokens) at temperature 1 with one EOS token
+    chosen so a row ends with probability ~1/``mean`` per token (a geometric length mix, cut
+    at ``limit``), ``slots`` rows decoding together. Meant for random-weight models, whose
+    next-token distributions are near uniform."""
+
+    vocab = lm.config.vocab_size
+    rng = np.random.default_rng(seed)
+    n_eos = max(1, round(vocab / mean))
+    eos = tuple(int(t) for t in rng.choice(vocab, n_eos, replace=False))
+    config = dataclasses.replace(lm.config, eos_token_ids=eos)
+    lm = dataclasses.replace(lm, config=config, tokenizer=None)
+    ids = [rng.integers(0, vocab, int(rng.integers(8, 201))).tolist() for _ in range(prompts)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=limit, seed=seed)
+    stats = EngineStats()
+    gens = generate(lm, ids, params, batch_size=slots, stats=stats)
+    by_length = sorted(range(prompts), key=lambda i: len(ids[i]))
+    lengths = [len(gens[i].token_ids) + (gens[i].finish_reason == "eos") for i in by_length]
+    return Workload(stats, lengths, slots)

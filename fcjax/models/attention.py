@@ -24,14 +24,16 @@ import jax.numpy as jnp
 
 NEG_INF = -1e30
 PREFILL_QUERY_CHUNK = 512
-CTX_BLOCK = 256  # context positions per block of decode attention
-OWN_BLOCK = 128  # own-cache positions per block
+BLOCKS = 8  # a decode cache is read in about this many blocks ...
+MIN_BLOCK = 64  # ... of at least this many positions
 
 
-def block_size(length: int, preferred: int) -> int:
-    """The block used over a cache of ``length`` positions (a power of two or a multiple of
-    ``preferred``, as the engine's buckets are)."""
-    return preferred if length % preferred == 0 else length
+def block_size(length: int) -> int:
+    """Positions per block of decode attention over a cache of ``length`` positions (the
+    engine's buckets: powers of two, then multiples of 1024): small enough that a short
+    prefix in a long cache reads little past its end, large enough to keep loops short."""
+    block = max(MIN_BLOCK, length // BLOCKS)
+    return block if length % block == 0 else length
 
 
 def _use_cudnn(q: jnp.ndarray) -> bool:
@@ -138,7 +140,7 @@ def decode_attention(
     m = jnp.full(q.shape[:-1], NEG_INF, f32)
     carry = (m, jnp.zeros_like(m), jnp.zeros(q.shape, f32))
     ctx_len, new = ctx_k.shape[2], own_k.shape[2]
-    blk = block_size(ctx_len, CTX_BLOCK)
+    blk = block_size(ctx_len)
     carry = blocks(
         carry, q, ctx_k, ctx_v, blk, 0, (jnp.max(ctx_valid) + blk - 1) // blk,
         lambda pos: pos < ctx_valid[..., None],
@@ -148,7 +150,7 @@ def decode_attention(
     flat = n_ctx * rows
     carry = tuple(x.reshape(flat, *x.shape[2:]) for x in carry)
     own_valid = own_valid.reshape(flat)
-    blk = block_size(new, OWN_BLOCK)
+    blk = block_size(new)
     longest = jnp.max(own_valid)
     start = (own_end - longest) % new
     carry = blocks(
