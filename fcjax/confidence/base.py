@@ -23,8 +23,8 @@ import numpy as np
 
 from fcjax.confidence.trace import Trace
 from fcjax.engine.sampling import SamplingParams
+from fcjax.text.chat import Messages
 
-Messages = list[dict[str, str]]
 Complete = Callable[[list[Messages]], list[str]]
 Reduce = Literal["mean", "last"]
 Columns = dict[str, np.ndarray]
