@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import logging
 
-from fcjax.store.tables import read_table, write_table_atomic
+from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
 STAGES = (
     "generate",
@@ -65,23 +65,6 @@ AFFECTS = {
 
 class RunError(RuntimeError):
     """A user-facing problem with the run directory (lock, config mismatch, bad stage)."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -223,7 +206,7 @@ class RunDir:
 
 
 def _norm(v):
-    return json.loads(json.dumps(v, default=_json_default))
+    return json.loads(json.dumps(v, default=str))
 
 
 def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
