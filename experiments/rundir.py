@@ -20,47 +20,8 @@ from typing import Any
 
 from absl import logging
 
+from experiments.config import AFFECTS, STAGES
 from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
-
-STAGES = (
-    "generate",
-    "segment",
-    "estimators",
-    "hidden",
-    "probes",
-    "decisiveness",
-    "metrics",
-    "report",
-)
-
-# result-affecting settings -> the first stage whose output they change
-AFFECTS = {
-    "model": "generate",
-    "dtype": "generate",
-    "dataset": "generate",
-    "data_path": "generate",
-    "num_examples": "generate",
-    "difficulty": "generate",
-    "intervention": "generate",
-    "intervention_role": "generate",
-    "max_new_tokens": "generate",
-    "temperature": "generate",
-    "seed": "generate",
-    "segmenter": "segment",
-    "estimators": "estimators",
-    "k": "estimators",
-    "max_steps": "estimators",
-    "branch_new_tokens": "estimators",
-    "branch_temperature": "estimators",
-    "branch_top_p": "estimators",
-    "layers": "hidden",
-    "folds": "probes",
-    "probe_label": "probes",
-    "judge_model": "estimators",  # the sampling estimator's consistency judge
-    "decisiveness_model": "decisiveness",
-    "decisiveness": "decisiveness",
-    "judge_batch": "decisiveness",
-}
 
 
 class RunError(RuntimeError):
