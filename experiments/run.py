@@ -16,6 +16,7 @@ import time
 
 from absl import app, flags, logging
 
+import fcjax
 from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
@@ -116,6 +117,7 @@ def run(
         mh.initialize()
     if mesh:
         mesh_lib.set_default_mesh(mesh_lib.make_mesh(mesh))
+    fcjax.enable_compilation_cache()
     rd = RunDir(out)
     rd.lock()
     try:

@@ -100,3 +100,20 @@ def test_every_setting_has_a_stage_and_a_flag():
         "probe",
         "forcing",
     )
+
+
+def test_compilation_cache_stores_programs_for_the_next_process(tmp_path):
+    code = (
+        "import sys, jax, jax.numpy as jnp, fcjax\n"
+        "fcjax.enable_compilation_cache(sys.argv[1])\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(7.0)).sum())\n"
+    )
+    cache = tmp_path / "jax"
+    first = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert any(cache.iterdir())  # the program was written
+    second = subprocess.run(
+        [sys.executable, "-c", code, str(cache)], capture_output=True, text=True
+    )
+    assert second.stdout == first.stdout
