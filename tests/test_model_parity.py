@@ -40,7 +40,36 @@ def test_bfloat16_tracks_float32(tiny_model_dir):
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
 
 
-@pytest.mark.parametrize("bad", ["config"])
-def test_config_from_json_forms(bad, tiny_model_dir):
+def test_config_read_from_config_json_matches_transformers(tiny_model_dir):
+    """Every field fcjax reads from config.json equals transformers' reading of it, and the
+    exported config (``fcjax.models.hf_config_dict``) reads back as the same config."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from fcjax.models.config import from_hf_config
+
     cfg = fcjax.load(tiny_model_dir).config
-    assert cfg.family in ("llama", "qwen2", "qwen3")
+    hf = AutoConfig.from_pretrained(tiny_model_dir)
+    rope = hf.rope_parameters
+    assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (
+        hf.model_type,
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.intermediate_size,
+    )
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+    )
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    assert cfg.head_dim == head_dim
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+    assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+    assert cfg.rope.rope_type == rope["rope_type"]
+    assert cfg.rope.theta == pytest.approx(rope["rope_theta"])
+    if rope["rope_type"] != "default":
+        assert cfg.rope.factor == pytest.approx(rope["factor"])
+    again = from_hf_config(fcjax.models.hf_config_dict(cfg), name=cfg.name)
+    assert dataclasses.replace(again, eos_token_ids=cfg.eos_token_ids) == cfg
