@@ -11,8 +11,8 @@ from tiny_models import TINY_CONFIGS, build_tiny
 
 import fcjax
 
-# compiled programs persist across test sessions (and the subprocesses tests start)
-fcjax.enable_compilation_cache()
+# compiled programs persist across test sessions, and the subprocesses tests start share them
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))

@@ -217,6 +217,7 @@ def test_resume_between_stages_equals_uninterrupted(tiny_chat, finished, tmp_pat
     _assert_same_run(finished, tmp_path)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tiny_chat, finished, tmp_path):
     cmd = [sys.executable, "-m", "experiments.run", f"--out={tmp_path}"]
     cmd += cli_flags(settings(tiny_chat))
