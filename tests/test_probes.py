@@ -14,6 +14,8 @@ from probes import (
     Probe,
     ProbeConfig,
     ProbeError,
+    ProbeParams,
+    Standardizer,
     TooFewLabels,
     crossfit,
     group_folds,
@@ -316,3 +318,33 @@ def test_probe_stage_records_too_few_labels_and_fails_on_anything_else(tmp_path)
     with pytest.raises(HiddenStoreError, match="COMPLETE"):
         Pipeline(run, Settings(estimators=("probe",), folds=2)).run_stage("probes")
     assert not run.done("probes")
+
+
+def test_probe_estimator_scores_new_traces_from_a_checkpoint(tmp_path):
+    """``import probes`` registers "probe"; it scores each step with the saved probe on the
+    chosen layer's hidden state at the step's last token (checked against lm.hidden_states)."""
+    import fcjax
+    from fcjax.confidence import EstimatorContext, Trace, get_estimator
+    from fcjax.text import Step
+
+    lm = fcjax.load("random:tiny-llama")
+    rng = np.random.default_rng(3)
+    width, layers = lm.config.hidden_size, (0, 1, 2)
+    probe = Probe(
+        ProbeParams(rng.normal(size=(3, width)), rng.normal(size=3)),
+        Standardizer(rng.normal(size=(3, width)), 1 + rng.random(size=(3, width))),
+        layer=1,
+        layers=layers,
+    )
+    save_probe(tmp_path / "ckpt", probe)
+    prompt, output = [5, 9, 17, 4], [33, 8, 61, 90, 12, 7]
+    steps = [Step(0, 0, 2, "ab", 0, 2), Step(1, 2, 6, "cdef", 2, 6)]
+    trace = Trace(
+        "q0", prompt, output, "abcdef", np.zeros(6), np.zeros((6, 1)), steps, None, None, "numeric"
+    )
+    [cols] = get_estimator("probe", checkpoint=str(tmp_path / "ckpt")).score(
+        [trace], EstimatorContext(lm)
+    )
+    hidden = lm.hidden_states([prompt + output])[1, 0]  # layer id 1, [T, D]
+    want = probe.predict_proba(hidden[[len(prompt) + 1, len(prompt) + 5]])
+    np.testing.assert_allclose(cols["conf_probe"], want, rtol=1e-5, atol=1e-6)

@@ -142,7 +142,9 @@ def get_estimator(name: str | Estimator, **params: Any) -> Estimator:
     _discover()
     if name not in REGISTRY:
         raise EstimatorError(
-            f"unknown estimator {name!r}; valid names: {', '.join(sorted(REGISTRY))}"
+            f"unknown estimator {name!r}; valid names: {', '.join(sorted(REGISTRY))} "
+            f"(estimators defined outside fcjax register when imported: `import probes` "
+            f"adds 'probe')"
         )
     return REGISTRY[name](**params)
 
