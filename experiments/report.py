@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
-from experiments.rundir import STAGES
+from experiments.config import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
 

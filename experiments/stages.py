@@ -8,7 +8,6 @@ summary from the tables alone, so every number in ``summary.json`` can be recomp
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -515,7 +514,3 @@ def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray
                 col[r] = np.nan if v is None else float(v)
         out[key] = col
     return out
-
-
-def load_summary(path: Path) -> dict:
-    return json.loads((path / "summary.json").read_text())

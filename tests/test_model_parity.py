@@ -10,6 +10,12 @@ import fcjax
 SEQ = 40
 
 
+@pytest.fixture(scope="module")
+def lm32(tiny_model_dir):
+    """The float32 fcjax model of the current tiny directory, loaded once for its tests."""
+    return fcjax.load(tiny_model_dir, dtype="float32")
+
+
 def _reference(path, ids):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -17,11 +23,11 @@ def _reference(path, ids):
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
 
 
-def test_logits_and_hidden_states_match_transformers(tiny_model_dir):
+def test_logits_and_hidden_states_match_transformers(tiny_model_dir, lm32):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 128, size=(2, SEQ))
     ref_logits, ref_hidden = _reference(tiny_model_dir, ids)
-    lm = fcjax.load(tiny_model_dir, dtype="float32")
+    lm = lm32
     logits = lm.logits(ids)
     hidden = lm.hidden_states(ids)
     assert logits.shape == ref_logits.shape
@@ -30,9 +36,9 @@ def test_logits_and_hidden_states_match_transformers(tiny_model_dir):
     np.testing.assert_allclose(hidden, ref_hidden, atol=1e-4, rtol=0)
 
 
-def test_bfloat16_tracks_float32(tiny_model_dir):
+def test_bfloat16_tracks_float32(tiny_model_dir, lm32):
     ids = np.random.default_rng(1).integers(0, 128, size=(1, SEQ))
-    f32 = fcjax.load(tiny_model_dir, dtype="float32").logits(ids)
+    f32 = lm32.logits(ids)
     bf16 = fcjax.load(tiny_model_dir, dtype="bfloat16").logits(ids)
     assert bf16.dtype == np.float32
     agree = (bf16.argmax(-1) == f32.argmax(-1)).mean()
@@ -40,7 +46,7 @@ def test_bfloat16_tracks_float32(tiny_model_dir):
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
 
 
-def test_config_read_from_config_json_matches_transformers(tiny_model_dir):
+def test_config_read_from_config_json_matches_transformers(tiny_model_dir, lm32):
     """Every field fcjax reads from config.json equals transformers' reading of it, and the
     exported config (``fcjax.models.hf_config_dict``) reads back as the same config."""
     import dataclasses
@@ -49,7 +55,7 @@ def test_config_read_from_config_json_matches_transformers(tiny_model_dir):
 
     from fcjax.models.config import from_hf_config
 
-    cfg = fcjax.load(tiny_model_dir).config
+    cfg = lm32.config
     hf = AutoConfig.from_pretrained(tiny_model_dir)
     rope = hf.rope_parameters
     assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (
