@@ -104,6 +104,13 @@ def iter_hf_tensors(config: ModelConfig, state) -> Iterator[tuple[str, np.ndarra
             suffix, kind = per_layer[path]
             for layer in range(config.num_layers):
                 yield f"model.layers.{layer}.{suffix}", _to_torch(value[layer], kind)
+    if config.family == "llama" and config.qkv_bias:
+        # transformers' Llama attention_bias also gives o_proj a bias; the decoder has none
+        for layer in range(config.num_layers):
+            yield (
+                f"model.layers.{layer}.self_attn.o_proj.bias",
+                np.zeros(config.hidden_size, np.float32),
+            )
 
 
 def abstract_decoder(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, dict]:
