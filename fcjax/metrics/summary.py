@@ -124,20 +124,40 @@ def summarize(
     conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in estimators}
     faith_steps = {f"faith_{n}": step_cols[f"faith_{n}"] for n in estimators}
     position = np.asarray(steps["position"], float)
-    return {
-        "n_examples": len(correct),
-        "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
-        "estimators": per_estimator,
-        "agreement": pairwise_agreement({"decisiveness": d, **conf_steps}) if estimators else {},
-        "trajectory": trajectory_bins(position, {"decisiveness": d, **conf_steps, **faith_steps}),
-        "counts": {
-            "no_steps": int(np.sum(np.asarray(examples["n_steps"]) == 0)),
-            "no_answer": int(sum(p is None for p in examples["prediction"])),
-            "truncated": int(sum(f == "length" for f in examples["finish_reason"])),
-            "steps": len(d),
-            "decisiveness_missing": int(np.isnan(d).sum()),
-            "not_scored": dict(not_scored or {}),
-        },
-        "stage_wall_s": dict(stage_wall_s or {}),
-        "config": dict(config or {}),
-    }
+    return _plain(
+        {
+            "n_examples": len(correct),
+            "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
+            "estimators": per_estimator,
+            "agreement": pairwise_agreement({"decisiveness": d, **conf_steps})
+            if estimators
+            else {},
+            "trajectory": trajectory_bins(
+                position, {"decisiveness": d, **conf_steps, **faith_steps}
+            ),
+            "counts": {
+                "no_steps": int(np.sum(np.asarray(examples["n_steps"]) == 0)),
+                "no_answer": int(sum(p is None for p in examples["prediction"])),
+                "truncated": int(sum(f == "length" for f in examples["finish_reason"])),
+                "steps": len(d),
+                "decisiveness_missing": int(np.isnan(d).sum()),
+                "not_scored": dict(not_scored or {}),
+            },
+            "stage_wall_s": dict(stage_wall_s or {}),
+            "config": dict(config or {}),
+        }
+    )
+
+
+def _plain(x: Any) -> Any:
+    """Nested dicts/lists of Python numbers (numpy arrays and scalars converted), as JSON
+    holds them."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _plain(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
