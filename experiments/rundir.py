@@ -152,6 +152,16 @@ class RunDir:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def part_size(self, name: str, size: int) -> int:
+        """Items per part of ``name``: ``size``, or the size its existing parts were cut with,
+        so a stage resumed with another ``--batch_size`` keeps its parts' boundaries (part
+        ``index`` always holds the same items)."""
+        path = self.parts_dir(name) / "part_size.json"
+        if path.exists():
+            return int(json.loads(path.read_text())["size"])
+        write_json_atomic(path, {"size": int(size)})
+        return int(size)
+
     def write_part(self, name: str, index: int, columns: Mapping[str, Any]) -> None:
         write_table_atomic(self.parts_dir(name) / f"part-{index:06d}.parquet", columns)
 

@@ -145,7 +145,7 @@ class Pipeline:
                 self.s.model,
             )
         progress = Progress("generate", len(examples))
-        for index, chunk in batches(examples, self.s.batch_size):
+        for index, chunk in batches(examples, self.run.part_size("generate", self.s.batch_size)):
             if self.run.part_done("generate", index):
                 progress.update(len(chunk))
                 continue
@@ -333,7 +333,9 @@ class Pipeline:
             estimator = get_estimator(name)
             progress = Progress(f"estimator {name}", len(traces), "traces")
             part = f"estimators_{name}"
-            for index, chunk in batches(traces, max(1, self.s.batch_size // 4)):
+            for index, chunk in batches(
+                traces, self.run.part_size(part, max(1, self.s.batch_size // 4))
+            ):
                 if not self.run.part_done(part, index):
                     results = estimator.score(list(chunk), ctx)
                     cols: dict[str, list] = {"example_id": [], "step": []}
@@ -412,7 +414,9 @@ class Pipeline:
             eids = np.asarray(steps["example_id"]).astype(str)
             order = list(dict.fromkeys(eids.tolist()))
             progress = Progress("decisiveness judge", len(order), "traces")
-            for index, chunk in batches(order, max(1, self.s.batch_size // 2)):
+            for index, chunk in batches(
+                order, self.run.part_size("decisiveness", max(1, self.s.batch_size // 2))
+            ):
                 if not self.run.part_done("decisiveness", index):
                     out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
                     rows = [np.flatnonzero(eids == eid) for eid in chunk]
