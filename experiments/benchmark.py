@@ -43,7 +43,7 @@ import fcjax
 from fcjax.engine import profile
 from fcjax.engine.generate import EngineStats
 from fcjax.engine.sampling import Sampler
-from fcjax.models import loading
+from fcjax.models import to_transformers
 from fcjax.models.config import ModelConfig
 from fcjax.models.presets import PRESETS
 
@@ -144,7 +144,6 @@ PEAK_BANDWIDTH = (
     ("TPU v6", 1.64e12),
 )
 
-_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclasses.dataclass
@@ -186,100 +185,15 @@ def load_model(spec: str, dtype: str) -> fcjax.LM:
     return dataclasses.replace(lm, config=config, tokenizer=None)
 
 
-def hf_config_dict(config: ModelConfig) -> dict:
-    """The transformers config.json fields of a fcjax ModelConfig."""
-    rope = config.rope
-    rope_parameters: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
-    if rope.rope_type != "default":
-        rope_parameters["factor"] = rope.factor
-    if rope.rope_type == "llama3":
-        rope_parameters |= {
-            "low_freq_factor": rope.low_freq_factor,
-            "high_freq_factor": rope.high_freq_factor,
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-        }
-    if rope.rope_type == "yarn":
-        rope_parameters |= {
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-            "beta_fast": rope.beta_fast,
-            "beta_slow": rope.beta_slow,
-            "attention_factor": rope.attention_factor,
-            "mscale": rope.mscale,
-            "mscale_all_dim": rope.mscale_all_dim,
-            "truncate": rope.truncate,
-        }
-    return {
-        "model_type": config.family,
-        "architectures": [_HF_ARCH[config.family]],
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "rms_norm_eps": config.rms_norm_eps,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": config.qkv_bias and config.family == "llama",
-        "rope_parameters": rope_parameters,
-        "rope_theta": rope.theta,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": 0,
-    }
-
-
-def _to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
-    """Inverse of ``loading._to_layout``: one decoder-layout tensor -> torch layout."""
-    if kind == "transpose":
-        return array.T
-    if kind == "in_proj":  # [embed, heads, hd] -> [heads * hd, embed]
-        d, n, h = array.shape
-        return array.transpose(1, 2, 0).reshape(n * h, d)
-    if kind == "out_proj":  # [heads, hd, embed] -> [embed, heads * hd]
-        n, h, d = array.shape
-        return array.transpose(2, 0, 1).reshape(d, n * h)
-    return array.reshape(-1) if kind == "bias" else array
-
-
-def torch_state_dict(lm: fcjax.LM) -> dict[str, np.ndarray]:
-    """fcjax's weights under transformers' names, in float32 torch layouts."""
-    by_path = {path: (name, kind) for name, (path, kind) in loading._GLOBAL.items()}
-    per_layer = {path: (name, kind) for name, (path, kind) in loading._PER_LAYER.items()}
-    out = {}
-    for path, var in jax.tree_util.tree_flatten_with_path(lm.state)[0]:
-        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
-        names = tuple(n for n in names if n != "value")
-        value = np.asarray(jax.device_get(var), np.float32)
-        if names in by_path:
-            name, kind = by_path[names]
-            out[name] = _to_torch_layout(value, kind)
-        else:  # ("blocks", layer, ...)
-            suffix, kind = per_layer[names[2:]]
-            out[f"model.layers.{names[1]}.{suffix}"] = _to_torch_layout(value, kind)
-    if lm.config.tie_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
-
-
 def torch_peer(lm: fcjax.LM, dtype: str):
     """A transformers model of lm's architecture holding lm's weights (eval mode)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = hf_config_dict(lm.config)
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in torch_state_dict(lm).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = to_transformers(lm, dtype, device)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model
 
 
 # --- measurements ---------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
+from experiments.config import STAGES
 from experiments.report_html import compare_page, reliability_bins, run_page
-from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
 from fcjax.store.tables import read_table
 

@@ -16,55 +16,33 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.rundir import STAGES, RunDir, RunError
-from experiments.stages import Pipeline, Settings
+import fcjax
+from experiments.config import FIELDS, STAGES, Settings
+from experiments.rundir import RunDir, RunError
+from experiments.stages import Pipeline
 
 _ = flags.DEFINE_string("out", None, "run directory (created if missing)", required=True)
-flags.DEFINE_string(
-    "model",
-    "smollm2-135m-instruct",
-    "model: registry name, HF directory, .gguf path or random:<preset>",
-)
-flags.DEFINE_string(
-    "judge_model", "", "model of the sampling estimator's consistency judge (default: --model)"
-)
-flags.DEFINE_string(
-    "decisiveness_model", "", "model of the decisiveness judge (default: --judge_model)"
-)
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
-flags.DEFINE_string("dataset", "arithmetic", "named dataset (see fcjax.data.DATASETS)")
-flags.DEFINE_string(
-    "data_path", "", "a JSONL file (id, question, choices, answer); overrides --dataset"
-)
-flags.DEFINE_integer("num_examples", 20, "how many examples (a seeded sample of the set)")
-flags.DEFINE_integer("difficulty", 1, "difficulty of the built-in arithmetic set (1-5)")
-flags.DEFINE_string("intervention", "blank", "prompt intervention name or a text file")
-flags.DEFINE_enum(
-    "intervention_role",
-    "user",
-    ["user", "system"],
-    "put the intervention in the user turn or the system prompt",
-)
-flags.DEFINE_integer("max_new_tokens", 256, "generation budget per trace")
-flags.DEFINE_float("temperature", 0.6, "trace sampling temperature (0 = greedy)")
-flags.DEFINE_integer("seed", 0, "seed for data sampling, generation and step selection")
-flags.DEFINE_enum("segmenter", "paragraph", ["paragraph", "cue", "tokens"], "step segmentation")
-flags.DEFINE_list(
-    "estimators",
-    ["deepconf", "rcc", "sampling", "probe", "forcing"],
-    "confidence estimators to run",
-)
-flags.DEFINE_integer("k", 10, "continuations per step for sampling consistency")
-flags.DEFINE_integer("max_steps", 20, "steps per trace scored by sampling consistency")
-flags.DEFINE_integer("branch_new_tokens", 200, "tokens per sampled continuation")
-flags.DEFINE_float("branch_temperature", 0.8, "temperature of sampled continuations")
-flags.DEFINE_float("branch_top_p", 0.95, "top-p of sampled continuations")
-flags.DEFINE_list("layers", [], "hidden_states layers dumped for probes (default: all)")
-flags.DEFINE_integer("folds", 5, "cross-fitting folds of the probes (grouped by question)")
-flags.DEFINE_enum("probe_label", "correct", ["correct", "agreement"], "probe training label")
-flags.DEFINE_enum("decisiveness", "judge", ["judge", "lexicon"], "decisiveness source")
-flags.DEFINE_integer("judge_batch", 20, "steps per decisiveness-judge call")
-flags.DEFINE_integer("batch_size", 16, "examples per generation batch (does not change results)")
+
+
+def _define_settings_flags() -> None:
+    """One flag per ``Settings`` field, with its default, help and kind."""
+    for f in FIELDS:
+        help, choices = f.metadata["help"], f.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(f.name, f.default, list(choices), help)
+        elif isinstance(f.default, tuple):
+            flags.DEFINE_list(f.name, [str(v) for v in f.default], help)
+        elif isinstance(f.default, bool):
+            flags.DEFINE_bool(f.name, f.default, help)
+        elif isinstance(f.default, int):
+            flags.DEFINE_integer(f.name, f.default, help)
+        elif isinstance(f.default, float):
+            flags.DEFINE_float(f.name, f.default, help)
+        else:
+            flags.DEFINE_string(f.name, f.default, help)
+
+
+_define_settings_flags()
 flags.DEFINE_string(
     "mesh",
     "",
@@ -99,54 +77,21 @@ def settings_from_flags() -> Settings:
         value = getattr(f, name)
         if value is not None and value not in STAGES:
             errors.append(f"--{name}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
-    for name in (
-        "k",
-        "max_new_tokens",
-        "max_steps",
-        "num_examples",
-        "batch_size",
-        "branch_new_tokens",
-        "judge_batch",
-    ):
-        if getattr(f, name) < 1:
-            errors.append(f"--{name} must be >= 1, got {getattr(f, name)}")
-    if f.folds < 2:
-        errors.append(f"--folds must be >= 2, got {f.folds}")
-    try:
-        layers = tuple(int(x) for x in f.layers)
-    except ValueError:
-        errors.append(f"--layers must be integers, got {f.layers}")
-        layers = ()
+    values = {}
+    for field in FIELDS:
+        value, minimum = getattr(f, field.name), field.metadata["minimum"]
+        if minimum is not None and value < minimum:
+            errors.append(f"--{field.name} must be >= {minimum}, got {value}")
+        if isinstance(field.default, tuple):
+            try:
+                value = tuple(field.metadata["item"](x) for x in value)
+            except ValueError:
+                kind = {int: "integers"}.get(field.metadata["item"], "values")
+                errors.append(f"--{field.name} must be {kind}, got {value}")
+        values[field.name] = value
     if errors:
         raise RunError("bad flags:\n  " + "\n  ".join(errors))
-    return Settings(
-        model=f.model,
-        judge_model=f.judge_model,
-        decisiveness_model=f.decisiveness_model,
-        dtype=f.dtype,
-        dataset=f.dataset,
-        data_path=f.data_path,
-        num_examples=f.num_examples,
-        difficulty=f.difficulty,
-        intervention=f.intervention,
-        intervention_role=f.intervention_role,
-        max_new_tokens=f.max_new_tokens,
-        temperature=f.temperature,
-        seed=f.seed,
-        segmenter=f.segmenter,
-        estimators=tuple(f.estimators),
-        k=f.k,
-        max_steps=f.max_steps,
-        branch_new_tokens=f.branch_new_tokens,
-        branch_temperature=f.branch_temperature,
-        branch_top_p=f.branch_top_p,
-        layers=layers,
-        folds=f.folds,
-        probe_label=f.probe_label,
-        decisiveness=f.decisiveness,
-        judge_batch=f.judge_batch,
-        batch_size=f.batch_size,
-    )
+    return Settings(**values)
 
 
 def _is_file(path: str) -> bool:
@@ -172,6 +117,7 @@ def run(
         mh.initialize()
     if mesh:
         mesh_lib.set_default_mesh(mesh_lib.make_mesh(mesh))
+    fcjax.enable_compilation_cache()
     rd = RunDir(out)
     rd.lock()
     try:

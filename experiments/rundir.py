@@ -20,68 +20,12 @@ from typing import Any
 
 from absl import logging
 
-from fcjax.store.tables import read_table, write_table_atomic
-
-STAGES = (
-    "generate",
-    "segment",
-    "estimators",
-    "hidden",
-    "probes",
-    "decisiveness",
-    "metrics",
-    "report",
-)
-
-# result-affecting settings -> the first stage whose output they change
-AFFECTS = {
-    "model": "generate",
-    "dtype": "generate",
-    "dataset": "generate",
-    "data_path": "generate",
-    "num_examples": "generate",
-    "difficulty": "generate",
-    "intervention": "generate",
-    "intervention_role": "generate",
-    "max_new_tokens": "generate",
-    "temperature": "generate",
-    "seed": "generate",
-    "segmenter": "segment",
-    "estimators": "estimators",
-    "k": "estimators",
-    "max_steps": "estimators",
-    "branch_new_tokens": "estimators",
-    "branch_temperature": "estimators",
-    "branch_top_p": "estimators",
-    "layers": "hidden",
-    "folds": "probes",
-    "probe_label": "probes",
-    "judge_model": "estimators",  # the sampling estimator's consistency judge
-    "decisiveness_model": "decisiveness",
-    "decisiveness": "decisiveness",
-    "judge_batch": "decisiveness",
-}
+from experiments.config import AFFECTS, STAGES
+from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
 
 class RunError(RuntimeError):
     """A user-facing problem with the run directory (lock, config mismatch, bad stage)."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -208,6 +152,16 @@ class RunDir:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def part_size(self, name: str, size: int) -> int:
+        """Items per part of ``name``: ``size``, or the size its existing parts were cut with,
+        so a stage resumed with another ``--batch_size`` keeps its parts' boundaries (part
+        ``index`` always holds the same items)."""
+        path = self.parts_dir(name) / "part_size.json"
+        if path.exists():
+            return int(json.loads(path.read_text())["size"])
+        write_json_atomic(path, {"size": int(size)})
+        return int(size)
+
     def write_part(self, name: str, index: int, columns: Mapping[str, Any]) -> None:
         write_table_atomic(self.parts_dir(name) / f"part-{index:06d}.parquet", columns)
 
@@ -223,7 +177,7 @@ class RunDir:
 
 
 def _norm(v):
-    return json.loads(json.dumps(v, default=_json_default))
+    return json.loads(json.dumps(v, default=str))
 
 
 def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:

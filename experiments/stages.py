@@ -9,7 +9,6 @@ summary from the tables alone, so every number in ``summary.json`` can be recomp
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,31 +18,18 @@ import numpy as np
 from absl import logging
 
 import fcjax
-from experiments.rundir import STAGES, Progress, RunDir, RunError, batches, write_json_atomic
-from fcjax.confidence.base import (
-    EstimatorContext,
-    check_columns,
-    get_estimator,
-    trace_confidence,
-)
+import probes  # registers the probe estimator
+from experiments.config import STAGES, Settings
+from experiments.rundir import Progress, RunDir, RunError, batches
+from fcjax.confidence.base import EstimatorContext, check_columns, get_estimator
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
 from fcjax.decisiveness.judge import judge_traces
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
-from fcjax.metrics import (
-    auroc,
-    brier,
-    cmfg,
-    cmfg_star,
-    ece,
-    mfg,
-    pairwise_agreement,
-    step_faithfulness,
-    trajectory_bins,
-)
-from fcjax.store.tables import read_table, update_columns, write_table_atomic
+from fcjax.metrics import summarize, trace_columns
+from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
 from fcjax.text.chat import has_chat_template
 
 # estimators computed in the ``estimators`` stage (``probe`` has its own stages)
@@ -58,46 +44,6 @@ class ResourceError(RuntimeError):
     """The device ran out of memory even for the smallest batch."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Every flag of ``experiments.run`` that the stages read."""
-
-    model: str = "smollm2-135m-instruct"
-    judge_model: str = ""
-    decisiveness_model: str = ""
-    dtype: str = "float32"
-    dataset: str = "arithmetic"
-    data_path: str = ""
-    num_examples: int = 20
-    difficulty: int = 1
-    intervention: str = "blank"
-    intervention_role: str = "user"
-    max_new_tokens: int = 256
-    temperature: float = 0.6
-    seed: int = 0
-    segmenter: str = "paragraph"
-    estimators: tuple[str, ...] = ("deepconf", "rcc", "sampling", "probe", "forcing")
-    k: int = 10
-    max_steps: int = 20
-    branch_new_tokens: int = 200
-    branch_temperature: float = 0.8
-    branch_top_p: float = 0.95
-    layers: tuple[int, ...] = ()
-    folds: int = 5
-    probe_label: str = "correct"
-    decisiveness: str = "judge"
-    judge_batch: int = 20
-    batch_size: int = 16
-
-    def config(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["judge_model"] = self.judge_model or self.model
-        d["decisiveness_model"] = self.decisiveness_model or d["judge_model"]
-        d["estimators"] = list(self.estimators)
-        d["layers"] = list(self.layers)
-        return d
-
-
 class Pipeline:
     """Runs the stages of one run directory with one set of settings."""
 
@@ -106,7 +52,6 @@ class Pipeline:
         self._lm = None
         self._others: dict[str, Any] = {}  # judge models other than --model, by name
         self._gen_batch = settings.batch_size  # lowered when a batch exhausts device memory
-        self.timings: dict[str, float] = {}
 
     def validate(self, first: str | None, stop_after: str | None = None) -> None:
         """Loads what the pending stages need (examples, models), so bad data or a bad model
@@ -201,7 +146,7 @@ class Pipeline:
                 self.s.model,
             )
         progress = Progress("generate", len(examples))
-        for index, chunk in batches(examples, self.s.batch_size):
+        for index, chunk in batches(examples, self.run.part_size("generate", self.s.batch_size)):
             if self.run.part_done("generate", index):
                 progress.update(len(chunk))
                 continue
@@ -219,6 +164,7 @@ class Pipeline:
                     "text": [g.text for g in gens],
                     "token_logprobs": [g.token_logprobs.tolist() for g in gens],
                     "top_logprobs": [g.top_logprobs.reshape(-1).tolist() for g in gens],
+                    "top_ids": [np.asarray(g.top_ids).reshape(-1).tolist() for g in gens],
                     "finish_reason": [g.finish_reason for g in gens],
                 },
             )
@@ -261,18 +207,25 @@ class Pipeline:
                 )
 
     def generations(self) -> dict[str, tuple[str, Generation]]:
+        """The stored generations by example id, as ``fcjax.generate`` returned them."""
         rows = self.run.read_parts("generate")
+        if rows and "top_ids" not in rows:
+            raise RunError(
+                f"{self.run.parts_dir('generate')}: written by an older fcjax (no top_ids); "
+                f"rerun with --redo=generate"
+            )
         out = {}
-        for i, eid in enumerate(rows["example_id"]):
+        for i, eid in enumerate(rows.get("example_id", [])):
             lp = np.asarray(rows["token_logprobs"][i], np.float32)
             # [T, k]; an empty generation (EOS first) has T = 0
             top = np.asarray(rows["top_logprobs"][i], np.float32).reshape(len(lp), TOP_K)
+            top_ids = np.asarray(rows["top_ids"][i], np.int32).reshape(len(lp), TOP_K)
             g = Generation(
                 rows["text"][i],
                 list(rows["output_ids"][i]),
                 lp,
                 top,
-                np.zeros(top.shape, np.int32),
+                top_ids,
                 rows["finish_reason"][i],
                 list(rows["prompt_ids"][i]),
             )
@@ -382,7 +335,9 @@ class Pipeline:
             progress = Progress(f"estimator {name}", len(traces), "traces")
             part = f"estimators_{name}"
             kept_part = f"{part}_kept"  # records kept through ctx.store (e.g. samples)
-            for index, chunk in batches(traces, max(1, self.s.batch_size // 4)):
+            for index, chunk in batches(
+                traces, self.run.part_size(part, max(1, self.s.batch_size // 4))
+            ):
                 if not self.run.part_done(part, index):
                     kept: dict[str, list] = {}
                     results = estimator.score(
@@ -442,7 +397,6 @@ class Pipeline:
     def stage_probes(self) -> dict:
         if PROBE not in self.s.estimators:
             return {"skipped": "probe estimator not requested"}
-        from probes.model import ProbeError
         from probes.train import run_probe_stage
 
         try:
@@ -453,11 +407,13 @@ class Pipeline:
                 seed=self.s.seed,
                 model_name=self.s.model,
             )
-        except (ProbeError, ValueError) as e:
-            logging.warning("probe stage could not train probes (%s); conf_probe left empty", e)
+        except probes.TooFewLabels as e:
+            # a legitimate outcome of a small run, recorded in summary.json counts.not_scored;
+            # anything else fails the run
+            logging.warning("probe stage: no probe trained (%s); conf_probe left empty", e)
             n = len(read_table(self.run.path / "steps.parquet", ["step"])["step"])
             update_columns(self.run.path / "steps.parquet", {"conf_probe": np.full(n, np.nan)})
-            return {"skipped": str(e)}
+            return {"not_scored": f"too few labels: {e}"}
 
     def stage_decisiveness(self) -> dict:
         steps = read_table(self.run.path / "steps.parquet")
@@ -471,7 +427,9 @@ class Pipeline:
             eids = np.asarray(steps["example_id"]).astype(str)
             order = list(dict.fromkeys(eids.tolist()))
             progress = Progress("decisiveness judge", len(order), "traces")
-            for index, chunk in batches(order, max(1, self.s.batch_size // 2)):
+            for index, chunk in batches(
+                order, self.run.part_size("decisiveness", max(1, self.s.batch_size // 2))
+            ):
                 if not self.run.part_done("decisiveness", index):
                     out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
                     rows = [np.flatnonzero(eids == eid) for eid in chunk]
@@ -499,21 +457,31 @@ class Pipeline:
         update_columns(self.run.path / "steps.parquet", cols)
         return info
 
-    def estimator_names(self, steps: dict) -> list[str]:
-        return [n for n in self.s.estimators if f"conf_{n}" in steps]
-
     def stage_metrics(self) -> dict:
-        return compute_metrics(
-            self.run,
-            self.s,
-            self.estimator_names(read_table(self.run.path / "steps.parquet")),
-            self.timings_from_markers(),
+        """Faithfulness columns and summary.json, from the two tables alone."""
+        steps_path, examples_path = (
+            self.run.path / "steps.parquet",
+            self.run.path / "examples.parquet",
         )
-
-    def timings_from_markers(self) -> dict[str, float]:
-        from experiments.rundir import STAGES
-
-        return {s: self.run.info(s).get("wall_s") for s in STAGES if self.run.done(s)}
+        steps, examples = read_table(steps_path), read_table(examples_path)
+        estimators = {
+            n: get_estimator(n).trace_reduce for n in self.s.estimators if f"conf_{n}" in steps
+        }
+        step_cols, ex_cols = trace_columns(steps, examples, estimators)
+        update_columns(steps_path, step_cols)
+        update_columns(examples_path, ex_cols)
+        probe_info = self.run.info("probes")
+        not_scored = {PROBE: probe_info["not_scored"]} if "not_scored" in probe_info else {}
+        summary = summarize(
+            steps,
+            examples,
+            estimators,
+            not_scored=not_scored,
+            stage_wall_s={s: self.run.info(s).get("wall_s") for s in STAGES if self.run.done(s)},
+            config=self.s.config(),
+        )
+        write_json_atomic(self.run.path / "summary.json", summary)
+        return {"estimators": list(estimators)}
 
     def stage_report(self) -> dict:
         from experiments.report import write_report
@@ -568,86 +536,3 @@ def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray
                 col[r] = np.nan if v is None else float(v)
         out[key] = col
     return out
-
-
-def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -> dict:
-    """Faithfulness per step and trace, and summary.json, from the two tables alone."""
-    steps = read_table(run.path / "steps.parquet")
-    examples = read_table(run.path / "examples.parquet")
-    eids = np.asarray(steps["example_id"]).astype(str)
-    d = np.asarray(steps["decisiveness"], float)
-    step_cols, ex_cols = {}, {}
-    ex_ids = np.asarray(examples["example_id"]).astype(str)
-    correct = np.asarray(examples["correct"], float)
-    summary_est = {}
-    for name in names:
-        conf = np.asarray(steps[f"conf_{name}"], float)
-        faith = step_faithfulness(d, conf)
-        step_cols[f"faith_{name}"] = faith
-        reduce = get_estimator(name).trace_reduce
-        if name != PROBE:  # probes.train writes the probe's trace confidence itself
-            ex_cols[f"conf_{name}"] = np.array(
-                [trace_confidence(conf[eids == e], reduce) for e in ex_ids]
-            )
-        ex_conf = ex_cols.get(
-            f"conf_{name}",
-            np.asarray(examples.get(f"conf_{name}", np.full(len(ex_ids), np.nan)), float),
-        )
-        ex_cols[f"conf_{name}"] = ex_conf
-        ex_faith = np.array([_nanmean(faith[eids == e]) for e in ex_ids])
-        ex_cols[f"faith_{name}"] = ex_faith
-        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith)
-        ok_c = np.isfinite(ex_conf)
-        summary_est[name] = {
-            "mfg": _f(mfg(ex_faith[ok])),
-            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
-            "cmfg_star": _f(cmfg_star(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
-            "ece": _f(ece(ex_conf[ok_c], correct[ok_c])),
-            "brier": _f(brier(ex_conf[ok_c], correct[ok_c])),
-            "auroc": _f(auroc(ex_conf[ok_c], correct[ok_c])),
-            "mean_conf": _f(np.nanmean(ex_conf) if ok_c.any() else np.nan),
-            "n_traces": int(ok.sum()),
-            "n_steps_scored": int(np.isfinite(conf).sum()),
-        }
-    update_columns(run.path / "steps.parquet", step_cols)
-    update_columns(run.path / "examples.parquet", ex_cols)
-    conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in names}
-    agreement = pairwise_agreement({"decisiveness": d, **conf_steps}) if names else {}
-    position = np.asarray(steps["position"], float)
-    traj = trajectory_bins(
-        position,
-        {"decisiveness": d, **conf_steps, **{f"faith_{n}": step_cols[f"faith_{n}"] for n in names}},
-    )
-    fin = list(examples["finish_reason"])
-    summary = {
-        "n_examples": len(ex_ids),
-        "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
-        "estimators": summary_est,
-        "agreement": agreement,
-        "trajectory": traj,
-        "counts": {
-            "no_steps": int(sum(np.asarray(examples["n_steps"]) == 0)),
-            "no_answer": int(sum(p is None for p in examples["prediction"])),
-            "truncated": int(sum(f == "length" for f in fin)),
-            "steps": len(eids),
-            "decisiveness_missing": int(np.isnan(d).sum()),
-        },
-        "stage_wall_s": timings,
-        "config": s.config(),
-    }
-    write_json_atomic(run.path / "summary.json", summary)
-    return {"estimators": names}
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else float("nan")
-
-
-def _f(x) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
-
-
-def load_summary(path: Path) -> dict:
-    return json.loads((path / "summary.json").read_text())

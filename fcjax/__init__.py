@@ -1,5 +1,6 @@
 """fcjax: faithful confidence expression in reasoning models, measured with JAX."""
 
+from fcjax.compilation import enable_compilation_cache
 from fcjax.engine import Generation, SamplingParams, branch, branch_many, generate, make_mesh
 from fcjax.models import LM, ModelConfig, load
 
@@ -10,6 +11,7 @@ __all__ = [
     "SamplingParams",
     "branch",
     "branch_many",
+    "enable_compilation_cache",
     "generate",
     "load",
     "make_mesh",

@@ -1,13 +1,16 @@
-"""Optax linear probes on step-end hidden states: training, cross-fitting, Orbax checkpoints."""
+"""Optax linear probes on step-end hidden states: training, cross-fitting, Orbax checkpoints,
+and the ``probe`` confidence estimator (registered with ``fcjax.confidence`` on import)."""
 
 from probes.checkpoint import Probe, load_probe, save_probe
 from probes.crossfit import CrossfitResult, crossfit, fit_with_selection, group_folds
+from probes.estimator import ProbeEstimator
 from probes.model import (
     ProbeConfig,
     ProbeError,
     ProbeFit,
     ProbeParams,
     Standardizer,
+    TooFewLabels,
     predict_proba,
     train_probes,
 )
@@ -17,9 +20,11 @@ __all__ = [
     "Probe",
     "ProbeConfig",
     "ProbeError",
+    "ProbeEstimator",
     "ProbeFit",
     "ProbeParams",
     "Standardizer",
+    "TooFewLabels",
     "crossfit",
     "fit_with_selection",
     "group_folds",

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fcjax.store.tables import write_json_atomic
 from probes.model import ProbeError, ProbeParams, Standardizer, predict_proba
 
 FORMAT_VERSION = 1
@@ -69,12 +69,7 @@ def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
         "label": probe.label,
         "model": probe.model,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".probe.json.", dir=path)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, meta_path)
+    write_json_atomic(meta_path, meta)
     return path
 
 

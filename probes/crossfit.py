@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fcjax.metrics.calibration import auroc, ece
-from probes.model import ProbeConfig, ProbeError, ProbeParams, Standardizer, predict_proba
+from probes.model import (
+    ProbeConfig,
+    ProbeError,
+    ProbeParams,
+    Standardizer,
+    TooFewLabels,
+    predict_proba,
+)
 from probes.model import train_probes as _train_probes
 
 
@@ -32,7 +39,7 @@ def group_folds(groups: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
     keys = np.asarray([str(g) for g in groups])
     uniq, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)
     if len(uniq) < folds:
-        raise ProbeError(f"need at least {folds} groups for {folds} folds, got {len(uniq)}")
+        raise TooFewLabels(f"need at least {folds} groups for {folds} folds, got {len(uniq)}")
     order = np.random.default_rng(seed).permutation(len(uniq))
     order = order[np.argsort(-sizes[order], kind="stable")]  # Largest first, seeded ties.
     load = np.zeros(folds, np.int64)
@@ -48,7 +55,7 @@ def _inner_split(groups: np.ndarray, rows: np.ndarray, frac: float, rng) -> tupl
     """Splits ``rows`` into (train, val) index arrays by whole groups."""
     uniq = np.unique(groups[rows])
     if len(uniq) < 2:
-        raise ProbeError(f"need labeled rows from at least 2 groups to fit, got {len(uniq)}")
+        raise TooFewLabels(f"need labeled rows from at least 2 groups to fit, got {len(uniq)}")
     n_val = min(max(1, round(frac * len(uniq))), len(uniq) - 1)
     val_groups = set(rng.choice(uniq, size=n_val, replace=False).tolist())
     is_val = np.array([g in val_groups for g in groups[rows]])

@@ -29,6 +29,11 @@ class ProbeError(ValueError):
     """Bad probe inputs (shapes, labels, masks)."""
 
 
+class TooFewLabels(ProbeError):
+    """Too few labeled rows or question groups to fit (or cross-fit) a probe: a legitimate
+    outcome of a small run, not a bug."""
+
+
 class ProbeParams(NamedTuple):
     """Per-layer weights: w [layers, d], b [layers]."""
 
@@ -173,7 +178,7 @@ def train_probes(
     if not np.all(np.isfinite(x[used])):
         raise ProbeError("features of train/val rows must be finite")
     if train_w.sum() == 0:
-        raise ProbeError("no training rows")
+        raise TooFewLabels("no training rows")
     if config.class_weight not in ("balanced", None):
         raise ProbeError(f"class_weight must be 'balanced' or None, got {config.class_weight!r}")
     if stop_steps is None:

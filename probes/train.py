@@ -1,11 +1,11 @@
 """Probe stage of a run: cross-fitted probe confidence for every step with hidden states.
 
 Reads ``DIR/hidden`` (finalized HiddenStore), ``DIR/steps.parquet`` (example_id, step,
-optional conf_agreement, decisiveness) and ``DIR/examples.parquet`` (example_id, correct).
-Writes ``conf_probe`` (and ``faith_probe = 1 - |D - C|`` when ``decisiveness`` exists) into
-both tables atomically (trace conf = the last step's value, trace faith = mean over valid
-steps), ``DIR/probes/layers.parquet``, ``DIR/plots/probe_layers.png`` and a final probe
-trained on all labeled rows under ``DIR/probes/ckpt``.
+optional conf_agreement) and ``DIR/examples.parquet`` (example_id, correct). Writes the step
+column ``conf_probe`` atomically, ``DIR/probes/layers.parquet``, ``DIR/plots/probe_layers.png``
+and a final probe trained on all labeled rows under ``DIR/probes/ckpt``. Trace confidence and
+faithfulness come from the metrics stage (``fcjax.metrics.summarize``), like every other
+estimator's. Too few labels raise ``probes.TooFewLabels``.
 
     python -m probes.train --run=DIR [--layers=8,12] [--folds=5] [--label=correct] [--seed=0]
 """
@@ -140,28 +140,8 @@ def run_probe_stage(
     )
     ckpt = save_probe(run_dir / "probes" / "ckpt", probe)
 
-    step_cols: dict[str, np.ndarray] = {"conf_probe": conf}
-    faith = None
-    if "decisiveness" in steps:
-        faith = 1.0 - np.abs(_as_float(steps["decisiveness"]) - conf)
-        step_cols["faith_probe"] = faith
-    update_columns(steps_path, step_cols)
-
-    # Trace level: conf = last step's value; faith = mean over valid steps.
-    ex_ids = [str(e) for e in examples["example_id"]]
-    last: dict[str, tuple[int, float]] = {}
-    faith_lists: dict[str, list[float]] = {}
-    for i, (e, s) in enumerate(zip(step_eids, step_nums, strict=True)):
-        if e not in last or s > last[e][0]:
-            last[e] = (int(s), conf[i])
-        if faith is not None and np.isfinite(faith[i]):
-            faith_lists.setdefault(e, []).append(faith[i])
-    ex_cols = {"conf_probe": np.array([last.get(e, (0, np.nan))[1] for e in ex_ids])}
-    if faith is not None:
-        ex_cols["faith_probe"] = np.array(
-            [np.mean(faith_lists[e]) if e in faith_lists else np.nan for e in ex_ids]
-        )
-    update_columns(examples_path, ex_cols)
+    # Trace confidence and faithfulness are the metrics stage's (fcjax.metrics.summarize).
+    update_columns(steps_path, {"conf_probe": conf})
 
     table = result.layer_table
     layers_path = run_dir / "probes" / "layers.parquet"

@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny_models import TINY_CONFIGS, build_tiny
 
+import fcjax
+
+# compiled programs persist across test sessions, and the subprocesses tests start share them
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
+
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def tiny_model_dir(request, tmp_path_factory):

@@ -8,11 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from experiments import benchmark
-from fcjax.models import loading
 from fcjax.models.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +110,3 @@ def test_cuts_and_bandwidth_table():
     assert benchmark.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert benchmark.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert benchmark.peak_bandwidth("cpu") is None
-
-
-@pytest.mark.parametrize(
-    "kind, shape", [("transpose", (6, 10)), ("in_proj", (8, 3, 4)), ("out_proj", (3, 4, 8))]
-)
-def test_torch_layout_inverts_the_loader(kind, shape):
-    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    torch_layout = benchmark._to_torch_layout(x, kind)
-    assert torch_layout.shape == loading._expected_torch_shape(kind, shape)
-    np.testing.assert_array_equal(loading._to_layout(torch_layout, kind, shape), x)

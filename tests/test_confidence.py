@@ -267,7 +267,7 @@ def test_trace_confidence_reductions():
     assert trace_confidence([0.2, 0.6, np.nan], "last") == pytest.approx(0.6)
     assert math.isnan(trace_confidence([np.nan, np.inf], "mean"))
     assert math.isnan(trace_confidence([], "last"))
-    with pytest.raises(EstimatorError):
+    with pytest.raises(ValueError, match="median"):
         trace_confidence(v, "median")
     assert get_estimator("rcc").trace_reduce == "last"
     assert get_estimator("forcing").trace_reduce == "last"

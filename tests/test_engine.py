@@ -206,13 +206,13 @@ def test_top_p_keeps_the_sorted_nucleus(scale, shortlist):
     """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
     one a float64 descending sort gives; flat rows differ from it by at most a boundary token
     (float32 sums in another order)."""
-    from fcjax.engine.sampling import _filter_top_p
+    from fcjax.engine.sampling import filter_top_p
 
     rng = np.random.default_rng(int(scale * 10) + shortlist)
     logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
     logits[0, :7] = -np.inf  # rows already cut by top-k
     logits[1, :3] = logits[1, 3]  # ties
-    kept = ~np.isinf(np.asarray(_filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist)))
+    kept = ~np.isinf(np.asarray(filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist)))
     for row, keep in zip(logits.astype(np.float64), kept, strict=True):
         order = np.argsort(-row, kind="stable")
         probs = np.exp(row[order] - row.max())

@@ -27,7 +27,7 @@ COLUMNS = {
     "sampling": ["conf_sampling", "sampling_unparsed", "sampling_n"],
     "agreement": ["conf_agreement", "agreement_entropy"],
 }
-K, MAX_STEPS = 2, 3
+K, MAX_STEPS = 2, 2  # wiring, not statistics: the smallest budget that exercises every path
 
 
 @pytest.fixture(scope="module")

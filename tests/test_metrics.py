@@ -314,3 +314,51 @@ def test_trajectory_bins() -> None:
         trajectory_bins([1.5], {"d": [1.0]})
     with pytest.raises(ValueError, match="'d'"):
         trajectory_bins([0.5], {"d": [1.0, 2.0]})
+
+
+def test_summarize_by_hand() -> None:
+    """Two traces: e1 steps C=(0.2, 0.8), D=(0.5, 1.0), correct; e2 C=(NaN, 0.6), D=(0, NaN),
+    wrong. Trace C by the last rule: 0.8, 0.6; trace F: 0.75 (mean of 0.7, 0.8), NaN."""
+    import json
+
+    from fcjax.metrics import summarize, trace_columns
+
+    steps = {
+        "example_id": ["e1", "e1", "e2", "e2"],
+        "position": np.array([0.0, 1.0, 0.0, 1.0]),
+        "decisiveness": np.array([0.5, 1.0, 0.0, NAN]),
+        "conf_x": np.array([0.2, 0.8, NAN, 0.6]),
+    }
+    examples = {
+        "example_id": ["e1", "e2"],
+        "correct": np.array([True, False]),
+        "n_steps": np.array([2, 2]),
+        "prediction": ["3", None],
+        "finish_reason": ["eos", "length"],
+    }
+    step_cols, ex_cols = trace_columns(steps, examples, {"x": "last"})
+    np.testing.assert_allclose(step_cols["faith_x"], [0.7, 0.8, NAN, NAN])
+    np.testing.assert_allclose(ex_cols["conf_x"], [0.8, 0.6])
+    np.testing.assert_allclose(ex_cols["faith_x"], [0.75, NAN])
+    s = summarize(steps, examples, {"x": "last"}, not_scored={"probe": "too few labels"})
+    text = json.dumps(s)  # plain JSON values (no numpy), as summary.json holds them
+    assert json.dumps(json.loads(text)) == text
+    m = s["estimators"]["x"]
+    assert (m["n_traces"], m["n_steps_scored"]) == (1, 3)
+    assert m["mfg"] == pytest.approx(0.75)
+    assert m["ece"] == pytest.approx((abs(1 - 0.8) + abs(0 - 0.6)) / 2)
+    assert m["brier"] == pytest.approx((0.2**2 + 0.6**2) / 2)
+    assert m["auroc"] == pytest.approx(1.0)
+    assert m["mean_conf"] == pytest.approx(0.7)
+    assert s["accuracy"] == pytest.approx(0.5) and s["n_examples"] == 2
+    assert s["counts"] == {
+        "no_steps": 0,
+        "no_answer": 1,
+        "truncated": 1,
+        "steps": 4,
+        "decisiveness_missing": 1,
+        "not_scored": {"probe": "too few labels"},
+    }
+    assert s["agreement"]["decisiveness|x"]["n"] == 2
+    with pytest.raises(ValueError, match="conf_y"):
+        summarize(steps, examples, {"y": "mean"})

@@ -10,6 +10,12 @@ import fcjax
 SEQ = 40
 
 
+@pytest.fixture(scope="module")
+def lm32(tiny_model_dir):
+    """The float32 fcjax model of the current tiny directory, loaded once for its tests."""
+    return fcjax.load(tiny_model_dir, dtype="float32")
+
+
 def _reference(path, ids):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -17,11 +23,11 @@ def _reference(path, ids):
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
 
 
-def test_logits_and_hidden_states_match_transformers(tiny_model_dir):
+def test_logits_and_hidden_states_match_transformers(tiny_model_dir, lm32):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 128, size=(2, SEQ))
     ref_logits, ref_hidden = _reference(tiny_model_dir, ids)
-    lm = fcjax.load(tiny_model_dir, dtype="float32")
+    lm = lm32
     logits = lm.logits(ids)
     hidden = lm.hidden_states(ids)
     assert logits.shape == ref_logits.shape
@@ -30,9 +36,9 @@ def test_logits_and_hidden_states_match_transformers(tiny_model_dir):
     np.testing.assert_allclose(hidden, ref_hidden, atol=1e-4, rtol=0)
 
 
-def test_bfloat16_tracks_float32(tiny_model_dir):
+def test_bfloat16_tracks_float32(tiny_model_dir, lm32):
     ids = np.random.default_rng(1).integers(0, 128, size=(1, SEQ))
-    f32 = fcjax.load(tiny_model_dir, dtype="float32").logits(ids)
+    f32 = lm32.logits(ids)
     bf16 = fcjax.load(tiny_model_dir, dtype="bfloat16").logits(ids)
     assert bf16.dtype == np.float32
     agree = (bf16.argmax(-1) == f32.argmax(-1)).mean()
@@ -40,7 +46,36 @@ def test_bfloat16_tracks_float32(tiny_model_dir):
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
 
 
-@pytest.mark.parametrize("bad", ["config"])
-def test_config_from_json_forms(bad, tiny_model_dir):
-    cfg = fcjax.load(tiny_model_dir).config
-    assert cfg.family in ("llama", "qwen2", "qwen3")
+def test_config_read_from_config_json_matches_transformers(tiny_model_dir, lm32):
+    """Every field fcjax reads from config.json equals transformers' reading of it, and the
+    exported config (``fcjax.models.hf_config_dict``) reads back as the same config."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from fcjax.models.config import from_hf_config
+
+    cfg = lm32.config
+    hf = AutoConfig.from_pretrained(tiny_model_dir)
+    rope = hf.rope_parameters
+    assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (
+        hf.model_type,
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.intermediate_size,
+    )
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+    )
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    assert cfg.head_dim == head_dim
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+    assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+    assert cfg.rope.rope_type == rope["rope_type"]
+    assert cfg.rope.theta == pytest.approx(rope["rope_theta"])
+    if rope["rope_type"] != "default":
+        assert cfg.rope.factor == pytest.approx(rope["factor"])
+    again = from_hf_config(fcjax.models.hf_config_dict(cfg), name=cfg.name)
+    assert dataclasses.replace(again, eos_token_ids=cfg.eos_token_ids) == cfg

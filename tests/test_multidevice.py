@@ -12,6 +12,8 @@ import pytest
 from tiny_models import build_tiny
 
 WORKER = Path(__file__).parent / "engine_worker.py"
+# five worker processes, mostly compile time: in CI (./dev test --all), not in the quick suite
+pytestmark = pytest.mark.slow
 
 
 def _run(args, env_extra=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,9 @@ from probes import (
     Probe,
     ProbeConfig,
     ProbeError,
+    ProbeParams,
+    Standardizer,
+    TooFewLabels,
     crossfit,
     group_folds,
     load_probe,
@@ -174,7 +178,7 @@ def test_group_folds_deterministic_by_seed():
     assert not np.array_equal(a, c)
     sizes = np.bincount(a, minlength=5)
     assert sizes.max() - sizes.min() <= 4  # Greedy balance: within one largest group.
-    with pytest.raises(ProbeError, match="at least 5 groups"):
+    with pytest.raises(TooFewLabels, match="at least 5 groups"):
         group_folds(np.arange(3), 5)
 
 
@@ -250,23 +254,17 @@ def test_run_probe_stage_end_to_end(tmp_path):
     missing = [i for i, e in enumerate(steps["example_id"]) if e == "q5"]
     assert np.isnan(conf[missing[-1]])  # The step without hidden states has no value.
     assert np.isfinite(np.delete(conf, missing[-1])).all()
-    np.testing.assert_allclose(steps["faith_probe"], 1 - np.abs(steps["decisiveness"] - conf))
+    assert "faith_probe" not in steps  # faithfulness is the metrics stage's, for every E
+    assert "conf_probe" not in examples and "faith_probe" not in examples
     assert steps["text"][:2] == ["s0", "s1"]  # Other columns kept.
-    for j, eid in enumerate(examples["example_id"]):
-        rows = [i for i, e in enumerate(steps["example_id"]) if e == eid]
-        last = max(rows, key=lambda i: steps["step"][i])
-        np.testing.assert_equal(examples["conf_probe"][j], conf[last])
-        valid = [steps["faith_probe"][i] for i in rows if np.isfinite(steps["faith_probe"][i])]
-        assert examples["faith_probe"][j] == pytest.approx(np.mean(valid))
     assert examples["prompt_ids"][0] == [1, 2]
-    correct = np.asarray(examples["correct"], float)
-    assert (
-        _pairwise_auroc(
-            examples["conf_probe"][~np.isnan(examples["conf_probe"])],
-            correct[~np.isnan(examples["conf_probe"])],
-        )
-        > 0.9
-    )
+    # The trace confidence of the probe (its last scored step) ranks correct traces first.
+    last = {}
+    for i, (e, s) in enumerate(zip(steps["example_id"], steps["step"], strict=True)):
+        if np.isfinite(conf[i]) and s >= last.get(e, (-1, 0))[0]:
+            last[e] = (s, conf[i])
+    trace_conf = np.array([last[e][1] for e in examples["example_id"]])
+    assert _pairwise_auroc(trace_conf, np.asarray(examples["correct"], float)) > 0.9
     table = read_table(tmp_path / "probes" / "layers.parquet")
     np.testing.assert_array_equal(table["layer"], [4, 7])
     assert table["auroc"][1] > 0.9 > table["auroc"][0]
@@ -287,3 +285,66 @@ def test_run_probe_stage_names_missing_inputs(tmp_path):
     (tmp_path / "hidden" / "COMPLETE").unlink()
     with pytest.raises(ValueError, match="COMPLETE"):
         run_probe_stage(tmp_path, folds=3)
+
+
+def test_probe_stage_records_too_few_labels_and_fails_on_anything_else(tmp_path):
+    """Too few question groups for the folds is a result (NaN conf_probe, the reason in
+    summary.json); any other error (here a store without COMPLETE) fails the stage."""
+    from experiments.config import Settings
+    from experiments.rundir import RunDir
+    from experiments.stages import Pipeline
+    from fcjax.store.hidden import HiddenStoreError
+    from fcjax.store.tables import update_columns
+
+    _make_run(tmp_path, np.random.default_rng(7))
+    steps = read_table(tmp_path / "steps.parquet")
+    update_columns(tmp_path / "steps.parquet", {"position": np.zeros(len(steps["step"]))})
+    n = len(read_table(tmp_path / "examples.parquet")["example_id"])
+    update_columns(
+        tmp_path / "examples.parquet",
+        {"n_steps": np.full(n, 3), "prediction": ["1"] * n, "finish_reason": ["eos"] * n},
+    )
+    run = RunDir(tmp_path)
+    Pipeline(run, Settings(estimators=("probe",), folds=41)).run_stage("probes")
+    assert "at least 41 groups for 41 folds, got 40" in run.info("probes")["not_scored"]
+    assert np.isnan(read_table(tmp_path / "steps.parquet")["conf_probe"]).all()
+    Pipeline(run, Settings(estimators=("probe",), folds=41)).run_stage("metrics")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "at least 41 groups" in summary["counts"]["not_scored"]["probe"]
+    assert summary["estimators"]["probe"]["n_traces"] == 0
+
+    run.invalidate_from("probes")
+    (tmp_path / "hidden" / "COMPLETE").unlink()
+    with pytest.raises(HiddenStoreError, match="COMPLETE"):
+        Pipeline(run, Settings(estimators=("probe",), folds=2)).run_stage("probes")
+    assert not run.done("probes")
+
+
+def test_probe_estimator_scores_new_traces_from_a_checkpoint(tmp_path):
+    """``import probes`` registers "probe"; it scores each step with the saved probe on the
+    chosen layer's hidden state at the step's last token (checked against lm.hidden_states)."""
+    import fcjax
+    from fcjax.confidence import EstimatorContext, Trace, get_estimator
+    from fcjax.text import Step
+
+    lm = fcjax.load("random:tiny-llama")
+    rng = np.random.default_rng(3)
+    width, layers = lm.config.hidden_size, (0, 1, 2)
+    probe = Probe(
+        ProbeParams(rng.normal(size=(3, width)), rng.normal(size=3)),
+        Standardizer(rng.normal(size=(3, width)), 1 + rng.random(size=(3, width))),
+        layer=1,
+        layers=layers,
+    )
+    save_probe(tmp_path / "ckpt", probe)
+    prompt, output = [5, 9, 17, 4], [33, 8, 61, 90, 12, 7]
+    steps = [Step(0, 0, 2, "ab", 0, 2), Step(1, 2, 6, "cdef", 2, 6)]
+    trace = Trace(
+        "q0", prompt, output, "abcdef", np.zeros(6), np.zeros((6, 1)), steps, None, None, "numeric"
+    )
+    [cols] = get_estimator("probe", checkpoint=str(tmp_path / "ckpt")).score(
+        [trace], EstimatorContext(lm)
+    )
+    hidden = lm.hidden_states([prompt + output])[1, 0]  # layer id 1, [T, D]
+    want = probe.predict_proba(hidden[[len(prompt) + 1, len(prompt) + 5]])
+    np.testing.assert_allclose(cols["conf_probe"], want, rtol=1e-5, atol=1e-6)

@@ -78,11 +78,20 @@ def test_bfloat16_argmax_agreement(lm32, reference):
     assert agree > 0.99, agree
 
 
-def test_chat_template_and_tokenizer(lm32):
+def test_chat_template_and_token_offsets(lm32):
+    """fcjax's token char offsets on the real tokenizer: each token's range holds exactly its
+    own decoded text, and the chunked computation equals decoding every prefix."""
+    from fcjax.text import token_char_offsets
+
     prompt = lm32.chat([{"role": "user", "content": "What is 2+3?"}])
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
-    enc = lm32.tokenizer("Hello world", return_offsets_mapping=True)
-    assert enc["offset_mapping"][-1][1] == len("Hello world")
+    ids = lm32.encode(TEXT)
+    text = lm32.tokenizer.decode(ids)
+    offsets = token_char_offsets(lm32.tokenizer, ids, chunk=64)
+    assert offsets == token_char_offsets(lm32.tokenizer, ids, chunk=0)
+    assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
+    for (a, b), t in zip(offsets, ids, strict=True):
+        assert text[a:b] == lm32.tokenizer.decode([t])
 
 
 CHATS = [

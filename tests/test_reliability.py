@@ -136,8 +136,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jaxcache")
+def jax_cache() -> Path:
+    """The session's persistent compilation cache (tests/conftest.py), shared by the
+    subprocesses so that they compile each program once across sessions."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")
@@ -612,6 +614,7 @@ def crash_sequence(tiny: Path, cache: Path, out: Path) -> tuple[list[dict], obje
     return seen, run_cli(args, subprocess_env(cache)), out
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(background, baseline):
     seen, final, out = background["crash"].result()
     assert [s["stage"] for s in seen] == [stage for stage, _, _ in KILLS], seen[-1]
@@ -629,6 +632,7 @@ def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(background, base
 # ----------------------------------------------------------------------------- 6b. 8 devices
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_results(background, baseline):
     """Same tokens, texts, steps, hidden states and decisions; the engine's log-probabilities
     may differ in the last bit (float32 rounding of other per-device shapes), so floats are

@@ -10,7 +10,6 @@ from fcjax.confidence.base import (
     get_estimator,
     register,
     run_estimators,
-    trace_confidence,
 )
 from fcjax.confidence.consistency_judge import (
     UNPARSED_VALUE,
@@ -23,6 +22,7 @@ from fcjax.confidence.forcing import AnswerForcing
 from fcjax.confidence.rcc import RCC
 from fcjax.confidence.sampling import SamplingConsistency
 from fcjax.confidence.trace import Trace, TraceError, build_trace, prefix_tokens
+from fcjax.metrics.summary import trace_confidence
 
 __all__ = [
     "RCC",

@@ -3,7 +3,8 @@
 An estimator scores every step of every trace. ``score`` returns, per trace, a dict of
 columns of length ``n_steps``: always ``conf_<name>`` in [0, 1] (NaN where the step was not
 scored) plus any raw columns it wants to keep (``deepconf_raw``, ``sampling_unparsed``...).
-The trace-level confidence is ``trace_confidence(conf_<name>, estimator.trace_reduce)``.
+The trace-level confidence is ``fcjax.metrics.trace_confidence(conf_<name>,
+estimator.trace_reduce)``.
 
 Adding an estimator is one new module in ``fcjax/confidence`` with a class decorated by
 ``@register``; ``get_estimator`` imports every module of the package the first time it is
@@ -17,16 +18,16 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fcjax.confidence.trace import Trace
 from fcjax.engine.sampling import SamplingParams
+from fcjax.metrics.summary import Reduce
+from fcjax.text.chat import Messages
 
-Messages = list[dict[str, str]]
 Complete = Callable[[list[Messages]], list[str]]
-Reduce = Literal["mean", "last"]
 Columns = dict[str, np.ndarray]
 
 
@@ -149,25 +150,11 @@ def get_estimator(name: str | Estimator, **params: Any) -> Estimator:
     _discover()
     if name not in REGISTRY:
         raise EstimatorError(
-            f"unknown estimator {name!r}; valid names: {', '.join(sorted(REGISTRY))}"
+            f"unknown estimator {name!r}; valid names: {', '.join(sorted(REGISTRY))} "
+            f"(estimators defined outside fcjax register when imported: `import probes` "
+            f"adds 'probe')"
         )
     return REGISTRY[name](**params)
-
-
-def trace_confidence(values: Any, reduce: Reduce) -> float:
-    """Trace-level confidence from step values; NaN and inf entries are ignored.
-
-    mean: the mean of the finite values. last: the last finite value (for the estimators
-    that use it, RCC and forcing, every step is scored, so this is the last step's value).
-    NaN when no value is finite.
-    """
-    v = np.asarray(values, np.float64).reshape(-1)
-    v = v[np.isfinite(v)]
-    if reduce not in ("mean", "last"):
-        raise EstimatorError(f"reduce must be 'mean' or 'last', got {reduce!r}")
-    if v.size == 0:
-        return float("nan")
-    return float(v.mean() if reduce == "mean" else v[-1])
 
 
 def check_columns(estimator: Estimator, trace: Trace, columns: Columns) -> Columns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-Messages = list[dict[str, str]]
+from fcjax.text.chat import Messages
 
 UNPARSED_VALUE = 0.5  # an unreadable judge answer counts as maximally unsure (METHOD.md 4.3)
 

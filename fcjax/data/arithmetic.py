@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from fcjax.data.datasets import Example
+from fcjax.data.example import Example
 
 
 @dataclasses.dataclass(frozen=True)

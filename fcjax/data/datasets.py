@@ -16,36 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from fcjax.data import arithmetic
+from fcjax.data.example import DataError, Example, letters
 from fcjax.text.answers import infer_kind
 
 KINDS = ("numeric", "math", "letter", "yesno")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-class DataError(ValueError):
-    """A dataset file or row is unusable; the message names file, line and field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One evaluation question.
-
-    `choices` is None for free-form answers; otherwise the options in order, labelled
-    A, B, C, ... by position, and `answer` is the gold letter. `kind` says how a
-    prediction is scored: "numeric", "math", "letter" or "yesno".
-    """
-
-    id: str
-    question: str
-    choices: tuple[str, ...] | None
-    answer: str
-    kind: str
-    source: str
-
-
-def letters(n: int) -> str:
-    """The first n option letters, "ABC..."."""
-    return "".join(chr(ord("A") + i) for i in range(n))
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -297,8 +273,6 @@ def _file_loader(filename: str, kind: str) -> Callable[..., list[Example]]:
 def _arithmetic_loader(
     num_examples: int | None = None, seed: int = 0, difficulty: int = 1, **_: Any
 ) -> list[Example]:
-    from fcjax.data import arithmetic
-
     return arithmetic.generate(100 if num_examples is None else num_examples, difficulty, seed)
 
 

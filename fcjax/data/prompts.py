@@ -3,7 +3,7 @@ instruction that `fcjax.text.extract_answer` can read, and an optional intervent
 
 from __future__ import annotations
 
-from fcjax.data.datasets import Example, letters
+from fcjax.data.example import Example, letters
 from fcjax.data.interventions import get_intervention
 
 INSTRUCTIONS: dict[str, str] = {

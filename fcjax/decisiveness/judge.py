@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-Messages = list[dict[str, str]]
+from fcjax.text.chat import Messages
 
 INSTRUCTIONS = """\
 You rate how decisive the wording of reasoning steps is.

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from fcjax.engine.generate import generate
 from fcjax.engine.sampling import SamplingParams
 from fcjax.models.lm import LM
-
-Messages = list[dict[str, str]]
+from fcjax.text.chat import Messages
 
 
 def chat_completer(

@@ -107,7 +107,7 @@ def _bisect_top_p_keys(logits: jnp.ndarray, probs: jnp.ndarray, p: float) -> jnp
 SHORTLIST = 256  # largest logits looked at for top-k / top-p before any full-vocabulary pass
 
 
-def _filter_top_p(
+def filter_top_p(
     logits: jnp.ndarray,
     p: float,
     shortlist: int = SHORTLIST,
@@ -171,7 +171,7 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
             scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
             scaled_top = jnp.where(scaled_top < kth, -jnp.inf, scaled_top)
         if sampler.top_p < 1.0:
-            scaled = _filter_top_p(
+            scaled = filter_top_p(
                 scaled,
                 sampler.top_p,
                 shortlist=n_top if n_top < vocab else vocab,

@@ -3,6 +3,7 @@
 from fcjax.metrics.agreement import kendall, pairwise_agreement, rankdata, spearman
 from fcjax.metrics.calibration import auroc, brier, ece, prr
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
+from fcjax.metrics.summary import summarize, trace_columns, trace_confidence
 from fcjax.metrics.trajectory import trajectory_bins
 
 __all__ = [
@@ -18,5 +19,8 @@ __all__ = [
     "rankdata",
     "spearman",
     "step_faithfulness",
+    "summarize",
+    "trace_columns",
+    "trace_confidence",
     "trajectory_bins",
 ]

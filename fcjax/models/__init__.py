@@ -2,6 +2,7 @@
 
 from fcjax.models.config import ConfigError, ModelConfig, RopeConfig
 from fcjax.models.decoder import Decoder
+from fcjax.models.export import hf_config_dict, hf_state_dict, to_transformers
 from fcjax.models.lm import LM, load
 from fcjax.models.loading import WeightError
 from fcjax.models.presets import PRESETS
@@ -18,5 +19,8 @@ __all__ = [
     "RopeConfig",
     "WeightError",
     "fetch",
+    "hf_config_dict",
+    "hf_state_dict",
     "load",
+    "to_transformers",
 ]

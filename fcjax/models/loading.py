@@ -71,6 +71,47 @@ def _to_layout(array: np.ndarray, kind: str, target: tuple[int, ...]) -> np.ndar
     raise AssertionError(kind)
 
 
+def _to_torch(array: np.ndarray, kind: str) -> np.ndarray:
+    """Inverse of ``_to_layout``: one decoder-layout tensor -> torch layout."""
+    if kind == "transpose":
+        return array.T
+    if kind == "in_proj":  # [embed, heads, hd] -> [heads*hd, embed]
+        d, n, h = array.shape
+        return array.transpose(1, 2, 0).reshape(n * h, d)
+    if kind == "out_proj":  # [heads, hd, embed] -> [embed, heads*hd]
+        n, h, d = array.shape
+        return array.transpose(2, 0, 1).reshape(d, n * h)
+    if kind == "bias":  # [heads, hd] -> [heads*hd]
+        return array.reshape(-1)
+    if kind == "same":
+        return array
+    raise AssertionError(kind)
+
+
+def iter_hf_tensors(config: ModelConfig, state) -> Iterator[tuple[str, np.ndarray]]:
+    """The inverse of ``assemble``: a decoder state's weights as ``(hf_name, float32 array in
+    torch layout)``, one tensor at a time (``lm_head.weight`` too when embeddings are tied)."""
+    by_path = {path: (name, kind) for name, (path, kind) in _GLOBAL.items()}
+    per_layer = {path: (name, kind) for name, (path, kind) in _PER_LAYER.items()}
+    for path, var in nnx.to_flat_state(state):
+        value = np.asarray(jax.device_get(var.get_value()), np.float32)
+        if path in by_path:
+            name, kind = by_path[path]
+            yield name, _to_torch(value, kind)
+            if path == ("embed",) and config.tie_embeddings:
+                yield "lm_head.weight", value
+        else:  # ("blocks", layer, ...)
+            suffix, kind = per_layer[path[2:]]
+            yield f"model.layers.{path[1]}.{suffix}", _to_torch(value, kind)
+    if config.family == "llama" and config.qkv_bias:
+        # transformers' Llama attention_bias also gives o_proj a bias; the decoder has none
+        for layer in range(config.num_layers):
+            yield (
+                f"model.layers.{layer}.self_attn.o_proj.bias",
+                np.zeros(config.hidden_size, np.float32),
+            )
+
+
 def abstract_decoder(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, dict]:
     """GraphDef and {path: ShapeDtypeStruct} of a decoder, without allocating it."""
     model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))

@@ -7,7 +7,7 @@ from fcjax.store.hidden import (
     plan_row_ranges,
     read_hidden,
 )
-from fcjax.store.tables import TableError, read_table, write_table_atomic
+from fcjax.store.tables import TableError, read_table, write_json_atomic, write_table_atomic
 
 __all__ = [
     "HiddenReader",
@@ -17,5 +17,6 @@ __all__ = [
     "plan_row_ranges",
     "read_hidden",
     "read_table",
+    "write_json_atomic",
     "write_table_atomic",
 ]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from fcjax.store.tables import read_table, write_table_atomic
+from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 MARKER = "COMPLETE"
@@ -59,15 +58,6 @@ class HiddenMeta:
     width: int
     dtype: str
     chunk_rows: int
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _spec(root: Path) -> dict:
@@ -100,7 +90,7 @@ def _create(root: Path, meta: HiddenMeta, rows: int) -> ts.TensorStore:
         },
     }
     array = ts.open(spec, create=True, delete_existing=True).result()
-    _write_json_atomic(
+    write_json_atomic(
         root / "meta.json",
         {
             "layers": list(meta.layers),
@@ -320,7 +310,7 @@ class HiddenStore:
         """Flushes and marks the store (or this process's part) complete; returns rows."""
         n = self.flush()
         if self._shared:
-            _write_json_atomic(
+            write_json_atomic(
                 self._done_path,
                 {"row_offset": self._row_offset, "row_limit": self._row_limit, "rows": n},
             )
@@ -379,7 +369,7 @@ class HiddenStore:
 
 
 def _write_marker(root: Path, meta: HiddenMeta, rows: int) -> None:
-    _write_json_atomic(
+    write_json_atomic(
         root / MARKER,
         {"rows": rows, "layers": list(meta.layers), "width": meta.width, "dtype": meta.dtype},
     )

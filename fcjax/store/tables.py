@@ -4,11 +4,13 @@ Tables are plain ``dict[str, column]``. Numeric and boolean columns come back as
 arrays (missing floats as NaN); strings, token-id lists and anything with nulls that numpy
 cannot hold come back as Python lists. Writes are atomic: a temporary file in the same
 directory is written, fsynced and renamed over the target, so a crash never leaves a torn
-table and a stage either wrote its output or did not.
+table and a stage either wrote its output or did not. ``write_json_atomic`` does the same
+for the run directory's JSON files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -82,6 +84,33 @@ def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as JSON at ``path`` via temp file + fsync + rename (numpy values as
+    Python numbers and lists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
 
 
 def update_columns(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 log = logging.getLogger("fcjax")
 
+# a chat conversation: [{"role": ..., "content": ...}, ...]
+Messages = list[dict[str, str]]
+
 
 def load_tokenizer(path: str | Path, gguf_file: str | None = None):
     """A transformers tokenizer from an HF directory, or from a GGUF file's vocabulary."""
@@ -26,13 +29,13 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def plain_format(messages: list[dict]) -> str:
+def plain_format(messages: Messages) -> str:
     """Fallback prompt for tokenizers without a chat template."""
     parts = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-def apply_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def apply_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True) -> str:
     """Formats chat messages with the tokenizer's template (plain format if it has none)."""
     if tokenizer is None or not has_chat_template(tokenizer):
         log.warning("tokenizer has no chat template; using a plain 'Role: text' format")

@@ -3,7 +3,8 @@
 In a run, ``experiments.run`` computes ``conf_probe`` by cross-fitting (stages ``hidden`` and
 ``probes``, see ``probes.train``), so every step is scored by a probe that never saw its
 question. This estimator scores *new* traces with a probe saved by an earlier run
-(``DIR/probes/ckpt``): it captures the probe's layer at each step's last token.
+(``DIR/probes/ckpt``): it captures the probe's layer at each step's last token. It registers
+as ``"probe"`` with ``fcjax.confidence`` when ``probes`` is imported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from fcjax.confidence.base import Columns, Estimator, EstimatorContext, EstimatorError, register
 from fcjax.confidence.trace import Trace
+from probes.checkpoint import load_probe
 
 
 @register
@@ -31,7 +33,6 @@ class ProbeEstimator(Estimator):
                 "cross-fitted probe comes from the 'hidden' and 'probes' stages)"
             )
         from fcjax.engine import capture
-        from probes.checkpoint import load_probe
 
         probe = load_probe(self.checkpoint)
         out = []
