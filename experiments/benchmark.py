@@ -145,7 +145,6 @@ PEAK_BANDWIDTH = (
 )
 
 
-
 @dataclasses.dataclass
 class Row:
     """One line of the table; None where a figure does not apply."""
