@@ -45,7 +45,7 @@ class Pool(NamedTuple):
 
     cache: KVCache
     ctx_h: jnp.ndarray  # [contexts, reads, embed] final-norm hidden at the read positions
-    logits: jnp.ndarray  # [contexts, rows, vocab] float32 for each row's next token
+    normed: jnp.ndarray  # [contexts, rows, embed] final-norm hidden that predicts the next token
     n_own: jnp.ndarray  # [contexts, rows] tokens the row has generated (own-cache fill)
     ctx_valid: jnp.ndarray  # [contexts, rows]
     done: jnp.ndarray  # [contexts, rows] bool
@@ -96,7 +96,7 @@ def _zeros_pool(config, layout: Layout, dtype) -> Pool:
     return Pool(
         cache=KVCache(ctx, ctx_v, own, own_v),
         ctx_h=jnp.zeros((c, layout.reads, config.hidden_size), dtype),
-        logits=jnp.zeros((c, r, config.vocab_size), jnp.float32),
+        normed=jnp.zeros((c, r, config.hidden_size), dtype),
         n_own=jnp.zeros((c, r), jnp.int32),
         ctx_valid=jnp.ones((c, r), jnp.int32),
         done=jnp.ones((c, r), bool),
@@ -160,10 +160,11 @@ def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots)
 def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, eos):
     """Samples one token for every unfinished row and advances it; returns the new pool and
     the step's (token, chosen, top_lp, top_ids, emitted, stopped)."""
-    n_ctx, rows, vocab = pool.logits.shape
+    n_ctx, rows = pool.n_own.shape
+    logits = model.unembed(pool.normed).reshape(n_ctx * rows, -1)  # never stored
     active = ~pool.done
     step_keys = jax.vmap(jax.random.fold_in)(pool.keys.reshape(-1, 2), pool.n_own.reshape(-1))
-    tok, chosen, top_lp, top_ids = sample_step(pool.logits.reshape(-1, vocab), step_keys, sampler)
+    tok, chosen, top_lp, top_ids = sample_step(logits, step_keys, sampler)
     tok = jnp.where(active, tok.reshape(n_ctx, rows), 0)
     stopped = active & (stops.contains[tok] | ((pool.tail & stops.head[tok]) != 0))
     n_own = pool.n_own + active.astype(jnp.int32)
@@ -175,7 +176,7 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     cache = pool.cache._replace(own_k=out.own_k, own_v=out.own_v)
     new = pool._replace(
         cache=cache,
-        logits=model.unembed(out.normed),
+        normed=out.normed.astype(pool.normed.dtype),
         n_own=n_own,
         done=pool.done | finished,
         tail=jnp.where(active, stops.tail[tok], pool.tail),
@@ -193,14 +194,13 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     return new, step
 
 
-def _apply_refill(model, pool: Pool, refill: Refill, seed) -> Pool:
+def _apply_refill(pool: Pool, refill: Refill, seed) -> Pool:
     start = refill.start
     ident = refill.ident.reshape(-1, 3)
     keys = row_keys(seed, ident[:, 0], ident[:, 1], ident[:, 2]).reshape(pool.keys.shape)
-    h = jnp.take_along_axis(pool.ctx_h, refill.read[..., None], axis=1)  # [ctx, rows, embed]
-    first = model.unembed(h)
+    first = jnp.take_along_axis(pool.ctx_h, refill.read[..., None], axis=1)  # [ctx, rows, D]
     return pool._replace(
-        logits=jnp.where(start[..., None], first, pool.logits),
+        normed=jnp.where(start[..., None], first, pool.normed),
         n_own=jnp.where(start, 0, pool.n_own),
         ctx_valid=jnp.where(start, refill.ctx_valid, pool.ctx_valid),
         done=jnp.where(start, False, pool.done),
@@ -231,7 +231,7 @@ def decode_chunk(
     ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens). ``eos`` is a
     tuple of token ids."""
     model = nnx.merge(graphdef, params)
-    pool = _apply_refill(model, pool, refill, seed)
+    pool = _apply_refill(pool, refill, seed)
     eos = eos if eos else (-1,)
 
     def body(pool, _):

@@ -41,6 +41,15 @@ def one_block_layout(contexts: int, rows: int) -> Layout:
     return Layout(contexts=contexts, rows=rows, ctx_len=MIN_BLOCK, new=MIN_BLOCK, reads=1)
 
 
+def abstract_lm(config, dtype=jnp.float32) -> LM:
+    """An LM of ``config``'s shape whose weights are shapes only (for compiling, not running:
+    a large model's step can be analysed without allocating it)."""
+    from fcjax.models.decoder import Decoder
+
+    model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
+    return LM.from_decoder(model, name=f"abstract:{config.name}", source="abstract")
+
+
 def compile_step(lm: LM, layout: Layout, sampler: Sampler):
     """The compiled program of one decode step over a pool of ``layout``."""
     pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
@@ -78,14 +87,13 @@ class StepBytes:
 def step_bytes(lm: LM, layout: Layout, sampler: Sampler, compiled=None) -> StepBytes:
     """HLO bytes of one decode step against weights + KV, with every cache full (live).
 
-    XLA's cost analysis counts a fusion whose root is an in-place dynamic-update-slice (the
-    new token's K/V written into a cache) as reading and writing the whole cache; such a
-    fusion is counted here as reading and writing its update only."""
+    XLA's cost analysis counts a gather fusion (the token embedding lookup) as reading its
+    whole table; it is counted here as reading the rows it gathers."""
     compiled = compiled or compile_step(lm, layout, sampler)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
-    hlo = float(cost["bytes accessed"]) - _in_place_overcount(compiled.as_text())
+    hlo = float(cost["bytes accessed"]) - _gather_overcount(compiled.as_text())
     return StepBytes(hlo, _nbytes(lm.state), _nbytes(pool.cache))
 
 
@@ -93,43 +101,32 @@ def _shape_bytes(dtype: str, dims: str) -> int:
     return int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _ITEMSIZE.get(dtype, 4)
 
 
-def _in_place_overcount(text: str) -> float:
-    """Bytes XLA's cost analysis counts that the program does not move: a fusion whose root
-    is an in-place dynamic-update-slice is counted as reading and writing its whole buffer
-    (it moves the update only), and a fusion that gathers rows from a parameter (the token
-    embedding) as reading the whole table (it reads the gathered rows only)."""
+def _gather_overcount(text: str) -> float:
+    """Bytes XLA's cost analysis counts that the program does not move: a fusion that
+    gathers rows from one of its parameters (the token embedding) is counted as reading the
+    whole table; it reads the gathered rows only."""
     shape = r"(\w+)\[([\d,]*)\]"
-    info = {}  # fused computation -> (params, DUS (buffer, update) or None, gathers)
+    gathers: dict[str, tuple[dict, list]] = {}  # fused computation -> (params, gathers)
     current = None
     for line in text.splitlines():
         head = re.match(r"^%(\S+) \(", line)
         if head:
             current = head.group(1)
-            params = dict(re.findall(r"([\w.\-]+): (\w+\[[\d,]*\])", line))
-            info[current] = (params, None, [])
+            gathers[current] = (dict(re.findall(r"([\w.\-]+): (\w+\[[\d,]*\])", line)), [])
             continue
-        if current is None:
-            continue
-        m = re.match(
-            r"^\s*ROOT %\S+ = \w+\[[\d,]*\]\S* dynamic-update-slice\(%(\S+?), %(\S+?)[,)]", line
-        )
-        if m:
-            info[current] = (info[current][0], (m.group(1), m.group(2)), info[current][2])
         m = re.match(r"^\s*(?:ROOT )?%\S+ = " + shape + r"\S* gather\(%(\S+?)[,)]", line)
-        if m:
-            info[current][2].append((m.group(3), _shape_bytes(m.group(1), m.group(2))))
+        if current and m:
+            gathers[current][1].append((m.group(3), _shape_bytes(m.group(1), m.group(2))))
     over = 0.0
     for line in text.splitlines():
-        m = re.match(r"^\s*(?:ROOT )?%\S+ = " + shape + r"\S* fusion\(.*calls=%([\w.\-]+)", line)
-        if not m or m.group(3) not in info:
-            continue
-        params, dus, gathers = info[m.group(3)]
-        size = functools.partial(_param_bytes, params)
-        if dus and dus[0] in params and size(dus[0]) == _shape_bytes(m.group(1), m.group(2)):
-            over += 2 * (size(dus[0]) - size(dus[1]))
-        for operand, out in gathers:
-            if operand in params:
-                over += max(size(operand) - out, 0)
+        m = re.match(r"^\s*(?:ROOT )?%\S+ = \S+ fusion\(.*calls=%([\w.\-]+)", line)
+        if m and m.group(1) in gathers:
+            params, found = gathers[m.group(1)]
+            over += sum(
+                max(_param_bytes(params, operand) - out, 0)
+                for operand, out in found
+                if operand in params
+            )
     return over
 
 

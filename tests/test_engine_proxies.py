@@ -1,0 +1,87 @@
+"""Decode-efficiency proxies (``fcjax.engine.profile``), measured on compiled programs and
+engine counters; the speed itself lives in ``python -m experiments.benchmark``."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fcjax
+from fcjax.engine import profile
+from fcjax.engine.decode import _zeros_pool
+from fcjax.engine.generate import EngineStats
+from fcjax.engine.sampling import Sampler
+from fcjax.models.presets import PRESETS
+
+GREEDY = Sampler(0.0, 1.0, 0, 5)
+NUCLEUS = Sampler(0.8, 0.95, 0, 5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fcjax.load("random:tiny-llama")
+
+
+def test_decode_step_reads_about_the_ideal_bytes():
+    """One decode step of a qwen2-1.5b-shaped model (compiled, never allocated) moves at most
+    1.3x weights + KV: no cache or weight copies, scores never through memory at cache size."""
+    lm = profile.abstract_lm(PRESETS["qwen2-1.5b"])
+    for (contexts, rows), sampler in (((32, 1), GREEDY), ((8, 4), NUCLEUS)):
+        layout = profile.one_block_layout(contexts, rows)
+        compiled = profile.compile_step(lm, layout, sampler)
+        b = profile.step_bytes(lm, layout, sampler, compiled)
+        assert b.weights > 6e9 and b.kv > 1e8
+        assert b.ratio <= 1.3, (contexts, rows, b)
+        assert profile.layout_copies(lm, layout, compiled) == []
+
+
+def test_layout_copy_detector_flags_a_transposed_cache(tiny):
+    """The check above could fail: a program that transposes a KV cache is flagged."""
+    layout = profile.one_block_layout(4, 2)
+    pool = jax.eval_shape(lambda: _zeros_pool(tiny.config, layout, tiny.dtype))
+    cache = pool.cache.own_k[0]
+    compiled = jax.jit(lambda x: jnp.swapaxes(x, 1, 2) * 2.0).lower(cache).compile()
+    assert profile.layout_copies(tiny, layout, compiled) != []
+
+
+def test_gather_counts_the_rows_it_reads():
+    """XLA's cost analysis counts an embedding lookup as reading the whole table; the
+    correction leaves the rows gathered (and leaves a real full read counted)."""
+    table = jax.ShapeDtypeStruct((4096, 256), jnp.float32)
+    ids = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+    def corrected(fn):
+        compiled = jax.jit(fn).lower(table, ids).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cost["bytes accessed"] - profile._gather_overcount(compiled.as_text())
+
+    nbytes = 4096 * 256 * 4
+    assert corrected(lambda e, i: jnp.take(e, i, axis=0) * 2) < 0.05 * nbytes
+    assert corrected(lambda e, i: jnp.take(e, i, axis=0) * 2 + e.sum()) >= nbytes
+
+
+def test_programs_per_call_and_no_implicit_transfers(tiny):
+    params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=20, seed=4)
+    prompts = [list(range(1, n)) for n in (70, 90, 100)]  # a bucket no other test uses
+    with profile.CompileCounter() as first:
+        fcjax.generate(tiny, prompts, params)
+    stats = EngineStats()
+    with profile.CompileCounter() as second, jax.transfer_guard("disallow"):
+        other = [list(range(2, n)) for n in (66, 80, 120)]
+        fcjax.generate(tiny, other, dataclasses.replace(params, max_new_tokens=30), stats=stats)
+    assert first.count <= 3
+    assert second.count == 0
+    assert stats.host_reads == stats.chunks > 0
+
+
+def test_continuous_batching_beats_fixed_batches_on_long_tails(tiny):
+    work = profile.long_tailed(tiny, prompts=96, slots=16, mean=60, limit=150, seed=1)
+    s = work.stats
+    assert s.useful_row_steps == sum(work.lengths)
+    assert max(work.lengths) > 3 * np.median(work.lengths)  # a long tail indeed
+    assert s.row_utilisation >= 0.7
+    assert s.row_utilisation > work.static_utilisation + 0.15
+    assert 0 <= s.ctx_padding < 0.6
