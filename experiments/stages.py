@@ -370,7 +370,7 @@ class Pipeline:
     def stage_hidden(self) -> dict:
         if PROBE not in self.s.estimators:
             return {"skipped": "probe estimator not requested"}
-        from fcjax.engine import capture
+        from fcjax.engine.capture import capture
         from fcjax.store.hidden import HiddenStore
 
         n_layers = self.lm.config.num_layers
@@ -383,14 +383,16 @@ class Pipeline:
         )
         traces = [t for t in self.traces() if t.n_steps > 0]
         progress = Progress("hidden", len(traces), "traces")
-        for tr in traces:
-            if (tr.example_id, tr.n_steps - 1) in store:
-                progress.update()
-                continue
-            ends = [len(tr.prompt_ids) + s.token_end - 1 for s in tr.steps]
-            cap = capture(self.lm, [tr.prompt_ids + tr.output_ids], [ends], layers)[0]
-            store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
-            progress.update()
+        todo = [t for t in traces if (t.example_id, t.n_steps - 1) not in store]
+        progress.update(len(traces) - len(todo))
+        size = max(1, min(self.s.batch_size, 16))
+        for start in range(0, len(todo), size):  # one batched forward per chunk of traces
+            chunk = todo[start : start + size]
+            ends = [[len(t.prompt_ids) + s.token_end - 1 for s in t.steps] for t in chunk]
+            caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], ends, layers)
+            for tr, cap in zip(chunk, caps, strict=True):
+                store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
+            progress.update(len(chunk))
         rows = store.finalize()
         return {"rows": rows, "layers": layers}
 

@@ -32,14 +32,15 @@ class ProbeEstimator(Estimator):
                 "probe: pass checkpoint=DIR/probes/ckpt of a trained probe (in a run, the "
                 "cross-fitted probe comes from the 'hidden' and 'probes' stages)"
             )
-        from fcjax.engine import capture
+        from fcjax.engine.capture import capture
 
         probe = load_probe(self.checkpoint)
+        ends = [[len(tr.prompt_ids) + s.token_end - 1 for s in tr.steps] for tr in traces]
+        seqs = [tr.prompt_ids + tr.output_ids for tr in traces]
+        caps = capture(ctx.lm, seqs, ends, [probe.layer_id])  # batched over the traces
         out = []
-        for tr in traces:
-            ends = [len(tr.prompt_ids) + s.token_end - 1 for s in tr.steps]
-            cap = capture(ctx.lm, [tr.prompt_ids + tr.output_ids], [ends], [probe.layer_id])[0]
-            conf = probe.predict_proba(cap.states[:, 0]) if ends else np.zeros(0)
+        for cap, e in zip(caps, ends, strict=True):
+            conf = probe.predict_proba(cap.states[:, 0]) if e else np.zeros(0)
             out.append({self.column: np.asarray(conf, np.float64)})
             ctx.report(self.name, len(out), len(traces))
         return out

@@ -41,5 +41,7 @@ for name, params in (("greedy", greedy), ("sampled", sampled)):
 trace = prompts[0] + out["greedy"][0]
 branches = fcjax.branch(lm, trace, [3, 8, 14], 3, sampled, key="ex-0")
 out["branch"] = [[g.token_ids for g in outs] for outs in branches]
+caps = fcjax.capture(lm, [trace, prompts[2], prompts[1]], [[0, 5, 9], [1, 6], [2]], batch_size=4)
+out["capture"] = [c.states.tolist() for c in caps]
 if jax.process_index() == 0:
     print("RESULT " + json.dumps(out))

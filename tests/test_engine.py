@@ -187,6 +187,23 @@ def test_prompt_lengths_compile_once_per_bucket(lm):
     assert _programs() - before <= 2 * len(buckets)
 
 
+def test_capture_batches_equal_full_hidden_states(lm):
+    """Batched capture (several lengths in one padded forward) gives every sequence the
+    hidden states a forward of that sequence alone gives, in input order."""
+    seqs = [PROMPTS[2] + list(range(40, 70)), PROMPTS[1], PROMPTS[0] + [3, 4, 5]]
+    positions = [[0, 7, 40], [2], [1, 5, 9]]
+    caps = fcjax.capture(lm, seqs, positions, batch_size=2)
+    alone = [
+        fcjax.capture(lm, [s], [p], batch_size=1)[0] for s, p in zip(seqs, positions, strict=True)
+    ]
+    for seq, pos, cap, one in zip(seqs, positions, caps, alone, strict=True):
+        ref = lm.hidden_states([seq])[:, 0]  # [L + 1, T, D]
+        assert cap.states.shape == (len(pos), lm.config.num_layers + 1, lm.config.hidden_size)
+        np.testing.assert_allclose(cap.states, ref[:, pos].transpose(1, 0, 2), atol=1e-5)
+        np.testing.assert_allclose(cap.last_hidden, one.last_hidden, atol=1e-5)
+        assert cap.last_hidden.shape == (len(seq), lm.config.hidden_size)
+
+
 def test_max_new_tokens_and_bad_input(lm):
     g = fcjax.generate(lm, [PROMPTS[0]], dataclasses.replace(GREEDY, max_new_tokens=5))[0]
     assert len(g.token_ids) == 5 and g.top_logprobs.shape == (5, 5)

@@ -61,7 +61,8 @@ def _same(a: dict, b: dict) -> None:
     device count splits the batch into other matmul shapes, so bits may differ)."""
     for key in ("greedy", "sampled", "branch"):
         assert a[key] == b[key], key
-    for key in ("greedy_logprobs", "sampled_logprobs"):
+    for key in ("greedy_logprobs", "sampled_logprobs", "capture"):
+        assert len(a[key]) == len(b[key]), key
         for x, y in zip(a[key], b[key], strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=key)
 

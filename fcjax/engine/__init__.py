@@ -1,11 +1,19 @@
-"""Generation engine: KV-cached jitted decoding, prefix branching, mesh placement."""
+"""Generation engine: continuously batched jitted decoding, prefix branching, hidden-state
+capture, mesh placement. ``fcjax.engine.capture`` is the capture module; the function is
+``fcjax.capture``."""
 
-from fcjax.engine.generate import Generation, branch, branch_many, generate
+from fcjax.engine.capture import Capture
+from fcjax.engine.generate import EngineStats, Generation, branch, branch_many, generate
 from fcjax.engine.mesh import make_mesh
 from fcjax.engine.sampling import SamplingParams
 
-__all__ = ["Generation", "SamplingParams", "branch", "branch_many", "generate", "make_mesh"]
-
-from fcjax.engine.capture import Capture, capture
-
-__all__ += ["Capture", "capture"]
+__all__ = [
+    "Capture",
+    "EngineStats",
+    "Generation",
+    "SamplingParams",
+    "branch",
+    "branch_many",
+    "generate",
+    "make_mesh",
+]

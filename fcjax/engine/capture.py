@@ -1,4 +1,4 @@
-"""Hidden-state capture in a second prefill pass over prompt + trace.
+"""Hidden-state capture in a second prefill pass over prompt + trace, batched and sharded.
 
 Decoding stays lean (no hidden rows leave the loop); afterwards one causal forward over the
 finished sequence yields what the estimators read: the last decoder layer's output (before
@@ -13,12 +13,11 @@ import functools
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
-from fcjax.engine.generate import bucket
+from fcjax.engine.generate import bucket, row_bucket
 from fcjax.models.lm import LM
 
 
@@ -43,33 +42,51 @@ def capture(
     layers: Sequence[int] | None = None,
     *,
     mesh=None,
+    batch_size: int = 8,
 ) -> list[Capture]:
-    """One forward per sequence batch; ``layers`` index hidden_states (0 = embeddings,
-    L = after the final norm); default: all L + 1."""
+    """Forwards of ``batch_size`` sequences at a time (similar lengths together, rows
+    sharded over the mesh's ``data`` axis); ``layers`` index hidden_states (0 = embeddings,
+    L = after the final norm); default: all L + 1. Results come back in input order."""
     n_layers = lm.config.num_layers
     layers = tuple(range(n_layers + 1)) if layers is None else tuple(int(x) for x in layers)
     for layer in layers:
         if not 0 <= layer <= n_layers:
             raise ValueError(f"layer {layer} outside 0..{n_layers}")
+    if batch_size < 1:
+        raise ValueError(f"capture: batch_size must be >= 1, got {batch_size}")
+    seqs = [[int(t) for t in seq] for seq in sequences]
+    pos = [[int(p) for p in ps] for ps in positions]
+    if len(seqs) != len(pos):
+        raise ValueError(f"capture: {len(seqs)} sequences but {len(pos)} position lists")
+    for seq, ps in zip(seqs, pos, strict=True):
+        if any(not 0 <= p < len(seq) for p in ps):
+            raise ValueError(f"capture positions must lie in 0..{len(seq) - 1}")
     mesh = mesh or mesh_lib.default_mesh()
     params = mesh_lib.replicate(lm.state, mesh)
-    out = []
-    for seq, pos in zip(sequences, positions, strict=True):
-        seq = [int(t) for t in seq]
-        pos = [int(p) for p in pos]
-        if any(not 0 <= p < len(seq) for p in pos):
-            raise ValueError(f"capture positions must lie in 0..{len(seq) - 1}")
-        tokens = np.zeros((1, bucket(len(seq))), np.int32)
-        tokens[0, : len(seq)] = seq
-        pos_arr = np.zeros((1, bucket(max(len(pos), 1), minimum=8)), np.int32)
-        pos_arr[0, : len(pos)] = pos
-        last, captured = _capture(
-            lm.graphdef, params, jnp.asarray(tokens), jnp.asarray([len(seq)]), jnp.asarray(pos_arr)
+    n_data = mesh_lib.data_size(mesh)
+    pick = np.asarray(layers)
+    out: list[Capture | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        rows = row_bucket(len(members), n_data)
+        tokens = np.zeros((rows, bucket(max(len(seqs[i]) for i in members))), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        width = bucket(max(max(len(pos[i]) for i in members), 1), minimum=8)
+        where = np.zeros((rows, width), np.int32)
+        for row, i in enumerate(members):
+            tokens[row, : len(seqs[i])] = seqs[i]
+            lengths[row] = len(seqs[i])
+            where[row, : len(pos[i])] = pos[i]
+        put = lambda x: mesh_lib.put(x, mesh, 0)  # noqa: E731
+        last, captured = jax.device_get(
+            _capture(lm.graphdef, params, put(tokens), put(lengths), put(where))
         )
-        captured = np.asarray(captured[jnp.asarray(layers), 0, : len(pos)], np.float32)
-        out.append(
-            Capture(
-                np.asarray(last[0, : len(seq)], np.float32), captured.transpose(1, 0, 2), layers
+        for row, i in enumerate(members):
+            states = np.asarray(captured[pick, row, : len(pos[i])], np.float32)
+            out[i] = Capture(
+                np.asarray(last[row, : len(seqs[i])], np.float32),
+                states.transpose(1, 0, 2),
+                layers,
             )
-        )
-    return out
+    return out  # type: ignore[return-value]

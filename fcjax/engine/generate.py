@@ -80,7 +80,7 @@ def bucket(n: int, minimum: int = 16) -> int:
     return int(math.ceil(n / 1024) * 1024)
 
 
-def _row_bucket(n: int, multiple: int) -> int:
+def row_bucket(n: int, multiple: int) -> int:
     b = 1 << math.ceil(math.log2(max(n, 1)))
     return int(math.ceil(b / multiple) * multiple)
 
@@ -358,7 +358,7 @@ def generate(
     ]
     n_data = mesh_lib.data_size(mesh)
     layout = Layout(
-        contexts=_row_bucket(min(batch_size, len(ids)), n_data),
+        contexts=row_bucket(min(batch_size, len(ids)), n_data),
         rows=1,
         ctx_len=bucket(max(map(len, ids))),
         new=bucket(params.max_new_tokens),
@@ -447,8 +447,8 @@ def branch_many(
         ctx.rows.append(_Row(out, ctx.reads.index(cut - 1), cut, ident))
     n_data = mesh_lib.data_size(mesh)
     most = max(len(c.rows) for c in contexts)
-    rows = max(1, min(_row_bucket(most, 1), max_rows))
-    n_ctx = max(1, min(max_rows // rows, _row_bucket(len(contexts), 1)))
+    rows = max(1, min(row_bucket(most, 1), max_rows))
+    n_ctx = max(1, min(max_rows // rows, row_bucket(len(contexts), 1)))
     if n_ctx % n_data == 0:
         row_axis = 0
     else:
@@ -458,7 +458,7 @@ def branch_many(
         rows=rows,
         ctx_len=bucket(max(len(c.tokens) for c in contexts)),
         new=bucket(params.max_new_tokens),
-        reads=_row_bucket(max(len(c.reads) for c in contexts), 1),
+        reads=row_bucket(max(len(c.reads) for c in contexts), 1),
     )
     t0 = time.perf_counter()
     done = _serve(lm, contexts, layout, params, mesh, row_axis, len(specs), progress, stats)
