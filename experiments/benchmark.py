@@ -76,8 +76,16 @@ PEER_CACHE = flags.DEFINE_enum(
     flag_values=_FLAGS,
 )
 WORKLOAD = flags.DEFINE_enum(
-    "workload", "all", ["generate", "branch", "all"], "what to time", flag_values=_FLAGS
+    "workload",
+    "all",
+    ["generate", "branch", "all", "chat"],
+    "what to time (chat: real chat prompts from --dataset, each row stopping at its EOS)",
+    flag_values=_FLAGS,
 )
+DATASET = flags.DEFINE_string(
+    "dataset", "strategyqa", "chat workload: questions to chat-format", flag_values=_FLAGS
+)
+TOP_P = flags.DEFINE_float("top_p", 1.0, "chat workload: nucleus", flag_values=_FLAGS)
 TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "generate workload (0: greedy)", flag_values=_FLAGS
 )
@@ -516,6 +524,74 @@ def setup_peer(lm: fcjax.LM, notes: list[str]):
     return model, caches
 
 
+def chat_rows(notes: list[str]) -> list[Row]:
+    """The chat workload: ``batch`` chat-formatted questions, sampled until each row's own
+    EOS (or ``new_tokens``), fcjax then the transformers peer on the same prompts; tokens/s
+    counts useful tokens (up to and including each row's EOS) over the wall time."""
+    from fcjax.data import build_messages, load_dataset
+
+    lm = fcjax.load(MODEL.value, dtype=DTYPE.value)
+    examples = load_dataset(DATASET.value, num_examples=BATCH.value, seed=SEED.value)
+    prompts = [lm.encode(lm.chat(build_messages(e))) for e in examples]
+    params = fcjax.SamplingParams(
+        temperature=TEMPERATURE.value,
+        top_p=TOP_P.value,
+        max_new_tokens=NEW_TOKENS.value,
+        seed=SEED.value,
+        logprobs=LOGPROBS.value,
+    )
+    keys = [e.id for e in examples]
+    eos = set(lm.eos_token_ids)
+
+    def ours():
+        gens = fcjax.generate(lm, prompts, params, keys=keys, batch_size=len(prompts))
+        return [len(g.token_ids) + (g.finish_reason == "eos") for g in gens]
+
+    cases: dict[str, Callable[[], Any]] = {"fcjax": ours}
+    if PEER.value == "transformers" and torch_available():
+        import torch
+
+        model = to_transformers(lm, DTYPE.value)
+        batches = peer_batches(model, prompts, len(prompts))
+        kwargs = _sampling_kwargs(TEMPERATURE.value)
+        if TEMPERATURE.value > 0:
+            kwargs["top_p"] = TOP_P.value
+
+        def peer():
+            lengths = []
+            with torch.inference_mode():
+                for ids, mask in batches:
+                    out = model.generate(
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=NEW_TOKENS.value,
+                        eos_token_id=sorted(eos),
+                        pad_token_id=lm.tokenizer.pad_token_id or 0,
+                        **kwargs,
+                    )[:, ids.shape[1] :].numpy()
+                    for row in out:
+                        hit = [i for i, t in enumerate(row.tolist()) if t in eos]
+                        lengths.append(hit[0] + 1 if hit else len(row))
+            return lengths
+
+        cases["transformers"] = peer
+        notes.append(f"peer: transformers {transformers_version()} generate, dynamic cache")
+    timings = interleaved(cases, REPEATS.value)
+    rows = []
+    for system, timing in timings.items():
+        n = sum(timing.out)
+        row = Row("chat", system, n / timing.best_s, new_tokens=n)
+        row.times_s, row.compile_s = timing.times_s, warmup_s(timing)
+        lengths = sorted(timing.out)
+        row.note = f"lengths {lengths[0]}-{lengths[-1]}, median {lengths[len(lengths) // 2]}"
+        rows.append(row)
+    notes.append(
+        f"chat: {len(prompts)} {DATASET.value} prompts ({lm.name}, {DTYPE.value}), "
+        f"T={TEMPERATURE.value} top-p {TOP_P.value}, up to {NEW_TOKENS.value} new tokens"
+    )
+    return rows
+
+
 def proxies() -> None:
     """``--proxies``: every figure from compiled programs and engine counters, no timing."""
     config = PRESETS.get(MODEL.value.removeprefix("random:"))
@@ -580,6 +656,15 @@ def main(argv):
     if device.platform == "cpu":
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         notes.append(f"host: {os.cpu_count()} CPUs, load average at start {load}")
+    if WORKLOAD.value == "chat":
+        rows = chat_rows(notes)
+        add_ratios(rows)
+        print(format_table(rows))
+        for note in notes:
+            print(note)
+        ratio = rows[0].ratio if rows[0].ratio is not None else math.nan
+        print(f"ratio_vs_transformers={ratio:.3f}")
+        return
     t0 = time.perf_counter()
     lm = load_model(MODEL.value, DTYPE.value)
     notes.append(
