@@ -170,9 +170,10 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     n_own = pool.n_own + active.astype(jnp.int32)
     finished = active & (jnp.isin(tok, jnp.asarray(eos, jnp.int32)) | stopped | (n_own >= limit))
     slot = pool.t % pool.cache.own_k[0].shape[2]
-    out = model.decode(
-        tok, pool.ctx_valid + pool.n_own, pool.cache, pool.ctx_valid, pool.n_own, slot
-    )
+    # finished rows attend to nothing but their new token, so the block loops stop at the
+    # longest *live* prefix (idle slots keep stale lengths until they are refilled)
+    live_ctx, live_own = jnp.where(active, pool.ctx_valid, 0), jnp.where(active, pool.n_own, 0)
+    out = model.decode(tok, pool.ctx_valid + pool.n_own, pool.cache, live_ctx, live_own, slot)
     cache = pool.cache._replace(own_k=out.own_k, own_v=out.own_v)
     new = pool._replace(
         cache=cache,
