@@ -110,3 +110,28 @@ def test_cuts_and_bandwidth_table():
     assert benchmark.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert benchmark.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert benchmark.peak_bandwidth("cpu") is None
+
+
+def test_proxies_print_their_figures_and_the_summary_line():
+    """``--proxies`` on a tiny shape: every proxy line, then the summary line whose values
+    agree with the lines above it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.benchmark",
+        "--proxies",
+        "--model=random:tiny-llama",
+        "--proxy_prompts=24",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    steps = [line for line in lines if line.startswith("decode step")]
+    assert len(steps) == 4 and all(line.endswith("slices: 0") for line in steps)
+    last = dict(kv.split("=") for kv in lines[-1].split())
+    assert set(last) == {"hlo_bytes_ratio", "row_utilisation", "programs_per_call"}
+    ratios = [float(line.split(" = ")[1].split("x;")[0]) for line in steps]
+    assert float(last["hlo_bytes_ratio"]) == pytest.approx(max(ratios), abs=1e-3)
+    assert 0 < float(last["row_utilisation"]) <= 1
+    assert int(last["programs_per_call"]) <= 3

@@ -140,12 +140,17 @@ _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8":
 _LAYOUT_OPS = ("copy", "transpose", "dynamic-slice", "slice")
 
 
+def _dims(shape) -> tuple[int, ...]:
+    """A shape up to axis order and unit axes (what a copy, transpose or bitcast keeps)."""
+    return tuple(sorted(int(d) for d in shape if int(d) != 1))
+
+
 def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
-    """Instructions (fused or not) that copy or transpose an array the size of one layer's KV
-    cache, or slice one the size of a weight tensor, in a decode step."""
+    """Instructions (fused or not) that copy or transpose an array shaped like one layer's
+    KV cache, or slice one shaped like a weight tensor, in a decode step."""
     pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
-    kv_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(pool.cache)}
-    weight_sizes = {int(np.prod(np.shape(x))) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
+    kv_shapes = {_dims(x.shape) for x in jax.tree.leaves(pool.cache)}
+    weight_shapes = {_dims(np.shape(x)) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
     found = []
     for line in compiled.as_text().splitlines():
         m = _INSTR.match(line)
@@ -155,9 +160,8 @@ def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
         if "update" in name or "update" in op:
             continue  # in-place writes
         kind = next((w for w in _LAYOUT_OPS if w == op or w in name), None)
-        size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        sizes = kv_sizes if kind in ("copy", "transpose") else weight_sizes
-        if kind is not None and size in sizes:
+        shapes = kv_shapes if kind in ("copy", "transpose") else weight_shapes
+        if kind is not None and _dims(d for d in dims.split(",") if d) in shapes:
             found.append(f"{op} {name} {dtype}[{dims}]")
     return found
 
