@@ -10,7 +10,7 @@ import pytest
 
 import fcjax
 from fcjax.engine import profile
-from fcjax.engine.decode import _zeros_pool
+from fcjax.engine.decode import zeros_pool
 from fcjax.engine.generate import EngineStats
 from fcjax.engine.sampling import Sampler
 from fcjax.models.presets import PRESETS
@@ -40,7 +40,7 @@ def test_decode_step_reads_about_the_ideal_bytes():
 def test_layout_copy_detector_flags_a_transposed_cache(tiny):
     """The check above could fail: a program that transposes a KV cache is flagged."""
     layout = profile.one_block_layout(4, 2)
-    pool = jax.eval_shape(lambda: _zeros_pool(tiny.config, layout, tiny.dtype))
+    pool = jax.eval_shape(lambda: zeros_pool(tiny.config, layout, tiny.dtype))
     cache = pool.cache.own_k[0]
     compiled = jax.jit(lambda x: jnp.swapaxes(x, 1, 2) * 2.0).lower(cache).compile()
     assert profile.layout_copies(tiny, layout, compiled) != []
@@ -56,7 +56,7 @@ def test_gather_counts_the_rows_it_reads():
         compiled = jax.jit(fn).lower(table, ids).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        return cost["bytes accessed"] - profile._gather_overcount(compiled.as_text())
+        return cost["bytes accessed"] - profile.gather_overcount(compiled.as_text())
 
     nbytes = 4096 * 256 * 4
     assert corrected(lambda e, i: jnp.take(e, i, axis=0) * 2) < 0.05 * nbytes

@@ -85,7 +85,7 @@ class ChunkOut(NamedTuple):
     stopped: jnp.ndarray  # [contexts, rows] bool: finished on a stop string
 
 
-def _zeros_pool(config, layout: Layout, dtype) -> Pool:
+def zeros_pool(config, layout: Layout, dtype) -> Pool:
     c, r = layout.contexts, layout.rows
     kv, hd = config.num_kv_heads, config.head_dim
     layers = range(config.num_layers)
@@ -112,7 +112,7 @@ def pool_shardings(config, layout: Layout, dtype, mesh, row_axis: int):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    shapes = jax.eval_shape(lambda: _zeros_pool(config, layout, dtype))
+    shapes = jax.eval_shape(lambda: zeros_pool(config, layout, dtype))
 
     def spec(path, x):
         names = [getattr(p, "name", None) for p in path]
@@ -130,7 +130,7 @@ def pool_shardings(config, layout: Layout, dtype, mesh, row_axis: int):
 @functools.lru_cache(maxsize=16)
 def _pool_factory(config, layout: Layout, dtype, mesh, row_axis: int):
     shardings = pool_shardings(config, layout, dtype, mesh, row_axis)
-    return jax.jit(lambda: _zeros_pool(config, layout, dtype), out_shardings=shardings)
+    return jax.jit(lambda: zeros_pool(config, layout, dtype), out_shardings=shardings)
 
 
 def init_pool(config, layout: Layout, dtype, mesh, row_axis: int) -> Pool:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcjax.engine.decode import Layout, Pool, StopTables, _zeros_pool, decode_step
+from fcjax.engine.decode import Layout, Pool, StopTables, decode_step, zeros_pool
 from fcjax.engine.generate import EngineStats, generate
 from fcjax.engine.sampling import Sampler, SamplingParams
 from fcjax.models.attention import MIN_BLOCK
@@ -52,7 +52,7 @@ def abstract_lm(config, dtype=jnp.float32) -> LM:
 
 def compile_step(lm: LM, layout: Layout, sampler: Sampler):
     """The compiled program of one decode step over a pool of ``layout``."""
-    pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
+    pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
     vocab = lm.config.vocab_size
     stops = StopTables(
         jax.ShapeDtypeStruct((vocab,), bool),
@@ -92,8 +92,8 @@ def step_bytes(lm: LM, layout: Layout, sampler: Sampler, compiled=None) -> StepB
     compiled = compiled or compile_step(lm, layout, sampler)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
-    hlo = float(cost["bytes accessed"]) - _gather_overcount(compiled.as_text())
+    pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
+    hlo = float(cost["bytes accessed"]) - gather_overcount(compiled.as_text())
     return StepBytes(hlo, _nbytes(lm.state), _nbytes(pool.cache))
 
 
@@ -101,7 +101,7 @@ def _shape_bytes(dtype: str, dims: str) -> int:
     return int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _ITEMSIZE.get(dtype, 4)
 
 
-def _gather_overcount(text: str) -> float:
+def gather_overcount(text: str) -> float:
     """Bytes XLA's cost analysis counts that the program does not move: a fusion that
     gathers rows from one of its parameters (the token embedding) is counted as reading the
     whole table; it reads the gathered rows only."""
@@ -148,7 +148,7 @@ def _dims(shape) -> tuple[int, ...]:
 def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
     """Instructions (fused or not) that copy or transpose an array shaped like one layer's
     KV cache, or slice one shaped like a weight tensor, in a decode step."""
-    pool = jax.eval_shape(lambda: _zeros_pool(lm.config, layout, lm.dtype))
+    pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
     kv_shapes = {_dims(x.shape) for x in jax.tree.leaves(pool.cache)}
     weight_shapes = {_dims(np.shape(x)) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
     found = []
