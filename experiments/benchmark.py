@@ -551,6 +551,8 @@ def chat_rows(notes: list[str]) -> list[Row]:
     if PEER.value == "transformers" and torch_available():
         import torch
 
+        if PEER_THREADS.value > 0:
+            torch.set_num_threads(PEER_THREADS.value)
         model = to_transformers(lm, DTYPE.value)
         batches = peer_batches(model, prompts, len(prompts))
         kwargs = _sampling_kwargs(TEMPERATURE.value)
@@ -575,7 +577,10 @@ def chat_rows(notes: list[str]) -> list[Row]:
             return lengths
 
         cases["transformers"] = peer
-        notes.append(f"peer: transformers {transformers_version()} generate, dynamic cache")
+        notes.append(
+            f"peer: transformers {transformers_version()} generate, dynamic cache, "
+            f"{torch.get_num_threads()} threads"
+        )
     timings = interleaved(cases, REPEATS.value)
     rows = []
     for system, timing in timings.items():
