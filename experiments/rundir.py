@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import logging
 
+from fcjax.store.strict_json import dumps_strict
 from fcjax.store.tables import read_table, write_table_atomic
 
 STAGES = (
@@ -60,6 +61,8 @@ AFFECTS = {
     "decisiveness_model": "decisiveness",
     "decisiveness": "decisiveness",
     "judge_batch": "decisiveness",
+    "bootstrap": "metrics",
+    "cmfg_binning": "metrics",
 }
 
 
@@ -68,20 +71,13 @@ class RunError(RuntimeError):
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes strict JSON (non-finite numbers as null, never NaN/Infinity tokens)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write(dumps_strict(obj, indent=2, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _json_default(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -223,7 +219,7 @@ class RunDir:
 
 
 def _norm(v):
-    return json.loads(json.dumps(v, default=_json_default))
+    return json.loads(dumps_strict(v))
 
 
 def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
