@@ -64,6 +64,15 @@ flags.DEFINE_integer("folds", 5, "cross-fitting folds of the probes (grouped by 
 flags.DEFINE_enum("probe_label", "correct", ["correct", "agreement"], "probe training label")
 flags.DEFINE_enum("decisiveness", "judge", ["judge", "lexicon"], "decisiveness source")
 flags.DEFINE_integer("judge_batch", 20, "steps per decisiveness-judge call")
+flags.DEFINE_integer(
+    "bootstrap", 1000, "bootstrap resamples of the questions for 95% intervals (0: none)"
+)
+flags.DEFINE_enum(
+    "cmfg_binning",
+    "closed",
+    ["closed", "reference"],
+    "cMFG bins: 'closed' last bin (counts c == 1.0) or the published 'reference' digitize",
+)
 flags.DEFINE_integer("batch_size", 16, "examples per generation batch (does not change results)")
 flags.DEFINE_string(
     "mesh",
@@ -110,6 +119,8 @@ def settings_from_flags() -> Settings:
     ):
         if getattr(f, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(f, name)}")
+    if f.bootstrap < 0:
+        errors.append(f"--bootstrap must be >= 0, got {f.bootstrap}")
     if f.folds < 2:
         errors.append(f"--folds must be >= 2, got {f.folds}")
     try:
@@ -145,6 +156,8 @@ def settings_from_flags() -> Settings:
         probe_label=f.probe_label,
         decisiveness=f.decisiveness,
         judge_batch=f.judge_batch,
+        bootstrap=f.bootstrap,
+        cmfg_binning=f.cmfg_binning,
         batch_size=f.batch_size,
     )
 

@@ -34,6 +34,7 @@ from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
 from fcjax.metrics import (
     auroc,
+    bootstrap_intervals,
     brier,
     cmfg,
     cmfg_star,
@@ -87,6 +88,8 @@ class Settings:
     probe_label: str = "correct"
     decisiveness: str = "judge"
     judge_batch: int = 20
+    bootstrap: int = 1000
+    cmfg_binning: str = "closed"
     batch_size: int = 16
 
     def config(self) -> dict:
@@ -583,7 +586,7 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
         ok_c = np.isfinite(ex_conf)
         summary_est[name] = {
             "mfg": _f(mfg(ex_faith[ok])),
-            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
+            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1), binning=s.cmfg_binning)),
             "cmfg_star": _f(cmfg_star(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
             "ece": _f(ece(ex_conf[ok_c], correct[ok_c])),
             "brier": _f(brier(ex_conf[ok_c], correct[ok_c])),
@@ -592,6 +595,17 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
             "n_traces": int(ok.sum()),
             "n_steps_scored": int(np.isfinite(conf).sum()),
         }
+        if s.bootstrap:
+            summary_est[name].update(
+                bootstrap_intervals(
+                    ex_faith,
+                    np.clip(ex_conf, 0, 1),
+                    correct,
+                    reps=s.bootstrap,
+                    seed=s.seed,
+                    binning=s.cmfg_binning,
+                )
+            )
     update_columns(run.path / "steps.parquet", step_cols)
     update_columns(run.path / "examples.parquet", ex_cols)
     conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in names}

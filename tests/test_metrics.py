@@ -314,3 +314,20 @@ def test_trajectory_bins() -> None:
         trajectory_bins([1.5], {"d": [1.0]})
     with pytest.raises(ValueError, match="'d'"):
         trajectory_bins([0.5], {"d": [1.0, 2.0]})
+
+
+def test_cmfg_reference_binning_hand_cases() -> None:
+    # c == 1.0: fcjax's closed last bin counts it, the published digitize binning drops it
+    f, c = [0.2, 0.9], [0.05, 1.0]
+    assert cmfg(f, c) == pytest.approx((0.2 + 0.9 + 8 * 0.5) / 10)
+    assert cmfg(f, c, binning="reference") == pytest.approx((0.2 + 9 * 0.5) / 10)
+    # c exactly 0.3: floor(0.3 * 10) = 3, but the float edge linspace(0, 1, 11)[3] is
+    # 0.30000000000000004 > 0.3, so digitize puts it in bin 2; with a 0.25 trace in bin 2
+    # the two binnings average differently
+    f, c = [0.0, 1.0], [0.25, 0.3]
+    assert cmfg(f, c) == pytest.approx((0.0 + 1.0 + 8 * 0.5) / 10)
+    assert cmfg(f, c, binning="reference") == pytest.approx((0.5 + 9 * 0.5) / 10)
+    # an edge that is exact in floating point (0.5) lands in the same bin either way
+    assert cmfg([0.1], [0.5], binning="reference") == pytest.approx(cmfg([0.1], [0.5]))
+    with pytest.raises(ValueError, match="binning"):
+        cmfg([0.1], [0.5], binning="open")

@@ -15,7 +15,7 @@ from tiny_models import build_tiny_chat, cli_flags
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Settings
-from fcjax.metrics import auroc, brier, cmfg, cmfg_star, ece, mfg
+from fcjax.metrics import auroc, bootstrap_intervals, brier, cmfg, cmfg_star, ece, mfg
 from fcjax.store.tables import read_table
 
 ESTIMATORS = ("deepconf", "rcc", "sampling", "forcing", "probe")
@@ -85,10 +85,15 @@ def test_contract_files_and_columns(finished):
         assert texts[eid][int(a) : int(b)] == t
 
 
+def _no_constants(token):
+    raise AssertionError(f"summary.json holds the non-JSON token {token}")
+
+
 def test_faithfulness_and_summary_recomputed_from_tables(finished):
     ex = read_table(finished / "examples.parquet")
     st = read_table(finished / "steps.parquet")
-    summary = json.loads((finished / "summary.json").read_text())
+    # strict JSON: no NaN/Infinity tokens anywhere
+    summary = json.loads((finished / "summary.json").read_text(), parse_constant=_no_constants)
     d = np.asarray(st["decisiveness"], float)
     eids = np.asarray(st["example_id"]).astype(str)
     correct = np.asarray(ex["correct"], float)
@@ -121,6 +126,13 @@ def test_faithfulness_and_summary_recomputed_from_tables(finished):
             assert m["brier"] == pytest.approx(brier(trace_c[okc], correct[okc]))
             want = auroc(trace_c[okc], correct[okc])
             assert (m["auroc"] is None) == (not np.isfinite(want))
+        # 95% intervals: the library's bootstrap on the tables' trace columns, same seed
+        cis = bootstrap_intervals(trace_f, np.clip(trace_c, 0, 1), correct, seed=1)
+        for k in ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc"):
+            assert m[f"{k}_ci95"] == pytest.approx(cis[f"{k}_ci95"]), (e, k)
+            if m[f"{k}_ci95"] is not None:
+                assert m[f"{k}_ci95"][0] <= m[f"{k}_ci95"][1]
+        assert m["auroc_p"] == pytest.approx(cis["auroc_p"])
     # deepconf trace confidence is the mean of its steps, rcc the last step's
     c = np.asarray(st["conf_deepconf"], float)
     r = np.asarray(st["conf_rcc"], float)
