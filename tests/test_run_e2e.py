@@ -270,3 +270,34 @@ def test_compare_prints_every_figure_side_by_side(finished, tmp_path):
     pair = next(iter(summary["agreement"]))
     assert f"spearman {pair.replace('|', ' ~ ')}" in rows
     assert f"{summary['stage_wall_s']['generate']:.3f}" in rows["wall s generate"]
+
+
+def test_paired_differences_table(finished, tmp_path):
+    """`experiments.report --runs=A,B` paired table: B - A on shared questions, with the
+    library's paired bootstrap; a constant shift of F shows as that shift with a 0-width
+    interval marked as excluding 0, an unchanged metric as 0 unmarked."""
+    import shutil
+
+    from experiments.report import paired_table
+    from fcjax.store.tables import update_columns
+
+    other = tmp_path / "shifted"
+    shutil.copytree(finished, other)
+    ex = read_table(other / "examples.parquet")
+    f = np.asarray(ex["faith_deepconf"], float)
+    update_columns(other / "examples.parquet", {"faith_deepconf": f - 0.25})
+    table = paired_table(finished, other, reps=200)
+    rows = {
+        tuple(cells[:2]): cells[2:]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith("| deepconf")
+        )
+    }
+    n, base, shifted, diff, ci = rows[("deepconf", "MFG")]
+    assert float(shifted) == pytest.approx(np.nanmean(f) - 0.25, abs=5e-4)
+    assert int(n) == int(np.isfinite(f).sum())
+    assert diff == "-0.250*" and ci == "[-0.250, -0.250]"
+    assert float(base) == pytest.approx(np.nanmean(f), abs=5e-4)
+    assert rows[("deepconf", "Brier")][3] == "+0.000"
