@@ -26,10 +26,18 @@ flags.DEFINE_string(
     "model: registry name, HF directory, .gguf path or random:<preset>",
 )
 flags.DEFINE_string(
-    "judge_model", "", "model of the sampling estimator's consistency judge (default: --model)"
+    "judge_model",
+    "",
+    "model of the sampling estimator's consistency judge (default: qwen2.5-coder-1.5b-instruct)",
 )
 flags.DEFINE_string(
     "decisiveness_model", "", "model of the decisiveness judge (default: --judge_model)"
+)
+flags.DEFINE_enum(
+    "protocol",
+    "fcjax",
+    ["fcjax", "paper"],
+    "'paper': the published protocol (prompt, answer rule, cMFG binning; docs/PROTOCOL.md)",
 )
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
 flags.DEFINE_string("dataset", "arithmetic", "named dataset (see fcjax.data.DATASETS)")
@@ -45,7 +53,12 @@ flags.DEFINE_enum(
     ["user", "system"],
     "put the intervention in the user turn or the system prompt",
 )
-flags.DEFINE_integer("max_new_tokens", 256, "generation budget per trace")
+flags.DEFINE_string(
+    "system_intervention",
+    "blank",
+    "intervention name or text file used as the system prompt, combinable with --intervention",
+)
+flags.DEFINE_integer("max_new_tokens", 20480, "generation budget per trace")
 flags.DEFINE_float("temperature", 0.6, "trace sampling temperature (0 = greedy)")
 flags.DEFINE_integer("seed", 0, "seed for data sampling, generation and step selection")
 flags.DEFINE_enum("segmenter", "paragraph", ["paragraph", "cue", "tokens"], "step segmentation")
@@ -64,14 +77,23 @@ flags.DEFINE_integer("folds", 5, "cross-fitting folds of the probes (grouped by 
 flags.DEFINE_enum("probe_label", "correct", ["correct", "agreement"], "probe training label")
 flags.DEFINE_enum("decisiveness", "judge", ["judge", "lexicon"], "decisiveness source")
 flags.DEFINE_integer("judge_batch", 20, "steps per decisiveness-judge call")
+flags.DEFINE_string(
+    "decisiveness_prompt", "", "text file replacing the decisiveness judge prompt ({n}, {steps})"
+)
+flags.DEFINE_string(
+    "consistency_prompt",
+    "",
+    "text file replacing the consistency judge prompt ({context}, {assertion})",
+)
 flags.DEFINE_integer(
     "bootstrap", 1000, "bootstrap resamples of the questions for 95% intervals (0: none)"
 )
 flags.DEFINE_enum(
     "cmfg_binning",
-    "closed",
+    None,
     ["closed", "reference"],
-    "cMFG bins: 'closed' last bin (counts c == 1.0) or the published 'reference' digitize",
+    "cMFG bins: 'closed' last bin (counts c == 1.0) or the published 'reference' digitize "
+    "(default: the --protocol's)",
 )
 flags.DEFINE_integer("batch_size", 16, "examples per generation batch (does not change results)")
 flags.DEFINE_string(
@@ -89,17 +111,34 @@ FLAGS = flags.FLAGS
 
 def settings_from_flags() -> Settings:
     from fcjax.confidence.base import available_estimators
+    from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
     from fcjax.data import DATASETS, INTERVENTIONS
+    from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
+    from fcjax.text.templates import TemplateError, load_template
 
     f = FLAGS
     errors = []
     if not f.data_path and f.dataset not in DATASETS:
         errors.append(f"--dataset: unknown {f.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
-    if f.intervention not in INTERVENTIONS and not _is_file(f.intervention):
+    for name in ("intervention", "system_intervention"):
+        value = getattr(f, name)
+        if value not in INTERVENTIONS and not _is_file(value):
+            errors.append(
+                f"--{name}: unknown {value!r} (and not a file); valid: {', '.join(INTERVENTIONS)}"
+            )
+    if f.intervention_role == "system" and f.system_intervention != "blank":
         errors.append(
-            f"--intervention: unknown {f.intervention!r} (and not a file); valid: "
-            f"{', '.join(INTERVENTIONS)}"
+            "--intervention_role=system and --system_intervention both set the system prompt"
         )
+    for name, required in (
+        ("decisiveness_prompt", DECISIVENESS_REQUIRED),
+        ("consistency_prompt", CONSISTENCY_REQUIRED),
+    ):
+        if getattr(f, name):
+            try:
+                load_template(getattr(f, name), required)
+            except TemplateError as e:
+                errors.append(f"--{name}: {e}")
     valid_est = available_estimators()
     for e in f.estimators:
         if e not in valid_est:
@@ -141,6 +180,8 @@ def settings_from_flags() -> Settings:
         difficulty=f.difficulty,
         intervention=f.intervention,
         intervention_role=f.intervention_role,
+        system_intervention=f.system_intervention,
+        protocol=f.protocol,
         max_new_tokens=f.max_new_tokens,
         temperature=f.temperature,
         seed=f.seed,
@@ -157,7 +198,9 @@ def settings_from_flags() -> Settings:
         decisiveness=f.decisiveness,
         judge_batch=f.judge_batch,
         bootstrap=f.bootstrap,
-        cmfg_binning=f.cmfg_binning,
+        cmfg_binning=f.cmfg_binning or "",
+        decisiveness_prompt=f.decisiveness_prompt,
+        consistency_prompt=f.consistency_prompt,
         batch_size=f.batch_size,
     )
 
@@ -214,6 +257,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fcjax.data import DataError
     from fcjax.engine.mesh import MeshError
     from fcjax.models import ConfigError, RegistryError, WeightError
+    from fcjax.text.templates import TemplateError
 
     return (
         RunError,
@@ -225,6 +269,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         EstimatorError,
         FloatingPointError,
         ResourceError,
+        TemplateError,
     )
 
 

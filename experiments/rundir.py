@@ -44,6 +44,8 @@ AFFECTS = {
     "difficulty": "generate",
     "intervention": "generate",
     "intervention_role": "generate",
+    "system_intervention": "generate",
+    "protocol": "generate",
     "max_new_tokens": "generate",
     "temperature": "generate",
     "seed": "generate",
@@ -61,6 +63,8 @@ AFFECTS = {
     "decisiveness_model": "decisiveness",
     "decisiveness": "decisiveness",
     "judge_batch": "decisiveness",
+    "decisiveness_prompt": "decisiveness",
+    "consistency_prompt": "estimators",
     "bootstrap": "metrics",
     "cmfg_binning": "metrics",
 }

@@ -26,9 +26,14 @@ from fcjax.confidence.base import (
     get_estimator,
     trace_confidence,
 )
+from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
+from fcjax.confidence.consistency_judge import REPLY_TOKENS as CONSISTENCY_TOKENS
+from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
-from fcjax.decisiveness.judge import judge_traces
+from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
+from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
+from fcjax.decisiveness.judge import judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
@@ -44,13 +49,17 @@ from fcjax.metrics import (
     step_faithfulness,
     trajectory_bins,
 )
+from fcjax.protocol import Protocol, get_protocol
 from fcjax.store.tables import read_table, update_columns, write_table_atomic
-from fcjax.text.chat import has_chat_template
+from fcjax.text.chat import has_chat_template, open_think
+from fcjax.text.templates import load_template
 
 # estimators computed in the ``estimators`` stage (``probe`` has its own stages)
 PROBE = "probe"
 # top log-probabilities stored per generated token
 TOP_K = 5
+# the judges' default model: a registry instruct model, never silently the studied model
+JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"
 # stages that read the examples and run the model
 MODEL_STAGES = ("generate", "segment", "estimators", "hidden", "decisiveness")
 
@@ -73,7 +82,9 @@ class Settings:
     difficulty: int = 1
     intervention: str = "blank"
     intervention_role: str = "user"
-    max_new_tokens: int = 256
+    system_intervention: str = "blank"
+    protocol: str = "fcjax"
+    max_new_tokens: int = 20480
     temperature: float = 0.6
     seed: int = 0
     segmenter: str = "paragraph"
@@ -89,13 +100,36 @@ class Settings:
     decisiveness: str = "judge"
     judge_batch: int = 20
     bootstrap: int = 1000
-    cmfg_binning: str = "closed"
+    cmfg_binning: str = ""  # "": the protocol's
+    decisiveness_prompt: str = ""  # "": fcjax.decisiveness.judge.PROMPT
+    consistency_prompt: str = ""  # "": fcjax.confidence.consistency_judge.PROMPT
     batch_size: int = 16
+
+    @property
+    def proto(self) -> Protocol:
+        return get_protocol(self.protocol)
+
+    @property
+    def binning(self) -> str:
+        return self.cmfg_binning or self.proto.cmfg_binning
+
+    @property
+    def consistency_judge(self) -> str:
+        return self.judge_model or JUDGE_MODEL
+
+    @property
+    def decisiveness_judge(self) -> str:
+        """The model whose judge produced D, or "lexicon"."""
+        if self.decisiveness == "lexicon":
+            return "lexicon"
+        return self.decisiveness_model or self.consistency_judge
 
     def config(self) -> dict:
         d = dataclasses.asdict(self)
-        d["judge_model"] = self.judge_model or self.model
+        d["judge_model"] = self.consistency_judge
         d["decisiveness_model"] = self.decisiveness_model or d["judge_model"]
+        d["cmfg_binning"] = self.binning
+        d["decisiveness_judge"] = self.decisiveness_judge
         d["estimators"] = list(self.estimators)
         d["layers"] = list(self.layers)
         return d
@@ -129,8 +163,14 @@ class Pipeline:
         if bad and "hidden" in pending and PROBE in self.s.estimators:
             raise RunError(f"--layers: {bad} outside 0..{n_layers} (the model has {n_layers})")
         if "estimators" in pending and self._needs_judge():
+            _ = self.template("consistency")
             _ = self.judge_lm
         if "decisiveness" in pending and self.s.decisiveness == "judge":
+            _ = self.template("decisiveness")
+            if self.s.decisiveness_judge == self.s.model:
+                logging.warning(
+                    "the decisiveness judge is the studied model %s (set explicitly)", self.s.model
+                )
             _ = self.decisiveness_lm
 
     # --- shared resources -----------------------------------------------------------------
@@ -152,12 +192,21 @@ class Pipeline:
     @property
     def judge_lm(self):
         """The consistency judge of the sampling estimator (``--judge_model``)."""
-        return self._model(self.s.judge_model or self.s.model)
+        return self._model(self.s.consistency_judge)
 
     @property
     def decisiveness_lm(self):
         """The decisiveness judge (``--decisiveness_model``, default ``--judge_model``)."""
-        return self._model(self.s.decisiveness_model or self.s.judge_model or self.s.model)
+        return self._model(self.s.decisiveness_judge)
+
+    def template(self, kind: str) -> str:
+        """The decisiveness or consistency judge prompt: fcjax's, or the flag's file."""
+        path = getattr(self.s, f"{kind}_prompt")
+        if kind == "decisiveness":
+            default, required = DECISIVENESS_PROMPT, DECISIVENESS_REQUIRED
+        else:
+            default, required = CONSISTENCY_PROMPT, CONSISTENCY_REQUIRED
+        return load_template(path, required) if path else default
 
     def examples(self) -> list[Example]:
         s = self.s
@@ -173,9 +222,14 @@ class Pipeline:
 
     def prompt(self, example: Example) -> str:
         messages = build_messages(
-            example, intervention=self.s.intervention, role=self.s.intervention_role
+            example,
+            intervention=self.s.intervention,
+            role=self.s.intervention_role,
+            system_intervention=self.s.system_intervention,
+            style=self.s.proto.prompt_style,
         )
-        return self.lm.chat(messages)
+        text = self.lm.chat(messages)
+        return open_think(text, self.lm.tokenizer) if self.s.proto.open_think else text
 
     # --- stages -----------------------------------------------------------------------------
     def run_stage(self, stage: str) -> None:
@@ -284,8 +338,16 @@ class Pipeline:
 
     def traces(self) -> list[Trace]:
         gens = self.generations()
+        proto = self.s.proto
         return [
-            build_trace(self.lm, e, gens[str(e.id)][1], method=self.s.segmenter)
+            build_trace(
+                self.lm,
+                e,
+                gens[str(e.id)][1],
+                method=self.s.segmenter,
+                answer_rule=proto.answer_rule,
+                numbered_choices=proto.numbered_choices,
+            )
             for e in self.examples()
         ]
 
@@ -302,6 +364,7 @@ class Pipeline:
                 "kind",
                 "prediction",
                 "correct",
+                "scorable",
                 "n_steps",
                 "prompt",
                 "prompt_ids",
@@ -332,6 +395,7 @@ class Pipeline:
                 ("kind", e.kind),
                 ("prediction", tr.answer),
                 ("correct", bool(tr.correct)),
+                ("scorable", bool(tr.scorable)),
                 ("n_steps", tr.n_steps),
                 ("prompt", prompt),
                 ("prompt_ids", tr.prompt_ids),
@@ -356,6 +420,7 @@ class Pipeline:
             "n_steps": len(st_cols["step"]),
             "no_steps": sum(n == 0 for n in ex_cols["n_steps"]),
             "no_answer": sum(p is None for p in ex_cols["prediction"]),
+            "unscorable": sum(not x for x in ex_cols["scorable"]),
             "truncated": sum(f == "length" for f in ex_cols["finish_reason"]),
         }
 
@@ -363,7 +428,11 @@ class Pipeline:
         return any(get_estimator(n).needs_judge for n in self.s.estimators if n != PROBE)
 
     def _ctx(self) -> EstimatorContext:
-        judge = chat_completer(self.judge_lm, max_new_tokens=16) if self._needs_judge() else None
+        judge = (
+            chat_completer(self.judge_lm, max_new_tokens=CONSISTENCY_TOKENS)
+            if self._needs_judge()
+            else None
+        )
         return EstimatorContext(
             self.lm,
             judge,
@@ -373,6 +442,7 @@ class Pipeline:
             temperature=self.s.branch_temperature,
             top_p=self.s.branch_top_p,
             max_new_tokens=self.s.branch_new_tokens,
+            consistency_prompt=self.template("consistency") if judge else CONSISTENCY_PROMPT,
         )
 
     def stage_estimators(self) -> dict:
@@ -454,36 +524,46 @@ class Pipeline:
         steps = read_table(self.run.path / "steps.parquet")
         texts = list(steps["text"])
         cols = {"decisiveness_lexicon": lexicon_scores(texts)}
-        info: dict[str, Any] = {"source": self.s.decisiveness}
+        info: dict[str, Any] = {"source": self.s.decisiveness, "judge": self.s.decisiveness_judge}
         if self.s.decisiveness == "judge":
             complete = chat_completer(
-                self.decisiveness_lm, max_new_tokens=8 * self.s.judge_batch + 16
+                self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch)
             )
+            template = self.template("decisiveness")
             eids = np.asarray(steps["example_id"]).astype(str)
             order = list(dict.fromkeys(eids.tolist()))
             progress = Progress("decisiveness judge", len(order), "traces")
             for index, chunk in batches(order, max(1, self.s.batch_size // 2)):
                 if not self.run.part_done("decisiveness", index):
-                    out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
+                    out: dict[str, list] = {
+                        "example_id": [],
+                        "step": [],
+                        "d": [],
+                        "fallback": [],
+                        "failed": [],
+                    }
                     rows = [np.flatnonzero(eids == eid) for eid in chunk]
                     judged = judge_traces(
                         [[texts[r] for r in rs] for rs in rows],
                         complete,
                         batch_size=self.s.judge_batch,
+                        template=template,
                     )
-                    for eid, rs, (scores, bad) in zip(chunk, rows, judged, strict=True):
+                    for eid, rs, j in zip(chunk, rows, judged, strict=True):
                         out["example_id"] += [eid] * len(rs)
                         out["step"] += np.asarray(steps["step"])[rs].tolist()
-                        out["d"] += scores.tolist()
-                        out["bad"] += [bad] * len(rs)
+                        out["d"] += j.scores.tolist()
+                        out["fallback"] += [j.fallback] * len(rs)
+                        out["failed"] += [j.failed] * len(rs)
                     self.run.write_part("decisiveness", index, out)
                 progress.update(len(chunk))
             merged = _align_steps(self.run.path, self.run.read_parts("decisiveness"))
             cols["decisiveness_judge"] = merged["d"]
             cols["decisiveness"] = merged["d"]
             parts = self.run.read_parts("decisiveness")
-            per_trace = dict(zip(parts["example_id"], parts["bad"], strict=True))
-            info["judge_unparsed_batches"] = int(sum(per_trace.values()))
+            for key in ("fallback", "failed"):  # replies (batches), counted once per trace
+                per_trace = dict(zip(parts["example_id"], parts[key], strict=True))
+                info[f"judge_{key}_batches"] = int(sum(per_trace.values()))
             info["judge_missing_steps"] = int(np.isnan(merged["d"]).sum())
         else:
             cols["decisiveness"] = cols["decisiveness_lexicon"]
@@ -565,6 +645,8 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
     step_cols, ex_cols = {}, {}
     ex_ids = np.asarray(examples["example_id"]).astype(str)
     correct = np.asarray(examples["correct"], float)
+    # traces whose answer cannot be scored are left out of the estimator summaries
+    scored = np.asarray(examples.get("scorable", np.ones(len(ex_ids), bool)), bool)
     summary_est = {}
     for name in names:
         conf = np.asarray(steps[f"conf_{name}"], float)
@@ -582,28 +664,28 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
         ex_cols[f"conf_{name}"] = ex_conf
         ex_faith = np.array([_nanmean(faith[eids == e]) for e in ex_ids])
         ex_cols[f"faith_{name}"] = ex_faith
-        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith)
-        ok_c = np.isfinite(ex_conf)
+        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith) & scored
+        ok_c = np.isfinite(ex_conf) & scored
         summary_est[name] = {
             "mfg": _f(mfg(ex_faith[ok])),
-            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1), binning=s.cmfg_binning)),
+            "cmfg": _f(cmfg(ex_faith[ok], np.clip(ex_conf[ok], 0, 1), binning=s.binning)),
             "cmfg_star": _f(cmfg_star(ex_faith[ok], np.clip(ex_conf[ok], 0, 1))),
             "ece": _f(ece(ex_conf[ok_c], correct[ok_c])),
             "brier": _f(brier(ex_conf[ok_c], correct[ok_c])),
             "auroc": _f(auroc(ex_conf[ok_c], correct[ok_c])),
-            "mean_conf": _f(np.nanmean(ex_conf) if ok_c.any() else np.nan),
+            "mean_conf": _f(np.mean(ex_conf[ok_c]) if ok_c.any() else np.nan),
             "n_traces": int(ok.sum()),
             "n_steps_scored": int(np.isfinite(conf).sum()),
         }
         if s.bootstrap:
             summary_est[name].update(
                 bootstrap_intervals(
-                    ex_faith,
+                    np.where(scored, ex_faith, np.nan),
                     np.clip(ex_conf, 0, 1),
-                    correct,
+                    np.where(scored, correct, np.nan),
                     reps=s.bootstrap,
                     seed=s.seed,
-                    binning=s.cmfg_binning,
+                    binning=s.binning,
                 )
             )
     update_columns(run.path / "steps.parquet", step_cols)
@@ -625,10 +707,15 @@ def compute_metrics(run: RunDir, s: Settings, names: list[str], timings: dict) -
         "counts": {
             "no_steps": int(sum(np.asarray(examples["n_steps"]) == 0)),
             "no_answer": int(sum(p is None for p in examples["prediction"])),
+            "unscorable": int((~scored).sum()),
             "truncated": int(sum(f == "length" for f in fin)),
             "steps": len(eids),
             "decisiveness_missing": int(np.isnan(d).sum()),
+            "decisiveness_judge": s.decisiveness_judge,
+            "decisiveness_fallback": run.info("decisiveness").get("judge_fallback_batches", 0),
+            "decisiveness_failed": run.info("decisiveness").get("judge_failed_batches", 0),
         },
+        "protocol": s.protocol,
         "stage_wall_s": timings,
         "config": s.config(),
     }

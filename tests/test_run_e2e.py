@@ -29,6 +29,7 @@ def tiny_chat(tmp_path_factory):
 def settings(model, **kw):
     base = dict(
         model=str(model),
+        judge_model=str(model),
         num_examples=6,
         max_new_tokens=40,
         temperature=1.0,
@@ -97,6 +98,8 @@ def test_faithfulness_and_summary_recomputed_from_tables(finished):
     d = np.asarray(st["decisiveness"], float)
     eids = np.asarray(st["example_id"]).astype(str)
     correct = np.asarray(ex["correct"], float)
+    scored = np.asarray(ex["scorable"], bool)  # unscorable traces are left out of summaries
+    assert summary["counts"]["unscorable"] == int((~scored).sum())
     assert summary["n_examples"] == len(correct)
     assert summary["accuracy"] == pytest.approx(correct.mean())
     for e in ESTIMATORS:
@@ -115,19 +118,24 @@ def test_faithfulness_and_summary_recomputed_from_tables(finished):
             else:
                 assert np.isnan(trace_f[i])
         m = summary["estimators"][e]
-        okt = np.isfinite(trace_c) & np.isfinite(trace_f)
+        okt = np.isfinite(trace_c) & np.isfinite(trace_f) & scored
         if okt.any():
             assert m["mfg"] == pytest.approx(mfg(trace_f[okt]))
             assert m["cmfg"] == pytest.approx(cmfg(trace_f[okt], trace_c[okt]))
             assert m["cmfg_star"] == pytest.approx(cmfg_star(trace_f[okt], trace_c[okt]))
-        okc = np.isfinite(trace_c)
+        okc = np.isfinite(trace_c) & scored
         if okc.any():
             assert m["ece"] == pytest.approx(ece(trace_c[okc], correct[okc]))
             assert m["brier"] == pytest.approx(brier(trace_c[okc], correct[okc]))
             want = auroc(trace_c[okc], correct[okc])
             assert (m["auroc"] is None) == (not np.isfinite(want))
         # 95% intervals: the library's bootstrap on the tables' trace columns, same seed
-        cis = bootstrap_intervals(trace_f, np.clip(trace_c, 0, 1), correct, seed=1)
+        cis = bootstrap_intervals(
+            np.where(scored, trace_f, np.nan),
+            np.clip(trace_c, 0, 1),
+            np.where(scored, correct, np.nan),
+            seed=1,
+        )
         for k in ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc"):
             assert m[f"{k}_ci95"] == pytest.approx(cis[f"{k}_ci95"]), (e, k)
             if m[f"{k}_ci95"] is not None:

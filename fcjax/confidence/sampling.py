@@ -90,7 +90,11 @@ class SamplingConsistency(Estimator):
                     paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
                     if paragraph:
                         slots[-1].append(len(prompts))
-                        prompts.append(build_consistency_prompt(paragraph, trace.steps[j].text))
+                        prompts.append(
+                            build_consistency_prompt(
+                                paragraph, trace.steps[j].text, ctx.consistency_prompt
+                            )
+                        )
                     else:
                         slots[-1].append(None)
         replies = ctx.judge_complete(prompts) if prompts else []  # every trace in one call
