@@ -323,11 +323,14 @@ PAIRED = (
 
 
 def _trace_columns(run: Path, name: str) -> dict[str, np.ndarray]:
+    """Per-question F, C and correctness; unscorable traces missing, as in the summaries."""
     ex = read_table(run / "examples.parquet")
+    ids = np.asarray(ex["example_id"]).astype(str)
+    scored = np.asarray(ex.get("scorable", np.ones(len(ids), bool)), bool)
     return {
-        "id": np.asarray(ex["example_id"]).astype(str),
-        "f": np.asarray(ex[f"faith_{name}"], float),
-        "c": np.clip(np.asarray(ex[f"conf_{name}"], float), 0, 1),
+        "id": ids,
+        "f": np.where(scored, np.asarray(ex[f"faith_{name}"], float), np.nan),
+        "c": np.where(scored, np.clip(np.asarray(ex[f"conf_{name}"], float), 0, 1), np.nan),
         "correct": np.asarray(ex["correct"], float),
     }
 

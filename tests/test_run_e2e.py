@@ -304,8 +304,17 @@ def test_paired_differences_table(finished, tmp_path):
         )
     }
     n, base, shifted, diff, ci = rows[("deepconf", "MFG")]
+    f = np.where(np.asarray(ex["scorable"], bool), f, np.nan)  # unscorable traces left out
     assert float(shifted) == pytest.approx(np.nanmean(f) - 0.25, abs=5e-4)
     assert int(n) == int(np.isfinite(f).sum())
     assert diff == "-0.250*" and ci == "[-0.250, -0.250]"
     assert float(base) == pytest.approx(np.nanmean(f), abs=5e-4)
     assert rows[("deepconf", "Brier")][3] == "+0.000"
+    # an unscorable trace in either run leaves its question out, as in the summaries
+    scorable = np.asarray(ex["scorable"], bool)
+    first = int(np.flatnonzero(scorable & np.isfinite(f))[0])
+    scorable[first] = False
+    update_columns(other / "examples.parquet", {"scorable": scorable})
+    table = paired_table(finished, other, reps=50)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| deepconf | MFG |"))
+    assert int(line.split("|")[3]) == int(np.isfinite(f).sum()) - 1
