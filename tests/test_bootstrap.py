@@ -111,9 +111,18 @@ def test_intervals_hand_cases_and_determinism() -> None:
     a, b = bootstrap_intervals(g, c, y, seed=0), bootstrap_intervals(g, c, y, seed=1)
     assert a["mfg_ci95"] != b["mfg_ci95"]
     # missing values are dropped; a single class leaves AUROC without interval or p-value
-    out = bootstrap_intervals([0.5, np.nan, 0.2], [0.3, 0.4, np.nan], [1, 1, 1], reps=50)
-    assert out["mfg_ci95"] == pytest.approx([0.5, 0.5])
+    out = bootstrap_intervals(
+        [0.5, np.nan, 0.2, 0.5, 0.5, 0.5, 0.5], [0.3, 0.4, np.nan, 0.3, 0.3, 0.3, 0.3], [1] * 7
+    )
+    assert out["mfg_ci95"] == pytest.approx([0.5, 0.5])  # the 5 complete questions
     assert out["auroc_ci95"] is None and out["auroc_p"] is None
+    # fewer than 5 questions: no interval (one question would give a zero-width one)
+    out = bootstrap_intervals([0.5, 0.6, 0.7, 0.8], [0.3, 0.4, 0.5, 0.6], [1, 0, 1, 0])
+    assert all(out[f"{k}_ci95"] is None for k in KEYS)
+    one = {"f": [0.5], "c": [0.5], "correct": [1.0]}
+    res = paired_differences(one, {**one, "f": [0.3]})
+    assert res["mfg"]["diff"] == pytest.approx(0.2)
+    assert res["mfg"]["ci95"] is None and not res["mfg"]["excludes_zero"]
 
 
 def test_permutation_p_is_uniform_under_the_null() -> None:

@@ -21,6 +21,9 @@ METRICS = FAITHFULNESS + CALIBRATION
 # an interval needs at least this share of resamples with a defined value (AUROC needs both
 # classes in the resample)
 MIN_DEFINED = 0.5
+# and at least this many questions: resamples of fewer are too few to spread (one question
+# gives a zero-width interval that would "exclude 0" for any difference)
+MIN_QUESTIONS = 5
 
 
 def resample(n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,11 +127,14 @@ def calibration_replicates(
     return out
 
 
-def interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+def interval(values: np.ndarray, level: float = 0.95, n: int | None = None) -> list[float] | None:
     """Percentile interval [lo, hi] of the defined replicates; None when fewer than half of
-    them are defined (e.g. AUROC when most resamples hold one class)."""
+    them are defined (e.g. AUROC when most resamples hold one class) or when the resamples
+    come from fewer than ``MIN_QUESTIONS`` questions (``n``)."""
     values = np.asarray(values, np.float64)
     ok = values[np.isfinite(values)]
+    if n is not None and n < MIN_QUESTIONS:
+        return None
     if ok.size == 0 or ok.size < MIN_DEFINED * values.size:
         return None
     tail = 100.0 * (1.0 - level) / 2.0
@@ -188,8 +194,9 @@ def bootstrap_intervals(
         cc, yc, resample(cc.size, reps, np.random.default_rng([seed, 1])), bins
     )
     out: dict[str, list[float] | float | None] = {
-        f"{k}_ci95": interval(v) for k, v in {**reps_f, **reps_c}.items()
+        f"{k}_ci95": interval(v, n=ff.size) for k, v in reps_f.items()
     }
+    out.update({f"{k}_ci95": interval(v, n=cc.size) for k, v in reps_c.items()})
     out["auroc_p"] = auroc_permutation_p(cc, yc, reps, seed)
     return out
 
@@ -219,7 +226,8 @@ def paired_differences(
     questions (see ``match_ids``). Each resample draws one set of questions and scores both
     runs on it, so question difficulty cancels out of the difference. Faithfulness metrics use
     questions where F and C are finite in both runs, calibration metrics those where C is.
-    Returns {metric: {"a", "b", "diff", "ci95", "n", "excludes_zero"}}.
+    Returns {metric: {"a", "b", "diff", "ci95", "n", "excludes_zero"}}; ``ci95`` is None with
+    fewer than ``MIN_QUESTIONS`` shared questions.
     """
     cols = {}
     for run in (a, b):
@@ -244,7 +252,7 @@ def paired_differences(
         point_a, point_b = fn(xa, za, whole), fn(xb, zb, whole)
         rep_a, rep_b = fn(xa, za, idx), fn(xb, zb, idx)
         for k in names:
-            ci = interval(rep_a[k] - rep_b[k])
+            ci = interval(rep_a[k] - rep_b[k], n=n)
             out[k] = {
                 "a": _scalar(point_a[k]),
                 "b": _scalar(point_b[k]),
