@@ -363,6 +363,25 @@ def test_summarize_by_hand() -> None:
     assert s["agreement"]["decisiveness|x"]["n"] == 2
     with pytest.raises(ValueError, match="conf_y"):
         summarize(steps, examples, {"y": "mean"})
+    # an unscorable trace is left out of every estimator figure and counted; intervals, the
+    # binning, extra counts and the protocol are passed through
+    s = summarize(
+        steps,
+        {**examples, "scorable": np.array([True, False])},
+        {"x": "last"},
+        binning="reference",
+        bootstrap=20,
+        seed=3,
+        counts={"decisiveness_judge": "lexicon"},
+        protocol="paper",
+    )
+    m = s["estimators"]["x"]
+    assert m["ece"] == pytest.approx(abs(1 - 0.8)) and m["mean_conf"] == pytest.approx(0.8)
+    assert m["auroc"] is None  # one scorable trace, one class
+    assert m["cmfg"] == pytest.approx((0.75 + 9 * 0.5) / 10)
+    assert m["mfg_ci95"] is None  # fewer questions than an interval needs
+    assert "auroc_p" in m and s["protocol"] == "paper"
+    assert s["counts"]["unscorable"] == 1 and s["counts"]["decisiveness_judge"] == "lexicon"
 
 
 def test_cmfg_reference_binning_hand_cases() -> None:
