@@ -11,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fcjax.protocol import Protocol, get_protocol
+
+# the judges' default model: a registry instruct model, never silently the studied model
+JUDGE_MODEL = "qwen2.5-coder-1.5b-instruct"
+
 STAGES = (
     "generate",
     "segment",
@@ -53,11 +58,18 @@ class Settings:
     )
     judge_model: str = setting(
         "",
-        "model of the sampling estimator's consistency judge (default: --model)",
+        "model of the sampling estimator's consistency judge "
+        "(default: qwen2.5-coder-1.5b-instruct)",
         stage="estimators",
     )
     decisiveness_model: str = setting(
         "", "model of the decisiveness judge (default: --judge_model)", stage="decisiveness"
+    )
+    protocol: str = setting(
+        "fcjax",
+        "'paper': the published protocol (prompt, answer rule, cMFG binning; docs/PROTOCOL.md)",
+        stage="generate",
+        choices=("fcjax", "paper"),
     )
     dtype: str = setting(
         "float32", "parameter dtype", stage="generate", choices=("float32", "bfloat16")
@@ -83,7 +95,12 @@ class Settings:
         stage="generate",
         choices=("user", "system"),
     )
-    max_new_tokens: int = setting(256, "generation budget per trace", stage="generate", minimum=1)
+    system_intervention: str = setting(
+        "blank",
+        "intervention name or text file used as the system prompt, combinable with --intervention",
+        stage="generate",
+    )
+    max_new_tokens: int = setting(20480, "generation budget per trace", stage="generate", minimum=1)
     temperature: float = setting(0.6, "trace sampling temperature (0 = greedy)", stage="generate")
     seed: int = setting(
         0, "seed for data sampling, generation and step selection", stage="generate"
@@ -124,15 +141,59 @@ class Settings:
     judge_batch: int = setting(
         20, "steps per decisiveness-judge call", stage="decisiveness", minimum=1
     )
+    decisiveness_prompt: str = setting(
+        "",
+        "text file replacing the decisiveness judge prompt ({n}, {steps})",
+        stage="decisiveness",
+    )
+    consistency_prompt: str = setting(
+        "",
+        "text file replacing the consistency judge prompt ({context}, {assertion})",
+        stage="estimators",
+    )
+    bootstrap: int = setting(
+        1000,
+        "bootstrap resamples of the questions for 95% intervals (0: none)",
+        stage="metrics",
+        minimum=0,
+    )
+    cmfg_binning: str = setting(
+        "",
+        "cMFG bins: 'closed' last bin (counts c == 1.0) or the published 'reference' digitize "
+        "(empty: the --protocol's)",
+        stage="metrics",
+        choices=("", "closed", "reference"),
+    )
     batch_size: int = setting(
         16, "examples per generation batch (does not change results)", stage=None, minimum=1
     )
 
+    @property
+    def proto(self) -> Protocol:
+        return get_protocol(self.protocol)
+
+    @property
+    def binning(self) -> str:
+        return self.cmfg_binning or self.proto.cmfg_binning
+
+    @property
+    def consistency_judge(self) -> str:
+        return self.judge_model or JUDGE_MODEL
+
+    @property
+    def decisiveness_judge(self) -> str:
+        """The model whose judge produced D, or "lexicon"."""
+        if self.decisiveness == "lexicon":
+            return "lexicon"
+        return self.decisiveness_model or self.consistency_judge
+
     def config(self) -> dict:
-        """The settings as stored in ``config.json`` (judge models resolved)."""
+        """The settings as stored in ``config.json`` (judge models and binning resolved)."""
         d = dataclasses.asdict(self)
-        d["judge_model"] = self.judge_model or self.model
+        d["judge_model"] = self.consistency_judge
         d["decisiveness_model"] = self.decisiveness_model or d["judge_model"]
+        d["cmfg_binning"] = self.binning
+        d["decisiveness_judge"] = self.decisiveness_judge
         d["estimators"] = list(self.estimators)
         d["layers"] = list(self.layers)
         return d

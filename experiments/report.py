@@ -1,7 +1,8 @@
 """Plots and HTML reports: one run (``write_report``), or several side by side.
 
 The pages themselves (trace viewer, inline figures) are built by ``experiments.report_html``;
-this module writes them and the PNG plots, and prints the comparison table.
+this module writes them and the PNG plots, and prints the comparison table and, for two or
+more runs, the paired differences on shared questions (``paired.md``).
 
     python -m experiments.report --runs=DIR1,DIR2,... [--out=DIR]
 
@@ -25,7 +26,7 @@ from absl import app, flags
 
 from experiments.config import STAGES
 from experiments.report_html import compare_page, reliability_bins, run_page
-from fcjax.metrics import cmfg_star
+from fcjax.metrics import cmfg_star, match_ids, paired_differences
 from fcjax.store.tables import read_table
 
 
@@ -230,6 +231,65 @@ def compare(runs: Sequence[Path], out: Path) -> Path:
     return path
 
 
+PAIRED = (
+    ("mfg", "MFG"),
+    ("cmfg", "cMFG"),
+    ("cmfg_star", "cMFG*"),
+    ("ece", "ECE"),
+    ("brier", "Brier"),
+    ("auroc", "AUROC"),
+)
+
+
+def _trace_columns(run: Path, name: str) -> dict[str, np.ndarray]:
+    """Per-question F, C and correctness; unscorable traces missing, as in the summaries."""
+    ex = read_table(run / "examples.parquet")
+    ids = np.asarray(ex["example_id"]).astype(str)
+    scored = np.asarray(ex.get("scorable", np.ones(len(ids), bool)), bool)
+    return {
+        "id": ids,
+        "f": np.where(scored, np.asarray(ex[f"faith_{name}"], float), np.nan),
+        "c": np.where(scored, np.clip(np.asarray(ex[f"conf_{name}"], float), 0, 1), np.nan),
+        "correct": np.asarray(ex["correct"], float),
+    }
+
+
+def paired_table(base: Path, other: Path, reps: int = 1000, seed: int = 0) -> str:
+    """Markdown table of ``other`` - ``base`` per estimator and metric on the questions both
+    runs hold (matched by example_id), with paired-bootstrap 95% intervals; ``*`` marks a
+    difference whose interval excludes 0."""
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (base, other)]
+    binning = summaries[0].get("config", {}).get("cmfg_binning", "closed")
+    names = [n for n in summaries[0]["estimators"] if n in summaries[1]["estimators"]]
+    lines = [
+        f"Paired differences {other.name} - {base.name} on shared questions "
+        f"(95% paired bootstrap, {reps} resamples; * = interval excludes 0)",
+        "",
+        f"| estimator | metric | n | {base.name} | {other.name} | diff | 95% CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        a, b = _trace_columns(other, name), _trace_columns(base, name)
+        ia, ib = match_ids(a["id"], b["id"])
+        res = paired_differences(
+            {k: a[k][ia] for k in ("f", "c", "correct")},
+            {k: b[k][ib] for k in ("f", "c", "correct")},
+            reps=reps,
+            seed=seed,
+            binning=binning,
+        )
+        for key, label in PAIRED:
+            r = res[key]
+            diff = "–" if r["diff"] is None else f"{r['diff']:+.3f}"
+            star = "*" if r["excludes_zero"] else ""
+            ci = "–" if r["ci95"] is None else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            lines.append(
+                f"| {name} | {label} | {r['n']} | {_fmt(r['b'])} | {_fmt(r['a'])} "
+                f"| {diff}{star} | {ci} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     runs_flag, out_flag = flags.FLAGS.runs, flags.FLAGS.out
@@ -244,10 +304,14 @@ def main(argv):
         return
     path = compare(runs, Path(out_flag) if out_flag else runs[0] / "compare")
     print((path.parent / "compare.txt").read_text())
+    paired = [paired_table(runs[0], r, reps=flags.FLAGS.bootstrap) for r in runs[1:]]
+    (path.parent / "paired.md").write_text("\n\n".join(paired) + "\n")
+    print("\n\n".join(paired))
     print(path)
 
 
 if __name__ == "__main__":
     flags.DEFINE_list("runs", [], "run directories to compare")
     flags.DEFINE_string("out", "", "where to write compare.html (default: <first run>/compare)")
+    flags.DEFINE_integer("bootstrap", 1000, "paired-bootstrap resamples of shared questions")
     app.run(main)

@@ -151,7 +151,8 @@ def _samples(path: Path, step_ex, step_no, order) -> dict:
         out["text"].append(text)
         reply = kept["reply"][i]
         out["reply"].append(None if reply is None else str(reply)[:80])
-        out["consistent"].append(None if math.isnan(consistent[i]) else int(consistent[i]))
+        # 1 consistent, 0 not, 0.5 the judge's N/A, None unparsed
+        out["consistent"].append(None if math.isnan(consistent[i]) else float(consistent[i]))
     return out
 
 

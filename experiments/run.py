@@ -58,17 +58,34 @@ FLAGS = flags.FLAGS
 
 def settings_from_flags() -> Settings:
     from fcjax.confidence.base import available_estimators
+    from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
     from fcjax.data import DATASETS, INTERVENTIONS
+    from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
+    from fcjax.text.templates import TemplateError, load_template
 
     f = FLAGS
     errors = []
     if not f.data_path and f.dataset not in DATASETS:
         errors.append(f"--dataset: unknown {f.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
-    if f.intervention not in INTERVENTIONS and not _is_file(f.intervention):
+    for name in ("intervention", "system_intervention"):
+        value = getattr(f, name)
+        if value not in INTERVENTIONS and not _is_file(value):
+            errors.append(
+                f"--{name}: unknown {value!r} (and not a file); valid: {', '.join(INTERVENTIONS)}"
+            )
+    if f.intervention_role == "system" and f.system_intervention != "blank":
         errors.append(
-            f"--intervention: unknown {f.intervention!r} (and not a file); valid: "
-            f"{', '.join(INTERVENTIONS)}"
+            "--intervention_role=system and --system_intervention both set the system prompt"
         )
+    for name, required in (
+        ("decisiveness_prompt", DECISIVENESS_REQUIRED),
+        ("consistency_prompt", CONSISTENCY_REQUIRED),
+    ):
+        if getattr(f, name):
+            try:
+                load_template(getattr(f, name), required)
+            except TemplateError as e:
+                errors.append(f"--{name}: {e}")
     valid_est = available_estimators()
     for e in f.estimators:
         if e not in valid_est:
@@ -147,6 +164,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fcjax.data import DataError
     from fcjax.engine.mesh import MeshError
     from fcjax.models import ConfigError, RegistryError, WeightError
+    from fcjax.text.templates import TemplateError
 
     return (
         RunError,
@@ -158,6 +176,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         EstimatorError,
         FloatingPointError,
         ResourceError,
+        TemplateError,
     )
 
 

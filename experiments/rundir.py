@@ -21,6 +21,7 @@ from typing import Any
 from absl import logging
 
 from experiments.config import AFFECTS, STAGES
+from fcjax.store.strict_json import dumps_strict
 from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
 
@@ -177,7 +178,7 @@ class RunDir:
 
 
 def _norm(v):
-    return json.loads(json.dumps(v, default=str))
+    return json.loads(dumps_strict(v))
 
 
 def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:

@@ -22,15 +22,21 @@ import probes  # registers the probe estimator
 from experiments.config import STAGES, Settings
 from experiments.rundir import Progress, RunDir, RunError, batches
 from fcjax.confidence.base import EstimatorContext, check_columns, get_estimator
+from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
+from fcjax.confidence.consistency_judge import REPLY_TOKENS as CONSISTENCY_TOKENS
+from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
-from fcjax.decisiveness.judge import judge_traces
+from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
+from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
+from fcjax.decisiveness.judge import judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
 from fcjax.metrics import summarize, trace_columns
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
-from fcjax.text.chat import has_chat_template
+from fcjax.text.chat import has_chat_template, open_think
+from fcjax.text.templates import load_template
 
 # estimators computed in the ``estimators`` stage (``probe`` has its own stages)
 PROBE = "probe"
@@ -71,8 +77,14 @@ class Pipeline:
         if bad and "hidden" in pending and PROBE in self.s.estimators:
             raise RunError(f"--layers: {bad} outside 0..{n_layers} (the model has {n_layers})")
         if "estimators" in pending and self._needs_judge():
+            _ = self.template("consistency")
             _ = self.judge_lm
         if "decisiveness" in pending and self.s.decisiveness == "judge":
+            _ = self.template("decisiveness")
+            if self.s.decisiveness_judge == self.s.model:
+                logging.warning(
+                    "the decisiveness judge is the studied model %s (set explicitly)", self.s.model
+                )
             _ = self.decisiveness_lm
 
     # --- shared resources -----------------------------------------------------------------
@@ -94,12 +106,21 @@ class Pipeline:
     @property
     def judge_lm(self):
         """The consistency judge of the sampling estimator (``--judge_model``)."""
-        return self._model(self.s.judge_model or self.s.model)
+        return self._model(self.s.consistency_judge)
 
     @property
     def decisiveness_lm(self):
         """The decisiveness judge (``--decisiveness_model``, default ``--judge_model``)."""
-        return self._model(self.s.decisiveness_model or self.s.judge_model or self.s.model)
+        return self._model(self.s.decisiveness_judge)
+
+    def template(self, kind: str) -> str:
+        """The decisiveness or consistency judge prompt: fcjax's, or the flag's file."""
+        path = getattr(self.s, f"{kind}_prompt")
+        if kind == "decisiveness":
+            default, required = DECISIVENESS_PROMPT, DECISIVENESS_REQUIRED
+        else:
+            default, required = CONSISTENCY_PROMPT, CONSISTENCY_REQUIRED
+        return load_template(path, required) if path else default
 
     def examples(self) -> list[Example]:
         s = self.s
@@ -115,9 +136,14 @@ class Pipeline:
 
     def prompt(self, example: Example) -> str:
         messages = build_messages(
-            example, intervention=self.s.intervention, role=self.s.intervention_role
+            example,
+            intervention=self.s.intervention,
+            role=self.s.intervention_role,
+            system_intervention=self.s.system_intervention,
+            style=self.s.proto.prompt_style,
         )
-        return self.lm.chat(messages)
+        text = self.lm.chat(messages)
+        return open_think(text, self.lm.tokenizer) if self.s.proto.open_think else text
 
     # --- stages -----------------------------------------------------------------------------
     def run_stage(self, stage: str) -> None:
@@ -234,8 +260,16 @@ class Pipeline:
 
     def traces(self) -> list[Trace]:
         gens = self.generations()
+        proto = self.s.proto
         return [
-            build_trace(self.lm, e, gens[str(e.id)][1], method=self.s.segmenter)
+            build_trace(
+                self.lm,
+                e,
+                gens[str(e.id)][1],
+                method=self.s.segmenter,
+                answer_rule=proto.answer_rule,
+                numbered_choices=proto.numbered_choices,
+            )
             for e in self.examples()
         ]
 
@@ -252,6 +286,7 @@ class Pipeline:
                 "kind",
                 "prediction",
                 "correct",
+                "scorable",
                 "n_steps",
                 "prompt",
                 "prompt_ids",
@@ -282,6 +317,7 @@ class Pipeline:
                 ("kind", e.kind),
                 ("prediction", tr.answer),
                 ("correct", bool(tr.correct)),
+                ("scorable", bool(tr.scorable)),
                 ("n_steps", tr.n_steps),
                 ("prompt", prompt),
                 ("prompt_ids", tr.prompt_ids),
@@ -306,6 +342,7 @@ class Pipeline:
             "n_steps": len(st_cols["step"]),
             "no_steps": sum(n == 0 for n in ex_cols["n_steps"]),
             "no_answer": sum(p is None for p in ex_cols["prediction"]),
+            "unscorable": sum(not x for x in ex_cols["scorable"]),
             "truncated": sum(f == "length" for f in ex_cols["finish_reason"]),
         }
 
@@ -313,7 +350,11 @@ class Pipeline:
         return any(get_estimator(n).needs_judge for n in self.s.estimators if n != PROBE)
 
     def _ctx(self) -> EstimatorContext:
-        judge = chat_completer(self.judge_lm, max_new_tokens=16) if self._needs_judge() else None
+        judge = (
+            chat_completer(self.judge_lm, max_new_tokens=CONSISTENCY_TOKENS)
+            if self._needs_judge()
+            else None
+        )
         return EstimatorContext(
             self.lm,
             judge,
@@ -323,6 +364,7 @@ class Pipeline:
             temperature=self.s.branch_temperature,
             top_p=self.s.branch_top_p,
             max_new_tokens=self.s.branch_new_tokens,
+            consistency_prompt=self.template("consistency") if judge else CONSISTENCY_PROMPT,
         )
 
     def stage_estimators(self) -> dict:
@@ -421,11 +463,12 @@ class Pipeline:
         steps = read_table(self.run.path / "steps.parquet")
         texts = list(steps["text"])
         cols = {"decisiveness_lexicon": lexicon_scores(texts)}
-        info: dict[str, Any] = {"source": self.s.decisiveness}
+        info: dict[str, Any] = {"source": self.s.decisiveness, "judge": self.s.decisiveness_judge}
         if self.s.decisiveness == "judge":
             complete = chat_completer(
-                self.decisiveness_lm, max_new_tokens=8 * self.s.judge_batch + 16
+                self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch)
             )
+            template = self.template("decisiveness")
             eids = np.asarray(steps["example_id"]).astype(str)
             order = list(dict.fromkeys(eids.tolist()))
             progress = Progress("decisiveness judge", len(order), "traces")
@@ -433,26 +476,35 @@ class Pipeline:
                 order, self.run.part_size("decisiveness", max(1, self.s.batch_size // 2))
             ):
                 if not self.run.part_done("decisiveness", index):
-                    out: dict[str, list] = {"example_id": [], "step": [], "d": [], "bad": []}
+                    out: dict[str, list] = {
+                        "example_id": [],
+                        "step": [],
+                        "d": [],
+                        "fallback": [],
+                        "failed": [],
+                    }
                     rows = [np.flatnonzero(eids == eid) for eid in chunk]
                     judged = judge_traces(
                         [[texts[r] for r in rs] for rs in rows],
                         complete,
                         batch_size=self.s.judge_batch,
+                        template=template,
                     )
-                    for eid, rs, (scores, bad) in zip(chunk, rows, judged, strict=True):
+                    for eid, rs, j in zip(chunk, rows, judged, strict=True):
                         out["example_id"] += [eid] * len(rs)
                         out["step"] += np.asarray(steps["step"])[rs].tolist()
-                        out["d"] += scores.tolist()
-                        out["bad"] += [bad] * len(rs)
+                        out["d"] += j.scores.tolist()
+                        out["fallback"] += [j.fallback] * len(rs)
+                        out["failed"] += [j.failed] * len(rs)
                     self.run.write_part("decisiveness", index, out)
                 progress.update(len(chunk))
             merged = _align_steps(self.run.path, self.run.read_parts("decisiveness"))
             cols["decisiveness_judge"] = merged["d"]
             cols["decisiveness"] = merged["d"]
             parts = self.run.read_parts("decisiveness")
-            per_trace = dict(zip(parts["example_id"], parts["bad"], strict=True))
-            info["judge_unparsed_batches"] = int(sum(per_trace.values()))
+            for key in ("fallback", "failed"):  # replies (batches), counted once per trace
+                per_trace = dict(zip(parts["example_id"], parts[key], strict=True))
+                info[f"judge_{key}_batches"] = int(sum(per_trace.values()))
             info["judge_missing_steps"] = int(np.isnan(merged["d"]).sum())
         else:
             cols["decisiveness"] = cols["decisiveness_lexicon"]
@@ -474,6 +526,7 @@ class Pipeline:
         update_columns(examples_path, ex_cols)
         probe_info = self.run.info("probes")
         not_scored = {PROBE: probe_info["not_scored"]} if "not_scored" in probe_info else {}
+        decisiveness = self.run.info("decisiveness")
         summary = summarize(
             steps,
             examples,
@@ -481,6 +534,15 @@ class Pipeline:
             not_scored=not_scored,
             stage_wall_s={s: self.run.info(s).get("wall_s") for s in STAGES if self.run.done(s)},
             config=self.s.config(),
+            binning=self.s.binning,
+            bootstrap=self.s.bootstrap,
+            seed=self.s.seed,
+            counts={
+                "decisiveness_judge": self.s.decisiveness_judge,
+                "decisiveness_fallback": decisiveness.get("judge_fallback_batches", 0),
+                "decisiveness_failed": decisiveness.get("judge_failed_batches", 0),
+            },
+            protocol=self.s.protocol,
         )
         write_json_atomic(self.run.path / "summary.json", summary)
         return {"estimators": list(estimators)}

@@ -7,7 +7,9 @@ scored rows). Training is full-batch AdamW (decoupled weight decay on ``w``, non
 stopping: with validation rows, every layer keeps its parameters at the step with the
 lowest validation loss (restore-best early stopping); without them it keeps the
 parameters at a given step per layer (``stop_steps``), which is how a refit on all
-training rows reuses the step counts chosen on validation.
+training rows reuses the step counts chosen on validation. Training rows that all carry one
+label value train the bias alone (w stays 0): nothing separates them, and the weight
+gradient would be rounding error.
 
 Labels may be soft (in [0, 1]); the loss is the cross-entropy against them. With
 ``class_weight="balanced"`` the positive and negative terms are weighted by
@@ -92,6 +94,8 @@ def _standardize_stats(x, train_w):
 def _fit_impl(x, y, train_w, val_w, stop_steps, lr, weight_decay, *, steps, balanced, has_val):
     mean, std = _standardize_stats(x, train_w)
     z = (x - mean) / std  # [n, L, d]
+    on = train_w > 0
+    one_label = jnp.max(jnp.where(on, y, -jnp.inf)) == jnp.min(jnp.where(on, y, jnp.inf))
     d = x.shape[-1]
     optimizer = optax.adamw(lr, weight_decay=weight_decay, mask={"w": True, "b": False})
 
@@ -105,6 +109,11 @@ def _fit_impl(x, y, train_w, val_w, stop_steps, lr, weight_decay, *, steps, bala
         def body(carry, t):
             params, opt_state, best, best_val, best_step = carry
             grads = jax.grad(loss)(params, train_w)
+            # one label value among the training rows: the weight gradient is the mean of
+            # standardised features, zero up to rounding, and AdamW's scale-free step would
+            # turn that rounding into full-size updates (a probe that changes with the last
+            # bits of the hidden states); only the bias can learn the label then
+            grads = {"w": jnp.where(one_label, 0.0, grads["w"]), "b": grads["b"]}
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             if has_val:

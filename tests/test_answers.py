@@ -220,3 +220,25 @@ def test_score_answer_never_crashes(prediction: str | None, kind: str) -> None:
     gold = {"numeric": "18", "math": "\\frac{1}{2}", "letter": "B", "yesno": "Yes"}[kind]
     choices = CHOICES if kind == "letter" else None
     assert score_answer(prediction, gold, kind, choices) in (True, False)
+
+
+def test_first_boxed_rule_and_numbered_choices():
+    from fcjax.text.answers import is_scorable
+
+    text = "First try \\boxed{12}. Hmm, no: \\boxed{14}."
+    assert extract_answer(text) == "14"
+    assert extract_answer(text, rule="first") == "12"
+    with pytest.raises(ValueError, match="rule"):
+        extract_answer(text, rule="middle")
+    choices = ["red", "blue", "green"]
+    for pred in ("2", "(2)", "2.", "Option 2", "blue"):
+        assert score_answer(pred, "B", "letter", choices, numbered=True), pred
+    assert not score_answer("3", "B", "letter", choices, numbered=True)
+    assert not score_answer("B", "B", "letter", choices, numbered=True)  # options were numbers
+    assert score_answer("B", "B", "letter", choices)  # fcjax: letters
+    # scorable: the answer names an option / a number / yes or no
+    assert is_scorable("2", "letter", choices, numbered=True)
+    assert not is_scorable("4", "letter", choices, numbered=True)
+    assert not is_scorable(None, "numeric")
+    assert is_scorable("no idea", "numeric")  # an answer, scored wrong
+    assert is_scorable("Yes", "yesno") and not is_scorable("maybe", "yesno")

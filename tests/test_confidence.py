@@ -360,7 +360,7 @@ def test_sampling_plumbing_with_fake_judge(tiny_lm, monkeypatch):
         judged.append(prompts)
         out = []
         for p in prompts:
-            assertion = p[0]["content"].split("Assertion:\n", 1)[1].split("\n\n")[0]
+            assertion = p[0]["content"].split("Statement:\n", 1)[1].split("\n\n")[0]
             out.append(verdict[[s.text for s in trace.steps].index(assertion)])
         return out
 

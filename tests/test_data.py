@@ -270,7 +270,7 @@ def test_build_messages_inline_and_system():
     assert user["role"] == "user"
     assert "Which?\n\nA. red\nB. blue" in user["content"]
     assert "Final answer: <letter>" in user["content"]
-    assert user["content"].endswith(text)
+    assert user["content"].startswith(text + "\n\nWhich?")  # the intervention comes first
 
     system, user2 = prompts.build_messages(ex, "self_monitoring", role="system")
     assert system == {"role": "system", "content": text}
@@ -288,7 +288,7 @@ def test_build_messages_kinds_and_extra_text(tmp_path):
     custom = tmp_path / "my.txt"
     custom.write_text("  Say how sure you are.\n")
     (m2,) = prompts.build_messages(ex, str(custom))
-    assert m2["content"].endswith("Say how sure you are.")
+    assert m2["content"].startswith("Say how sure you are.\n\nWhat is 1+1?")
     with pytest.raises(ValueError, match="role"):
         prompts.build_messages(ex, role="assistant")
 
@@ -335,3 +335,47 @@ def test_data_dir_not_found(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=r"data directory not found .*set FCJAX_DATA"):
         load_dataset("aime")
+
+
+def test_paper_prompt_multiple_choice_exactly():
+    ex = Example("m", "Which colour is the sky?", ("red", "blue", "green"), "B", "letter", "t")
+    (m,) = prompts.build_messages(ex, style="paper")
+    assert m == {
+        "role": "user",
+        "content": (
+            "Which colour is the sky?\n\n1. red\n2. blue\n3. green\n\n"
+            "Think the question through, then give the number of the correct option inside "
+            "\\boxed{}.\n\n"
+            "Keep your reasoning to no more than 20 to 30 paragraphs."
+        ),
+    }
+
+
+def test_paper_prompt_open_question_exactly():
+    ex = Example("n", "What is 6 * 7?", None, "42", "numeric", "t")
+    (m,) = prompts.build_messages(ex, "perception", style="paper")
+    assert m["content"] == (
+        interventions.INTERVENTIONS["perception"] + "\n\n"
+        "What is 6 * 7?\n\n"
+        "Think the problem through, then give your final answer inside \\boxed{}.\n\n"
+        "Keep your reasoning to no more than 20 to 30 paragraphs."
+    )
+    with pytest.raises(ValueError, match="style"):
+        prompts.build_messages(ex, style="other")
+
+
+def test_system_and_user_interventions_combine():
+    """--system_intervention=ms_hedge --intervention=perception: the published msh_perc."""
+    ex = Example("q", "Is water wet?", None, "Yes", "yesno", "t")
+    system, user = prompts.build_messages(
+        ex, "perception", system_intervention="ms_hedge", style="paper"
+    )
+    assert system == {"role": "system", "content": interventions.INTERVENTIONS["ms_hedge"]}
+    assert user["role"] == "user"
+    assert user["content"].startswith(interventions.INTERVENTIONS["perception"] + "\n\nIs water")
+    assert interventions.INTERVENTIONS["ms_hedge"] not in user["content"]
+    # a system intervention alone; two system prompts are refused
+    system, user = prompts.build_messages(ex, system_intervention="ms_hedge")
+    assert system["role"] == "system" and user["content"].startswith("Is water wet?")
+    with pytest.raises(ValueError, match="two system prompts"):
+        prompts.build_messages(ex, "perception", role="system", system_intervention="ms_hedge")

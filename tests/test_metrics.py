@@ -354,6 +354,7 @@ def test_summarize_by_hand() -> None:
     assert s["counts"] == {
         "no_steps": 0,
         "no_answer": 1,
+        "unscorable": 0,
         "truncated": 1,
         "steps": 4,
         "decisiveness_missing": 1,
@@ -362,3 +363,39 @@ def test_summarize_by_hand() -> None:
     assert s["agreement"]["decisiveness|x"]["n"] == 2
     with pytest.raises(ValueError, match="conf_y"):
         summarize(steps, examples, {"y": "mean"})
+    # an unscorable trace is left out of every estimator figure and counted; intervals, the
+    # binning, extra counts and the protocol are passed through
+    s = summarize(
+        steps,
+        {**examples, "scorable": np.array([True, False])},
+        {"x": "last"},
+        binning="reference",
+        bootstrap=20,
+        seed=3,
+        counts={"decisiveness_judge": "lexicon"},
+        protocol="paper",
+    )
+    m = s["estimators"]["x"]
+    assert m["ece"] == pytest.approx(abs(1 - 0.8)) and m["mean_conf"] == pytest.approx(0.8)
+    assert m["auroc"] is None  # one scorable trace, one class
+    assert m["cmfg"] == pytest.approx((0.75 + 9 * 0.5) / 10)
+    assert m["mfg_ci95"] is None  # fewer questions than an interval needs
+    assert "auroc_p" in m and s["protocol"] == "paper"
+    assert s["counts"]["unscorable"] == 1 and s["counts"]["decisiveness_judge"] == "lexicon"
+
+
+def test_cmfg_reference_binning_hand_cases() -> None:
+    # c == 1.0: fcjax's closed last bin counts it, the published digitize binning drops it
+    f, c = [0.2, 0.9], [0.05, 1.0]
+    assert cmfg(f, c) == pytest.approx((0.2 + 0.9 + 8 * 0.5) / 10)
+    assert cmfg(f, c, binning="reference") == pytest.approx((0.2 + 9 * 0.5) / 10)
+    # c exactly 0.3: floor(0.3 * 10) = 3, but the float edge linspace(0, 1, 11)[3] is
+    # 0.30000000000000004 > 0.3, so digitize puts it in bin 2; with a 0.25 trace in bin 2
+    # the two binnings average differently
+    f, c = [0.0, 1.0], [0.25, 0.3]
+    assert cmfg(f, c) == pytest.approx((0.0 + 1.0 + 8 * 0.5) / 10)
+    assert cmfg(f, c, binning="reference") == pytest.approx((0.5 + 9 * 0.5) / 10)
+    # an edge that is exact in floating point (0.5) lands in the same bin either way
+    assert cmfg([0.1], [0.5], binning="reference") == pytest.approx(cmfg([0.1], [0.5]))
+    with pytest.raises(ValueError, match="binning"):
+        cmfg([0.1], [0.5], binning="open")

@@ -15,6 +15,7 @@ from tiny_models import build_tiny_chat, cli_flags
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Settings
+from fcjax.metrics import bootstrap_intervals
 from fcjax.store.tables import read_table
 
 ESTIMATORS = ("deepconf", "rcc", "sampling", "forcing", "probe")
@@ -28,6 +29,7 @@ def tiny_chat(tmp_path_factory):
 def settings(model, **kw):
     base = dict(
         model=str(model),
+        judge_model=str(model),
         num_examples=6,
         max_new_tokens=40,
         temperature=1.0,
@@ -92,6 +94,10 @@ def test_contract_files_and_columns(finished):
     assert got == want and want
 
 
+def _no_constants(token):
+    raise AssertionError(f"summary.json holds the non-JSON token {token}")
+
+
 # --- independent, brute-force versions of the summary's figures (METHOD.md section 5) ---
 
 
@@ -154,9 +160,12 @@ def test_faithfulness_and_summary_match_a_brute_force_recomputation(finished):
     with independent brute-force code (not the fcjax.metrics functions under test)."""
     ex = read_table(finished / "examples.parquet")
     st = read_table(finished / "steps.parquet")
-    summary = json.loads((finished / "summary.json").read_text())
+    # strict JSON: no NaN/Infinity tokens anywhere
+    summary = json.loads((finished / "summary.json").read_text(), parse_constant=_no_constants)
     ids = [str(e) for e in ex["example_id"]]
     correct = [float(v) for v in ex["correct"]]
+    scorable = [bool(v) for v in ex["scorable"]]  # unscorable traces are left out of summaries
+    assert summary["counts"]["unscorable"] == scorable.count(False)
     assert summary["n_examples"] == len(ids) == 6
     assert summary["accuracy"] == pytest.approx(sum(correct) / len(correct))
     rows = {e: [i for i, s in enumerate(st["example_id"]) if str(s) == e] for e in ids}
@@ -176,8 +185,8 @@ def test_faithfulness_and_summary_match_a_brute_force_recomputation(finished):
             trace_f.append(_bf_mean([f[i] for i in rows[x]]))
         np.testing.assert_allclose(ex[f"conf_{e}"], trace_c, err_msg=e)
         np.testing.assert_allclose(ex[f"faith_{e}"], trace_f, err_msg=e)
-        both = [i for i in range(len(ids)) if np.isfinite(trace_c[i]) and np.isfinite(trace_f[i])]
-        has_c = [i for i in range(len(ids)) if np.isfinite(trace_c[i])]
+        has_c = [i for i in range(len(ids)) if np.isfinite(trace_c[i]) and scorable[i]]
+        both = [i for i in has_c if np.isfinite(trace_f[i])]
         assert len(both) >= 3, (e, both)  # enough traces that every figure is checked
         m = summary["estimators"][e]
         ff, cc = [trace_f[i] for i in both], [min(max(trace_c[i], 0), 1) for i in both]
@@ -192,6 +201,18 @@ def test_faithfulness_and_summary_match_a_brute_force_recomputation(finished):
         want = _bf_auroc(*cy)
         assert m["auroc"] == (None if want is None else pytest.approx(want))
         assert m["mean_conf"] == pytest.approx(sum(cy[0]) / len(has_c))
+        # 95% intervals: the library's bootstrap on the tables' trace columns, same seed
+        cis = bootstrap_intervals(
+            np.where(scorable, trace_f, np.nan),
+            np.clip(trace_c, 0, 1),
+            np.where(scorable, correct, np.nan),
+            seed=1,
+        )
+        for k in ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc"):
+            assert m[f"{k}_ci95"] == pytest.approx(cis[f"{k}_ci95"]), (e, k)
+            if m[f"{k}_ci95"] is not None:
+                assert m[f"{k}_ci95"][0] <= m[f"{k}_ci95"][1]
+        assert m["auroc_p"] == pytest.approx(cis["auroc_p"])
     assert summary["counts"]["steps"] == len(d)
     assert summary["counts"]["no_steps"] == sum(int(n) == 0 for n in ex["n_steps"])
 
@@ -339,3 +360,43 @@ def test_resume_with_another_batch_size_keeps_part_boundaries(tiny_chat, finishe
     want = read_table(finished / "examples.parquet")
     assert list(got["example_id"]) == list(want["example_id"])
     assert list(map(list, got["output_ids"])) == list(map(list, want["output_ids"]))
+
+
+def test_paired_differences_table(finished, tmp_path):
+    """`experiments.report --runs=A,B` paired table: B - A on shared questions, with the
+    library's paired bootstrap; a constant shift of F shows as that shift with a 0-width
+    interval marked as excluding 0, an unchanged metric as 0 unmarked."""
+    import shutil
+
+    from experiments.report import paired_table
+    from fcjax.store.tables import update_columns
+
+    other = tmp_path / "shifted"
+    shutil.copytree(finished, other)
+    ex = read_table(other / "examples.parquet")
+    f = np.asarray(ex["faith_deepconf"], float)
+    update_columns(other / "examples.parquet", {"faith_deepconf": f - 0.25})
+    table = paired_table(finished, other, reps=200)
+    rows = {
+        tuple(cells[:2]): cells[2:]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith("| deepconf")
+        )
+    }
+    n, base, shifted, diff, ci = rows[("deepconf", "MFG")]
+    f = np.where(np.asarray(ex["scorable"], bool), f, np.nan)  # unscorable traces left out
+    assert float(shifted) == pytest.approx(np.nanmean(f) - 0.25, abs=5e-4)
+    assert int(n) == int(np.isfinite(f).sum())
+    assert diff == "-0.250*" and ci == "[-0.250, -0.250]"
+    assert float(base) == pytest.approx(np.nanmean(f), abs=5e-4)
+    assert rows[("deepconf", "Brier")][3] == "+0.000"
+    # an unscorable trace in either run leaves its question out, as in the summaries
+    scorable = np.asarray(ex["scorable"], bool)
+    first = int(np.flatnonzero(scorable & np.isfinite(f))[0])
+    scorable[first] = False
+    update_columns(other / "examples.parquet", {"scorable": scorable})
+    table = paired_table(finished, other, reps=50)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| deepconf | MFG |"))
+    assert int(line.split("|")[3]) == int(np.isfinite(f).sum()) - 1

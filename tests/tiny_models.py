@@ -129,11 +129,11 @@ def build_tiny_chat(out: Path, seed: int = 0) -> Path:
 
 
 def cli_flags(settings) -> list[str]:
-    """``experiments.run`` flags that reproduce ``settings`` (an ``experiments.stages.Settings``);
-    judge models left to their defaults."""
+    """``experiments.run`` flags that reproduce ``settings`` (an ``experiments.stages.Settings``),
+    judge models included (their default would download a registry model)."""
     flags = []
     for key, value in settings.config().items():
-        if key in ("judge_model", "decisiveness_model"):
+        if key == "decisiveness_judge":  # recorded, not a flag
             continue
         value = ",".join(map(str, value)) if isinstance(value, list) else value
         flags.append(f"--{key}={value}")

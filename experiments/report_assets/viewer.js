@@ -124,20 +124,21 @@
     return box;
   }
   function samplesRow(run, idx, span) {
-    var s = run.samples, yes = 0, no = 0, unk = 0;
+    var s = run.samples, yes = 0, no = 0, na = 0, unk = 0;
     var list = h('ol');
     idx.forEach(function (j) {
       var c = s.consistent[j];
-      if (c === 1) yes++; else if (c === 0) no++; else unk++;
+      if (c === 1) yes++; else if (c === 0) no++; else if (c === 0.5) na++; else unk++;
       var badge = c === 1 ? h('span', { cls: 'verdict yes', text: 'consistent' })
         : c === 0 ? h('span', { cls: 'verdict no', text: 'not consistent' })
+        : c === 0.5 ? h('span', { cls: 'verdict unk', text: 'N/A (0.5)' })
           : h('span', { cls: 'verdict unk', text: s.reply[j] == null ? 'empty (0.5)' : 'unparsed (0.5)' });
       list.appendChild(h('li', { cls: 'sample' }, [badge, s.text[j] || '(empty paragraph)',
         s.reply[j] == null ? null : h('span', { cls: 'reply', text: 'judge: ' + JSON.stringify(s.reply[j]) })]));
     });
     var det = h('details', null, [h('summary', {
       text: 'sampling: ' + idx.length + ' continuations from this step\'s prefix; judge: ' + yes +
-        ' consistent, ' + no + ' not, ' + unk + ' unparsed'
+        ' consistent, ' + no + ' not, ' + na + ' N/A, ' + unk + ' unparsed'
     }), list]);
     return h('tr', { cls: 'samples' }, [h('td'), h('td', { colspan: String(span - 1) }, [det])]);
   }

@@ -15,7 +15,7 @@ from fcjax.confidence.consistency_judge import (
     UNPARSED_VALUE,
     build_consistency_prompt,
     consistency_score,
-    parse_yes_no,
+    parse_verdict,
 )
 from fcjax.confidence.deepconf import DeepConf
 from fcjax.confidence.forcing import AnswerForcing
@@ -42,7 +42,7 @@ __all__ = [
     "build_trace",
     "consistency_score",
     "get_estimator",
-    "parse_yes_no",
+    "parse_verdict",
     "prefix_tokens",
     "register",
     "run_estimators",

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.trace import Trace
 from fcjax.engine.sampling import SamplingParams
 from fcjax.metrics.summary import Reduce
@@ -42,6 +43,7 @@ class EstimatorContext:
     ``judge_complete`` maps chat-message lists to reply strings (e.g.
     ``fcjax.engine.complete.chat_completer``); only judge-based estimators need it.
     ``k``, ``max_steps`` and the branch sampling settings are METHOD.md 4.3's defaults.
+    ``consistency_prompt`` is the consistency judge's template ({context}, {assertion}).
     ``progress(estimator_name, traces_done, n_traces)`` is called after each trace.
     ``keep(estimator_name, rows)`` receives records an estimator wants stored beside the
     step table (columns of equal length, e.g. the sampling estimator's continuations and
@@ -56,6 +58,7 @@ class EstimatorContext:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 200
+    consistency_prompt: str = CONSISTENCY_PROMPT
     progress: Callable[[str, int, int], None] | None = None
     keep: Callable[[str, dict[str, list]], None] | None = None
 

@@ -38,7 +38,7 @@ from fcjax.confidence.base import (
 from fcjax.confidence.consistency_judge import (
     build_consistency_prompt,
     consistency_score,
-    parse_yes_no,
+    parse_verdict,
 )
 from fcjax.confidence.trace import Trace, prefix_tokens
 from fcjax.engine.generate import Generation, branch_many
@@ -103,7 +103,11 @@ class SamplingConsistency(Estimator):
                     paragraphs[-1].append(paragraph)
                     if paragraph:
                         slots[-1].append(len(prompts))
-                        prompts.append(build_consistency_prompt(paragraph, trace.steps[j].text))
+                        prompts.append(
+                            build_consistency_prompt(
+                                paragraph, trace.steps[j].text, ctx.consistency_prompt
+                            )
+                        )
                     else:
                         slots[-1].append(None)
         replies = ctx.judge_complete(prompts) if prompts else []  # every trace in one call
@@ -125,7 +129,7 @@ class SamplingConsistency(Estimator):
                 cols["sampling_unparsed"][j] = unparsed
                 cols["sampling_n"][j] = len(step_replies)
                 for i, reply in enumerate(step_replies):
-                    verdict = parse_yes_no(reply)  # Yes = 0 (consistent), No = 1
+                    verdict = parse_verdict(reply)  # Yes = 0 (consistent), No = 1, N/A = 0.5
                     for key, value in zip(
                         SAMPLE_COLUMNS,
                         (

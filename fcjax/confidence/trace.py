@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fcjax.engine.generate import Generation
-from fcjax.text.answers import extract_answer, score_answer
+from fcjax.text.answers import extract_answer, is_scorable, score_answer
 from fcjax.text.steps import SplitMethod, Step, split_steps
 from fcjax.text.tokens import token_char_offsets, token_spans
 
@@ -47,6 +47,7 @@ class Trace:
     choices: tuple[str, ...] | None = None
     token_offsets: list[tuple[int, int]] | None = None
     last_hidden: np.ndarray | None = None
+    scorable: bool = True  # the answer can be scored (see fcjax.text.answers.is_scorable)
 
     def __post_init__(self):
         n = len(self.output_ids)
@@ -96,6 +97,8 @@ def build_trace(
     example: Any,
     generation: Generation,
     method: SplitMethod = "paragraph",
+    answer_rule: str = "last",
+    numbered_choices: bool = False,
     **split_kw: Any,
 ) -> Trace:
     """A ``Trace`` from an example (``fcjax.data.Example``) and its generation.
@@ -104,7 +107,8 @@ def build_trace(
     ``token_char_offsets(lm.tokenizer, output_ids)`` (the generation text is the decode of
     the output ids alone, so no prompt prefix is given); token spans from ``token_spans``.
     Steps that no token touches are dropped and the rest renumbered. The answer is
-    ``extract_answer(text)``, scored against the gold with ``score_answer``.
+    ``extract_answer(text, answer_rule)``, scored against the gold with ``score_answer``
+    (multiple-choice answers read as option numbers 1..n with ``numbered_choices``).
     """
     if lm.tokenizer is None:
         raise ValueError(f"build_trace: model {lm.name!r} has no tokenizer")
@@ -116,9 +120,10 @@ def build_trace(
     spans = token_spans(offsets, split_steps(text, method, **split_kw)) if ids else []
     steps = [s for s in spans if s.token_start is not None]
     steps = [dataclasses.replace(s, index=i) for i, s in enumerate(steps)]
-    answer = extract_answer(text)
+    answer = extract_answer(text, answer_rule)
     choices = tuple(example.choices) if example.choices else None
-    correct = score_answer(answer, example.answer, example.kind, list(choices) if choices else None)
+    options = list(choices) if choices else None
+    correct = score_answer(answer, example.answer, example.kind, options, numbered_choices)
     return Trace(
         example_id=str(example.id),
         prompt_ids=[int(t) for t in generation.prompt_ids],
@@ -132,6 +137,7 @@ def build_trace(
         kind=example.kind,
         choices=choices,
         token_offsets=[(int(a), int(b)) for a, b in offsets],
+        scorable=is_scorable(answer, example.kind, options, numbered_choices),
     )
 
 

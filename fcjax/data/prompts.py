@@ -1,10 +1,18 @@
-"""Chat messages for a question: the question, lettered choices, an answer-format
-instruction that `fcjax.text.extract_answer` can read, and an optional intervention."""
+"""Chat messages for a question under a prompt style, with optional interventions.
+
+Two styles (``PROMPT_STYLES``): "fcjax" (lettered choices, an answer-format instruction that
+`fcjax.text.extract_answer` reads) and "paper" (the published protocol: choices numbered
+1..n, the final answer in \\boxed{} after thinking, reasoning capped at 20-30 paragraphs).
+In both, a user-turn intervention comes BEFORE the question, and a system-prompt
+intervention can be combined with it.
+"""
 
 from __future__ import annotations
 
 from fcjax.data.example import Example, letters
 from fcjax.data.interventions import get_intervention
+
+PROMPT_STYLES = ("fcjax", "paper")
 
 INSTRUCTIONS: dict[str, str] = {
     "numeric": "Reason step by step, then put the final answer in \\boxed{}.",
@@ -16,14 +24,30 @@ INSTRUCTIONS: dict[str, str] = {
     ),
 }
 
+# the paper style: think first, at most 20-30 paragraphs, then the answer boxed
+PAPER_LENGTH = "Keep your reasoning to no more than 20 to 30 paragraphs."
+PAPER_INSTRUCTIONS: dict[str, str] = {
+    "numeric": "Think the problem through, then give your final answer inside \\boxed{}.",
+    "math": "Think the problem through, then give your final answer inside \\boxed{}.",
+    "yesno": (
+        "Think the question through, then give your final answer, Yes or No, inside \\boxed{}."
+    ),
+    "letter": (
+        "Think the question through, then give the number of the correct option inside \\boxed{}."
+    ),
+}
 
-def question_text(example: Example) -> str:
-    """The question followed by its options as "A. ..." lines (if any)."""
+
+def question_text(example: Example, style: str = "fcjax") -> str:
+    """The question followed by its options: "A. ..." lines ("fcjax") or "1. ..." ("paper")."""
     if not example.choices:
         return example.question
-    options = "\n".join(
-        f"{l}. {c}" for l, c in zip(letters(len(example.choices)), example.choices, strict=True)
+    labels = (
+        [str(i + 1) for i in range(len(example.choices))]
+        if style == "paper"
+        else list(letters(len(example.choices)))
     )
+    options = "\n".join(f"{l}. {c}" for l, c in zip(labels, example.choices, strict=True))
     return f"{example.question}\n\n{options}"
 
 
@@ -32,26 +56,42 @@ def build_messages(
     intervention: str = "blank",
     role: str = "user",
     extra_text: str | None = None,
+    system_intervention: str = "blank",
+    style: str = "fcjax",
 ) -> list[dict[str, str]]:
     """Chat messages for one example.
 
-    `intervention` is a name from `INTERVENTIONS` or a path to a text file. With
-    role="user" its text ends the user turn; with role="system" it is the system message.
-    `extra_text`, if given, is appended to the user turn last.
+    ``intervention`` and ``system_intervention`` are names from `INTERVENTIONS` or paths to
+    text files. With role="user" the intervention opens the user turn, before the question;
+    with role="system" it is the system message. ``system_intervention`` is always the system
+    message, so it combines with a user-turn intervention (the study's ``msh_perc``:
+    system_intervention="ms_hedge", intervention="perception"). ``extra_text``, if given,
+    ends the user turn.
     """
     if role not in ("user", "system"):
         raise ValueError(f"role must be 'user' or 'system', got {role!r}")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     if example.kind not in INSTRUCTIONS:
         raise ValueError(f"example {example.id}: unknown kind {example.kind!r}")
     text = get_intervention(intervention)
-    parts = [question_text(example), INSTRUCTIONS[example.kind]]
-    if text and role == "user":
-        parts.append(text)
+    system = get_intervention(system_intervention)
+    if text and system and role == "system":
+        raise ValueError(
+            "two system prompts: --intervention_role=system and --system_intervention are both "
+            "set; put the intervention in the user turn or drop --system_intervention"
+        )
+    parts = [text] if text and role == "user" else []
+    if style == "paper":
+        parts += [question_text(example, style), PAPER_INSTRUCTIONS[example.kind], PAPER_LENGTH]
+    else:
+        parts += [question_text(example, style), INSTRUCTIONS[example.kind]]
     if extra_text:
         parts.append(extra_text)
     messages = [{"role": "user", "content": "\n\n".join(parts)}]
-    if text and role == "system":
-        messages.insert(0, {"role": "system", "content": text})
+    system_text = system or (text if role == "system" else "")
+    if system_text:
+        messages.insert(0, {"role": "system", "content": system_text})
     return messages
 
 

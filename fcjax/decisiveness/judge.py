@@ -1,9 +1,12 @@
 """LLM decisiveness judge (METHOD.md section 3), independent of the engine that runs it.
 
-A judge model reads numbered reasoning steps and returns a JSON list with one
-assertiveness score per step, 0.0 hesitant ... 1.0 decisive. Replies are parsed strictly:
-anything but exactly one well-formed list of n numbers in [0, 1] gives NaN for every step
-of that batch, so a missing score is never replaced by a guess.
+A judge model reads numbered, quoted reasoning steps and returns a JSON list with one
+assertiveness score per step, 0.0 hesitant ... 1.0 decisive, anchored on a calibration scale
+of hedging phrases (the ``ms_hedge`` phrase values, ``fcjax.data.CALIBRATED_PHRASES``).
+A reply that is exactly a JSON list of n numbers in [0, 1] is read as it is; any other reply
+is read by a fallback that takes the numbers in [0, 1] in order, truncated to n, with missing
+steps left NaN (never guessed). Replies read by the fallback, and replies with no usable
+number at all, are counted.
 """
 
 from __future__ import annotations
@@ -12,134 +15,174 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from fcjax.data.interventions import CALIBRATED_PHRASES
 from fcjax.text.chat import Messages
+from fcjax.text.templates import check_template, fill
 
-INSTRUCTIONS = """\
-You rate how decisive the wording of reasoning steps is.
+# placeholders a decisiveness prompt must contain; {scale} and {order} are optional
+REQUIRED = ("n", "steps")
 
-For each step, judge only its linguistic assertiveness: how confidently it is phrased, \
-not whether it is correct. Use a number from 0.0 to 1.0:
-- 0.0: hesitant and non-committal; the step is full of doubt or refuses to commit.
-- 0.5: partly committed; some claims are hedged.
-- 1.0: decisive; the step states things with no room for doubt.
-Pay close attention to hedging phrases ("maybe", "I think", "perhaps", "wait", "I'm not \
-sure", "it seems") and to boosters ("clearly", "definitely", "certainly"). A step that \
-punts (moves on, restates the task, or plans the next move without claiming anything \
-uncertain) is rated 1.0.
+PROMPT = """\
+Below are {n} numbered steps taken from a piece of reasoning. Rate each step for how \
+assertively it is worded, from 0.0 (hesitant, non-committal, full of doubt) to 1.0 (stated \
+with full conviction, leaving no room for doubt). Judge the wording only, not whether the \
+step is correct, and rate every step on its own, without comparing it with the others.
 
-Reply with ONLY a JSON list of numbers, one per step, in the order given, and nothing \
-else."""
+Use this scale: a step whose claim carries one of these hedging phrases is worth about the \
+number next to it.
+{scale}
+A plain assertion with no hedge ("The answer is 100.", "This is supported.") is 1.0.
 
-# Few-shot anchors written for fcjax: (steps, scores) shown as one user/assistant exchange.
-FEW_SHOT: tuple[tuple[str, float], ...] = (
-    ("Each box holds 12 eggs, so 5 boxes hold 5 * 12 = 60 eggs.", 1.0),
-    ("Let me now work out the total cost.", 1.0),
-    ("Hmm, maybe the train leaves at 3 pm? I'm not sure that reading is right.", 0.2),
-    ("I think the remainder is 4, but I should probably check it once more.", 0.55),
-    ("Wait, that can't be right... or can it? I really don't know which case applies.", 0.05),
-    ("This is clearly a right triangle, so the area is definitely 24.", 1.0),
-    ("It seems likely that option B is correct, though C is also possible.", 0.45),
-)
+From most to least assertive, the hedges rank: {order}.
 
+A step that makes no claim of its own (it plans what to do next, restates the question, or \
+moves on) is rated 1.0.
 
-def _numbered(steps: Sequence[str]) -> str:
-    return "\n\n".join(f"Step {i + 1}:\n{s.strip()}" for i, s in enumerate(steps))
+Steps:
+{steps}
+
+Reply with only a JSON array of {n} numbers between 0.0 and 1.0, one per step, in the same \
+order, for example [0.45, 1.0, 0.12]."""
 
 
-def _request(steps: Sequence[str]) -> str:
-    return (
-        f"Rate the following {len(steps)} steps.\n\n{_numbered(steps)}\n\n"
-        f"Reply with ONLY a JSON list of {len(steps)} numbers between 0.0 and 1.0."
-    )
+def _by_value() -> list[tuple[str, float]]:
+    return sorted(CALIBRATED_PHRASES.items(), key=lambda kv: -kv[1])
 
 
-def build_judge_prompt(steps: Sequence[str], system_role: bool = True) -> Messages:
-    """Chat messages asking the judge to rate `steps`.
+def calibration_scale() -> str:
+    """The hedging phrases with their values, most assertive first, one per line."""
+    return "\n".join(f'- "{p}": {v:.2f}' for p, v in _by_value())
 
-    Instructions (system message, or the first user turn when `system_role` is False for
-    templates without a system role), one worked few-shot exchange, then the steps.
-    """
+
+def hedge_order() -> str:
+    """The hedging phrases ordered from most to least assertive, joined by " > "."""
+    return " > ".join(f'"{p}"' for p, _ in _by_value())
+
+
+def format_steps(steps: Sequence[str]) -> str:
+    """One line per step: its number and its text quoted, newlines flattened to spaces."""
+    return "\n".join(f'{i + 1}. "{" ".join(s.split())}"' for i, s in enumerate(steps))
+
+
+def reply_budget(n: int) -> int:
+    """Tokens a judge reply for n steps may use: max(50, 12 n)."""
+    return max(50, 12 * n)
+
+
+def build_judge_prompt(steps: Sequence[str], template: str = PROMPT) -> Messages:
+    """One user message asking the judge to rate ``steps`` (``template`` placeholders:
+    {n}, {steps}, and optionally {scale} and {order})."""
     if not steps:
         raise ValueError("build_judge_prompt: no steps to rate")
-    shot_steps = [s for s, _ in FEW_SHOT]
-    shot_reply = json.dumps([v for _, v in FEW_SHOT])
-    messages: Messages = [
-        {"role": "user", "content": _request(shot_steps)},
-        {"role": "assistant", "content": shot_reply},
-        {"role": "user", "content": _request(steps)},
-    ]
-    if system_role:
-        return [{"role": "system", "content": INSTRUCTIONS}, *messages]
-    messages[0] = {"role": "user", "content": f"{INSTRUCTIONS}\n\n{messages[0]['content']}"}
-    return messages
+    check_template(template, REQUIRED, "decisiveness prompt")
+    content = fill(
+        template,
+        n=len(steps),
+        steps=format_steps(steps),
+        scale=calibration_scale(),
+        order=hedge_order(),
+    )
+    return [{"role": "user", "content": content}]
 
 
 _FENCE = re.compile(r"^```(?:json)?[ \t]*\n?(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+_THINK_END = re.compile(r"</think>", re.IGNORECASE)
+# a list marker at the start of a line ("3." / "3)" / "Step 3:") is not a score
+_MARKER = re.compile(r"^\s*(?:step\s*)?\d+\s*[.:)](?=\s)", re.IGNORECASE | re.MULTILINE)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)")
+
+JSON, FALLBACK, FAILED = "json", "fallback", "failed"
 
 
-def parse_judge_reply(reply: str, n: int) -> np.ndarray:
-    """float64 [n] scores from a judge reply; all NaN unless the reply is exactly a JSON
-    list (optionally in a ```json fence, with surrounding whitespace) of n finite numbers
-    in [0, 1]."""
-    missing = np.full(n, np.nan)
-    if not isinstance(reply, str):
-        return missing
-    body = reply.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1).strip()
+def _strict(body: str, n: int) -> np.ndarray | None:
     if not (body.startswith("[") and body.endswith("]")):
-        return missing
+        return None
     try:
         values = json.loads(body)
     except (json.JSONDecodeError, ValueError):
-        return missing
+        return None
     if not isinstance(values, list) or len(values) != n:
-        return missing
+        return None
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float):
-            return missing
+            return None
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            return missing
+            return None
     return np.asarray(values, dtype=np.float64)
+
+
+def parse_judge_reply(reply: str | None, n: int) -> tuple[np.ndarray, str]:
+    """(float64 [n] scores, how) from a judge reply.
+
+    how = "json" when the reply (after a reasoning block ending in </think>, optionally in a
+    ```json fence) is exactly a JSON list of n numbers in [0, 1]. Otherwise "fallback": the
+    numbers in [0, 1] of the reply, in order (list markers such as "3." at a line start
+    skipped), truncated to n, NaN for steps left without one; "failed" when there is none.
+    """
+    missing = np.full(n, np.nan)
+    if not isinstance(reply, str):
+        return missing, FAILED
+    body = _THINK_END.split(reply)[-1].strip()
+    fenced = _FENCE.match(body)
+    strict = _strict(fenced.group(1).strip() if fenced else body, n)
+    if strict is not None:
+        return strict, JSON
+    values = [float(m) for m in _NUMBER.findall(_MARKER.sub(" ", body))]
+    values = [v for v in values if 0.0 <= v <= 1.0][:n]
+    if not values:
+        return missing, FAILED
+    missing[: len(values)] = values
+    return missing, FALLBACK
+
+
+class Judged(NamedTuple):
+    """One trace's decisiveness: scores [n_steps] (NaN = missing) and how many of its judge
+    replies were read by the fallback parser or gave no score at all."""
+
+    scores: np.ndarray
+    fallback: int
+    failed: int
 
 
 def judge_decisiveness(
     steps: Sequence[str],
     complete: Callable[[list[Messages]], list[str]],
     batch_size: int = 20,
-) -> tuple[np.ndarray, int]:
-    """Rates every step of one trace with the judge; returns (scores [n_steps], n_unparsed).
+    template: str = PROMPT,
+) -> Judged:
+    """Rates every step of one trace with the judge.
 
-    Steps go to the judge `batch_size` at a time (the study: 20). `complete` maps a list
-    of chat-message lists to one reply string each; all batches are sent in one call.
-    A batch whose reply does not parse leaves NaN for its steps; `n_unparsed` counts
-    those replies (batches), not steps.
+    Steps go to the judge ``batch_size`` at a time (the study: 20). ``complete`` maps a list
+    of chat-message lists to one reply string each; all batches are sent in one call, and
+    should allow ``reply_budget(batch_size)`` new tokens.
     """
-    return judge_traces([steps], complete, batch_size)[0]
+    return judge_traces([steps], complete, batch_size, template)[0]
 
 
 def judge_traces(
     traces: Sequence[Sequence[str]],
     complete: Callable[[list[Messages]], list[str]],
     batch_size: int = 20,
-) -> list[tuple[np.ndarray, int]]:
+    template: str = PROMPT,
+) -> list[Judged]:
     """``judge_decisiveness`` for many traces with ONE ``complete`` call, so the engine
     decodes every trace's judge prompt in the same batch. A batch never mixes traces."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spans = [(t, s) for t, steps in enumerate(traces) for s in range(0, len(steps), batch_size)]
-    prompts = [build_judge_prompt(traces[t][s : s + batch_size]) for t, s in spans]
+    prompts = [build_judge_prompt(traces[t][s : s + batch_size], template) for t, s in spans]
     replies = complete(prompts) if prompts else []
     if len(replies) != len(prompts):
         raise ValueError(f"complete() returned {len(replies)} replies for {len(prompts)} prompts")
-    out = [(np.full(len(steps), np.nan), 0) for steps in traces]
+    out = [Judged(np.full(len(steps), np.nan), 0, 0) for steps in traces]
     for (t, s), reply in zip(spans, replies, strict=True):
-        scores, n_unparsed = out[t]
-        batch = parse_judge_reply(reply, min(batch_size, len(traces[t]) - s))
-        scores[s : s + len(batch)] = batch
-        out[t] = (scores, n_unparsed + int(np.isnan(batch).all()))
+        batch, how = parse_judge_reply(reply, min(batch_size, len(traces[t]) - s))
+        out[t].scores[s : s + len(batch)] = batch
+        out[t] = out[t]._replace(
+            fallback=out[t].fallback + (how == FALLBACK), failed=out[t].failed + (how == FAILED)
+        )
     return out

@@ -1,6 +1,12 @@
 """Summaries of faithfulness, calibration, estimator agreement and step trajectories."""
 
 from fcjax.metrics.agreement import kendall, pairwise_agreement, rankdata, spearman
+from fcjax.metrics.bootstrap import (
+    auroc_permutation_p,
+    bootstrap_intervals,
+    match_ids,
+    paired_differences,
+)
 from fcjax.metrics.calibration import auroc, brier, ece, prr
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.summary import summarize, trace_columns, trace_confidence
@@ -8,12 +14,16 @@ from fcjax.metrics.trajectory import trajectory_bins
 
 __all__ = [
     "auroc",
+    "auroc_permutation_p",
+    "bootstrap_intervals",
     "brier",
     "cmfg",
     "cmfg_star",
     "ece",
     "kendall",
+    "match_ids",
     "mfg",
+    "paired_differences",
     "pairwise_agreement",
     "prr",
     "rankdata",

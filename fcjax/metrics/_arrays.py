@@ -30,3 +30,23 @@ def check_confidence(c: np.ndarray, fn: str) -> np.ndarray:
 def bin_index(values: np.ndarray, bins: int) -> np.ndarray:
     """Equal-width bins [k/bins, (k+1)/bins) of [0, 1], the last one closed at 1.0."""
     return np.minimum(np.floor(values * bins).astype(np.int64), bins - 1)
+
+
+BINNINGS = ("closed", "reference")
+
+
+def cmfg_bin_index(values: np.ndarray, bins: int, binning: str = "closed") -> np.ndarray:
+    """Confidence bin of each value for cMFG; -1 where a value falls in no bin.
+
+    "closed" (fcjax's default): ``bin_index``, the last bin closed at 1.0.
+    "reference" (the published code): ``np.digitize`` on the float edges
+    ``np.linspace(0, 1, bins + 1)``, so 1.0 falls in no bin and a value on an edge goes where
+    the rounded float edge puts it (0.3 < linspace(0, 1, 11)[3] = 0.30000000000000004 lies in
+    bin 2, where floor(0.3 * 10) = 3).
+    """
+    if binning == "closed":
+        return bin_index(values, bins)
+    if binning == "reference":
+        index = np.digitize(values, np.linspace(0.0, 1.0, bins + 1)) - 1
+        return np.where((index >= 0) & (index < bins), index, -1)
+    raise ValueError(f"cmfg binning must be one of {BINNINGS}, got {binning!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fcjax.metrics._arrays import bin_index, check_confidence, finite_pairs
+from fcjax.metrics._arrays import check_confidence, cmfg_bin_index, finite_pairs
 
 
 def _vector(name: str, values: object) -> np.ndarray:
@@ -41,21 +41,24 @@ def mfg(f: object) -> float:
     return float(f_arr.mean()) if f_arr.size else float("nan")
 
 
-def cmfg(f: object, c: object, bins: int = 10) -> float:
+def cmfg(f: object, c: object, bins: int = 10, binning: str = "closed") -> float:
     """Confidence-binned MFG: mean over `bins` equal-width confidence bins of the bin's mean F.
 
-    Bins are [k/bins, (k+1)/bins) with the LAST BIN CLOSED at 1.0, so confidence exactly 1.0
-    is counted (the reference code leaves c == 1.0 out of every bin). An empty bin counts as
-    0.5. Pairs with a non-finite f or c are dropped first; NaN when none are left.
+    With binning="closed" (default) bins are [k/bins, (k+1)/bins) with the LAST BIN CLOSED at
+    1.0, so confidence exactly 1.0 is counted. binning="reference" reproduces the published
+    code (``np.digitize`` on float edges): c == 1.0 falls in no bin and is left out, and a c on
+    an edge goes where the rounded float edge puts it (see ``cmfg_bin_index``). An empty bin
+    counts as 0.5. Pairs with a non-finite f or c are dropped first; NaN when none are left.
     """
     if bins < 1:
         raise ValueError(f"cmfg: bins must be >= 1, got {bins}")
     f_arr, c_arr = _paired(f, c, "cmfg")
     if f_arr.size == 0:
         return float("nan")
-    index = bin_index(c_arr, bins)
-    totals = np.bincount(index, weights=f_arr, minlength=bins)
-    counts = np.bincount(index, minlength=bins)
+    index = cmfg_bin_index(c_arr, bins, binning)
+    keep = index >= 0
+    totals = np.bincount(index[keep], weights=f_arr[keep], minlength=bins)
+    counts = np.bincount(index[keep], minlength=bins)
     means = np.where(counts > 0, totals / np.maximum(counts, 1), 0.5)
     return float(means.mean())
 

@@ -3,8 +3,8 @@
 ``steps`` and ``examples`` are the run directory's tables as ``{column: values}`` (e.g.
 ``fcjax.store.read_table``). ``steps`` needs ``example_id, position, decisiveness`` and
 ``conf_E`` per estimator E; ``examples`` needs ``example_id, correct, n_steps, prediction,
-finish_reason``. ``estimators`` maps each E to its trace reduction (``"mean"`` or
-``"last"``, the estimator's ``trace_reduce``).
+finish_reason`` (``scorable`` optional). ``estimators`` maps each E to its trace reduction
+(``"mean"`` or ``"last"``, the estimator's ``trace_reduce``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fcjax.metrics.agreement import pairwise_agreement
+from fcjax.metrics.bootstrap import bootstrap_intervals
 from fcjax.metrics.calibration import auroc, brier, ece
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.trajectory import trajectory_bins
@@ -88,39 +89,61 @@ def summarize(
     not_scored: Mapping[str, str] | None = None,
     stage_wall_s: Mapping[str, float] | None = None,
     config: Mapping[str, Any] | None = None,
+    binning: str = "closed",
+    bootstrap: int = 0,
+    seed: int = 0,
+    counts: Mapping[str, Any] | None = None,
+    protocol: str | None = None,
 ) -> dict:
     """The run summary, exactly as ``summary.json`` holds it.
 
-    Per estimator: MFG, cMFG, cMFG* over traces with a confidence and a faithfulness
-    (confidence clipped to [0, 1]); ECE, Brier, AUROC and mean confidence over traces with a
-    confidence. Then step-level agreement of D and every estimator (Spearman, Kendall),
-    trajectories over step position, counts, and the given ``stage_wall_s`` and ``config``.
-    ``not_scored`` names estimators that legitimately produced no values, with the reason
-    (recorded under ``counts.not_scored``). Missing values are ``None``.
+    Per estimator: MFG, cMFG (``binning``: see ``cmfg``), cMFG* over traces with a confidence
+    and a faithfulness (confidence clipped to [0, 1]); ECE, Brier, AUROC and mean confidence
+    over traces with a confidence. Traces whose answer cannot be scored (``scorable`` false)
+    are left out of these and counted under ``counts.unscorable``. ``bootstrap`` > 0 adds
+    seeded 95% intervals over ``bootstrap`` resamples of the questions and the AUROC
+    permutation p (``bootstrap_intervals``). Then step-level agreement of D and every
+    estimator (Spearman, Kendall), trajectories over step position, counts (plus the given
+    ``counts``), and the given ``protocol``, ``stage_wall_s`` and ``config``. ``not_scored``
+    names estimators that legitimately produced no values, with the reason (recorded under
+    ``counts.not_scored``). Missing values are ``None``.
     """
     _require(steps, ["position"], "steps")
     _require(examples, ["correct", "n_steps", "prediction", "finish_reason"], "examples")
     step_cols, ex_cols = trace_columns(steps, examples, estimators)
     d = np.asarray(steps["decisiveness"], float)
     correct = np.asarray(examples["correct"], float)
+    # traces whose answer cannot be scored are left out of the estimator summaries
+    scored = np.asarray(examples.get("scorable", np.ones(len(correct), bool)), bool)
     per_estimator = {}
     for name in estimators:
         conf = np.asarray(steps[f"conf_{name}"], float)
         ex_conf, ex_faith = ex_cols[f"conf_{name}"], ex_cols[f"faith_{name}"]
-        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith)
-        ok_c = np.isfinite(ex_conf)
+        ok = np.isfinite(ex_conf) & np.isfinite(ex_faith) & scored
+        ok_c = np.isfinite(ex_conf) & scored
         c_ok = np.clip(ex_conf[ok], 0, 1)
         per_estimator[name] = {
             "mfg": _f(mfg(ex_faith[ok])),
-            "cmfg": _f(cmfg(ex_faith[ok], c_ok)),
+            "cmfg": _f(cmfg(ex_faith[ok], c_ok, binning=binning)),
             "cmfg_star": _f(cmfg_star(ex_faith[ok], c_ok)),
             "ece": _f(ece(ex_conf[ok_c], correct[ok_c])),
             "brier": _f(brier(ex_conf[ok_c], correct[ok_c])),
             "auroc": _f(auroc(ex_conf[ok_c], correct[ok_c])),
-            "mean_conf": _f(_nanmean(ex_conf)),
+            "mean_conf": _f(_nanmean(ex_conf[ok_c])),
             "n_traces": int(ok.sum()),
             "n_steps_scored": int(np.isfinite(conf).sum()),
         }
+        if bootstrap:
+            per_estimator[name].update(
+                bootstrap_intervals(
+                    np.where(scored, ex_faith, np.nan),
+                    np.clip(ex_conf, 0, 1),
+                    np.where(scored, correct, np.nan),
+                    reps=bootstrap,
+                    seed=seed,
+                    binning=binning,
+                )
+            )
     conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in estimators}
     faith_steps = {f"faith_{n}": step_cols[f"faith_{n}"] for n in estimators}
     position = np.asarray(steps["position"], float)
@@ -138,11 +161,14 @@ def summarize(
             "counts": {
                 "no_steps": int(np.sum(np.asarray(examples["n_steps"]) == 0)),
                 "no_answer": int(sum(p is None for p in examples["prediction"])),
+                "unscorable": int((~scored).sum()),
                 "truncated": int(sum(f == "length" for f in examples["finish_reason"])),
                 "steps": len(d),
                 "decisiveness_missing": int(np.isnan(d).sum()),
                 "not_scored": dict(not_scored or {}),
+                **dict(counts or {}),
             },
+            **({"protocol": protocol} if protocol is not None else {}),
             "stage_wall_s": dict(stage_wall_s or {}),
             "config": dict(config or {}),
         }

@@ -10,7 +10,6 @@ for the run directory's JSON files.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fcjax.store.strict_json import dumps_strict
 
 Column = np.ndarray | list
 
@@ -87,14 +88,14 @@ def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as JSON at ``path`` via temp file + fsync + rename (numpy values as
-    Python numbers and lists)."""
+    """Writes ``obj`` as strict JSON at ``path`` via temp file + fsync + rename (numpy values
+    as Python numbers and lists, non-finite numbers as null; ``fcjax.store.strict_json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.write(dumps_strict(obj, indent=2, sort_keys=True))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
@@ -103,14 +104,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
-
-
-def _json_default(x: Any) -> Any:
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
 
 
 def update_columns(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:

@@ -61,8 +61,9 @@ def _braced(text: str, open_idx: int) -> str | None:
     return None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last closed `\\boxed{...}` / `\\fbox{...}` in `text`."""
+def _last_boxed(text: str, first: bool = False) -> str | None:
+    """Content of the last (or with ``first``, the first) closed `\\boxed{...}` /
+    `\\fbox{...}` in `text`."""
     matches = list(_BOX_RE.finditer(text))
     if not matches:
         return None
@@ -73,7 +74,7 @@ def _last_boxed(text: str) -> str | None:
             stack.append(i)
         elif ch == "}" and stack:
             closing[stack.pop()] = i
-    for match in reversed(matches):
+    for match in matches if first else reversed(matches):
         open_idx = match.end() - 1
         if open_idx in closing:
             return text[open_idx + 1 : closing[open_idx]]
@@ -88,8 +89,8 @@ def _clean_answer(value: str) -> str:
     return value
 
 
-def _extract_from(text: str) -> str | None:
-    boxed = _last_boxed(text)
+def _extract_from(text: str, first_boxed: bool = False) -> str | None:
+    boxed = _last_boxed(text, first_boxed)
     if boxed is not None:
         return boxed.strip() or None
     lines = text.splitlines()
@@ -109,22 +110,29 @@ def _extract_from(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+ANSWER_RULES = ("last", "first")
+
+
+def extract_answer(text: str, rule: str = "last") -> str | None:
     """Final answer of a generation, or None when there is none.
 
-    Order: the last `\\boxed{...}` (or `\\fbox{...}`, braces may nest), else the last line
-    `Final answer: ...` / `Answer: ...` (case-insensitive, markdown `**` and a trailing period
-    removed), else the last non-empty line. The text after the last `</think>` is searched
-    first; the whole text when that part gives nothing.
+    Order: the last `\\boxed{...}` (or `\\fbox{...}`, braces may nest; the FIRST one with
+    rule="first", the published rule), else the last line `Final answer: ...` /
+    `Answer: ...` (case-insensitive, markdown `**` and a trailing period removed), else the
+    last non-empty line. The text after the last `</think>` is searched first; the whole
+    text when that part gives nothing.
     """
+    if rule not in ANSWER_RULES:
+        raise ValueError(f"extract_answer: rule must be one of {ANSWER_RULES}, got {rule!r}")
     if not text or not text.strip():
         return None
+    first = rule == "first"
     if "</think>" in text:
         tail = text.rsplit("</think>", 1)[1]
-        found = _extract_from(tail)
+        found = _extract_from(tail, first)
         if found is not None:
             return found
-    return _extract_from(text)
+    return _extract_from(text, first)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -298,8 +306,20 @@ def _norm_option(s: str) -> str:
     return s.rstrip(".").strip()
 
 
-def _letter_of(prediction: str, choices: list[str] | None) -> str | None:
+_NUMBERED_RE = re.compile(r"^(?:option\s*)?\(?(\d{1,2})\)?[.:]?(?:\s|$)", re.IGNORECASE)
+
+
+def _letter_of(prediction: str, choices: list[str] | None, numbered: bool = False) -> str | None:
     p = _strip_text_commands(prediction).replace("**", "").replace("$", "").strip()
+    if numbered:  # options shown as 1..n: "2", "(2)", "2.", "Option 2" or the option text
+        match = _NUMBERED_RE.match(p)
+        if match and choices and 1 <= int(match.group(1)) <= len(choices):
+            return chr(ord("A") + int(match.group(1)) - 1)
+        candidates = {_norm_option(prediction), _norm_option(p)} - {""}
+        for i, option in enumerate(choices or []):
+            if _norm_option(option) in candidates:
+                return chr(ord("A") + i)
+        return None
     if choices:
         candidates = {_norm_option(prediction), _norm_option(p)} - {""}
         for i, option in enumerate(choices):
@@ -334,12 +354,14 @@ def score_answer(
     gold: str,
     kind: AnswerKind,
     choices: list[str] | None = None,
+    numbered: bool = False,
 ) -> bool:
     """Whether `prediction` (an `extract_answer` result) matches `gold` for this kind.
 
     numeric: compared as floats ($, thousands separators, %, units removed; the last number
     of a sentence). math: normalised LaTeX string match, then sympy equivalence for simple
-    expressions. letter: "(C)", "C)", "C.", "Answer: C", "C" or the option text itself.
+    expressions. letter: "(C)", "C)", "C.", "Answer: C", "C" or the option text itself; with
+    ``numbered`` (options shown as 1..n) "3", "(3)", "3.", "Option 3" or the option text.
     yesno: yes/no/true/false as the first word or the answer word. None is never correct.
     """
     if prediction is None:
@@ -362,10 +384,29 @@ def score_answer(
         gold_letter = _letter_of(gold, choices)
         if gold_letter is None:
             raise ValueError(f"score_answer: letter gold answer {gold!r} is not a letter")
-        return _letter_of(prediction, choices) == gold_letter
+        return _letter_of(prediction, choices, numbered) == gold_letter
     if kind == "yesno":
         gold_bool = _yesno_of(gold)
         if gold_bool is None:
             raise ValueError(f"score_answer: yes/no gold answer {gold!r} is not yes or no")
         return _yesno_of(prediction) is gold_bool
     raise ValueError(f"score_answer: unknown answer kind {kind!r}")
+
+
+def is_scorable(
+    prediction: str | None,
+    kind: AnswerKind,
+    choices: list[str] | None = None,
+    numbered: bool = False,
+) -> bool:
+    """Whether a prediction can be scored at all: there is one, and for multiple choice it
+    names an option, for yes/no it says yes or no. A numeric or math answer is always
+    comparable (one without a number is scored wrong). Unscorable traces are left out of the
+    summaries."""
+    if prediction is None:
+        return False
+    if kind == "letter":
+        return _letter_of(prediction, choices, numbered) is not None
+    if kind == "yesno":
+        return _yesno_of(prediction) is not None
+    return True

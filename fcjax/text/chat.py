@@ -43,3 +43,16 @@ def apply_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+THINK_OPEN = "<think>"
+
+
+def open_think(prompt: str, tokenizer) -> str:
+    """Opens a reasoning model's turn with ``<think>`` when its chat template does not: the
+    tokenizer knows a ``<think>`` token (a reasoning model) and the formatted prompt does not
+    already end with it. Other prompts are returned unchanged."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if THINK_OPEN not in vocab or prompt.rstrip().endswith(THINK_OPEN):
+        return prompt
+    return f"{prompt}{THINK_OPEN}\n"
