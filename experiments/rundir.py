@@ -195,24 +195,24 @@ class Progress:
         self.done = 0
 
     def tokens(self, rows: int) -> Callable[[int, int], None]:
-        """A ``progress`` callback for ``fcjax.generate``/``branch``: logs decode position within
-        the current batch of ``rows`` rows, so a long batch is not silent."""
+        """A ``progress`` callback for ``fcjax.generate``/``branch`` (called with the tokens
+        generated so far and the call's budget, rows x max_new_tokens): logs the tokens of the
+        current call of ``rows`` rows, so a long call is not silent."""
         start = time.perf_counter()
 
-        def report(t: int, limit: int) -> None:
+        def report(tokens: int, budget: int) -> None:
             now = time.perf_counter()
-            if now - self.last >= self.every and t < limit:
+            if now - self.last >= self.every and tokens < budget:
                 self.last = now
                 logging.info(
-                    "%s: %d/%d %s done, current batch of %d at token %d/%d (%.1f tokens/s)",
+                    "%s: %d/%d %s done, current call of %d rows: %d tokens (%.1f tokens/s)",
                     self.stage,
                     self.done,
                     self.total,
                     self.unit,
                     rows,
-                    t,
-                    limit,
-                    rows * t / max(now - start, 1e-9),
+                    tokens,
+                    tokens / max(now - start, 1e-9),
                 )
 
         return report

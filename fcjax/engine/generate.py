@@ -337,7 +337,9 @@ def generate(
 ) -> list[Generation]:
     """Samples one continuation per prompt (strings are tokenized as given: chat-format
     them first). ``keys`` (e.g. example ids) seed each row; by default the prompt index.
-    ``batch_size`` is the number of rows decoded together; finished rows are refilled."""
+    ``batch_size`` is the number of rows decoded together; finished rows are refilled.
+    ``progress(tokens, budget)`` is called after each chunk with the tokens generated so far
+    and rows x max_new_tokens; ``stats`` accumulates the loop's counters."""
     params = params or SamplingParams()
     mesh = mesh or mesh_lib.default_mesh()
     ids = _encode_prompts(lm, prompts)
