@@ -73,18 +73,7 @@ def write_table_atomic(path: str | os.PathLike, columns: Mapping[str, Column]) -
 
 def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
+    _write_atomic(path, "wb", lambda fh: pq.write_table(table, fh))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -92,10 +81,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     as Python numbers and lists, non-finite numbers as null; ``fcjax.store.strict_json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, "w", lambda fh: fh.write(dumps_strict(obj, indent=2, sort_keys=True)))
+
+
+def _write_atomic(path: Path, mode: str, write) -> None:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``, fsync
+    the directory; on any failure the temp file is removed and ``path`` is untouched."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(dumps_strict(obj, indent=2, sort_keys=True))
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
