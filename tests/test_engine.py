@@ -217,9 +217,10 @@ def test_max_new_tokens_and_bad_input(lm):
         fcjax.generate(lm, ["text needs a tokenizer"], GREEDY)
 
 
+@pytest.mark.parametrize("branchless", [False, True])
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
 @pytest.mark.parametrize("shortlist", [64, 4096])
-def test_top_p_keeps_the_sorted_nucleus(scale, shortlist):
+def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
     """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
     one a float64 descending sort gives; flat rows differ from it by at most a boundary token
     (float32 sums in another order)."""
@@ -229,7 +230,8 @@ def test_top_p_keeps_the_sorted_nucleus(scale, shortlist):
     logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
     logits[0, :7] = -np.inf  # rows already cut by top-k
     logits[1, :3] = logits[1, 3]  # ties
-    kept = ~np.isinf(np.asarray(filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist)))
+    kept = filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist, branchless=branchless)
+    kept = ~np.isinf(np.asarray(kept))
     for row, keep in zip(logits.astype(np.float64), kept, strict=True):
         order = np.argsort(-row, kind="stable")
         probs = np.exp(row[order] - row.max())

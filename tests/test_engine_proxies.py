@@ -81,7 +81,7 @@ def test_continuous_batching_beats_fixed_batches_on_long_tails(tiny):
     work = profile.long_tailed(tiny, prompts=96, slots=16, mean=60, limit=150, seed=1)
     s = work.stats
     assert s.useful_row_steps == sum(work.lengths)
-    assert max(work.lengths) > 3 * np.median(work.lengths)  # a long tail indeed
+    assert max(work.lengths) > 2.5 * np.median(work.lengths)  # a long tail indeed
     assert s.row_utilisation >= 0.7
     assert s.row_utilisation > work.static_utilisation + 0.15
     assert 0 <= s.ctx_padding < 0.6

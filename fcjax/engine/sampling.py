@@ -113,6 +113,7 @@ def filter_top_p(
     shortlist: int = SHORTLIST,
     top: jnp.ndarray | None = None,
     log_norm: jnp.ndarray | None = None,
+    branchless: bool | None = None,
 ) -> jnp.ndarray:
     """Nucleus filter: keep the smallest set of largest logits whose probability reaches p
     (the token that crosses p is kept).
@@ -140,9 +141,45 @@ def filter_top_p(
     else:
         if top is None:
             top = jax.lax.top_k(logits, shortlist)[0]
-        covered = jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= p)
-        threshold = jax.lax.cond(covered, from_shortlist, bisect, top)
+        covered = jnp.sum(jnp.exp(top - log_norm), axis=-1, keepdims=True) >= p
+        if branchless is None:
+            branchless = jax.default_backend() == "gpu"
+        if branchless:  # both, then per row: no predicate goes back to the host
+            threshold = jnp.where(covered, from_shortlist(top), bisect(None))
+        else:  # CPU and TPU decide on the device that runs the step: no round trip
+            threshold = jax.lax.cond(jnp.all(covered), from_shortlist, bisect, top)
     return jnp.where(keys < threshold, -jnp.inf, logits)
+
+
+CHOICE_BLOCK = 256  # vocabulary entries per block of the two-stage draw
+
+
+def gumbel_choice(scaled: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
+    """One draw per row from softmax(``scaled`` [rows, vocab]) (-inf: excluded) with keys
+    [rows, 2] -> token ids [rows] int32.
+
+    Two Gumbel-max draws, exact for the categorical: a block of ``CHOICE_BLOCK`` entries with
+    probability its share of the mass (its log-sum-exp), then an entry within it. That needs
+    ``vocab / CHOICE_BLOCK + CHOICE_BLOCK`` random numbers per row instead of ``vocab`` (the
+    random bits of a full-vocabulary draw cost more than the rest of the sampler on CPU).
+    """
+    rows, vocab = scaled.shape
+    blocks = -(-vocab // CHOICE_BLOCK)
+    if blocks * CHOICE_BLOCK != vocab:
+        scaled = jnp.pad(
+            scaled, ((0, 0), (0, blocks * CHOICE_BLOCK - vocab)), constant_values=-jnp.inf
+        )
+    grouped = scaled.reshape(rows, blocks, CHOICE_BLOCK)
+    block_lse = jax.nn.logsumexp(grouped, axis=-1)  # [rows, blocks]; -inf where all excluded
+
+    def draw(key, block_lse, grouped):
+        k_block, k_entry = jax.random.split(key)
+        block = jnp.argmax(block_lse + jax.random.gumbel(k_block, (blocks,)))
+        entries = jax.lax.dynamic_index_in_dim(grouped, block, keepdims=False)
+        entry = jnp.argmax(entries + jax.random.gumbel(k_entry, (CHOICE_BLOCK,)))
+        return block * CHOICE_BLOCK + entry
+
+    return jax.vmap(draw)(keys, block_lse, grouped).astype(jnp.int32)
 
 
 def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
@@ -151,8 +188,8 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
 
     Log-probabilities are at temperature 1 before any filter (DeepConf reads them). One
     log-sum-exp and one ``top_k`` shortlist serve the log-probabilities, the top-k and top-p
-    filters and greedy decoding; sampling is Gumbel-max with the row's key (the draw
-    ``jax.random.categorical`` makes).
+    filters and greedy decoding; sampling is a two-stage Gumbel-max draw with the row's key
+    (``gumbel_choice``).
     """
     vocab = logits.shape[-1]
     k = sampler.logprobs
@@ -161,7 +198,10 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
     n_top = max(k, 1)
     if filtered:
         n_top = max(n_top, min(SHORTLIST, vocab), min(sampler.top_k, vocab))
-    top, top_ids = jax.lax.top_k(logits, n_top)  # descending; ties: lower id first
+    # descending; ties: lower id first. The barrier keeps later slices of the result from
+    # being merged into the sort XLA lowers top_k to, which would stop XLA:CPU from
+    # rewriting it into its TopK kernel (a full-vocabulary sort costs ~100x more)
+    top, top_ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, n_top))
     if sampler.temperature == 0.0:
         tok = top_ids[:, 0]  # = argmax
     else:
@@ -177,8 +217,7 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
                 shortlist=n_top if n_top < vocab else vocab,
                 top=scaled_top,
             )
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
-        tok = jnp.argmax(scaled + gumbel, axis=-1)
+        tok = gumbel_choice(scaled, keys)
     tok = tok.astype(jnp.int32)
     chosen = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - log_norm[:, 0]
     top_lp = (top[:, :k] - log_norm).astype(jnp.float32)
