@@ -14,7 +14,7 @@ from fcjax.models.loading import assemble
 TINY = PRESETS["tiny-llama"]
 CONFIGS = {
     "llama-tied": dataclasses.replace(TINY, tie_embeddings=True),
-    "llama-bias": dataclasses.replace(TINY, qkv_bias=True),
+    "llama-bias": dataclasses.replace(TINY, qkv_bias=True, o_bias=True),
     "qwen2": dataclasses.replace(TINY, family="qwen2", qkv_bias=True),
     "qwen3": dataclasses.replace(TINY, family="qwen3", qk_norm=True, head_dim=24),
 }

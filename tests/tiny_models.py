@@ -45,6 +45,7 @@ TINY_CONFIGS = {
         "llama",
         dict(rope_scaling=dict(rope_type="linear", factor=2.0), num_key_value_heads=4),
     ),
+    "llama-attn-bias": ("llama", dict(attention_bias=True, tie_word_embeddings=False)),
     "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen2-yarn": (
         "qwen2",

@@ -59,6 +59,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # output projection bias (HF Llama/Qwen3 ``attention_bias``)
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -74,6 +75,11 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported rope type {self.rope.rope_type!r}; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.o_bias and (self.family == "qwen2" or not self.qkv_bias):
+            raise ConfigError(
+                "o_bias (attention_bias) comes with q/k/v biases in llama and qwen3; "
+                "qwen2 has q/k/v biases only"
             )
 
     @property
@@ -147,7 +153,8 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or hidden // heads
-    qkv_bias = family == "qwen2" or bool(cfg.get("attention_bias", False))
+    attention_bias = bool(cfg.get("attention_bias", False))
+    qkv_bias = family == "qwen2" or attention_bias
     return ModelConfig(
         family=family,
         vocab_size=int(cfg["vocab_size"]),
@@ -162,6 +169,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
+        o_bias=family != "qwen2" and attention_bias,
         qk_norm=family == "qwen3",
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),

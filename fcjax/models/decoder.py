@@ -62,6 +62,8 @@ class Attention(nnx.Module):
             self.q_bias = _init(rngs, (h, hd), dtype)
             self.k_bias = _init(rngs, (kv, hd), dtype)
             self.v_bias = _init(rngs, (kv, hd), dtype)
+        if config.o_bias:
+            self.o_bias = _init(rngs, (d,), dtype)
         if config.qk_norm:
             self.q_norm = RMSNorm((hd), config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm((hd), config.rms_norm_eps, dtype)
@@ -83,7 +85,8 @@ class Attention(nnx.Module):
         reshapes), so no backend transposes the weight to match the activation's layout."""
         o = self.o[...]
         flat = attn.reshape(*attn.shape[:-2], -1)
-        return jnp.einsum("...f,fd->...d", flat, o.reshape(-1, o.shape[-1]), precision=precision)
+        out = jnp.einsum("...f,fd->...d", flat, o.reshape(-1, o.shape[-1]), precision=precision)
+        return out + self.o_bias[...] if self.config.o_bias else out
 
 
 class MLP(nnx.Module):

@@ -58,7 +58,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": config.rms_norm_eps,
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": config.qkv_bias and config.family == "llama",
+        "attention_bias": config.qkv_bias and config.family != "qwen2",
         "rope_parameters": rope_parameters,
         "rope_theta": rope.theta,
         "bos_token_id": config.bos_token_id,

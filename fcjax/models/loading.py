@@ -45,6 +45,7 @@ _PER_LAYER = {
     "self_attn.q_proj.bias": (("attn", "q_bias"), "bias"),
     "self_attn.k_proj.bias": (("attn", "k_bias"), "bias"),
     "self_attn.v_proj.bias": (("attn", "v_bias"), "bias"),
+    "self_attn.o_proj.bias": (("attn", "o_bias"), "same"),
     "self_attn.q_norm.weight": (("attn", "q_norm", "scale"), "same"),
     "self_attn.k_norm.weight": (("attn", "k_norm", "scale"), "same"),
     "mlp.gate_proj.weight": (("mlp", "gate"), "transpose"),
@@ -103,8 +104,8 @@ def iter_hf_tensors(config: ModelConfig, state) -> Iterator[tuple[str, np.ndarra
         else:  # ("blocks", layer, ...)
             suffix, kind = per_layer[path[2:]]
             yield f"model.layers.{path[1]}.{suffix}", _to_torch(value, kind)
-    if config.family == "llama" and config.qkv_bias:
-        # transformers' Llama attention_bias also gives o_proj a bias; the decoder has none
+    if config.family != "qwen2" and config.qkv_bias and not config.o_bias:
+        # transformers' attention_bias also gives o_proj a bias; this config has none
         for layer in range(config.num_layers):
             yield (
                 f"model.layers.{layer}.self_attn.o_proj.bias",
@@ -275,6 +276,7 @@ _GGUF_LAYER = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
