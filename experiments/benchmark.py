@@ -58,6 +58,21 @@ MODEL = flags.DEFINE_string(
     flag_values=_FLAGS,
 )
 BATCH = flags.DEFINE_integer("batch", 8, "prompts per generate call", flag_values=_FLAGS)
+BATCHES = flags.DEFINE_list(
+    "batches",
+    [],
+    "several generate batch sizes in one process (default: --batch)",
+    flag_values=_FLAGS,
+)
+SUITE = flags.DEFINE_enum(
+    "suite",
+    "none",
+    ["none", "gpu"],
+    "a preset of the flags not given: gpu = qwen2-1.5b shape in bfloat16, generate at batch "
+    "1/32/128 (prompt 512, 256 new) and the branching workload (2000-token trace, 20 cuts x "
+    "k=10, 200 new) against transformers with a static cache, in one process",
+    flag_values=_FLAGS,
+)
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt", flag_values=_FLAGS)
 NEW_TOKENS = flags.DEFINE_integer(
     "new_tokens", 64, "new tokens per prompt (EOS disabled)", flag_values=_FLAGS
@@ -137,6 +152,37 @@ PROXY_PROMPTS = flags.DEFINE_integer(
 )
 OUT = flags.DEFINE_string("out", "", "write the table as JSON here", flag_values=_FLAGS)
 
+SUITES = {
+    "gpu": dict(
+        model="random:qwen2-1.5b",
+        dtype="bfloat16",
+        workload="all",
+        batches=["1", "32", "128"],
+        prompt_len=512,
+        new_tokens=256,
+        trace_len=2000,
+        cuts=20,
+        k=10,
+        branch_new=200,
+        branch_batch=128,
+        peer_cache="static",
+        repeats=2,
+    )
+}
+
+
+def apply_suite(name: str) -> list[str]:
+    """Sets the suite's values of the flags not given on the command line; returns them."""
+    if name == "none":
+        return []
+    applied = []
+    for flag, value in SUITES[name].items():
+        if not _FLAGS[flag].present:
+            _FLAGS[flag].value = value
+            applied.append(f"--{flag}={','.join(value) if isinstance(value, list) else value}")
+    return applied
+
+
 # Peak memory bandwidth (bytes/s) by device kind substring, most specific first.
 PEAK_BANDWIDTH = (
     ("H100 PCIe", 2.0e12),
@@ -160,6 +206,7 @@ class Row:
     workload: str
     system: str
     tokens_per_s: float
+    batch: int | None = None  # generate: prompts per call
     ms_per_token: float | None = None
     prefill_ms: float | None = None
     compile_s: float | None = None  # first calls' extra time over the timed ones (>= 0)
@@ -343,7 +390,7 @@ def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list
         if out.shape != (rows_n, new):
             raise RuntimeError(f"{system} made {out.shape} new tokens, expected {(rows_n, new)}")
         tokens[system] = out
-        row = Row("generate", system, rows_n * new / full.best_s, new_tokens=rows_n * new)
+        row = Row("generate", system, rows_n * new / full.best_s, rows_n, new_tokens=rows_n * new)
         row.times_s, row.compile_s = full.times_s, warmup_s(full)
         if new > 1:
             one = timings[f"{system}@1"]
@@ -460,6 +507,7 @@ def torch_available() -> bool:
 COLUMNS = (  # header, width, format, Row field
     ("workload", 9, "s", "workload"),
     ("system", 21, "s", "system"),
+    ("batch", 5, "d", "batch"),
     ("tokens/s", 10, ".1f", "tokens_per_s"),
     ("ms/token", 9, ".2f", "ms_per_token"),
     ("prefill ms", 10, ".1f", "prefill_ms"),
@@ -485,17 +533,17 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """Each row's tokens/s over the fastest transformers row of its workload."""
-    for workload in {r.workload for r in rows}:
-        same = [r for r in rows if r.workload == workload]
+    """Each row's tokens/s over the fastest transformers row of its workload and batch."""
+    for group in {(r.workload, r.batch) for r in rows}:
+        same = [r for r in rows if (r.workload, r.batch) == group]
         peers = [r.tokens_per_s for r in same if r.system.startswith("transformers")]
         for r in same:
             r.ratio = r.tokens_per_s / max(peers) if peers else None
 
 
 def add_roofline(rows: list[Row], nbytes: float, peak: float | None) -> None:
-    """Bytes read per decode step over the step time (generate rows), and that as a fraction
-    of the device's peak bandwidth where one is known."""
+    """Bytes read per decode step (``nbytes``, at these rows' batch) over the step time
+    (generate rows), and that as a fraction of the device's peak bandwidth where known."""
     for r in rows:
         if r.workload == "generate" and r.ms_per_token and r.ms_per_token > 0:
             r.bandwidth_gbs = nbytes / (r.ms_per_token / 1e3) / 1e9
@@ -653,11 +701,14 @@ def proxies() -> None:
 
 def main(argv):
     del argv
+    suite = apply_suite(SUITE.value)
     if PROXIES.value:
         proxies()
         return
     device = jax.devices()[0]
     notes = [f"device: {device.platform} {device.device_kind} x{len(jax.devices())}"]
+    if suite:
+        notes.append(f"suite {SUITE.value}: {' '.join(suite)}")
     if device.platform == "cpu":
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         notes.append(f"host: {os.cpu_count()} CPUs, load average at start {load}")
@@ -679,27 +730,33 @@ def main(argv):
     )
     model, caches = setup_peer(lm, notes)
     rng = np.random.default_rng(SEED.value)
-    prompts = random_tokens(rng, lm.config.vocab_size, (BATCH.value, PROMPT_LEN.value))
+    batches = [int(b) for b in BATCHES.value] or [BATCH.value]
+    prompts = {b: random_tokens(rng, lm.config.vocab_size, (b, PROMPT_LEN.value)) for b in batches}
     trace = random_tokens(rng, lm.config.vocab_size, (TRACE_LEN.value,)).tolist()
     rows: list[Row] = []
+    itemsize = 4 if DTYPE.value == "float32" else 2
+    mean_ctx = PROMPT_LEN.value + (NEW_TOKENS.value - 1) / 2
+    peak = PEAK_BW.value or (
+        peak_bandwidth(device.device_kind) if device.platform != "cpu" else None
+    )
     if WORKLOAD.value in ("generate", "all"):
-        rows += generate_rows(lm, model, caches, prompts, notes)
-        for r in rows:
-            r.peak_mem_gb = jax_peak_gb() if r.system == "fcjax" else torch_peak_gb()
+        for b in batches:
+            batch_rows = generate_rows(lm, model, caches, prompts[b], notes)
+            for r in batch_rows:
+                r.peak_mem_gb = jax_peak_gb() if r.system == "fcjax" else torch_peak_gb()
+            nbytes = step_bytes(lm.config, itemsize, b, mean_ctx)
+            add_roofline(batch_rows, nbytes, peak)
+            notes.append(
+                f"batch {b}: a decode step reads {nbytes / 1e6:.1f} MB (weights + KV at mean "
+                "context)"
+            )
+            rows += batch_rows
     if WORKLOAD.value in ("branch", "all"):
         rows += branch_rows(lm, model, caches, trace)
         for r in rows[-len(caches) - 2 :]:
             r.peak_mem_gb = jax_peak_gb() if r.system.startswith("fcjax") else torch_peak_gb()
     add_ratios(rows)
-    itemsize = 4 if DTYPE.value == "float32" else 2
-    mean_ctx = PROMPT_LEN.value + (NEW_TOKENS.value - 1) / 2
-    nbytes = step_bytes(lm.config, itemsize, BATCH.value, mean_ctx)
-    peak = PEAK_BW.value or (
-        peak_bandwidth(device.device_kind) if device.platform != "cpu" else None
-    )
-    add_roofline(rows, nbytes, peak)
     if WORKLOAD.value in ("generate", "all"):
-        notes.append(f"decode step reads {nbytes / 1e6:.1f} MB (weights + KV at mean context)")
         notes.append(
             f"roofline: skipped (no peak bandwidth known for {device.device_kind!r})"
             if peak is None
@@ -710,13 +767,17 @@ def main(argv):
         f"peak memory: host max RSS {host_max_rss_gb():.2f} GB (whole process)"
         + ("" if accel is None else f", {device.platform} peak {accel:.2f} GB (jax)")
     )
-    main_row = next((r for r in rows if r.workload == "generate" and r.system == "fcjax"), None)
+    # the headline: fcjax at the largest generate batch
+    ours = [r for r in rows if r.workload == "generate" and r.system == "fcjax"]
+    main_row = max(ours, key=lambda r: r.batch or 0, default=None)
     ratio = main_row.ratio if main_row is not None and main_row.ratio is not None else math.nan
     print(
-        f"\nbatch={BATCH.value} prompt_len={PROMPT_LEN.value} new_tokens={NEW_TOKENS.value} "
+        f"\nbatches={','.join(map(str, batches))} prompt_len={PROMPT_LEN.value} "
+        f"new_tokens={NEW_TOKENS.value} "
         f"trace_len={TRACE_LEN.value} cuts={CUTS.value} k={K.value} "
         f"branch_new={BRANCH_NEW.value} repeats={REPEATS.value} (fastest kept)"
     )
+    notes.append(f"wall time of the whole benchmark: {time.perf_counter() - t0:.0f}s")
     if device.platform == "cpu":
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         notes.append(f"host load average at end {load}")

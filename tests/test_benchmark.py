@@ -135,3 +135,48 @@ def test_proxies_print_their_figures_and_the_summary_line():
     assert float(last["hlo_bytes_ratio"]) == pytest.approx(max(ratios), abs=1e-3)
     assert 0 < float(last["row_utilisation"]) <= 1
     assert int(last["programs_per_call"]) <= 3
+
+
+def test_suite_presets_only_the_flags_not_given():
+    benchmark._FLAGS(["benchmark", "--prompt_len=16", "--batches=4"])
+    try:
+        applied = benchmark.apply_suite("gpu")
+        assert benchmark.PROMPT_LEN.value == 16 and benchmark.BATCHES.value == ["4"]
+        assert benchmark.NEW_TOKENS.value == 256 and benchmark.DTYPE.value == "bfloat16"
+        assert "--new_tokens=256" in applied and not any("prompt_len" in a for a in applied)
+    finally:
+        benchmark._FLAGS.unparse_flags()
+        for name in benchmark._FLAGS:
+            benchmark._FLAGS[name].value = benchmark._FLAGS[name].default
+
+
+def test_gpu_suite_runs_every_batch_and_the_branch_workload_in_one_process(tmp_path):
+    """The GPU suite's shape on a tiny model: each batch of --batches gets its own fcjax and
+    transformers rows (ratios within the batch), the branching rows follow, the headline
+    ratio is the largest batch's."""
+    out = tmp_path / "suite.json"
+    small = dict(TINY, batches="1,3", branch_batch=6)
+    small.pop("batch")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.benchmark",
+        "--suite=gpu",
+        "--model=random:tiny-llama",
+        "--dtype=float32",
+        "--repeats=1",
+        f"--out={out}",
+        *(f"--{k}={v}" for k, v in small.items()),
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {(r["workload"], r["system"], r["batch"]): r for r in data["rows"]}
+    for b in (1, 3):
+        ours, peer = rows[("generate", "fcjax", b)], rows[("generate", "transformers[static]", b)]
+        assert ours["new_tokens"] == peer["new_tokens"] == b * TINY["new_tokens"]
+        assert ours["ratio"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
+    assert {("branch", s, None) for s in ("fcjax.branch", "fcjax.generate")} <= set(rows)
+    assert data["ratio_vs_transformers"] == pytest.approx(rows[("generate", "fcjax", 3)]["ratio"])
+    assert any(n.startswith("suite gpu: ") and "--workload=all" in n for n in data["notes"])
