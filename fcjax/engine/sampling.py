@@ -86,18 +86,20 @@ def _sortable_bits(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _bisect_top_p_keys(logits: jnp.ndarray, probs: jnp.ndarray, p: float) -> jnp.ndarray:
+def _bisect_top_p_keys(logits: jnp.ndarray, log_norm: jnp.ndarray, p: float) -> jnp.ndarray:
     """The largest sortable key k [rows, 1] with mass(logits >= k) >= p, by bisection over the
-    32-bit keys: 32 passes over the vocabulary and no sort."""
-    keys = _sortable_bits(logits)
-    lo = jnp.min(keys, axis=-1, keepdims=True)
-    hi = jnp.max(keys, axis=-1, keepdims=True)
+    32-bit keys: 32 passes over the vocabulary and no sort. Each pass reads the logits alone
+    (keys and probabilities are recomputed in it, never stored)."""
+    lo = _sortable_bits(jnp.min(logits, axis=-1, keepdims=True))
+    hi = _sortable_bits(jnp.max(logits, axis=-1, keepdims=True))
 
     def body(_, bounds):
         lo, hi = bounds
         gap = hi - lo
         mid = lo + gap // 2 + gap % 2
-        ok = jnp.sum(jnp.where(keys >= mid, probs, 0.0), axis=-1, keepdims=True) >= p
+        kept = _sortable_bits(logits) >= mid
+        mass = jnp.sum(jnp.where(kept, jnp.exp(logits - log_norm), 0.0), axis=-1, keepdims=True)
+        ok = mass >= p
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
     lo, _ = jax.lax.fori_loop(0, 32, body, (lo, jnp.maximum(hi, lo)))
@@ -128,7 +130,7 @@ def filter_top_p(
     keys = _sortable_bits(logits)
 
     def bisect(_):
-        return _bisect_top_p_keys(logits, jnp.exp(logits - log_norm), p)
+        return _bisect_top_p_keys(logits, log_norm, p)
 
     def from_shortlist(top):
         top_probs = jnp.exp(top - log_norm)
