@@ -50,19 +50,19 @@ from fcjax.models.presets import PRESETS
 # This module's own flags: experiments.run defines flags of the same names (--model, --dtype,
 # --k, ...) and tests import both modules into one process. They join absl's global flags
 # only when this file runs as a program (see ``parse_flags``).
-_FLAGS = flags.FlagValues()
+BENCH_FLAGS = flags.FlagValues()
 MODEL = flags.DEFINE_string(
     "model",
     "random:smollm2-135m",
     "registry name, path, or random preset (random:NAME or NAME)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
-BATCH = flags.DEFINE_integer("batch", 8, "prompts per generate call", flag_values=_FLAGS)
+BATCH = flags.DEFINE_integer("batch", 8, "prompts per generate call", flag_values=BENCH_FLAGS)
 BATCHES = flags.DEFINE_list(
     "batches",
     [],
     "several generate batch sizes in one process (default: --batch)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
 SUITE = flags.DEFINE_enum(
     "suite",
@@ -71,86 +71,89 @@ SUITE = flags.DEFINE_enum(
     "a preset of the flags not given: gpu = qwen2-1.5b shape in bfloat16, generate at batch "
     "1/32/128 (prompt 512, 256 new) and the branching workload (2000-token trace, 20 cuts x "
     "k=10, 200 new) against transformers with a static cache, in one process",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
-PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt", flag_values=_FLAGS)
+PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt", flag_values=BENCH_FLAGS)
 NEW_TOKENS = flags.DEFINE_integer(
-    "new_tokens", 64, "new tokens per prompt (EOS disabled)", flag_values=_FLAGS
+    "new_tokens", 64, "new tokens per prompt (EOS disabled)", flag_values=BENCH_FLAGS
 )
 DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=_FLAGS
+    "dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=BENCH_FLAGS
 )
 PEER = flags.DEFINE_enum(
-    "peer", "transformers", ["transformers", "none"], "system to compare", flag_values=_FLAGS
+    "peer", "transformers", ["transformers", "none"], "system to compare", flag_values=BENCH_FLAGS
 )
 PEER_CACHE = flags.DEFINE_enum(
     "peer_cache",
     "static",
     ["static", "dynamic", "both"],
     "transformers KV cache (both: 2 rows)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
 WORKLOAD = flags.DEFINE_enum(
     "workload",
     "all",
     ["generate", "branch", "all", "chat"],
     "what to time (chat: real chat prompts from --dataset, each row stopping at its EOS)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
 DATASET = flags.DEFINE_string(
-    "dataset", "strategyqa", "chat workload: questions to chat-format", flag_values=_FLAGS
+    "dataset", "strategyqa", "chat workload: questions to chat-format", flag_values=BENCH_FLAGS
 )
-TOP_P = flags.DEFINE_float("top_p", 1.0, "chat workload: nucleus", flag_values=_FLAGS)
+TOP_P = flags.DEFINE_float("top_p", 1.0, "chat workload: nucleus", flag_values=BENCH_FLAGS)
 TEMPERATURE = flags.DEFINE_float(
-    "temperature", 0.0, "generate workload (0: greedy)", flag_values=_FLAGS
+    "temperature", 0.0, "generate workload (0: greedy)", flag_values=BENCH_FLAGS
 )
 BRANCH_TEMPERATURE = flags.DEFINE_float(
-    "branch_temperature", 0.6, "branch workload", flag_values=_FLAGS
+    "branch_temperature", 0.6, "branch workload", flag_values=BENCH_FLAGS
 )
 LOGPROBS = flags.DEFINE_integer(
-    "logprobs", 5, "top log-probabilities fcjax keeps per token", flag_values=_FLAGS
+    "logprobs", 5, "top log-probabilities fcjax keeps per token", flag_values=BENCH_FLAGS
 )
 TRACE_LEN = flags.DEFINE_integer(
-    "trace_len", 2000, "branch: trace length in tokens", flag_values=_FLAGS
+    "trace_len", 2000, "branch: trace length in tokens", flag_values=BENCH_FLAGS
 )
 CUTS = flags.DEFINE_integer(
-    "cuts", 20, "branch: evenly spaced prefixes of the trace", flag_values=_FLAGS
+    "cuts", 20, "branch: evenly spaced prefixes of the trace", flag_values=BENCH_FLAGS
 )
-K = flags.DEFINE_integer("k", 10, "branch: samples per prefix", flag_values=_FLAGS)
+K = flags.DEFINE_integer("k", 10, "branch: samples per prefix", flag_values=BENCH_FLAGS)
 BRANCH_NEW = flags.DEFINE_integer(
-    "branch_new", 200, "branch: new tokens per sample", flag_values=_FLAGS
+    "branch_new", 200, "branch: new tokens per sample", flag_values=BENCH_FLAGS
 )
 BRANCH_BATCH = flags.DEFINE_integer(
-    "branch_batch", 64, "branch: rows per call of the re-prefill baselines", flag_values=_FLAGS
+    "branch_batch", 64, "branch: rows per call of the re-prefill baselines", flag_values=BENCH_FLAGS
 )
 PEER_THREADS = flags.DEFINE_integer(
     "peer_threads",
     0,
     "torch intra-op threads for the peer (0: torch's default)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
 REPEATS = flags.DEFINE_integer(
-    "repeats", 3, "timed runs per measurement (fastest is kept)", flag_values=_FLAGS
+    "repeats", 3, "timed runs per measurement (fastest is kept)", flag_values=BENCH_FLAGS
 )
 PEAK_BW = flags.DEFINE_float(
     "peak_bw",
     0.0,
     "peak memory bandwidth in bytes/s (0: from the device table, else skipped)",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
-SEED = flags.DEFINE_integer("seed", 0, "prompt tokens and sampling", flag_values=_FLAGS)
+SEED = flags.DEFINE_integer("seed", 0, "prompt tokens and sampling", flag_values=BENCH_FLAGS)
 PROXIES = flags.DEFINE_bool(
     "proxies",
     False,
     "print CPU-measurable proxies of decode efficiency (HLO bytes per decode step against "
     "weights + KV, layout copies, programs compiled per call, row-step utilisation and context "
     "padding on a long-tailed workload, host transfers per chunk) instead of timing",
-    flag_values=_FLAGS,
+    flag_values=BENCH_FLAGS,
 )
 PROXY_PROMPTS = flags.DEFINE_integer(
-    "proxy_prompts", 256, "long-tailed workload: prompts (32 decode together)", flag_values=_FLAGS
+    "proxy_prompts",
+    256,
+    "long-tailed workload: prompts (32 decode together)",
+    flag_values=BENCH_FLAGS,
 )
-OUT = flags.DEFINE_string("out", "", "write the table as JSON here", flag_values=_FLAGS)
+OUT = flags.DEFINE_string("out", "", "write the table as JSON here", flag_values=BENCH_FLAGS)
 
 SUITES = {
     "gpu": dict(
@@ -177,8 +180,8 @@ def apply_suite(name: str) -> list[str]:
         return []
     applied = []
     for flag, value in SUITES[name].items():
-        if not _FLAGS[flag].present:
-            _FLAGS[flag].value = value
+        if not BENCH_FLAGS[flag].present:
+            BENCH_FLAGS[flag].value = value
             applied.append(f"--{flag}={','.join(value) if isinstance(value, list) else value}")
     return applied
 
@@ -802,11 +805,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     """app.run's flag parser: this module's flags plus absl's own (--help, logging)."""
     # JAX and torch share an accelerator here: JAX allocates on demand instead of taking 75%.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    flags.FLAGS.append_flag_values(_FLAGS)
-    for name in _FLAGS:  # listed under this program in --help
-        flags.FLAGS.register_flag_by_module(sys.argv[0], _FLAGS[name])
+    flags.FLAGS.append_flag_values(BENCH_FLAGS)
+    for name in BENCH_FLAGS:  # listed under this program in --help
+        flags.FLAGS.register_flag_by_module(sys.argv[0], BENCH_FLAGS[name])
     rest = flags.FLAGS(argv)
-    _FLAGS.mark_as_parsed()
+    BENCH_FLAGS.mark_as_parsed()
     return rest
 
 

@@ -138,16 +138,16 @@ def test_proxies_print_their_figures_and_the_summary_line():
 
 
 def test_suite_presets_only_the_flags_not_given():
-    benchmark._FLAGS(["benchmark", "--prompt_len=16", "--batches=4"])
+    benchmark.BENCH_FLAGS(["benchmark", "--prompt_len=16", "--batches=4"])
     try:
         applied = benchmark.apply_suite("gpu")
         assert benchmark.PROMPT_LEN.value == 16 and benchmark.BATCHES.value == ["4"]
         assert benchmark.NEW_TOKENS.value == 256 and benchmark.DTYPE.value == "bfloat16"
         assert "--new_tokens=256" in applied and not any("prompt_len" in a for a in applied)
     finally:
-        benchmark._FLAGS.unparse_flags()
-        for name in benchmark._FLAGS:
-            benchmark._FLAGS[name].value = benchmark._FLAGS[name].default
+        benchmark.BENCH_FLAGS.unparse_flags()
+        for name in benchmark.BENCH_FLAGS:
+            benchmark.BENCH_FLAGS[name].value = benchmark.BENCH_FLAGS[name].default
 
 
 def test_gpu_suite_runs_every_batch_and_the_branch_workload_in_one_process(tmp_path):
