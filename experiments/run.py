@@ -17,6 +17,7 @@ import time
 from absl import app, flags, logging
 
 import fcjax
+from experiments import cluster
 from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
@@ -49,7 +50,20 @@ flags.DEFINE_string(
     "device mesh, e.g. 'data:8' or 'data:4,model:2' "
     "(default: data-parallel over all local devices)",
 )
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (cluster env)")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "one process per host: jax.distributed.initialize() from the cluster environment "
+    "(Cloud TPU, SLURM, ...), or from the three flags below",
+)
+flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 (with --num_processes, --process_id)"
+)
+flags.DEFINE_integer("num_processes", None, "how many processes run this study", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1", lower_bound=0)
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "seconds to wait for every process to join the coordinator"
+)
 flags.DEFINE_string("redo", None, f"recompute from this stage on: {', '.join(STAGES)}")
 flags.DEFINE_string("stop_after", None, "stop after this stage (for staged runs)")
 
@@ -124,29 +138,54 @@ def run(
     mesh: str = "",
     stop_after: str | None = None,
     multihost: bool = False,
+    *,
+    coordinator_address: str = "",
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    initialization_timeout: int = 300,
 ) -> RunDir:
-    """Runs (or resumes) the pipeline into ``out``; the library form of the CLI."""
+    """Runs (or resumes) the pipeline into ``out``; the library form of the CLI.
+
+    With several processes (``multihost`` or the explicit coordinator arguments) every
+    process calls this with the same arguments: process 0 holds the lock and writes the
+    shared files, every process runs its share of the model stages."""
     from fcjax.engine import mesh as mesh_lib
 
-    if multihost:
-        from fcjax.engine import multihost as mh
-
-        mh.initialize()
+    procs = cluster.setup(
+        multihost, coordinator_address, num_processes, process_id, initialization_timeout
+    )
+    cluster.check_same_flags(
+        procs,
+        {
+            **settings.config(),
+            "out": str(out),
+            "redo": redo,
+            "mesh": mesh,
+            "stop_after": stop_after,
+            "num_processes": procs.count,
+            "coordinator_address": coordinator_address,
+        },
+    )
     if mesh:
         mesh_lib.set_default_mesh(mesh_lib.make_mesh(mesh))
     fcjax.enable_compilation_cache()
-    rd = RunDir(out)
-    rd.lock()
+    rd = RunDir(out, procs.index)
+    cluster.check_shared_out(procs, rd)
+    _everywhere(procs, "lock", rd.lock if procs.main else lambda: None)
     try:
         config = settings.config()
-        first = rd.check_config(config, redo)
-        pipe = Pipeline(rd, settings)
+        pipe = Pipeline(rd, settings, procs)
+        first = _everywhere(
+            procs, "config", (lambda: rd.check_config(config, redo)) if procs.main else None
+        )
         # bad data or a bad model is reported before anything in the directory changes
-        pipe.validate(first, stop_after)
-        if first is not None:
-            logging.info("recomputing from stage %s", first)
-            rd.invalidate_from(first)
-        rd.save_config(config)
+        _everywhere(procs, "validate", lambda: pipe.validate(first, stop_after))
+        if procs.main:
+            if first is not None:
+                logging.info("recomputing from stage %s", first)
+                rd.invalidate_from(first)
+            rd.save_config(config)
+        procs.barrier("config saved")
         t0 = time.perf_counter()
         for stage in STAGES:
             pipe.run_stage(stage)
@@ -156,6 +195,24 @@ def run(
     finally:
         rd.unlock()
     return rd
+
+
+def _everywhere(procs: cluster.Processes, name: str, fn):
+    """``fn()`` (process 0's result with several processes; ``fn=None``: only process 0
+    has work). With one process errors propagate as they are; with several, an error on
+    any process stops every process with all the errors listed."""
+    if procs.count == 1:
+        return fn() if fn else None
+    result, error = None, None
+    try:
+        result = fn() if fn else None
+    except _user_errors() as e:
+        error = f"{type(e).__name__}: {e}"
+    results = procs.exchange(name, [result, error])
+    bad = [f"process {i}: {e}" for i, (_, e) in enumerate(results) if e]
+    if bad:
+        raise RunError("\n  ".join([f"{name} failed:", *bad]))
+    return results[0][0]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -185,12 +242,23 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         settings = settings_from_flags()
-        rd = run(settings, FLAGS.out, FLAGS.redo, FLAGS.mesh, FLAGS.stop_after, FLAGS.multihost)
+        rd = run(
+            settings,
+            FLAGS.out,
+            FLAGS.redo,
+            FLAGS.mesh,
+            FLAGS.stop_after,
+            FLAGS.multihost,
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            initialization_timeout=FLAGS.initialization_timeout,
+        )
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     summary = rd.path / "summary.json"
-    if summary.exists():
+    if rd.process_index == 0 and summary.exists():
         print(format_summary(summary))
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import threading
+import time
 from collections.abc import Sequence
 
 import jax
@@ -20,14 +24,143 @@ from fcjax.engine.generate import Generation, generate
 from fcjax.engine.sampling import SamplingParams
 
 
+class MultihostError(RuntimeError):
+    """A multi-process set-up problem: coordinator unreachable, processes that disagree."""
+
+
+# how long barriers and exchanges wait for the other processes (stages can run for days; a
+# process that dies is detected sooner by the coordination service's heartbeat)
+WAIT_S = 7 * 24 * 3600
+
+
 def initialize(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
 ) -> None:
     """``jax.distributed.initialize`` (arguments from the cluster environment when omitted);
-    on CPU it selects gloo collectives so the final gather works there too."""
+    on CPU it selects gloo collectives so the final gather works there too.
+
+    A process other than 0 first checks that the coordinator accepts connections and raises
+    ``MultihostError`` naming the address after ``timeout_s``; while connecting, a process
+    that still waits at 90% of ``timeout_s`` says on stderr why (jax then aborts it)."""
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    if coordinator and process_id not in (None, 0):
+        _wait_reachable(coordinator, timeout_s)
+    where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(from the cluster env)"
+    warn = threading.Timer(
+        0.9 * timeout_s,
+        lambda: print(
+            f"error: still waiting after {0.9 * timeout_s:.0f}s for all processes to join the "
+            f"coordinator at {where}; jax aborts at {timeout_s}s. Check that every process "
+            f"was started with the same --num_processes and --coordinator_address, and that "
+            f"process 0 runs and is reachable.",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    warn.daemon = True
+    warn.start()
+    try:
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=int(timeout_s),
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MultihostError(f"jax.distributed.initialize (coordinator {where}): {e}") from e
+    finally:
+        warn.cancel()
+
+
+def _wait_reachable(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise MultihostError(f"coordinator address {address!r} is not HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise MultihostError(
+                    f"coordinator {address} unreachable after {timeout_s:.0f}s ({e}); is "
+                    f"process 0 running there, and is the port open to this host?"
+                ) from None
+            time.sleep(0.5)
+
+
+def _client():
+    from jax._src import distributed  # the coordination service's key-value store
+
+    return distributed.global_state.client
+
+
+def process_index() -> int:
+    """This process's index, without starting a backend when jax.distributed is set up."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return state.process_id if state.client is not None else jax.process_index()
+
+
+def process_count() -> int:
+    """The number of processes this one was started with (``--num_processes``)."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return state.num_processes if state.client is not None else jax.process_count()
+
+
+_calls: dict[str, int] = {}
+
+
+def _unique(name: str) -> str:
+    """``name`` made unique per call; every process calls in the same order."""
+    _calls[name] = _calls.get(name, 0) + 1
+    return f"fcjax/{name}/{_calls[name]}"
+
+
+def barrier(name: str, timeout_s: float = WAIT_S) -> None:
+    """Waits until every process reached the barrier ``name`` (no-op with one process)."""
+    if process_count() == 1:
+        return
+    _client().wait_at_barrier(_unique(name), int(timeout_s * 1000))
+
+
+def exchange(name: str, payload, timeout_s: float = WAIT_S, only_first: bool = False) -> list:
+    """Every process's JSON-serialisable ``payload`` in process order, through the
+    coordination service's key-value store (no device work, so it also runs before any
+    backend starts). ``only_first``: just process 0's, for a process that must not wait for
+    the others (e.g. one whose process count may be wrong)."""
+    if process_count() == 1:
+        return [payload]
+    key, client = _unique(name), _client()
+    client.key_value_set(f"{key}/{process_index()}", json.dumps(payload))
+    ms = int(timeout_s * 1000)
+    count = 1 if only_first else process_count()
+    return [json.loads(client.blocking_key_value_get(f"{key}/{i}", ms)) for i in range(count)]
+
+
+def assign(costs: Sequence[float], num_processes: int) -> list[list[int]]:
+    """Splits items (by index) over processes, balanced by expected cost: longest processing
+    time first, items by decreasing cost (ties: lower index), each to the least-loaded
+    process (ties: lower process). Deterministic, so every process computes the same split.
+    Returns each process's item indices in increasing order."""
+    if num_processes < 1:
+        raise ValueError(f"assign: num_processes must be >= 1, got {num_processes}")
+    load = [0.0] * num_processes
+    out: list[list[int]] = [[] for _ in range(num_processes)]
+    for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        p = min(range(num_processes), key=lambda p: (load[p], p))
+        load[p] += float(costs[i])
+        out[p].append(i)
+    return [sorted(items) for items in out]
 
 
 def my_share(n: int) -> list[int]:
