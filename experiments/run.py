@@ -11,8 +11,10 @@ report. Rerunning the same command skips finished stages and resumes unfinished 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import traceback
 
 from absl import app, flags, logging
 
@@ -21,6 +23,7 @@ from experiments import cluster
 from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
+from fcjax.engine import multihost as mh
 
 _ = flags.DEFINE_string("out", None, "run directory (created if missing)", required=True)
 
@@ -149,8 +152,6 @@ def run(
     With several processes (``multihost`` or the explicit coordinator arguments) every
     process calls this with the same arguments: process 0 holds the lock and writes the
     shared files, every process runs its share of the model stages."""
-    from fcjax.engine import mesh as mesh_lib
-
     procs = cluster.setup(
         multihost, coordinator_address, num_processes, process_id, initialization_timeout
     )
@@ -166,6 +167,17 @@ def run(
             "coordinator_address": coordinator_address,
         },
     )
+    try:
+        return _run(procs, settings, out, redo, mesh, stop_after)
+    except BaseException as e:
+        if procs.count > 1:  # the others stop at their next barrier instead of waiting
+            mh.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _run(procs, settings, out, redo, mesh, stop_after) -> RunDir:
+    from fcjax.engine import mesh as mesh_lib
+
     if mesh:
         mesh_lib.set_default_mesh(mesh_lib.make_mesh(mesh))
     fcjax.enable_compilation_cache()
@@ -225,6 +237,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         RunError,
+        mh.MultihostError,
         DataError,
         MeshError,
         ConfigError,
@@ -256,10 +269,25 @@ def main(argv):
         )
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
+    except BaseException:
+        if not mh.is_distributed():
+            raise
+        traceback.print_exc()
+        _exit(1)
     summary = rd.path / "summary.json"
     if rd.process_index == 0 and summary.exists():
         print(format_summary(summary))
+
+
+def _exit(code: int) -> None:
+    """Exits; with several processes without jax.distributed's shutdown, which would wait
+    for processes that failed or will never get there."""
+    if not mh.is_distributed():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def format_summary(path) -> str:

@@ -160,7 +160,8 @@ class Pipeline:
         """Runs ``stage`` unless its marker exists. A split stage runs this process's share
         (``work_<stage>``), waits for every process, and process 0 merges (``merge_<stage>``)
         and writes the marker with each process's share; another stage runs on process 0."""
-        if self.run.done(stage):
+        # process 0 decides, so every process takes the same path through the barriers
+        if self.procs.exchange(f"{stage}:skip", self.run.done(stage))[0]:
             logging.info("stage %s: complete, skipped", stage)
             return
         t0 = time.perf_counter()
@@ -498,7 +499,7 @@ class Pipeline:
                 )
                 write_json_atomic(root / PLAN, plan)
         self.procs.barrier("hidden:created")
-        me = self.procs.index
+        me, ends = self.procs.index, [*offsets[1:], offsets[-1] + rows[-1]]
         store = HiddenStore(
             root,
             layers=layers,
@@ -506,7 +507,7 @@ class Pipeline:
             dtype="float32",
             chunk_rows=HIDDEN_CHUNK,
             row_offset=offsets[me],
-            num_rows=rows[me],
+            num_rows=ends[me] - offsets[me],
         )
         n = self._capture_into(store, [traces[i] for i in shares[me]])
         store.finalize()

@@ -1,15 +1,18 @@
 """``experiments.run`` over several jax.distributed processes: the work split, the set-up
 errors, and (slow) two processes of a real model equal one, also after a killed process."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+from rundir_compare import assert_same_run
 
 from experiments.cluster import Processes
 from fcjax.engine.multihost import assign
+from fcjax.store.tables import read_table
 
 # set-up checks of two-process runs; each stops before loading a model
 FLAGS = ["--model=random:tiny", "--num_examples=2", "--max_new_tokens=4"]
@@ -120,3 +123,102 @@ def test_unreachable_coordinator(tmp_path):
     )
     assert rc == 2, text[-3000:]
     assert f"coordinator 127.0.0.1:{port} unreachable after 2s" in text, text[-3000:]
+
+
+# --- two processes of a real model (SmolLM2-135M) against one -----------------------------
+
+REAL = [
+    "--model=smollm2-135m-instruct",
+    "--judge_model=smollm2-135m-instruct",
+    "--num_examples=4",
+    "--max_new_tokens=24",
+    "--temperature=1.0",
+    "--estimators=deepconf,rcc,sampling,forcing,probe",
+    "--k=2",
+    "--max_steps=1",
+    "--branch_new_tokens=4",
+    "--folds=2",
+    "--decisiveness=lexicon",
+    "--batch_size=2",
+    "--seed=1",
+    "--bootstrap=0",
+]
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+SPLIT = ("generate", "estimators", "hidden")  # the model stages of this configuration
+
+
+def run_two(out, env_1=None, kill_0_after_1=False):
+    """Both processes, each with two host devices; returns their (rc, log). With
+    ``kill_0_after_1``, process 0 is killed as soon as process 1 has ended."""
+    port = free_port()
+    p0 = start([f"--out={out}", *REAL], 0, 2, port, env_extra=TWO_DEVICES)
+    p1 = start([f"--out={out}", *REAL], 1, 2, port, env_extra={**TWO_DEVICES, **(env_1 or {})})
+    if kill_0_after_1:
+        out1, _ = p1.communicate(timeout=1500)
+        p0.kill()
+        out0, _ = p0.communicate(timeout=60)
+        return [(p0.returncode, out0), (p1.returncode, out1)]
+    return finish([p0, p1], timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process run every multi-process run must equal."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"--out={out}", *REAL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _marker(out, stage):
+    return json.loads((out / "stages" / f"{stage}.done").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_two_processes_equal_one(reference, tmp_path):
+    out = tmp_path / "run"
+    for rc, log in run_two(out):
+        assert rc == 0, log[-3000:]
+    assert_same_run(reference, out)
+    n_traces = len(read_table(out / "examples.parquet", ["example_id"])["example_id"])
+    for stage in SPLIT:
+        shares = _marker(out, stage)["processes"]
+        assert sorted(shares) == ["0", "1"], stage
+        assert all(s["examples"] > 0 and s["wall_s"] > 0 for s in shares.values()), stage
+        if stage == "generate":
+            assert sum(s["examples"] for s in shares.values()) == n_traces
+    assert _marker(reference, "generate")["processes"]["0"]["examples"] == n_traces
+    assert (out / "hidden" / "plan.json").exists()  # written as one array by two processes
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_killed_process_then_rerun_equals_one(reference, tmp_path):
+    """Process 1 dies right after its first part of the sampling estimator (process 0 is then
+    stopped too, as the coordination service would); rerunning both redoes only what is
+    missing and gives the one-process result."""
+    out = tmp_path / "run"
+    _, (rc1, log1) = run_two(
+        out, env_1={"FCJAX_TEST_CRASH": "estimators_sampling:1:1"}, kill_0_after_1=True
+    )
+    assert rc1 == 13, log1[-3000:]
+    stages = out / "stages"
+    assert (stages / "generate.done").exists() and not (stages / "estimators.done").exists()
+    parts = {p: p.stat().st_mtime_ns for p in stages.glob("estimators_*/part-*.parquet")}
+    assert any("estimators_sampling" in str(p) for p in parts)
+    for rc, log in run_two(out):
+        assert rc == 0, log[-3000:]
+    assert_same_run(reference, out)
+    for p, mtime in parts.items():  # finished parts were kept, not recomputed
+        assert p.stat().st_mtime_ns == mtime, p
+    shares = _marker(out, "estimators")["processes"]
+    assert sorted(shares) == ["0", "1"]

@@ -9,6 +9,7 @@ equal a single-process run whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -101,6 +102,13 @@ def _client():
     return distributed.global_state.client
 
 
+def is_distributed() -> bool:
+    """Whether ``initialize`` connected this process to a coordinator."""
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+
+
 def process_index() -> int:
     """This process's index, without starting a backend when jax.distributed is set up."""
     from jax._src import distributed
@@ -126,25 +134,51 @@ def _unique(name: str) -> str:
     return f"fcjax/{name}/{_calls[name]}"
 
 
+FAILED = "fcjax/failed"
+POLL_S = 0.2
+
+
 def barrier(name: str, timeout_s: float = WAIT_S) -> None:
-    """Waits until every process reached the barrier ``name`` (no-op with one process)."""
-    if process_count() == 1:
-        return
-    _client().wait_at_barrier(_unique(name), int(timeout_s * 1000))
+    """Waits until every process reached the barrier ``name`` (no-op with one process);
+    raises ``MultihostError`` as soon as another process reported a failure (``fail``)."""
+    if process_count() > 1:
+        exchange(name, None, timeout_s)
 
 
 def exchange(name: str, payload, timeout_s: float = WAIT_S, only_first: bool = False) -> list:
     """Every process's JSON-serialisable ``payload`` in process order, through the
     coordination service's key-value store (no device work, so it also runs before any
     backend starts). ``only_first``: just process 0's, for a process that must not wait for
-    the others (e.g. one whose process count may be wrong)."""
+    the others (e.g. one whose process count may be wrong). Raises ``MultihostError`` when
+    another process reported a failure while this one waits, or after ``timeout_s``."""
     if process_count() == 1:
         return [payload]
     key, client = _unique(name), _client()
     client.key_value_set(f"{key}/{process_index()}", json.dumps(payload))
-    ms = int(timeout_s * 1000)
     count = 1 if only_first else process_count()
-    return [json.loads(client.blocking_key_value_get(f"{key}/{i}", ms)) for i in range(count)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        failed = client.key_value_dir_get(f"{FAILED}/")
+        if failed:
+            raise MultihostError(
+                "; ".join(f"process {k.rsplit('/', 1)[-1]} failed: {v}" for k, v in failed)
+            )
+        got = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(f"{key}/")}
+        if all(i in got for i in range(count)):
+            return [json.loads(got[i]) for i in range(count)]
+        if time.monotonic() > deadline:
+            missing = [i for i in range(count) if i not in got]
+            raise MultihostError(f"{name}: processes {missing} did not arrive in {timeout_s:.0f}s")
+        time.sleep(POLL_S)
+
+
+def fail(message: str) -> None:
+    """Tells the other processes that this one failed: their next ``barrier`` or
+    ``exchange`` raises with ``message`` instead of waiting for this process."""
+    if process_count() > 1:
+        # best effort: if the service is gone, its heartbeat stops the others anyway
+        with contextlib.suppress(Exception):
+            _client().key_value_set(f"{FAILED}/{process_index()}", message)
 
 
 def assign(costs: Sequence[float], num_processes: int) -> list[list[int]]:
