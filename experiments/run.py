@@ -152,6 +152,11 @@ def run(
     With several processes (``multihost`` or the explicit coordinator arguments) every
     process calls this with the same arguments: process 0 holds the lock and writes the
     shared files, every process runs its share of the model stages."""
+    if "://" in str(out):
+        raise RunError(
+            f"--out={out}: URLs are not supported yet (the run directory is read and written "
+            f"through local paths); mount the bucket (e.g. GCS FUSE) and pass its path"
+        )
     procs = cluster.setup(
         multihost, coordinator_address, num_processes, process_id, initialization_timeout
     )

@@ -222,3 +222,12 @@ def test_killed_process_then_rerun_equals_one(reference, tmp_path):
         assert p.stat().st_mtime_ns == mtime, p
     shares = _marker(out, "estimators")["processes"]
     assert sorted(shares) == ["0", "1"]
+
+
+def test_url_out_refused_clearly(tmp_path):
+    from experiments.run import run
+    from experiments.rundir import RunError
+    from experiments.stages import Settings
+
+    with pytest.raises(RunError, match=r"--out=gs://bucket/run: URLs are not supported yet"):
+        run(Settings(), "gs://bucket/run")

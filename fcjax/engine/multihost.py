@@ -1,12 +1,14 @@
-"""Multi-host runs: every process decodes its own share of the examples on its local
-devices, then the results are gathered to every process.
+"""Multi-host runs: every process works on its own share of the examples on its local
+devices; processes meet only at barriers and small exchanges.
 
 Sampling needs no communication between hosts per token, so each host runs the same jitted
-programs independently on a data-parallel mesh over ``jax.local_devices()``; only the
-finished rows cross hosts (one all-gather). Row keys come from example ids, so the outputs
-equal a single-process run whatever the number of processes.
+programs independently on a data-parallel mesh over ``jax.local_devices()``. ``assign``
+splits work by expected cost, the same on every process; ``barrier`` and ``exchange`` go
+through the jax.distributed coordination service's key-value store (no device programs), and
+``fail`` makes the others stop at their next one instead of waiting. ``generate_sharded``
+gathers finished rows to every process (one all-gather). Row keys come from example ids, so
+the outputs equal a single-process run whatever the number of processes.
 """
-
 from __future__ import annotations
 
 import contextlib
