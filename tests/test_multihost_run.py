@@ -231,3 +231,41 @@ def test_url_out_refused_clearly(tmp_path):
 
     with pytest.raises(RunError, match=r"--out=gs://bucket/run: URLs are not supported yet"):
         run(Settings(), "gs://bucket/run")
+
+
+FAIL_SCRIPT = """
+import sys
+from fcjax.engine import multihost as mh
+pid, port = int(sys.argv[1]), sys.argv[2]
+mh.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60)
+mh.barrier("start")
+if pid == 1:
+    mh.fail("RuntimeError: boom")
+    print("FAILED", flush=True)
+else:
+    try:
+        mh.barrier("never complete")
+    except mh.MultihostError as e:
+        print("RAISED", e, flush=True)
+"""
+
+
+def test_failure_reaches_the_waiting_process():
+    """A process that reports a failure releases the others from their barrier at once
+    (instead of waiting for the coordination service's heartbeat)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FAIL_SCRIPT, str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    (rc0, out0), (rc1, out1) = finish(procs, timeout=120)
+    assert rc1 == 0 and "FAILED" in out1, out1[-2000:]
+    assert rc0 == 0 and "RAISED process 1 failed: RuntimeError: boom" in out0, out0[-2000:]

@@ -160,14 +160,14 @@ def exchange(name: str, payload, timeout_s: float = WAIT_S, only_first: bool = F
     count = 1 if only_first else process_count()
     deadline = time.monotonic() + timeout_s
     while True:
+        got = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(f"{key}/")}
+        if all(i in got for i in range(count)):
+            return [json.loads(got[i]) for i in range(count)]
         failed = client.key_value_dir_get(f"{FAILED}/")
         if failed:
             raise MultihostError(
                 "; ".join(f"process {k.rsplit('/', 1)[-1]} failed: {v}" for k, v in failed)
             )
-        got = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(f"{key}/")}
-        if all(i in got for i in range(count)):
-            return [json.loads(got[i]) for i in range(count)]
         if time.monotonic() > deadline:
             missing = [i for i in range(count) if i not in got]
             raise MultihostError(f"{name}: processes {missing} did not arrive in {timeout_s:.0f}s")
