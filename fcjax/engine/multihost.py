@@ -9,6 +9,7 @@ through the jax.distributed coordination service's key-value store (no device pr
 gathers finished rows to every process (one all-gather). Row keys come from example ids, so
 the outputs equal a single-process run whatever the number of processes.
 """
+
 from __future__ import annotations
 
 import contextlib
