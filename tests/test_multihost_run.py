@@ -269,3 +269,64 @@ def test_failure_reaches_the_waiting_process():
     (rc0, out0), (rc1, out1) = finish(procs, timeout=120)
     assert rc1 == 0 and "FAILED" in out1, out1[-2000:]
     assert rc0 == 0 and "RAISED process 1 failed: RuntimeError: boom" in out0, out0[-2000:]
+
+
+class _Pretend(Processes):
+    """Process ``index`` of ``count``, run one after another in this process: barriers and
+    exchanges are no-ops (an exchange returns this process's payload for every process)."""
+
+    def barrier(self, name):
+        pass
+
+    def exchange(self, name, payload):
+        return [payload] * self.count
+
+
+def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
+    """The multi-process hidden stage, its processes run in turn: each fills its own row
+    range of one array, process 0 merges, the states equal the one-process store; a rerun
+    with the same split keeps a finished range and redoes only a lost one."""
+    import shutil
+
+    from rundir_compare import assert_same_hidden
+    from tiny_models import build_tiny_chat
+
+    from experiments.run import run
+    from experiments.rundir import RunDir
+    from experiments.stages import Pipeline, Settings
+
+    model = build_tiny_chat(tmp_path / "model")
+    s = Settings(
+        model=str(model),
+        num_examples=5,
+        max_new_tokens=24,
+        temperature=1.0,
+        estimators=("deepconf", "probe"),
+        batch_size=2,
+        seed=3,
+    )
+    one = tmp_path / "one"
+    run(s, str(one), stop_after="hidden")
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    (two / "stages" / "hidden.done").unlink()
+    shutil.rmtree(two / "hidden")
+
+    def hidden_stage():
+        pipes = [Pipeline(RunDir(two, i), s, _Pretend(i, 2)) for i in range(2)]
+        done = [p.work_hidden() for p in pipes]
+        return done, pipes[0].merge_hidden()
+
+    done, info = hidden_stage()
+    n_traces = sum(done)
+    assert all(n > 0 for n in done)  # each process captured its own traces
+    plan = json.loads((two / "hidden" / "plan.json").read_text())
+    assert plan["offsets"][0] == 0 and plan["offsets"][1] % 64 == 0 and sum(plan["rows"]) > 0
+    assert_same_hidden(one, two)
+    assert info["rows"] == RunDir(one).info("hidden")["rows"]
+    # process 1's range is lost (its index and done marker gone): only its traces are redone
+    for f in (two / "hidden" / "parts").glob(f"*-{plan['offsets'][1]:012d}.*"):
+        f.unlink()
+    done, info = hidden_stage()
+    assert done[0] == 0 and done[1] > 0 and sum(done) < n_traces
+    assert_same_hidden(one, two)
