@@ -330,3 +330,18 @@ def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
     done, info = hidden_stage()
     assert done[0] == 0 and done[1] > 0 and sum(done) < n_traces
     assert_same_hidden(one, two)
+
+
+def test_coordinator_alone_says_why_before_jax_aborts(tmp_path):
+    """Process 0 whose peers never come: before jax aborts it, it names the coordinator and
+    the likely causes."""
+    port = free_port()
+    ((rc, text),) = finish(
+        [start([f"--out={tmp_path}", *FLAGS, "--initialization_timeout=4"], 0, 2, port)]
+    )
+    assert rc != 0, text[-3000:]
+    assert (
+        f"still waiting after 4s for all processes to join the coordinator at 127.0.0.1:{port}"
+        in text
+    ), text[-3000:]
+    assert "--num_processes" in text
