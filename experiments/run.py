@@ -292,6 +292,7 @@ def _exit(code: int) -> None:
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
+    mh.leave()
     os._exit(code)
 
 

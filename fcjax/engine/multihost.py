@@ -184,6 +184,27 @@ def fail(message: str) -> None:
             _client().key_value_set(f"{FAILED}/{process_index()}", message)
 
 
+LEFT = "fcjax/left"
+
+
+def leave(timeout_s: float = 60) -> None:
+    """Call before this process exits on an error (without jax.distributed's shutdown, which
+    would wait for processes that may never get there): says so, and process 0, which hosts
+    the coordination service, waits up to ``timeout_s`` for the others to leave too, so they
+    can still read the errors and failures it published."""
+    if not is_distributed():
+        return
+    client = _client()
+    with contextlib.suppress(Exception):  # best effort, like ``fail``
+        client.key_value_set(f"{LEFT}/{process_index()}", "1")
+        if process_index() == 0:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if len(client.key_value_dir_get(f"{LEFT}/")) >= process_count():
+                    return
+                time.sleep(POLL_S)
+
+
 def assign(costs: Sequence[float], num_processes: int) -> list[list[int]]:
     """Splits items (by index) over processes, balanced by expected cost: longest processing
     time first, items by decreasing cost (ties: lower index), each to the least-loaded
