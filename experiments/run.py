@@ -11,15 +11,19 @@ report. Rerunning the same command skips finished stages and resumes unfinished 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import traceback
 
 from absl import app, flags, logging
 
 import fcjax
+from experiments import cluster
 from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
+from fcjax.engine import multihost as mh
 
 _ = flags.DEFINE_string("out", None, "run directory (created if missing)", required=True)
 
@@ -49,7 +53,20 @@ flags.DEFINE_string(
     "device mesh, e.g. 'data:8' or 'data:4,model:2' "
     "(default: data-parallel over all local devices)",
 )
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (cluster env)")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "one process per host: jax.distributed.initialize() from the cluster environment "
+    "(Cloud TPU, SLURM, ...), or from the three flags below",
+)
+flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 (with --num_processes, --process_id)"
+)
+flags.DEFINE_integer("num_processes", None, "how many processes run this study", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1", lower_bound=0)
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "seconds to wait for every process to join the coordinator"
+)
 flags.DEFINE_string("redo", None, f"recompute from this stage on: {', '.join(STAGES)}")
 flags.DEFINE_string("stop_after", None, "stop after this stage (for staged runs)")
 
@@ -124,29 +141,68 @@ def run(
     mesh: str = "",
     stop_after: str | None = None,
     multihost: bool = False,
+    *,
+    coordinator_address: str = "",
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    initialization_timeout: int = 300,
 ) -> RunDir:
-    """Runs (or resumes) the pipeline into ``out``; the library form of the CLI."""
+    """Runs (or resumes) the pipeline into ``out``; the library form of the CLI.
+
+    With several processes (``multihost`` or the explicit coordinator arguments) every
+    process calls this with the same arguments: process 0 holds the lock and writes the
+    shared files, every process runs its share of the model stages."""
+    if "://" in str(out):
+        raise RunError(
+            f"--out={out}: URLs are not supported yet (the run directory is read and written "
+            f"through local paths); mount the bucket (e.g. GCS FUSE) and pass its path"
+        )
+    procs = cluster.setup(
+        multihost, coordinator_address, num_processes, process_id, initialization_timeout
+    )
+    cluster.check_same_flags(
+        procs,
+        {
+            **settings.config(),
+            "out": str(out),
+            "redo": redo,
+            "mesh": mesh,
+            "stop_after": stop_after,
+            "num_processes": procs.count,
+            "coordinator_address": coordinator_address,
+        },
+    )
+    try:
+        return _run(procs, settings, out, redo, mesh, stop_after)
+    except BaseException as e:
+        if procs.count > 1:  # the others stop at their next barrier instead of waiting
+            mh.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _run(procs, settings, out, redo, mesh, stop_after) -> RunDir:
     from fcjax.engine import mesh as mesh_lib
 
-    if multihost:
-        from fcjax.engine import multihost as mh
-
-        mh.initialize()
     if mesh:
         mesh_lib.set_default_mesh(mesh_lib.make_mesh(mesh))
     fcjax.enable_compilation_cache()
-    rd = RunDir(out)
-    rd.lock()
+    rd = RunDir(out, procs.index)
+    cluster.check_shared_out(procs, rd)
+    _everywhere(procs, "lock", rd.lock if procs.main else lambda: None)
     try:
         config = settings.config()
-        first = rd.check_config(config, redo)
-        pipe = Pipeline(rd, settings)
+        pipe = Pipeline(rd, settings, procs)
+        first = _everywhere(
+            procs, "config", (lambda: rd.check_config(config, redo)) if procs.main else None
+        )
         # bad data or a bad model is reported before anything in the directory changes
-        pipe.validate(first, stop_after)
-        if first is not None:
-            logging.info("recomputing from stage %s", first)
-            rd.invalidate_from(first)
-        rd.save_config(config)
+        _everywhere(procs, "validate", lambda: pipe.validate(first, stop_after))
+        if procs.main:
+            if first is not None:
+                logging.info("recomputing from stage %s", first)
+                rd.invalidate_from(first)
+            rd.save_config(config)
+        procs.barrier("config saved")
         t0 = time.perf_counter()
         for stage in STAGES:
             pipe.run_stage(stage)
@@ -156,6 +212,24 @@ def run(
     finally:
         rd.unlock()
     return rd
+
+
+def _everywhere(procs: cluster.Processes, name: str, fn):
+    """``fn()`` (process 0's result with several processes; ``fn=None``: only process 0
+    has work). With one process errors propagate as they are; with several, an error on
+    any process stops every process with all the errors listed."""
+    if procs.count == 1:
+        return fn() if fn else None
+    result, error = None, None
+    try:
+        result = fn() if fn else None
+    except _user_errors() as e:
+        error = f"{type(e).__name__}: {e}"
+    results = procs.exchange(name, [result, error])
+    bad = [f"process {i}: {e}" for i, (_, e) in enumerate(results) if e]
+    if bad:
+        raise RunError("\n  ".join([f"{name} failed:", *bad]))
+    return results[0][0]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -168,6 +242,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         RunError,
+        mh.MultihostError,
         DataError,
         MeshError,
         ConfigError,
@@ -185,13 +260,40 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         settings = settings_from_flags()
-        rd = run(settings, FLAGS.out, FLAGS.redo, FLAGS.mesh, FLAGS.stop_after, FLAGS.multihost)
+        rd = run(
+            settings,
+            FLAGS.out,
+            FLAGS.redo,
+            FLAGS.mesh,
+            FLAGS.stop_after,
+            FLAGS.multihost,
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            initialization_timeout=FLAGS.initialization_timeout,
+        )
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
+    except BaseException:
+        if not mh.is_distributed():
+            raise
+        traceback.print_exc()
+        _exit(1)
     summary = rd.path / "summary.json"
-    if summary.exists():
+    if rd.process_index == 0 and summary.exists():
         print(format_summary(summary))
+
+
+def _exit(code: int) -> None:
+    """Exits; with several processes without jax.distributed's shutdown, which would wait
+    for processes that failed or will never get there."""
+    if not mh.is_distributed():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mh.leave()
+    os._exit(code)
 
 
 def format_summary(path) -> str:

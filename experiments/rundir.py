@@ -42,9 +42,10 @@ def _pid_alive(pid: int) -> bool:
 class RunDir:
     """One experiment's output directory."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, process_index: int = 0):
         self.path = Path(path)
         self.stages = self.path / "stages"
+        self.process_index = process_index  # of the processes sharing this run
         self._locked = False
 
     # --- lock -------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class RunDir:
 
     def write_part(self, name: str, index: int, columns: Mapping[str, Any]) -> None:
         write_table_atomic(self.parts_dir(name) / f"part-{index:06d}.parquet", columns)
+        _crash_for_tests(name, self.process_index)
 
     def part_done(self, name: str, index: int) -> bool:
         return (self.parts_dir(name) / f"part-{index:06d}.parquet").exists()
@@ -175,6 +177,25 @@ class RunDir:
             for k, v in read_table(f).items():
                 merged.setdefault(k, []).extend(list(v))
         return merged
+
+
+_written: dict[str, int] = {}
+
+
+def _crash_for_tests(name: str, process: int) -> None:
+    """Test hook: ``FCJAX_TEST_CRASH=NAME:PROCESS:N`` ends process PROCESS abruptly (exit
+    code 13, no clean-up) right after it wrote its N-th part of NAME, as a killed host would."""
+    spec = os.environ.get("FCJAX_TEST_CRASH")
+    if not spec:
+        return
+    want, proc, n = spec.split(":")
+    if name == want and process == int(proc):
+        _written[name] = _written.get(name, 0) + 1
+        if _written[name] == int(n):
+            logging.warning(
+                "FCJAX_TEST_CRASH: process %d exits after part %d of %s", process, int(n), name
+            )
+            os._exit(13)
 
 
 def _norm(v):

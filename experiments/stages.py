@@ -9,7 +9,10 @@ summary from the tables alone, so every number in ``summary.json`` can be recomp
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from absl import logging
 
 import fcjax
 import probes  # registers the probe estimator
+from experiments.cluster import Processes
 from experiments.config import STAGES, Settings
 from experiments.rundir import Progress, RunDir, RunError, batches
 from fcjax.confidence.base import EstimatorContext, check_columns, get_estimator
@@ -44,6 +48,12 @@ PROBE = "probe"
 TOP_K = 5
 # stages that read the examples and run the model
 MODEL_STAGES = ("generate", "segment", "estimators", "hidden", "decisiveness")
+# stages whose work is split over the processes (``work_*``, then ``merge_*`` on process 0);
+# the others run on process 0 alone
+SPLIT_STAGES = ("generate", "estimators", "hidden", "decisiveness")
+# the multi-process hidden store's row split (hidden/plan.json) and rows per chunk
+PLAN = "plan.json"
+HIDDEN_CHUNK = 64
 
 
 class ResourceError(RuntimeError):
@@ -53,8 +63,8 @@ class ResourceError(RuntimeError):
 class Pipeline:
     """Runs the stages of one run directory with one set of settings."""
 
-    def __init__(self, run: RunDir, settings: Settings):
-        self.run, self.s = run, settings
+    def __init__(self, run: RunDir, settings: Settings, procs: Processes | None = None):
+        self.run, self.s, self.procs = run, settings, procs or Processes()
         self._lm = None
         self._others: dict[str, Any] = {}  # judge models other than --model, by name
         self._gen_batch = settings.batch_size  # lowered when a batch exhausts device memory
@@ -147,17 +157,38 @@ class Pipeline:
 
     # --- stages -----------------------------------------------------------------------------
     def run_stage(self, stage: str) -> None:
-        if self.run.done(stage):
+        """Runs ``stage`` unless its marker exists. A split stage runs this process's share
+        (``work_<stage>``), waits for every process, and process 0 merges (``merge_<stage>``)
+        and writes the marker with each process's share; another stage runs on process 0."""
+        # process 0 decides, so every process takes the same path through the barriers
+        if self.procs.exchange(f"{stage}:skip", self.run.done(stage))[0]:
             logging.info("stage %s: complete, skipped", stage)
             return
         t0 = time.perf_counter()
         logging.info("stage %s: start", stage)
-        info = getattr(self, f"stage_{stage}")() or {}
-        wall = time.perf_counter() - t0
-        self.run.mark(stage, {**info, "wall_s": wall})
-        logging.info("stage %s: done in %.1fs", stage, wall)
+        info: dict[str, Any] = {}
+        if stage in SPLIT_STAGES:
+            n = getattr(self, f"work_{stage}")()
+            mine = {"examples": n, "wall_s": time.perf_counter() - t0}
+            shares = self.procs.exchange(f"{stage}:work", mine)  # waits for every process
+            if self.procs.main:
+                info = getattr(self, f"merge_{stage}")() or {}
+                info["processes"] = {str(i): share for i, share in enumerate(shares)}
+        elif self.procs.main:
+            info = getattr(self, f"stage_{stage}")() or {}
+        if self.procs.main:
+            wall = time.perf_counter() - t0
+            self.run.mark(stage, {**info, "wall_s": wall})
+            logging.info("stage %s: done in %.1fs", stage, wall)
+        self.procs.barrier(f"{stage}:done")
 
-    def stage_generate(self) -> dict:
+    def _mine(self, name: str, chunks, cost) -> list:
+        """This process's share of the pending (index, chunk) parts of ``name``: parts not
+        yet written, split over the processes by ``cost(chunk)``."""
+        pending = [(i, c) for i, c in chunks if not self.run.part_done(name, i)]
+        return [pending[j] for j in self.procs.share(name, [cost(c) for _, c in pending])]
+
+    def work_generate(self) -> int:
         examples = self.examples()
         params = fcjax.SamplingParams(
             temperature=self.s.temperature,
@@ -171,11 +202,14 @@ class Pipeline:
                 "%s has no chat template: prompts use the plain 'Role: text' format",
                 self.s.model,
             )
-        progress = Progress("generate", len(examples))
-        for index, chunk in batches(examples, self.run.part_size("generate", self.s.batch_size)):
-            if self.run.part_done("generate", index):
-                progress.update(len(chunk))
-                continue
+        # expected cost: prompt tokens (about 4 characters each) plus the generation budget
+        mine = self._mine(
+            "generate",
+            batches(examples, self.run.part_size("generate", self.s.batch_size)),
+            lambda chunk: sum(len(e.question) / 4 + self.s.max_new_tokens for e in chunk),
+        )
+        progress = Progress("generate", sum(len(c) for _, c in mine))
+        for index, chunk in mine:
             prompts = [self.prompt(e) for e in chunk]
             gens = self._generate(prompts, list(chunk), params, progress.tokens(len(chunk)))
             _check_finite(gens, chunk)
@@ -195,7 +229,13 @@ class Pipeline:
                 },
             )
             progress.update(len(chunk))
-        return {"n_examples": len(examples), "chat_template": chat_template}
+        return progress.done
+
+    def merge_generate(self) -> dict:
+        return {
+            "n_examples": len(self.examples()),
+            "chat_template": has_chat_template(self.lm.tokenizer),
+        }
 
     def _generate(
         self, prompts: list[str], chunk: list[Example], params, progress=None
@@ -367,76 +407,139 @@ class Pipeline:
             consistency_prompt=self.template("consistency") if judge else CONSISTENCY_PROMPT,
         )
 
-    def stage_estimators(self) -> dict:
-        names = [n for n in self.s.estimators if n != PROBE]
+    def work_estimators(self) -> int:
         traces = [t for t in self.traces() if t.n_steps > 0]
         ctx = self._ctx()
-        columns: dict[str, list] = {}
-        for name in names:
+        done: set[str] = set()
+        for name in self._estimator_names():
             estimator = get_estimator(name)
-            progress = Progress(f"estimator {name}", len(traces), "traces")
             part = f"estimators_{name}"
             kept_part = f"{part}_kept"  # records kept through ctx.store (e.g. samples)
-            for index, chunk in batches(
-                traces, self.run.part_size(part, max(1, self.s.batch_size // 4))
-            ):
-                if not self.run.part_done(part, index):
-                    kept: dict[str, list] = {}
-                    results = estimator.score(
-                        list(chunk),
-                        dataclasses.replace(
-                            ctx, keep=lambda _, rows, kept=kept: _extend(kept, rows)
-                        ),
-                    )
-                    if kept:  # before the columns part, which marks the batch done
-                        self.run.write_part(kept_part, index, kept)
-                    cols: dict[str, list] = {"example_id": [], "step": []}
-                    for tr, res in zip(chunk, results, strict=True):
-                        res = check_columns(estimator, tr, res)
-                        cols["example_id"] += [tr.example_id] * tr.n_steps
-                        cols["step"] += list(range(tr.n_steps))
-                        for key, value in res.items():
-                            cols.setdefault(key, []).extend(np.asarray(value, float).tolist())
-                    self.run.write_part(part, index, cols)
+            # expected cost: the trace's tokens plus the continuations of its scored steps
+            mine = self._mine(
+                part,
+                batches(traces, self.run.part_size(part, max(1, self.s.batch_size // 4))),
+                lambda chunk: sum(
+                    len(t.output_ids)
+                    + min(t.n_steps, self.s.max_steps) * self.s.k * self.s.branch_new_tokens
+                    for t in chunk
+                ),
+            )
+            progress = Progress(f"estimator {name}", sum(len(c) for _, c in mine), "traces")
+            for index, chunk in mine:
+                kept: dict[str, list] = {}
+                results = estimator.score(
+                    list(chunk),
+                    dataclasses.replace(ctx, keep=lambda _, rows, kept=kept: _extend(kept, rows)),
+                )
+                if kept:  # before the columns part, which marks the batch done
+                    self.run.write_part(kept_part, index, kept)
+                cols: dict[str, list] = {"example_id": [], "step": []}
+                for tr, res in zip(chunk, results, strict=True):
+                    res = check_columns(estimator, tr, res)
+                    cols["example_id"] += [tr.example_id] * tr.n_steps
+                    cols["step"] += list(range(tr.n_steps))
+                    for key, value in res.items():
+                        cols.setdefault(key, []).extend(np.asarray(value, float).tolist())
+                self.run.write_part(part, index, cols)
                 progress.update(len(chunk))
-            merged = self.run.read_parts(part)
-            for key, value in _align_steps(self.run.path, merged).items():
-                columns[key] = value
-            kept_rows = self.run.read_parts(kept_part)
+                done.update(t.example_id for t in chunk)
+        return len(done)
+
+    def _estimator_names(self) -> list[str]:
+        return [n for n in self.s.estimators if n != PROBE]
+
+    def merge_estimators(self) -> dict:
+        names = self._estimator_names()
+        columns: dict[str, np.ndarray] = {}
+        for name in names:
+            part = f"estimators_{name}"
+            columns.update(_align_steps(self.run.path, self.run.read_parts(part)))
+            kept_rows = self.run.read_parts(f"{part}_kept")
             if kept_rows:
                 write_table_atomic(self.run.path / f"{name}_samples.parquet", kept_rows)
         if columns:
             update_columns(self.run.path / "steps.parquet", columns)
         return {"estimators": names}
 
-    def stage_hidden(self) -> dict:
+    def _hidden_layers(self) -> list[int]:
+        return list(self.s.layers) or list(range(self.lm.config.num_layers + 1))
+
+    def work_hidden(self) -> int:
+        """Captures the step-end states of this process's traces into ``hidden/``: one
+        store with one process; with several, process 0 pre-sizes one array and each process
+        fills its own chunk-aligned row range (kept across a rerun with the same split)."""
         if PROBE not in self.s.estimators:
-            return {"skipped": "probe estimator not requested"}
-        from fcjax.engine.capture import capture
+            return 0
         from fcjax.store.hidden import HiddenStore
 
-        n_layers = self.lm.config.num_layers
-        layers = list(self.s.layers) or list(range(n_layers + 1))
-        store = HiddenStore(
-            self.run.path / "hidden",
-            layers=layers,
-            width=self.lm.config.hidden_size,
-            dtype="float32",
-        )
+        root, layers = self.run.path / "hidden", self._hidden_layers()
+        width = self.lm.config.hidden_size
         traces = [t for t in self.traces() if t.n_steps > 0]
-        progress = Progress("hidden", len(traces), "traces")
+        if self.procs.count == 1:
+            if (root / PLAN).exists():  # left by a multi-process run: another layout
+                shutil.rmtree(root)
+            store = HiddenStore(root, layers=layers, width=width, dtype="float32")
+            n = self._capture_into(store, traces)
+            self._hidden_rows = store.finalize()
+            return n
+        # the split covers every trace (not only the pending ones), so a rerun with the same
+        # processes finds the same row ranges and keeps what they hold
+        shares = self.procs.split("hidden", [len(t.prompt_ids) + len(t.output_ids) for t in traces])
+        rows = [sum(traces[i].n_steps for i in share) for share in shares]
+        offsets = [0]
+        for n in rows[:-1]:  # chunk-aligned ranges, one chunk at least, so none coincide
+            offsets.append(offsets[-1] + max(-(-n // HIDDEN_CHUNK), 1) * HIDDEN_CHUNK)
+        plan = {"layers": layers, "width": width, "offsets": offsets, "rows": rows}
+        if self.procs.main:
+            old = json.loads((root / PLAN).read_text()) if (root / PLAN).exists() else None
+            if old != plan or not (root / "states").exists():
+                HiddenStore.create_shared(
+                    root, layers, width, offsets[-1] + rows[-1], "float32", chunk_rows=HIDDEN_CHUNK
+                )
+                write_json_atomic(root / PLAN, plan)
+        self.procs.barrier("hidden:created")
+        me, ends = self.procs.index, [*offsets[1:], offsets[-1] + rows[-1]]
+        store = HiddenStore(
+            root,
+            layers=layers,
+            width=width,
+            dtype="float32",
+            chunk_rows=HIDDEN_CHUNK,
+            row_offset=offsets[me],
+            num_rows=ends[me] - offsets[me],
+        )
+        n = self._capture_into(store, [traces[i] for i in shares[me]])
+        store.finalize()
+        return n
+
+    def _capture_into(self, store, traces: list[Trace]) -> int:
+        """Captures the traces ``store`` lacks, a batched forward per chunk of traces."""
+        from fcjax.engine.capture import capture
+
+        layers = self._hidden_layers()
         todo = [t for t in traces if (t.example_id, t.n_steps - 1) not in store]
-        progress.update(len(traces) - len(todo))
+        progress = Progress("hidden", len(todo), "traces")
         size = max(1, min(self.s.batch_size, 16))
-        for start in range(0, len(todo), size):  # one batched forward per chunk of traces
+        for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             ends = [[len(t.prompt_ids) + s.token_end - 1 for s in t.steps] for t in chunk]
             caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], ends, layers)
             for tr, cap in zip(chunk, caps, strict=True):
                 store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
             progress.update(len(chunk))
-        rows = store.finalize()
-        return {"rows": rows, "layers": layers}
+        return len(todo)
+
+    def merge_hidden(self) -> dict:
+        if PROBE not in self.s.estimators:
+            return {"skipped": "probe estimator not requested"}
+        from fcjax.store.hidden import HiddenStore
+
+        if self.procs.count == 1:
+            rows = self._hidden_rows
+        else:
+            rows = HiddenStore.finalize_shared(self.run.path / "hidden", self.procs.count)
+        return {"rows": rows, "layers": self._hidden_layers()}
 
     def stage_probes(self) -> dict:
         if PROBE not in self.s.estimators:
@@ -459,49 +562,59 @@ class Pipeline:
             update_columns(self.run.path / "steps.parquet", {"conf_probe": np.full(n, np.nan)})
             return {"not_scored": f"too few labels: {e}"}
 
-    def stage_decisiveness(self) -> dict:
-        steps = read_table(self.run.path / "steps.parquet")
+    def work_decisiveness(self) -> int:
+        """The judge's replies for this process's traces (the lexicon needs no model)."""
+        if self.s.decisiveness != "judge":
+            return 0
+        steps = read_table(self.run.path / "steps.parquet", ["example_id", "step", "text"])
         texts = list(steps["text"])
-        cols = {"decisiveness_lexicon": lexicon_scores(texts)}
+        complete = chat_completer(
+            self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch)
+        )
+        template = self.template("decisiveness")
+        eids = np.asarray(steps["example_id"]).astype(str)
+        order = list(dict.fromkeys(eids.tolist()))
+        n_steps = Counter(eids.tolist())
+        mine = self._mine(
+            "decisiveness",
+            batches(order, self.run.part_size("decisiveness", max(1, self.s.batch_size // 2))),
+            lambda chunk: sum(n_steps[eid] for eid in chunk),  # the judge reads every step
+        )
+        progress = Progress("decisiveness judge", sum(len(c) for _, c in mine), "traces")
+        for index, chunk in mine:
+            out: dict[str, list] = {
+                "example_id": [],
+                "step": [],
+                "d": [],
+                "fallback": [],
+                "failed": [],
+            }
+            rows = [np.flatnonzero(eids == eid) for eid in chunk]
+            judged = judge_traces(
+                [[texts[r] for r in rs] for rs in rows],
+                complete,
+                batch_size=self.s.judge_batch,
+                template=template,
+            )
+            for eid, rs, j in zip(chunk, rows, judged, strict=True):
+                out["example_id"] += [eid] * len(rs)
+                out["step"] += np.asarray(steps["step"])[rs].tolist()
+                out["d"] += j.scores.tolist()
+                out["fallback"] += [j.fallback] * len(rs)
+                out["failed"] += [j.failed] * len(rs)
+            self.run.write_part("decisiveness", index, out)
+            progress.update(len(chunk))
+        return progress.done
+
+    def merge_decisiveness(self) -> dict:
+        steps = read_table(self.run.path / "steps.parquet", ["text"])
+        cols = {"decisiveness_lexicon": lexicon_scores(list(steps["text"]))}
         info: dict[str, Any] = {"source": self.s.decisiveness, "judge": self.s.decisiveness_judge}
         if self.s.decisiveness == "judge":
-            complete = chat_completer(
-                self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch)
-            )
-            template = self.template("decisiveness")
-            eids = np.asarray(steps["example_id"]).astype(str)
-            order = list(dict.fromkeys(eids.tolist()))
-            progress = Progress("decisiveness judge", len(order), "traces")
-            for index, chunk in batches(
-                order, self.run.part_size("decisiveness", max(1, self.s.batch_size // 2))
-            ):
-                if not self.run.part_done("decisiveness", index):
-                    out: dict[str, list] = {
-                        "example_id": [],
-                        "step": [],
-                        "d": [],
-                        "fallback": [],
-                        "failed": [],
-                    }
-                    rows = [np.flatnonzero(eids == eid) for eid in chunk]
-                    judged = judge_traces(
-                        [[texts[r] for r in rs] for rs in rows],
-                        complete,
-                        batch_size=self.s.judge_batch,
-                        template=template,
-                    )
-                    for eid, rs, j in zip(chunk, rows, judged, strict=True):
-                        out["example_id"] += [eid] * len(rs)
-                        out["step"] += np.asarray(steps["step"])[rs].tolist()
-                        out["d"] += j.scores.tolist()
-                        out["fallback"] += [j.fallback] * len(rs)
-                        out["failed"] += [j.failed] * len(rs)
-                    self.run.write_part("decisiveness", index, out)
-                progress.update(len(chunk))
-            merged = _align_steps(self.run.path, self.run.read_parts("decisiveness"))
+            parts = self.run.read_parts("decisiveness")
+            merged = _align_steps(self.run.path, parts)
             cols["decisiveness_judge"] = merged["d"]
             cols["decisiveness"] = merged["d"]
-            parts = self.run.read_parts("decisiveness")
             for key in ("fallback", "failed"):  # replies (batches), counted once per trace
                 per_trace = dict(zip(parts["example_id"], parts[key], strict=True))
                 info[f"judge_{key}_batches"] = int(sum(per_trace.values()))

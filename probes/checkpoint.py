@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -44,6 +45,17 @@ class Probe:
         return predict_proba(self.params, self.stats, x, layer=self.layer)
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: a probe is saved and read by one process, so
+    in a multi-process run orbax must not wait for the others."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
+
+
 def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
     """Writes ``probe`` to the directory ``path`` (replacing an earlier checkpoint)."""
     path = Path(path).absolute()
@@ -57,7 +69,7 @@ def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
         "mean": np.asarray(probe.stats.mean, np.float32),
         "std": np.asarray(probe.stats.std, np.float32),
     }
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _checkpointer()
     checkpointer.save(path / "arrays", arrays, force=True)
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -82,7 +94,7 @@ def load_probe(path: str | os.PathLike) -> Probe:
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ProbeError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _checkpointer()
     arrays = checkpointer.restore(path / "arrays")
     checkpointer.close()
     return Probe(
