@@ -417,11 +417,12 @@ class Pipeline:
 
         n_layers = self.lm.config.num_layers
         layers = list(self.s.layers) or list(range(n_layers + 1))
+        mean = self.s.probe_features == "mean"
         store = HiddenStore(
-            self.run.path / "hidden",
+            self.run.path / ("hidden_mean" if mean else "hidden"),
             layers=layers,
             width=self.lm.config.hidden_size,
-            dtype="float32",
+            dtype=self.s.hidden_dtype,
         )
         traces = [t for t in self.traces() if t.n_steps > 0]
         progress = Progress("hidden", len(traces), "traces")
@@ -430,13 +431,27 @@ class Pipeline:
         size = max(1, min(self.s.batch_size, 16))
         for start in range(0, len(todo), size):  # one batched forward per chunk of traces
             chunk = todo[start : start + size]
-            ends = [[len(t.prompt_ids) + s.token_end - 1 for s in t.steps] for t in chunk]
-            caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], ends, layers)
-            for tr, cap in zip(chunk, caps, strict=True):
-                store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
+            spans = [_step_spans(t) for t in chunk]
+            if mean:  # every token of every step, averaged per step below
+                where = [[p for a, b in sp for p in range(a, b)] for sp in spans]
+            else:
+                where = [[b - 1 for _, b in sp] for sp in spans]
+            caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], where, layers)
+            for tr, cap, sp in zip(chunk, caps, spans, strict=True):
+                states = cap.states
+                if mean:
+                    sizes = np.array([b - a for a, b in sp])
+                    starts = np.cumsum(sizes) - sizes
+                    states = np.add.reduceat(states, starts, axis=0) / sizes[:, None, None]
+                store.write(tr.example_id, list(range(tr.n_steps)), states)
             progress.update(len(chunk))
         rows = store.finalize()
-        return {"rows": rows, "layers": layers}
+        return {
+            "rows": rows,
+            "layers": layers,
+            "dtype": self.s.hidden_dtype,
+            "features": self.s.probe_features,
+        }
 
     def stage_probes(self) -> dict:
         if PROBE not in self.s.estimators:
@@ -449,6 +464,10 @@ class Pipeline:
                 folds=self.s.folds,
                 label=self.s.probe_label,
                 seed=self.s.seed,
+                families=self.s.probe_family,
+                features=self.s.probe_features,
+                batch_size=self.s.probe_batch,
+                checkpoint=self.s.probe_checkpoint or None,
                 model_name=self.s.model,
             )
         except probes.TooFewLabels as e:
@@ -600,3 +619,9 @@ def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray
                 col[r] = np.nan if v is None else float(v)
         out[key] = col
     return out
+
+
+def _step_spans(trace: Trace) -> list[tuple[int, int]]:
+    """[start, end) sequence positions (prompt + output) of each step's tokens."""
+    off = len(trace.prompt_ids)
+    return [(off + s.token_start, off + s.token_end) for s in trace.steps]

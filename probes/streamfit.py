@@ -27,25 +27,47 @@ def _sigmoid(z):
 
 def platt(s: np.ndarray, y: np.ndarray, iters: int = 50) -> np.ndarray:
     """Per-column Platt scaling of logits s [n, L] to labels y [n] in [0, 1]: [L, 2] (a, c)
-    minimising the cross-entropy of sigmoid(a s + c) (Newton steps with a 1e-6 ridge; hard
-    labels use Platt's targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2))."""
+    minimising the cross-entropy of sigmoid(a s + c) (damped Newton, 1e-6 ridge; hard
+    labels use Platt's targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2)), constrained to a >= 0 so
+    calibration never reverses the probe's order (a <= 0 fitted: a = 0 and c the logit of the
+    mean target). With one label value among the rows the logits are kept, (a, c) = (1, 0)."""
     s = np.asarray(s, np.float64)
     y = np.asarray(y, np.float64)
+    identity = np.tile([1.0, 0.0], (s.shape[1], 1))
+    if len(y) < 2 or y.min() == y.max():
+        return identity
     if _is_binary(y):
         n_pos, n_neg = y.sum(), (1 - y).sum()
         y = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     out = np.zeros((s.shape[1], 2))
     for j in range(s.shape[1]):
         feats = np.stack([s[:, j], np.ones_like(s[:, j])], 1)
+
+        def loss(theta, feats=feats):
+            z = feats @ theta
+            return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
         theta = np.array([1.0, 0.0])
+        current = loss(theta)
         for _ in range(iters):
             p = _sigmoid(feats @ theta)
-            grad = feats.T @ (p - y)
-            hess = (feats * (p * (1 - p))[:, None]).T @ feats + 1e-6 * np.eye(2)
+            grad = feats.T @ (p - y) / len(y)
+            hess = (feats * (p * (1 - p))[:, None]).T @ feats / len(y) + 1e-6 * np.eye(2)
             step = np.linalg.solve(hess, grad)
-            theta = theta - step
-            if np.abs(step).max() < 1e-10:
+            t = 1.0  # backtracking: Newton from (1, 0) overshoots on far-off logits
+            while t > 1e-8 and loss(theta - t * step) > current:
+                t *= 0.5
+            if t <= 1e-8:
                 break
+            theta = theta - t * step
+            new = loss(theta)
+            if current - new < 1e-14:
+                current = new
+                break
+            current = new
+        if theta[0] <= 0:  # the optimum with a >= 0 lies on a = 0: the mean target
+            m = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+            theta = np.array([0.0, np.log(m / (1 - m))])
         out[j] = theta
     return out
 

@@ -11,7 +11,8 @@ and a final probe trained on all labeled rows (``DIR/probes/ckpt`` for the first
 ``ckpt_<family>`` for others); the first family's calibrated probability becomes the step
 column ``conf_probe``. With ``checkpoint`` a saved probe scores the run instead (no
 training). Labels: ``correct`` (the trace's answer), ``agreement`` (conf_agreement) and
-``c_samp`` (conf_sampling, a soft-label regression target).
+``c_samp`` (conf_sampling, a soft-label regression target: cross-entropy without class
+weights, so the probe estimates E[C_samp | state]).
 
     python -m probes.train --run=DIR [--family=linear,mlp] [--label=c_samp] [--folds=5]
     python -m probes.train --train_runs=A,B --eval_runs=C --out=DIR   # transfer
@@ -144,7 +145,7 @@ def _table_rows(family: str, layers, table: dict, chosen: np.ndarray | None) -> 
     n = len(layers)
     times = np.zeros(n, np.int64) if chosen is None else np.bincount(chosen, minlength=n)
     return {
-        "family": [family] * n,
+        "family": np.array([family] * n),
         "layer": np.asarray(layers, np.int64),
         **{k: np.asarray(v) for k, v in table.items()},
         "times_chosen": times,
@@ -216,7 +217,8 @@ def run_probe_stage(
     if checkpoint:
         return _apply_checkpoint(run_dir, checkpoint, label, features, model, reps, seed, mesh)
     rows = RunRows(run_dir, label, features, layers)
-    kw = {"batch_size": batch_size, **({"epochs": epochs} if epochs else {})}
+    kw = {"batch_size": batch_size, "balanced": label != "c_samp"}
+    kw.update({"epochs": epochs} if epochs else {})
     configs = _configs(families, seed, **kw)
     labeled = np.flatnonzero(np.isfinite(rows.y))
     if labeled.size == 0:
@@ -395,7 +397,8 @@ def transfer(
     labeled = np.flatnonzero(np.isfinite(y))
     if labeled.size == 0:
         raise TooFewLabels(f"transfer: no labeled rows in {list(map(str, train_runs))}")
-    kw = {"batch_size": batch_size, **({"epochs": epochs} if epochs else {})}
+    kw = {"batch_size": batch_size, "balanced": label != "c_samp"}
+    kw.update({"epochs": epochs} if epochs else {})
     tables, summary = [], {}
     for config in _configs(families, seed, **kw):
         sel = fit_select(
