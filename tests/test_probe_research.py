@@ -312,3 +312,24 @@ def test_checkpoint_mismatch_errors_name_the_difference(tmp_path):
         run_probe_stage(fewer, checkpoint=ckpt, reps=0)
     with pytest.raises(ProbeError, match="layers"):
         transfer([a], [fewer], tmp_path / "t", epochs=5, reps=0)
+
+
+def test_streaming_pipeline_stable_under_float_noise_in_hidden_states():
+    """The README demo's shape (8 questions, one correct, 2 folds): 1e-6 relative noise in
+    the states keeps every chosen layer and probability (weight decay, epoch and layer
+    choices included)."""
+    rng = np.random.default_rng(0)
+    sizes = [3, 2, 4, 3, 2, 3, 3, 3]
+    groups = np.repeat([f"q{i}" for i in range(8)], sizes)
+    y = (groups == "q6").astype(float)
+    base = rng.standard_normal((groups.size, 31, 64)).astype(np.float32) * 30
+    outs = []
+    for seed in range(3):
+        noise = np.random.default_rng(100 + seed).standard_normal(base.shape)
+        x = (base * (1 + 1e-6 * noise)).astype(np.float32)
+        outs.append(
+            crossfit_source(ArraySource(x), y, groups, folds=2, config=TrainConfig(epochs=100))
+        )
+    for other in outs[1:]:
+        assert other.chosen_layer.tolist() == outs[0].chosen_layer.tolist()
+        np.testing.assert_allclose(other.proba, outs[0].proba, atol=1e-4)
