@@ -333,3 +333,40 @@ def test_streaming_pipeline_stable_under_float_noise_in_hidden_states():
     for other in outs[1:]:
         assert other.chosen_layer.tolist() == outs[0].chosen_layer.tolist()
         np.testing.assert_allclose(other.proba, outs[0].proba, atol=1e-4)
+
+
+_SHARDED = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_probe_research import _planted
+from fcjax.engine.mesh import make_mesh
+from probes.sources import ArraySource
+from probes.trainer import TrainConfig, fit
+x, y, groups = _planted("correct")
+mesh = make_mesh("data:4")
+w = np.ones(len(y), np.float32)
+f = fit(ArraySource(x), y, w, config=TrainConfig(epochs=4, batch_size=32, block=16), mesh=mesh)
+np.save({out!r}, f.params["w"])
+"""
+
+
+@pytest.mark.slow
+def test_batch_sharded_over_four_devices_matches_one(tmp_path):
+    """The minibatch rows sharded over a 4-device data mesh give the 1-device parameters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "w.npy"
+    code = _SHARDED.format(tests=str(Path(__file__).parent), out=str(out))
+    root = str(Path(__file__).parents[1])
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env["PYTHONPATH"] = path
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    x, y, _ = _planted("correct")
+    w = np.ones(len(y), np.float32)
+    one = fit(ArraySource(x), y, w, config=TrainConfig(epochs=4, batch_size=32, block=16))
+    np.testing.assert_allclose(np.load(out), one.params["w"], atol=1e-5, rtol=0)
