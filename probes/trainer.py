@@ -15,8 +15,9 @@ order (``batch_size=0``: one full batch per epoch). Loss: cross-entropy against 
 rows when ``balanced``. Early stopping: with validation rows every (candidate, layer) keeps
 its parameters from the epoch with the lowest validation loss; without them the epoch
 ``stop_epochs[l]`` (how a refit reuses the epochs chosen on validation). Training rows that
-carry one label value train the biases alone. Only the blocks of one minibatch (and the
-next, prefetched) are in memory at a time.
+carry one label value train the biases alone. With ``batch_size > 0`` only the blocks of one
+minibatch (and the next, prefetched) are in memory at a time; a full batch
+(``batch_size=0``) is read once and kept for all epochs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TrainConfig:
     @classmethod
     def for_family(cls, family: str, **kw) -> TrainConfig:
         if family == "mlp":
-            kw = {"lr": 3e-3, "epochs": 150, **kw}
+            kw = {"lr": 1e-2, "epochs": 100, "hidden": 16, **kw}
         return cls(family=family, **kw)
 
 
@@ -297,17 +298,22 @@ def fit(
     best_val = np.full((g, layers), np.inf)
     best_epoch = np.zeros((g, layers), np.int64)
     wd_dev, lr = rep(wd), np.float32(config.lr)
-    val_plan = batches(val_w, config, None) if has_val else []
+
+    def placed(weights, epoch):
+        for idx, x in stream(source, batches(weights, config, epoch)):
+            yield feed(x, y[idx], weights[idx])
+
+    # a full batch (batch_size=0) is the same every epoch: read and place it once
+    cached = None if config.batch_size else list(placed(train_w, None))
+    val_batches = list(placed(val_w, None)) if has_val and not config.batch_size else None
     for epoch in range(config.epochs):
-        for idx, x in stream(source, batches(train_w, config, epoch)):
-            xs, ys, ws = feed(x, y[idx], train_w[idx])
+        for xs, ys, ws in cached if cached is not None else placed(train_w, epoch):
             params, opt_state = _step(
                 params, opt_state, xs, ys, ws, mean, std, a_pos, a_neg, wd_dev, lr, freeze
             )
         if has_val:
             sums = np.zeros((g, layers))
-            for idx, x in stream(source, val_plan):
-                xs, ys, ws = feed(x, y[idx], val_w[idx])
+            for xs, ys, ws in val_batches if val_batches is not None else placed(val_w, None):
                 sums += np.asarray(_eval_losses(params, xs, ys, ws, mean, std, v_pos, v_neg))
             val = sums / val_w.sum()
             better = val < best_val
