@@ -273,6 +273,11 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
     assert out["by_family"]["mlp"]["final_layer"] == 5
     assert load_probe(run / "probes" / "ckpt_mlp").family == "mlp"
     assert np.isfinite(read_table(run / "steps.parquet")["conf_probe"]).all()
+    from experiments.report_html import probe_layer_panel
+
+    panel = probe_layer_panel(run / "probes" / "layers.parquet")
+    assert "linear probe by layer" in panel and panel.count("layer 5: auroc") == 1
+    assert "null band" in panel and "95% interval" in panel
     soft = run_probe_stage(run, folds=2, label="c_samp", epochs=30, reps=0)
     # C_samp takes two values here (0.2, 0.8): a rank correlation near its ceiling, and
     # probabilities near the values themselves
