@@ -127,11 +127,12 @@ def feature_stats(source, weights: np.ndarray, config: TrainConfig) -> Stats:
     s2 = np.zeros_like(s1)
     count = 0.0
     for idx, x in stream(source, batches(weights, config, None)):
-        w = weights[idx].astype(np.float64)
-        x64 = x.astype(np.float64)
-        s1 += np.einsum("n,nld->ld", w, x64)
-        s2 += np.einsum("n,nld->ld", w, x64 * x64)
-        count += w.sum()
+        for lo in range(0, len(idx), 1024):  # float64 copies of 1024 rows at a time
+            w = weights[idx[lo : lo + 1024]].astype(np.float64)
+            x64 = x[lo : lo + 1024].astype(np.float64)
+            s1 += np.einsum("n,nld->ld", w, x64)
+            s2 += np.einsum("n,nld->ld", w, x64 * x64)
+            count += w.sum()
     count = max(count, 1.0)
     mean = s1 / count
     std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))

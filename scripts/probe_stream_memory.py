@@ -28,6 +28,7 @@ flags.DEFINE_integer("layers", 31, "layers (make)")
 flags.DEFINE_integer("width", 576, "hidden width (make)")
 flags.DEFINE_integer("epochs", 2, "training epochs")
 flags.DEFINE_integer("batch", 4096, "streamed rows per step")
+flags.DEFINE_integer("first", 0, "memory mode: read only the first rows (0: all)")
 FLAGS = flags.FLAGS
 
 
@@ -69,7 +70,8 @@ def train(streamed: bool) -> dict:
         source = StoreSource(reader)
         config = TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch)
     else:
-        source = ArraySource(reader.read())
+        rows = reader.index["row"][: FLAGS.first or None]
+        source = ArraySource(reader.read_rows(rows))
         config = TrainConfig(epochs=FLAGS.epochs)
     t_read = time.perf_counter() - t0
     y, w = _labels(source.n_rows)
