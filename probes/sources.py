@@ -7,12 +7,33 @@ source never holds more than the blocks of one minibatch (plus one prefetched mi
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import numpy as np
 
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
 from probes.model import ProbeError
+
+
+def _return_freed_minibatches() -> None:
+    """Fixes glibc's mmap threshold at 1 MiB (once per process). glibc raises the threshold
+    after large blocks are freed, so later minibatch buffers come from the heap, whose freed
+    pages fragment and stay resident: streaming a 4.3 GB dump in 290 MB minibatches then
+    peaked at 4.0 GB of RSS for reading alone, 2.5 GB with the threshold fixed. No-op where
+    the C library is not glibc."""
+    global _FIXED
+    if _FIXED:
+        return
+    _FIXED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_FIXED = False
 
 
 class ArraySource:
@@ -41,6 +62,7 @@ class StoreSource:
     layer ids (default: all stored)."""
 
     def __init__(self, reader: HiddenReader | str, layers: Sequence[int] | None = None):
+        _return_freed_minibatches()
         self.reader = reader if isinstance(reader, HiddenReader) else HiddenReader(reader)
         stored = self.reader.layers
         layers = stored if layers is None else tuple(int(v) for v in layers)
