@@ -129,11 +129,37 @@ class Settings:
     layers: tuple[int, ...] = setting(
         (), "hidden_states layers dumped for probes (default: all)", stage="hidden", item=int
     )
+    hidden_dtype: str = setting(
+        "float32",
+        "dtype of the stored hidden states",
+        stage="hidden",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    probe_features: str = setting(
+        "end",
+        "probe features: the step-end token's state or the mean over the step's tokens",
+        stage="hidden",
+        choices=("end", "mean"),
+    )
     folds: int = setting(
         5, "cross-fitting folds of the probes (grouped by question)", stage="probes", minimum=2
     )
     probe_label: str = setting(
-        "correct", "probe training label", stage="probes", choices=("correct", "agreement")
+        "correct",
+        "probe training label (c_samp: regression onto the sampling estimator's confidence)",
+        stage="probes",
+        choices=("correct", "agreement", "c_samp"),
+    )
+    probe_family: tuple[str, ...] = setting(
+        ("linear",),
+        "probe families (linear, mlp); the first gives conf_probe, all get layer-table rows",
+        stage="probes",
+    )
+    probe_batch: int = setting(
+        0, "probe training rows per step (0: full batch)", stage="probes", minimum=0
+    )
+    probe_checkpoint: str = setting(
+        "", "score the run with this saved probe instead of cross-fitting one", stage="probes"
     )
     decisiveness: str = setting(
         "judge", "decisiveness source", stage="decisiveness", choices=("judge", "lexicon")
@@ -196,6 +222,7 @@ class Settings:
         d["decisiveness_judge"] = self.decisiveness_judge
         d["estimators"] = list(self.estimators)
         d["layers"] = list(self.layers)
+        d["probe_family"] = list(self.probe_family)
         return d
 
 

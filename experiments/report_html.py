@@ -317,10 +317,16 @@ PER_ESTIMATOR = (
 
 
 def probe_layer_panel(path: Path) -> str | None:
-    """Cross-fitted AUROC and ECE of the linear probe per layer (``probes/layers.parquet``)."""
+    """Cross-fitted AUROC (with its 95% interval and null band where stored) and ECE of the
+    first probe family per layer (``probes/layers.parquet``)."""
     if not path.exists():
         return None
     table = read_table(path)
+    family = "linear"
+    if "family" in table and len(table["family"]):  # one line per layer: the first family's
+        family = str(table["family"][0])
+        keep = np.asarray(table["family"]) == family
+        table = {k: np.asarray(v)[keep] for k, v in table.items()}
     layers = np.asarray(table["layer"], float)
     if layers.size == 0:
         return None
@@ -328,9 +334,25 @@ def probe_layer_panel(path: Path) -> str | None:
     step = max(1, math.ceil(top / 8))
     ticks = [(float(v), str(v)) for v in range(0, top + 1, step)]
     p = svg.Panel(
-        "linear probe by layer", "layer", "AUROC / ECE", xlim=(0.0, top), xticks=ticks, width=560
+        f"{family} probe by layer", "layer", "AUROC / ECE", xlim=(0.0, top), xticks=ticks, width=560
     )
     p.line([0, layers.max()], [0.5, 0.5], stroke="#aaa", width=0.8)
+    for key, tip in (
+        ("auroc_lo", "95% interval"),
+        ("auroc_hi", "95% interval"),
+        ("null_lo", "null band"),
+        ("null_hi", "null band"),
+    ):
+        if key in table and np.isfinite(np.asarray(table[key], float)).any():
+            stroke = svg.colour(0) if key.startswith("auroc") else "#999"
+            p.line(
+                layers.tolist(),
+                np.asarray(table[key], float).tolist(),
+                stroke,
+                dash=True,
+                width=0.7,
+                tip=tip,
+            )
     for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
         values = np.asarray(table[key], float).tolist()
         p.line(layers.tolist(), values, stroke, dash=dash, tip=key)

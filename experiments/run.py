@@ -24,6 +24,7 @@ from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
 from fcjax.engine import multihost as mh
+from probes.trainer import FAMILIES
 
 _ = flags.DEFINE_string("out", None, "run directory (created if missing)", required=True)
 
@@ -103,6 +104,15 @@ def settings_from_flags() -> Settings:
                 load_template(getattr(f, name), required)
             except TemplateError as e:
                 errors.append(f"--{name}: {e}")
+    for fam in f.probe_family:
+        if fam not in FAMILIES:
+            errors.append(f"--probe_family: unknown {fam!r}; valid: {', '.join(FAMILIES)}")
+    if not f.probe_family:
+        errors.append(f"--probe_family: give at least one of {', '.join(FAMILIES)}")
+    if f.probe_label == "c_samp" and "sampling" not in f.estimators and "probe" in f.estimators:
+        errors.append("--probe_label=c_samp needs the sampling estimator in --estimators")
+    if f.probe_checkpoint and not _is_file(f"{f.probe_checkpoint}/probe.json"):
+        errors.append(f"--probe_checkpoint: {f.probe_checkpoint}/probe.json not found")
     valid_est = available_estimators()
     for e in f.estimators:
         if e not in valid_est:

@@ -465,6 +465,10 @@ class Pipeline:
     def _hidden_layers(self) -> list[int]:
         return list(self.s.layers) or list(range(self.lm.config.num_layers + 1))
 
+    def _hidden_root(self) -> Path:
+        """``hidden/`` (step-end states) or ``hidden_mean/`` (means over each step)."""
+        return self.run.path / ("hidden_mean" if self.s.probe_features == "mean" else "hidden")
+
     def work_hidden(self) -> int:
         """Captures the step-end states of this process's traces into ``hidden/``: one
         store with one process; with several, process 0 pre-sizes one array and each process
@@ -473,13 +477,13 @@ class Pipeline:
             return 0
         from fcjax.store.hidden import HiddenStore
 
-        root, layers = self.run.path / "hidden", self._hidden_layers()
-        width = self.lm.config.hidden_size
+        root, layers = self._hidden_root(), self._hidden_layers()
+        width, dtype = self.lm.config.hidden_size, self.s.hidden_dtype
         traces = [t for t in self.traces() if t.n_steps > 0]
         if self.procs.count == 1:
             if (root / PLAN).exists():  # left by a multi-process run: another layout
                 shutil.rmtree(root)
-            store = HiddenStore(root, layers=layers, width=width, dtype="float32")
+            store = HiddenStore(root, layers=layers, width=width, dtype=dtype)
             n = self._capture_into(store, traces)
             self._hidden_rows = store.finalize()
             return n
@@ -495,7 +499,7 @@ class Pipeline:
             old = json.loads((root / PLAN).read_text()) if (root / PLAN).exists() else None
             if old != plan or not (root / "states").exists():
                 HiddenStore.create_shared(
-                    root, layers, width, offsets[-1] + rows[-1], "float32", chunk_rows=HIDDEN_CHUNK
+                    root, layers, width, offsets[-1] + rows[-1], dtype, chunk_rows=HIDDEN_CHUNK
                 )
                 write_json_atomic(root / PLAN, plan)
         self.procs.barrier("hidden:created")
@@ -504,7 +508,7 @@ class Pipeline:
             root,
             layers=layers,
             width=width,
-            dtype="float32",
+            dtype=dtype,
             chunk_rows=HIDDEN_CHUNK,
             row_offset=offsets[me],
             num_rows=ends[me] - offsets[me],
@@ -517,16 +521,25 @@ class Pipeline:
         """Captures the traces ``store`` lacks, a batched forward per chunk of traces."""
         from fcjax.engine.capture import capture
 
-        layers = self._hidden_layers()
+        layers, mean = self._hidden_layers(), self.s.probe_features == "mean"
         todo = [t for t in traces if (t.example_id, t.n_steps - 1) not in store]
         progress = Progress("hidden", len(todo), "traces")
         size = max(1, min(self.s.batch_size, 16))
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
-            ends = [[len(t.prompt_ids) + s.token_end - 1 for s in t.steps] for t in chunk]
-            caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], ends, layers)
-            for tr, cap in zip(chunk, caps, strict=True):
-                store.write(tr.example_id, list(range(tr.n_steps)), cap.states)
+            spans = [_step_spans(t) for t in chunk]
+            if mean:  # every token of every step, averaged per step below
+                where = [[p for a, b in sp for p in range(a, b)] for sp in spans]
+            else:
+                where = [[b - 1 for _, b in sp] for sp in spans]
+            caps = capture(self.lm, [t.prompt_ids + t.output_ids for t in chunk], where, layers)
+            for tr, cap, sp in zip(chunk, caps, spans, strict=True):
+                states = cap.states
+                if mean:
+                    sizes = np.array([b - a for a, b in sp])
+                    starts = np.cumsum(sizes) - sizes
+                    states = np.add.reduceat(states, starts, axis=0) / sizes[:, None, None]
+                store.write(tr.example_id, list(range(tr.n_steps)), states)
             progress.update(len(chunk))
         return len(todo)
 
@@ -538,8 +551,13 @@ class Pipeline:
         if self.procs.count == 1:
             rows = self._hidden_rows
         else:
-            rows = HiddenStore.finalize_shared(self.run.path / "hidden", self.procs.count)
-        return {"rows": rows, "layers": self._hidden_layers()}
+            rows = HiddenStore.finalize_shared(self._hidden_root(), self.procs.count)
+        return {
+            "rows": rows,
+            "layers": self._hidden_layers(),
+            "dtype": self.s.hidden_dtype,
+            "features": self.s.probe_features,
+        }
 
     def stage_probes(self) -> dict:
         if PROBE not in self.s.estimators:
@@ -552,6 +570,10 @@ class Pipeline:
                 folds=self.s.folds,
                 label=self.s.probe_label,
                 seed=self.s.seed,
+                families=self.s.probe_family,
+                features=self.s.probe_features,
+                batch_size=self.s.probe_batch,
+                checkpoint=self.s.probe_checkpoint or None,
                 model_name=self.s.model,
             )
         except probes.TooFewLabels as e:
@@ -713,3 +735,9 @@ def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray
                 col[r] = np.nan if v is None else float(v)
         out[key] = col
     return out
+
+
+def _step_spans(trace: Trace) -> list[tuple[int, int]]:
+    """[start, end) sequence positions (prompt + output) of each step's tokens."""
+    off = len(trace.prompt_ids)
+    return [(off + s.token_start, off + s.token_end) for s in trace.steps]

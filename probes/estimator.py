@@ -35,6 +35,11 @@ class ProbeEstimator(Estimator):
         from fcjax.engine.capture import capture
 
         probe = load_probe(self.checkpoint)
+        if probe.features != "end":
+            raise EstimatorError(
+                f"probe: {self.checkpoint} uses {probe.features!r} features; this estimator "
+                "captures step-end states only (score such runs with probes.train)"
+            )
         ends = [[len(tr.prompt_ids) + s.token_end - 1 for s in tr.steps] for tr in traces]
         seqs = [tr.prompt_ids + tr.output_ids for tr in traces]
         caps = capture(ctx.lm, seqs, ends, [probe.layer_id])  # batched over the traces

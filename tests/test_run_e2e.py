@@ -400,3 +400,45 @@ def test_paired_differences_table(finished, tmp_path):
     table = paired_table(finished, other, reps=50)
     line = next(ln for ln in table.splitlines() if ln.startswith("| deepconf | MFG |"))
     assert int(line.split("|")[3]) == int(np.isfinite(f).sum()) - 1
+
+
+def test_hidden_mean_features_in_float16_match_a_brute_force_forward(tiny_chat, finished, tmp_path):
+    """--probe_features=mean --hidden_dtype=float16: each stored row is the mean over the
+    step's tokens of the full forward's hidden_states (float16-rounded), and the probe stage
+    trains on them."""
+    import shutil
+
+    import fcjax
+    from fcjax.store.hidden import HiddenReader
+
+    shutil.copytree(finished, tmp_path / "r")
+    out = tmp_path / "r"
+    run(settings(tiny_chat, probe_features="mean", hidden_dtype="float16"), str(out), redo="hidden")
+    reader = HiddenReader(out / "hidden_mean")
+    assert reader.meta.dtype == "float16"
+    states = reader.read()
+    ex = read_table(out / "examples.parquet")
+    st = read_table(out / "steps.parquet")
+    lm = fcjax.load(str(tiny_chat))
+    seqs = {
+        str(e): list(p) + list(o)
+        for e, p, o in zip(ex["example_id"], ex["prompt_ids"], ex["output_ids"], strict=True)
+    }
+    offsets = {str(e): len(p) for e, p in zip(ex["example_id"], ex["prompt_ids"], strict=True)}
+    spans = {
+        (str(e), int(s)): (a, b)
+        for e, s, a, b in zip(
+            st["example_id"], st["step"], st["token_start"], st["token_end"], strict=True
+        )
+    }
+    checked = 0
+    index = zip(reader.index["example_id"], reader.index["step"], strict=True)
+    for i, (eid, step) in enumerate(index):
+        a, b = spans[(eid, int(step))]
+        full = np.asarray(lm.hidden_states(np.array([seqs[eid]])))[:, 0]  # [L + 1, T, D]
+        want = full[:, offsets[eid] + a : offsets[eid] + b].mean(1)
+        np.testing.assert_allclose(states[i], want, rtol=2e-3, atol=2e-3)
+        checked += 1
+    assert checked == len(reader.index["row"]) > 0
+    probes_info = RunDir(out).info("probes")
+    assert probes_info["features"] == "mean"

@@ -2,7 +2,7 @@
 
 Layout under ``root``::
 
-    states/            zarr3 array [rows, layers, width] (bfloat16 or float32)
+    states/            zarr3 array [rows, layers, width] (bfloat16, float16 or float32)
     meta.json          {"layers", "width", "dtype", "chunk_rows"}
     index.parquet      example_id (str), step (int64), row (int64)
     COMPLETE           {"rows": n, ...}, written last by ``finalize`` (readers need it)
@@ -41,7 +41,8 @@ import tensorstore as ts
 
 from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
-_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+DTYPES = tuple(_DTYPES)
 MARKER = "COMPLETE"
 INDEX = "index.parquet"
 
@@ -424,6 +425,13 @@ class HiddenReader:
         for j, future in enumerate(reads):
             out[:, j] = future.result()[rows - lo].astype(np.float32)
         return out
+
+    def start_read(self, lo: int, hi: int):
+        """Begins an asynchronous read of array rows [lo, hi), every layer, in the stored
+        dtype; ``.result()`` of the returned future gives [hi - lo, layers, width]."""
+        if not 0 <= lo <= hi <= self._array.shape[0]:
+            raise HiddenStoreError(f"{self.root}: rows [{lo}, {hi}) outside the stored array")
+        return self._array[lo:hi].read()
 
     def read(self, layers: Sequence[int] | None = None) -> np.ndarray:
         """All indexed rows, in index order: float32 [n, layers, width]."""
