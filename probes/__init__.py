@@ -1,5 +1,7 @@
-"""Optax linear probes on step-end hidden states: training, cross-fitting, Orbax checkpoints,
-and the ``probe`` confidence estimator (registered with ``fcjax.confidence`` on import)."""
+"""Probes on step hidden states (linear and MLP, Optax): the streaming trainer the probe
+stage uses (``probes.trainer``), the earlier in-memory trainer (``train_probes``,
+``crossfit``), statistics, transfer across runs, Orbax checkpoints, and the ``probe``
+confidence estimator (registered with ``fcjax.confidence`` on import)."""
 
 from probes.checkpoint import Probe, load_probe, save_probe
 from probes.crossfit import CrossfitResult, crossfit, fit_with_selection, group_folds
