@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -38,7 +37,6 @@ from fcjax.decisiveness.judge import judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
-from fcjax.engine.mesh import make_mesh
 from fcjax.metrics import summarize, trace_columns
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
 from fcjax.text.chat import has_chat_template, open_think
@@ -566,15 +564,9 @@ class Pipeline:
             return {"skipped": "probe estimator not requested"}
         from probes.train import run_probe_stage
 
-        # process 0 trains alone: on one of its devices, since a batch sharded over several
-        # would reduce across them with collectives the other processes never join (a hang)
-        mesh = None
-        if self.procs.count > 1:
-            mesh = make_mesh(devices=jax.local_devices()[:1])
-        try:
+        try:  # on process 0 alone (probes.trainer.default_mesh: one device there)
             return run_probe_stage(
                 self.run.path,
-                mesh=mesh,
                 folds=self.s.folds,
                 label=self.s.probe_label,
                 seed=self.s.seed,

@@ -222,11 +222,22 @@ def _class_weights(y: np.ndarray, weights: np.ndarray, balanced: bool) -> tuple[
     return total / (2 * pos), total / (2 * neg)
 
 
+def default_mesh():
+    """The engine's data-parallel mesh over this process's devices on accelerators; one
+    device on CPU and in multi-process runs. Training reduces across the data axis: CPU
+    "devices" share the same cores (XLA's in-process all-reduce over 8 forced devices on 2
+    cores stalled until XLA aborted), and in a multi-process run the probe stage runs on
+    process 0 alone, so a reduction must not wait for the other processes."""
+    if jax.default_backend() == "cpu" or jax.process_count() > 1:
+        return mesh_lib.make_mesh(devices=jax.local_devices()[:1])
+    return mesh_lib.default_mesh()
+
+
 class _Feeder:
     """Pads minibatches to one shape and shards them over the mesh's data axis."""
 
     def __init__(self, config: TrainConfig, n_rows: int, mesh):
-        self.mesh = mesh or mesh_lib.default_mesh()
+        self.mesh = mesh or default_mesh()
         n_data = mesh_lib.data_size(self.mesh)
         per = -(-config.batch_size // config.block) * config.block if config.batch_size else n_rows
         self.rows = -(-per // n_data) * n_data
