@@ -223,21 +223,25 @@ def test_max_new_tokens_and_bad_input(lm):
 def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
     """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
     one a float64 descending sort gives; flat rows differ from it by at most a boundary token
-    (float32 sums in another order)."""
-    from fcjax.engine.sampling import filter_top_p
+    (float32 sums in another order). ``ok`` says which rows the shortlist held."""
+    import jax.numpy as jnp
+
+    from fcjax.engine.sampling import Sampler, kept_cut
 
     rng = np.random.default_rng(int(scale * 10) + shortlist)
     logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
     logits[0, :7] = -np.inf  # rows already cut by top-k
     logits[1, :3] = logits[1, 3]  # ties
-    kept = filter_top_p(jax.numpy.asarray(logits), 0.9, shortlist, branchless=branchless)
-    kept = ~np.isinf(np.asarray(kept))
-    for row, keep in zip(logits.astype(np.float64), kept, strict=True):
+    top = jax.lax.top_k(jnp.asarray(logits), shortlist)[0]
+    cut, ok = kept_cut(jnp.asarray(logits), Sampler(1.0, 0.9, 0, 5), top, branchless)
+    kept = logits >= np.asarray(cut)
+    for row, keep, held in zip(logits.astype(np.float64), kept, np.asarray(ok)[:, 0], strict=True):
         order = np.argsort(-row, kind="stable")
         probs = np.exp(row[order] - row.max())
         probs /= probs.sum()
         n = int(np.searchsorted(np.cumsum(probs) - probs, 0.9, side="left"))
         expected = row >= row[order][n - 1]
+        assert held == (expected.sum() < shortlist) or scale < 1
         if scale >= 1:
             np.testing.assert_array_equal(keep, expected)
         else:

@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fcjax.engine.sampling import Sampler, gumbel_choice, sample_step
+from fcjax.engine.sampling import Sampler, choice_block, gumbel_choice, sample_step
 
-VOCAB = 600  # not a multiple of the draw's block: the padded last block is exercised
+VOCAB = 601  # prime: the draw's blocks are padded (the engine's vocabularies divide evenly)
 DRAWS = 40_000
 
 
-def _logits(seed: int) -> np.ndarray:
+def _logits(seed: int, flat: bool = False) -> np.ndarray:
+    """A few likely tokens in several blocks; ``flat``: mass spread so widely that the 256
+    largest logits hold less than the nucleus (the full-vocabulary path)."""
     rng = np.random.default_rng(seed)
+    if flat:
+        return (rng.standard_normal(VOCAB) * 0.3).astype(np.float32)
     logits = rng.standard_normal(VOCAB) * 2.0
-    logits[rng.choice(VOCAB, 12, replace=False)] += 6.0  # a few likely tokens in several blocks
+    logits[rng.choice(VOCAB, 12, replace=False)] += 6.0
     return logits.astype(np.float32)
 
 
@@ -28,6 +32,7 @@ def _expected(logits: np.ndarray, sampler: Sampler) -> np.ndarray:
     keep = np.zeros(VOCAB, bool)
     n = VOCAB if sampler.top_k == 0 else sampler.top_k
     probs = np.exp(scaled[order] - scaled.max())
+    probs[n:] = 0.0  # top-k first; the nucleus is taken of what it keeps (renormalised)
     probs /= probs.sum()
     if sampler.top_p < 1:
         before = np.cumsum(probs) - probs
@@ -37,10 +42,11 @@ def _expected(logits: np.ndarray, sampler: Sampler) -> np.ndarray:
     return p / p.sum()
 
 
-def _draw(logits: np.ndarray, sampler: Sampler, seed: int) -> np.ndarray:
+def _draw(logits: np.ndarray, sampler: Sampler, seed: int, branchless=None) -> np.ndarray:
     keys = jax.random.split(jax.random.PRNGKey(seed), DRAWS)
     rows = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, VOCAB))
-    tok, chosen, top_lp, top_ids = jax.jit(sample_step, static_argnums=2)(rows, keys, sampler)
+    step = jax.jit(sample_step, static_argnums=(2, 3))
+    tok, chosen, top_lp, top_ids = step(rows, keys, sampler, branchless)
     lp = np.log(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
     np.testing.assert_allclose(np.asarray(chosen), lp[np.asarray(tok)], atol=1e-5)
     top5 = np.argsort(-logits, kind="stable")[:5]
@@ -50,14 +56,20 @@ def _draw(logits: np.ndarray, sampler: Sampler, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "sampler",
-    [Sampler(1.0, 1.0, 0, 5), Sampler(0.7, 0.9, 0, 5), Sampler(1.3, 1.0, 20, 5)],
-    ids=["plain", "top_p", "top_k"],
+    "sampler, flat, branchless",
+    [
+        (Sampler(1.0, 1.0, 0, 5), False, None),
+        (Sampler(0.7, 0.9, 0, 5), False, None),  # the nucleus is in the shortlist
+        (Sampler(1.3, 1.0, 20, 5), False, None),
+        (Sampler(1.0, 0.9, 0, 5), True, None),  # it is not: bisection over the vocabulary
+        (Sampler(1.0, 0.9, 300, 5), True, True),  # top-k past the shortlist, then top-p
+    ],
+    ids=["plain", "top_p", "top_k", "top_p_flat", "top_k_p_flat_branchless"],
 )
-def test_draws_follow_the_filtered_softmax(sampler):
-    logits = _logits(1)
+def test_draws_follow_the_filtered_softmax(sampler, flat, branchless):
+    logits = _logits(1, flat)
     expected = _expected(logits, sampler)
-    counts = _draw(logits, sampler, seed=2)
+    counts = _draw(logits, sampler, seed=2, branchless=branchless)
     assert counts[expected == 0].sum() == 0  # nothing outside the kept set
     support = expected > 0
     # pool the rare tokens so every cell expects >= 5 draws (chi-square's validity)
@@ -80,3 +92,24 @@ def test_gumbel_choice_is_exact_for_two_blocks_and_excluded_entries():
     assert set(np.unique(tok)) == {5, 300}
     share = np.mean(tok == 300)
     assert abs(share - 0.8) < 4 * np.sqrt(0.8 * 0.2 / DRAWS)
+
+
+def test_a_rows_token_does_not_depend_on_the_other_rows():
+    """A row whose nucleus the shortlist holds draws the same token whether or not another
+    row of its batch sends the batch down the full-vocabulary path (and either way on GPU's
+    branchless path)."""
+    sampler = Sampler(0.7, 0.9, 0, 5)
+    peaked, flat = _logits(1), _logits(2, flat=True)
+    keys = jax.random.split(jax.random.PRNGKey(3), 64)
+    step = jax.jit(sample_step, static_argnums=(2, 3))
+    alone = step(jnp.asarray(np.stack([peaked] * 64)), keys, sampler, None)[0]
+    mixed = np.stack([peaked] * 63 + [flat])
+    for branchless in (False, True):
+        tok = step(jnp.asarray(mixed), keys, sampler, branchless)[0]
+        np.testing.assert_array_equal(np.asarray(tok)[:63], np.asarray(alone)[:63])
+
+
+def test_choice_block_divides_the_vocabulary_when_it_can():
+    assert choice_block(49152) == 192  # SmolLM2: 256 blocks of 192
+    assert 151936 % choice_block(151936) == 0  # Qwen2
+    assert choice_block(601) == 256  # prime: padded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,140 +87,209 @@ def _sortable_bits(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _bisect_top_p_keys(logits: jnp.ndarray, log_norm: jnp.ndarray, p: float) -> jnp.ndarray:
-    """The largest sortable key k [rows, 1] with mass(logits >= k) >= p, by bisection over the
-    32-bit keys: 32 passes over the vocabulary and no sort. Each pass reads the logits alone
-    (keys and probabilities are recomputed in it, never stored)."""
-    lo = _sortable_bits(jnp.min(logits, axis=-1, keepdims=True))
-    hi = _sortable_bits(jnp.max(logits, axis=-1, keepdims=True))
+def _from_sortable_bits(bits: jnp.ndarray) -> jnp.ndarray:
+    """The inverse of ``_sortable_bits``."""
+    positive = (bits >> 31) == 1
+    return jax.lax.bitcast_convert_type(
+        jnp.where(positive, bits & jnp.uint32(0x7FFFFFFF), ~bits), jnp.float32
+    )
 
-    def body(_, bounds):
-        lo, hi = bounds
-        gap = hi - lo
-        mid = lo + gap // 2 + gap % 2
-        kept = _sortable_bits(logits) >= mid
-        mass = jnp.sum(jnp.where(kept, jnp.exp(logits - log_norm), 0.0), axis=-1, keepdims=True)
-        ok = mass >= p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, jnp.maximum(hi, lo)))
-    return lo
+def _log_sum_exp(x: jnp.ndarray, x_max: jnp.ndarray) -> jnp.ndarray:
+    """log-sum-exp over the last axis given an upper bound of it [.., 1]: one pass."""
+    return x_max + jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
 
 
 SHORTLIST = 256  # largest logits looked at for top-k / top-p before any full-vocabulary pass
 
 
-def filter_top_p(
-    logits: jnp.ndarray,
-    p: float,
-    shortlist: int = SHORTLIST,
-    top: jnp.ndarray | None = None,
-    log_norm: jnp.ndarray | None = None,
-    branchless: bool | None = None,
-) -> jnp.ndarray:
-    """Nucleus filter: keep the smallest set of largest logits whose probability reaches p
-    (the token that crosses p is kept).
+class _Scaled(NamedTuple):
+    """Logits [rows, vocab] at a temperature, computed where they are read (never stored),
+    and their maximum [rows, 1] (the first logit of the descending shortlist)."""
 
-    The nucleus is looked for in the ``shortlist`` largest logits (``top``, descending, when
-    the caller has them); only when some row's shortlist holds less than p of the mass is the
-    threshold found by exact bisection over the float bit patterns. Both give the nucleus a
-    descending sort would.
+    logits: jnp.ndarray
+    temperature: float
+    top: jnp.ndarray  # [rows, n] the n largest scaled logits, descending
+
+    def values(self, x=None) -> jnp.ndarray:
+        return (self.logits if x is None else x) / self.temperature
+
+    @property
+    def max(self) -> jnp.ndarray:
+        return self.top[:, :1]
+
+
+def _shortlist_cut(s: _Scaled, sampler: Sampler):
+    """The kept set's threshold [rows, 1] (keep the scaled logits at or above it) found in
+    the shortlist alone, and ``ok`` [rows, 1]: the shortlist holds the whole kept set (the
+    nucleus is reached and the shortlist's smallest logit is below the threshold)."""
+    vocab = s.logits.shape[-1]
+    top = s.top
+    threshold = jnp.full(s.max.shape, -jnp.inf, top.dtype)
+    reached = jnp.ones(s.max.shape, bool)
+    if 0 < sampler.top_k < vocab:
+        threshold = top[:, sampler.top_k - 1 : sampler.top_k]
+    if sampler.top_p < 1.0:
+        in_k = top >= threshold
+        if 0 < sampler.top_k < vocab:  # renormalised over the top-k set
+            log_norm = _log_sum_exp(jnp.where(in_k, top, -jnp.inf), s.max)
+        else:  # over the whole vocabulary: one pass, the scaled logits are not stored
+            log_norm = _log_sum_exp(s.values(), s.max)
+        probs = jnp.where(in_k, jnp.exp(top - log_norm), 0.0)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        nucleus = in_k & (before < sampler.top_p)
+        threshold = jnp.min(jnp.where(nucleus, top, jnp.inf), axis=-1, keepdims=True)
+        reached = jnp.sum(probs, axis=-1, keepdims=True) >= sampler.top_p
+    return threshold, reached & (top[:, -1:] < threshold)
+
+
+def _bisect_cut(s: _Scaled, sampler: Sampler) -> jnp.ndarray:
+    """The kept set's threshold over the whole vocabulary: the top-k cut, then for top-p the
+    largest threshold whose mass (among the top-k set) reaches p, by bisection over the float
+    bit patterns: 32 passes that each read the logits alone and no sort."""
+    vocab = s.logits.shape[-1]
+    floor = jnp.full(s.max.shape, -jnp.inf, s.max.dtype)
+    if 0 < sampler.top_k < vocab:
+        floor = s.top[:, sampler.top_k - 1 : sampler.top_k]
+    if sampler.top_p >= 1.0:
+        return floor
+
+    def mass(key):
+        x = s.values()
+        kept = jnp.where(x >= _from_sortable_bits(key), jnp.exp(x - s.max), 0.0)
+        return jnp.sum(kept, axis=-1, keepdims=True)
+
+    floor = _sortable_bits(floor)
+    total = mass(floor)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + gap // 2 + gap % 2
+        ok = mass(mid) >= sampler.top_p * total
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (floor, _sortable_bits(s.max)))
+    return _from_sortable_bits(lo)
+
+
+def kept_cut(logits, sampler: Sampler, top=None, branchless: bool | None = None):
+    """The filter of ``sampler`` (top-k, then top-p, at its temperature) as a per-row
+    threshold [rows, 1]: the scaled logits at or above it are kept; and ``ok``
+    [rows, 1], whether the shortlist ``top`` (the largest logits, descending) held it.
+
+    The cut is the one a descending sort gives. It comes from the shortlist where that holds
+    the kept set (nearly every row of a trained model) and else from bisection;
+    ``branchless`` (default: on GPU) computes both instead of branching on the device."""
+    vocab = logits.shape[-1]
+    if top is None:
+        top = jax.lax.top_k(logits, min(SHORTLIST, vocab))[0]
+    s = _Scaled(logits, sampler.temperature, top / sampler.temperature)
+    short, ok = _shortlist_cut(s, sampler)
+    if branchless is None:
+        branchless = jax.default_backend() == "gpu"
+    if branchless:
+        return jnp.where(ok, short, _bisect_cut(s, sampler)), ok
+    cut = jax.lax.cond(
+        jnp.all(ok), lambda: short, lambda: jnp.where(ok, short, _bisect_cut(s, sampler))
+    )
+    return cut, ok
+
+
+def choice_block(vocab: int) -> int:
+    """Entries per block of the two-stage draw: the divisor of ``vocab`` in [64, 1024] (two
+    blocks at least) that needs the fewest random numbers (vocab / block + block); 256 with
+    padding if there is none."""
+    divisors = [b for b in range(64, min(1024, vocab // 2) + 1) if vocab % b == 0]
+    return min(divisors, key=lambda b: vocab // b + b) if divisors else 256
+
+
+def gumbel_choice(logits, keys, temperature: float = 1.0, cut=None, shift=None) -> jnp.ndarray:
+    """One draw per row from softmax(``logits`` / ``temperature``) [rows, vocab], restricted to
+    the scaled logits at or above ``cut`` [rows, 1] (all when None; -inf
+    logits are never drawn), with keys [rows, 2] -> token ids [rows] int32. ``shift``
+    [rows, 1] is an upper bound of the scaled logits when the caller knows one.
+
+    Two Gumbel-max draws, exact for the categorical: a block of ``choice_block(vocab)``
+    entries with probability its share of the mass, then an entry within it. That needs
+    ``vocab / block + block`` random numbers per row instead of ``vocab`` (the random bits of
+    a full-vocabulary draw cost more than the rest of the sampler on CPU); the logits are
+    read once, scaled and filtered where they are read.
     """
-    if log_norm is None:
-        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    keys = _sortable_bits(logits)
+    rows, vocab = logits.shape
+    block = choice_block(vocab)
+    blocks = -(-vocab // block)
+    if blocks * block != vocab:
+        logits = jnp.pad(logits, ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
+    grouped = logits.reshape(rows, blocks, block)
 
-    def bisect(_):
-        return _bisect_top_p_keys(logits, log_norm, p)
+    def scaled(x, cut):  # x [.., block] raw logits -> kept scaled logits (-inf elsewhere)
+        x = x / temperature
+        return x if cut is None else jnp.where(x >= cut, x, -jnp.inf)
 
-    def from_shortlist(top):
-        top_probs = jnp.exp(top - log_norm)
-        before = jnp.cumsum(top_probs, axis=-1) - top_probs
-        threshold = jnp.min(jnp.where(before < p, top, jnp.inf), axis=-1, keepdims=True)
-        return _sortable_bits(threshold)
+    cuts = None if cut is None else cut[:, :, None]
+    if shift is None:
+        shift = jnp.max(scaled(logits, cut), axis=-1, keepdims=True)
+    block_mass = jnp.sum(jnp.exp(scaled(grouped, cuts) - shift[:, :, None]), axis=-1)
+    block_lse = jnp.log(block_mass)  # [rows, blocks]; -inf where nothing is kept
 
-    if shortlist >= logits.shape[-1]:
-        threshold = bisect(None)
-    else:
-        if top is None:
-            top = jax.lax.top_k(logits, shortlist)[0]
-        covered = jnp.sum(jnp.exp(top - log_norm), axis=-1, keepdims=True) >= p
-        if branchless is None:
-            branchless = jax.default_backend() == "gpu"
-        if branchless:  # both, then per row: no predicate goes back to the host
-            threshold = jnp.where(covered, from_shortlist(top), bisect(None))
-        else:  # CPU and TPU decide on the device that runs the step: no round trip
-            threshold = jax.lax.cond(jnp.all(covered), from_shortlist, bisect, top)
-    return jnp.where(keys < threshold, -jnp.inf, logits)
-
-
-CHOICE_BLOCK = 256  # vocabulary entries per block of the two-stage draw
-
-
-def gumbel_choice(scaled: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
-    """One draw per row from softmax(``scaled`` [rows, vocab]) (-inf: excluded) with keys
-    [rows, 2] -> token ids [rows] int32.
-
-    Two Gumbel-max draws, exact for the categorical: a block of ``CHOICE_BLOCK`` entries with
-    probability its share of the mass (its log-sum-exp), then an entry within it. That needs
-    ``vocab / CHOICE_BLOCK + CHOICE_BLOCK`` random numbers per row instead of ``vocab`` (the
-    random bits of a full-vocabulary draw cost more than the rest of the sampler on CPU).
-    """
-    rows, vocab = scaled.shape
-    blocks = -(-vocab // CHOICE_BLOCK)
-    if blocks * CHOICE_BLOCK != vocab:
-        scaled = jnp.pad(
-            scaled, ((0, 0), (0, blocks * CHOICE_BLOCK - vocab)), constant_values=-jnp.inf
-        )
-    grouped = scaled.reshape(rows, blocks, CHOICE_BLOCK)
-    block_lse = jax.nn.logsumexp(grouped, axis=-1)  # [rows, blocks]; -inf where all excluded
-
-    def draw(key, block_lse, grouped):
+    def draw(key, block_lse, grouped, cut):
         k_block, k_entry = jax.random.split(key)
-        block = jnp.argmax(block_lse + jax.random.gumbel(k_block, (blocks,)))
-        entries = jax.lax.dynamic_index_in_dim(grouped, block, keepdims=False)
-        entry = jnp.argmax(entries + jax.random.gumbel(k_entry, (CHOICE_BLOCK,)))
-        return block * CHOICE_BLOCK + entry
+        chosen = jnp.argmax(block_lse + jax.random.gumbel(k_block, (blocks,)))
+        entries = scaled(jax.lax.dynamic_index_in_dim(grouped, chosen, keepdims=False), cut)
+        entry = jnp.argmax(entries + jax.random.gumbel(k_entry, (block,)))
+        return chosen * block + entry
 
-    return jax.vmap(draw)(keys, block_lse, grouped).astype(jnp.int32)
+    cut_rows = jnp.full((rows, 1), -jnp.inf, logits.dtype) if cut is None else cut
+    return jax.vmap(draw)(keys, block_lse, grouped, cut_rows).astype(jnp.int32)
 
 
-def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler):
-    """One fused pass over the logits float32 [rows, vocab] with keys [rows, 2] -> (tokens
-    [rows] int32, chosen log-probability [rows], top-k log-probabilities [rows, k] and ids).
+def _shortlist_draw(top, top_ids, cut, keys) -> jnp.ndarray:
+    """A Gumbel-max draw among the shortlist's scaled logits at or above ``cut``."""
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, top.shape[-1:]))(keys)
+    pick = jnp.argmax(jnp.where(top >= cut, top + gumbel, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
+
+
+def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler, branchless=None):
+    """One step of the sampler over the logits float32 [rows, vocab] with keys [rows, 2] ->
+    (tokens [rows] int32, chosen log-probability [rows], top-k log-probabilities [rows, k] and
+    ids).
 
     Log-probabilities are at temperature 1 before any filter (DeepConf reads them). One
-    log-sum-exp and one ``top_k`` shortlist serve the log-probabilities, the top-k and top-p
-    filters and greedy decoding; sampling is a two-stage Gumbel-max draw with the row's key
-    (``gumbel_choice``).
+    ``top_k`` shortlist serves the log-probabilities, greedy decoding and the top-k / top-p
+    filters (``kept_cut``), whose kept set nearly always lies in the shortlist: the draw is
+    then a Gumbel-max over the shortlist, else (per row: a row's token depends only on its
+    logits and key) a two-stage Gumbel-max over the filtered vocabulary (``gumbel_choice``).
+    No scaled or filtered copy of the logits is stored.
     """
     vocab = logits.shape[-1]
     k = sampler.logprobs
-    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    filtered = sampler.temperature > 0 and (sampler.top_k > 0 or sampler.top_p < 1.0)
+    filtered = sampler.temperature > 0 and (0 < sampler.top_k < vocab or sampler.top_p < 1.0)
     n_top = max(k, 1)
-    if filtered:
-        n_top = max(n_top, min(SHORTLIST, vocab), min(sampler.top_k, vocab))
+    if filtered:  # one past top_k, so that a tie at the k-th logit is seen
+        n_top = max(n_top, min(SHORTLIST, vocab), min(sampler.top_k + 1, vocab))
     # descending; ties: lower id first. The barrier keeps later slices of the result from
     # being merged into the sort XLA lowers top_k to, which would stop XLA:CPU from
     # rewriting it into its TopK kernel (a full-vocabulary sort costs ~100x more)
     top, top_ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, n_top))
-    if sampler.temperature == 0.0:
+    log_norm = _log_sum_exp(logits, top[:, :1])
+    t = sampler.temperature
+    if t == 0.0:
         tok = top_ids[:, 0]  # = argmax
+    elif filtered:
+        cut, ok = kept_cut(logits, sampler, top, branchless)
+        short = _shortlist_draw(top / t, top_ids, cut, keys)
+
+        def full():
+            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, top[:, :1] / t))
+
+        if branchless if branchless is not None else jax.default_backend() == "gpu":
+            tok = full()
+        else:
+            tok = jax.lax.cond(jnp.all(ok), lambda: short, full)
     else:
-        scaled, scaled_top = logits / sampler.temperature, top / sampler.temperature
-        if sampler.top_k > 0 and sampler.top_k < vocab:
-            kth = scaled_top[:, sampler.top_k - 1 : sampler.top_k]
-            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-            scaled_top = jnp.where(scaled_top < kth, -jnp.inf, scaled_top)
-        if sampler.top_p < 1.0:
-            scaled = filter_top_p(
-                scaled,
-                sampler.top_p,
-                shortlist=n_top if n_top < vocab else vocab,
-                top=scaled_top,
-            )
-        tok = gumbel_choice(scaled, keys)
+        tok = gumbel_choice(logits, keys, t, shift=top[:, :1] / t)
     tok = tok.astype(jnp.int32)
     chosen = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - log_norm[:, 0]
     top_lp = (top[:, :k] - log_norm).astype(jnp.float32)
