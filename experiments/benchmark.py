@@ -24,6 +24,7 @@ step reaches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -62,6 +63,13 @@ BATCHES = flags.DEFINE_list(
     "batches",
     [],
     "several generate batch sizes in one process (default: --batch)",
+    flag_values=BENCH_FLAGS,
+)
+DECODE_ATTENTION = flags.DEFINE_list(
+    "decode_attention",
+    ["xla"],
+    "decode attention paths to time (fcjax.models.decoder.DECODE_ATTENTION): xla, pallas (GPU "
+    "kernels), pallas_interpret; each is a row of its own (fcjax[pallas], ...)",
     flag_values=BENCH_FLAGS,
 )
 SUITE = flags.DEFINE_enum(
@@ -170,6 +178,7 @@ SUITES = {
         branch_batch=128,
         peer_cache="static",
         repeats=2,
+        decode_attention=["xla", "pallas"],
     )
 }
 
@@ -289,6 +298,22 @@ def warmup_s(timing: Timing) -> float:
     return max(timing.first_s - timing.best_s, 0.0)
 
 
+def fcjax_systems(lm, notes: list[str]) -> dict[str, Any]:
+    """The fcjax systems to time: one per --decode_attention path (``fcjax`` is xla). A
+    path that fails on a two-token call is left out, with the error in the notes."""
+    systems = {}
+    for impl in DECODE_ATTENTION.value:
+        ours = lm.with_decode_attention(impl)
+        if impl != "xla":
+            try:
+                fcjax.generate(ours, [[1, 2, 3]], fcjax.SamplingParams(max_new_tokens=2))
+            except Exception as e:  # reported; the other paths still run
+                notes.append(f"decode_attention={impl} failed, not timed: {e!r:.300}")
+                continue
+        systems["fcjax" if impl == "xla" else f"fcjax[{impl}]"] = ours
+    return systems
+
+
 def fcjax_generate_fn(lm, prompts: np.ndarray, params: fcjax.SamplingParams, new: int):
     batch = [p.tolist() for p in prompts]
     params = dataclasses.replace(params, max_new_tokens=new)
@@ -367,7 +392,9 @@ def peer_caches(model, requested: str, notes: list[str]) -> list[str]:
     return caches
 
 
-def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list[str]) -> list[Row]:
+def generate_rows(
+    systems: dict[str, Any], model, caches: list[str], prompts: np.ndarray, notes: list[str]
+) -> list[Row]:
     """The generate workload: fcjax and each peer cache, each at new_tokens and at 1 (the
     difference gives the per-step latency, the 1-token call the prefill time)."""
     params = fcjax.SamplingParams(
@@ -376,8 +403,9 @@ def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list
     new, rows_n = NEW_TOKENS.value, prompts.shape[0]
     lengths = (new, 1) if new > 1 else (new,)
     cases: dict[str, Callable[[], Any]] = {}
-    for n in lengths:
-        cases[f"fcjax@{n}"] = fcjax_generate_fn(lm, prompts, params, n)
+    for system, ours in systems.items():
+        for n in lengths:
+            cases[f"{system}@{n}"] = fcjax_generate_fn(ours, prompts, params, n)
     if model is not None:
         batches = peer_batches(model, prompts.tolist(), rows_n)
         for cache in caches:
@@ -389,7 +417,7 @@ def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list
     rows, tokens = [], {}
     for system in dict.fromkeys(name.split("@")[0] for name in cases):
         full = timings[f"{system}@{new}"]
-        out = full.out if system == "fcjax" else np.concatenate(full.out)
+        out = full.out if system.startswith("fcjax") else np.concatenate(full.out)
         if out.shape != (rows_n, new):
             raise RuntimeError(f"{system} made {out.shape} new tokens, expected {(rows_n, new)}")
         tokens[system] = out
@@ -401,18 +429,18 @@ def generate_rows(lm, model, caches: list[str], prompts: np.ndarray, notes: list
             row.prefill_ms = one.best_s * 1e3
             row.compile_s += warmup_s(one)
         row.note = "greedy" if TEMPERATURE.value == 0 else f"T={TEMPERATURE.value}"
-        if system != "fcjax":
+        if not system.startswith("fcjax"):
             row.note += f", {system[13:-1]} cache"
         rows.append(row)
     if TEMPERATURE.value == 0:
         for system, out in tokens.items():
-            if system != "fcjax":
+            if system != "fcjax" and "fcjax" in tokens:
                 same = np.mean(out == tokens["fcjax"])
                 notes.append(f"greedy tokens equal to {system}'s: {same:.1%}")
     return rows
 
 
-def branch_rows(lm, model, caches: list[str], trace: list[int]) -> list[Row]:
+def branch_rows(systems: dict[str, Any], model, caches: list[str], trace: list[int]) -> list[Row]:
     """The branch workload: fcjax.branch vs re-prefilling every explicit prefix."""
     cuts = branch_cuts(len(trace), CUTS.value)
     k, new, batch = K.value, BRANCH_NEW.value, BRANCH_BATCH.value
@@ -424,11 +452,16 @@ def branch_rows(lm, model, caches: list[str], trace: list[int]) -> list[Row]:
         logprobs=LOGPROBS.value,
     )
     keys = list(range(len(prefixes)))
-    cases: dict[str, Callable[[], Any]] = {
-        "fcjax.branch": lambda: fcjax.branch(lm, trace, cuts, k, params),
-        "fcjax.generate": lambda: fcjax.generate(lm, prefixes, params, keys=keys, batch_size=batch),
-    }
-    notes = {"fcjax.branch": "one shared prefill", "fcjax.generate": f"re-prefill, {batch}/call"}
+    cases: dict[str, Callable[[], Any]] = {}
+    notes = {}
+    for system, ours in systems.items():
+        cases[f"{system}.branch"] = functools.partial(fcjax.branch, ours, trace, cuts, k, params)
+        notes[f"{system}.branch"] = "one shared prefill"
+    base = next(iter(systems.values()))  # the re-prefill baseline: the first path
+    cases["fcjax.generate"] = lambda: fcjax.generate(
+        base, prefixes, params, keys=keys, batch_size=batch
+    )
+    notes["fcjax.generate"] = f"re-prefill, {batch}/call"
     if model is not None:
         batches = peer_batches(model, prefixes, batch)
         for cache in caches:
@@ -438,7 +471,7 @@ def branch_rows(lm, model, caches: list[str], trace: list[int]) -> list[Row]:
     timings = interleaved(cases, REPEATS.value)
     rows = []
     for system, timing in timings.items():
-        if system == "fcjax.branch":
+        if system.endswith(".branch"):
             n = sum(len(g.token_ids) for per_cut in timing.out for g in per_cut)
         elif system == "fcjax.generate":
             n = sum(len(g.token_ids) for g in timing.out)
@@ -694,7 +727,8 @@ def proxies() -> None:
         f"{np.mean(work.lengths):.0f} max {max(work.lengths)}: row-step utilisation "
         f"{s.row_utilisation:.3f} (fixed batches: {work.static_utilisation:.3f}); row-steps "
         f"after the queue ran empty {s.tail_row_steps / s.row_steps:.1%}; context KV read "
-        f"that is padding {s.ctx_padding:.1%}"
+        f"that is padding {s.ctx_padding:.1%} (XLA path; the Pallas kernels would read "
+        f"{s.ctx_padding_ragged:.1%})"
     )
     print(
         f"hlo_bytes_ratio={max(ratios):.3f} row_utilisation={s.row_utilisation:.3f} "
@@ -732,6 +766,7 @@ def main(argv):
         f"loaded in {time.perf_counter() - t0:.1f}s"
     )
     model, caches = setup_peer(lm, notes)
+    systems = fcjax_systems(lm, notes)
     rng = np.random.default_rng(SEED.value)
     batches = [int(b) for b in BATCHES.value] or [BATCH.value]
     prompts = {b: random_tokens(rng, lm.config.vocab_size, (b, PROMPT_LEN.value)) for b in batches}
@@ -744,9 +779,9 @@ def main(argv):
     )
     if WORKLOAD.value in ("generate", "all"):
         for b in batches:
-            batch_rows = generate_rows(lm, model, caches, prompts[b], notes)
+            batch_rows = generate_rows(systems, model, caches, prompts[b], notes)
             for r in batch_rows:
-                r.peak_mem_gb = jax_peak_gb() if r.system == "fcjax" else torch_peak_gb()
+                r.peak_mem_gb = jax_peak_gb() if r.system.startswith("fcjax") else torch_peak_gb()
             nbytes = step_bytes(lm.config, itemsize, b, mean_ctx)
             add_roofline(batch_rows, nbytes, peak)
             notes.append(
@@ -755,9 +790,10 @@ def main(argv):
             )
             rows += batch_rows
     if WORKLOAD.value in ("branch", "all"):
-        rows += branch_rows(lm, model, caches, trace)
-        for r in rows[-len(caches) - 2 :]:
+        branch = branch_rows(systems, model, caches, trace)
+        for r in branch:
             r.peak_mem_gb = jax_peak_gb() if r.system.startswith("fcjax") else torch_peak_gb()
+        rows += branch
     add_ratios(rows)
     if WORKLOAD.value in ("generate", "all"):
         notes.append(
@@ -771,8 +807,8 @@ def main(argv):
         + ("" if accel is None else f", {device.platform} peak {accel:.2f} GB (jax)")
     )
     # the headline: fcjax at the largest generate batch
-    ours = [r for r in rows if r.workload == "generate" and r.system == "fcjax"]
-    main_row = max(ours, key=lambda r: r.batch or 0, default=None)
+    ours = [r for r in rows if r.workload == "generate" and r.system.startswith("fcjax")]
+    main_row = max(ours, key=lambda r: (r.batch or 0, r.tokens_per_s), default=None)
     ratio = main_row.ratio if main_row is not None and main_row.ratio is not None else math.nan
     print(
         f"\nbatches={','.join(map(str, batches))} prompt_len={PROMPT_LEN.value} "

@@ -27,7 +27,7 @@ from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
 from fcjax.engine.sampling import SamplingParams, stable_key
 from fcjax.engine.stops import stop_tables
-from fcjax.models.attention import block_size
+from fcjax.models.attention import KEY_BLOCK, block_size
 from fcjax.models.lm import LM
 
 log = logging.getLogger("fcjax")
@@ -60,6 +60,7 @@ class EngineStats:
     row_steps: int = 0  # row slots x steps computed
     ctx_read: int = 0  # context positions the decode attention read (per context, per step)
     ctx_valid: int = 0  # of those, positions some live row of that context attends to
+    ctx_read_ragged: int = 0  # what the Pallas kernels read: each context to its own longest
     host_reads: int = 0  # device-to-host transfers (one per chunk)
     tail_row_steps: int = 0  # row_steps computed after the queue ran empty
 
@@ -69,7 +70,15 @@ class EngineStats:
 
     @property
     def ctx_padding(self) -> float:
+        """Padding in the context KV the XLA decode attention reads (to the batch's longest
+        live row, every context slot)."""
         return 1.0 - self.ctx_valid / max(self.ctx_read, 1)
+
+    @property
+    def ctx_padding_ragged(self) -> float:
+        """The same for the Pallas kernels (``fcjax.models.attention_pallas``), which read
+        each live context to its own longest row, in their key blocks."""
+        return 1.0 - self.ctx_valid / max(self.ctx_read_ragged, 1)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -290,6 +299,8 @@ def _count_context_reads(stats, layout, contexts, ctx_of, slot_row) -> None:
     read = math.ceil(max(needed) / blk) * blk
     stats.ctx_read += CHUNK * layout.contexts * read
     stats.ctx_valid += CHUNK * sum(needed)
+    kblk = min(KEY_BLOCK, layout.ctx_len)
+    stats.ctx_read_ragged += CHUNK * sum(math.ceil(n / kblk) * kblk for n in needed)
 
 
 def _result(lm: LM, row: _Row, params: SamplingParams, prompt_ids) -> Generation:

@@ -147,15 +147,38 @@ class DecodeOut(NamedTuple):
     own_v: tuple
 
 
+DECODE_ATTENTION = ("xla", "pallas", "pallas_interpret")
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """Activation dtype and matmul precision (HIGHEST for float32 parity on GPU/TPU)."""
+    """Activation dtype, matmul precision (HIGHEST for float32 parity on GPU/TPU) and the
+    decode attention: ``xla`` (every backend; the reference), ``pallas`` (Triton kernels
+    for GPU, ``fcjax.models.attention_pallas``) or ``pallas_interpret`` (the same kernels
+    interpreted on any backend, for tests)."""
 
     dtype: str = "float32"
+    decode_attention: str = "xla"
+
+    def __post_init__(self):
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(
+                f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, "
+                f"got {self.decode_attention!r}"
+            )
 
     @property
     def precision(self):
         return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
+
+    def attend_decode(self, *args):
+        """``decode_attention`` (args as in ``fcjax.models.attention``) by the chosen path."""
+        if self.decode_attention == "xla":
+            return decode_attention(*args, precision=self.precision)
+        from fcjax.models import attention_pallas
+
+        interpret = self.decode_attention == "pallas_interpret"
+        return attention_pallas.decode_attention(*args, interpret=interpret)
 
 
 class Decoder(nnx.Module):
@@ -249,7 +272,7 @@ class Decoder(nnx.Module):
                 own_v = _write_slot(cache.own_v[layer], v, slot)
                 ks.append(own_k)
                 vs.append(own_v)
-                return decode_attention(
+                return self.numerics.attend_decode(
                     q,
                     cache.ctx_k[layer],
                     cache.ctx_v[layer],
@@ -258,7 +281,6 @@ class Decoder(nnx.Module):
                     own_v,
                     own_valid + 1,
                     slot + 1,
-                    precision=prec,
                 )
 
             x, _, _ = block(x, cos, sin, attend, prec)

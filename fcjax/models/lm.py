@@ -50,6 +50,14 @@ class LM:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
+    def with_decode_attention(self, impl: str) -> LM:
+        """The same model decoding with another attention path (``Numerics``): ``xla``,
+        ``pallas`` (GPU kernels) or ``pallas_interpret``; the weights are shared."""
+        model = nnx.merge(self.graphdef, self.state)
+        model.numerics = dataclasses.replace(model.numerics, decode_attention=impl)
+        graphdef, _ = nnx.split(model)
+        return dataclasses.replace(self, graphdef=graphdef)
+
     def chat(self, messages: list[dict]) -> str:
         """Formats messages with the model's chat template (plain format without one)."""
         return apply_chat(self.tokenizer, messages)
