@@ -224,13 +224,27 @@ def test_killed_process_then_rerun_equals_one(reference, tmp_path):
     assert sorted(shares) == ["0", "1"]
 
 
-def test_url_out_refused_clearly(tmp_path):
+def test_unsupported_out_refused_clearly(monkeypatch):
+    """An --out the filesystem layer cannot serve stops the run before anything starts,
+    naming the flag and the scheme (or the missing package for Orbax on gs://)."""
+    import importlib.util
+
     from experiments.run import run
     from experiments.rundir import RunError
     from experiments.stages import Settings
 
-    with pytest.raises(RunError, match=r"--out=gs://bucket/run: URLs are not supported yet"):
-        run(Settings(), "gs://bucket/run")
+    with pytest.raises(RunError, match=r"--out=ftp://host/run: .*unsupported scheme 'ftp'"):
+        run(Settings(), "ftp://host/run")
+    with pytest.raises(RunError, match=r"--out=file://host/run: .*local path"):
+        run(Settings(), "file://host/run")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gcsfs" else find_spec(name, *a),
+    )
+    with pytest.raises(RunError, match=r"--out=gs://bucket/run: .*needs the gcsfs package"):
+        run(Settings(), "gs://bucket/run")  # the default estimators include the probe
 
 
 FAIL_SCRIPT = """
