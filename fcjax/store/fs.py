@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -117,7 +117,11 @@ class Location:
         return self.scheme in ("", "file")
 
     def __str__(self) -> str:
-        return self.path if self.scheme == "" else f"{self.scheme}://{self.path}"
+        if self.scheme == "":
+            return self.path
+        if self.scheme == "file":
+            return "file://" + quote(self.path)  # as Path.as_uri(); ``location`` unquotes
+        return f"{self.scheme}://{self.path}"
 
     def __repr__(self) -> str:
         return f"Location({str(self)!r})"
