@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
+import tensorstore as ts
 
 from fcjax.store.fs import FsError, Location, kv_create_exclusive, location
 from fcjax.store.hidden import HiddenStore, read_hidden
@@ -185,6 +186,10 @@ def test_tensorstore_kvstore_specs(tmp_path):
         "path": "study/run/hidden/states",
     }
     assert location("s3://bkt/run").kvstore() == {"driver": "s3", "bucket": "bkt", "path": "run"}
+    for url in ("gs://bkt/study/run/hidden/states", "s3://bkt/study/run/hidden/states"):
+        # TensorStore takes the spec (parsed only: no request is sent) as a directory
+        spec = ts.Spec({"driver": "zarr3", "kvstore": location(url).kvstore()})
+        assert spec.kvstore.to_json()["path"] == "study/run/hidden/states/"
     with pytest.raises(FsError, match="no kvstore"):
         object_store()[0].kvstore()
 
