@@ -140,6 +140,8 @@ def test_local_paths_and_file_urls_resolve_to_the_same_place(tmp_path):
     assert location(str(url)) == url and location(url) is url
     assert str(location("runs/demo/")) == "runs/demo"  # as pathlib spells it, relative kept
     assert str(location("file://localhost/tmp/x")) == "file:///tmp/x"
+    assert plain.as_uri() == url.as_uri() == where.as_uri()
+    assert location("gs://bkt/run").as_uri() == "gs://bkt/run"
 
 
 def test_bucket_urls_resolve_without_contacting_the_store():

@@ -166,6 +166,10 @@ class Location:
     def absolute(self) -> Location:
         return self._with_path(os.path.abspath(self.path)) if self.is_local else self
 
+    def as_uri(self) -> str:
+        """A URL of this location (``file:///abs/path`` for a local one)."""
+        return Path(os.path.abspath(self.path)).as_uri() if self.is_local else str(self)
+
     @property
     def local_path(self) -> Path:
         """This location as a ``pathlib.Path``; only for local ones."""
