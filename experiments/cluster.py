@@ -115,7 +115,6 @@ def check_shared_out(procs: Processes, rd: RunDir) -> None:
     path = rd.path / SHARED_TOKEN
     token = secrets.token_hex(16) if procs.main else None
     if procs.main:
-        rd.path.mkdir(parents=True, exist_ok=True)
         path.write_text(token)
     token = procs.exchange("shared-token", token)[0]
     try:
@@ -127,6 +126,6 @@ def check_shared_out(procs: Processes, rd: RunDir) -> None:
         error = (
             f"--out={rd.path} is not shared with process 0: {path} is "
             f"{'missing' if seen is None else 'another run'} here. Every process needs the "
-            f"same directory (a network filesystem such as NFS or GCS FUSE)."
+            f"same directory: a network filesystem such as NFS, or a gs:// or s3:// URL."
         )
     procs.agree("shared-out", error)

@@ -8,14 +8,15 @@ more runs, the paired differences on shared questions (``paired.md``).
 
 The comparison answers the study's questions from finished runs: does an intervention
 change faithfulness (MFG / cMFG* per estimator), do estimators agree, and are later steps
-more faithful (F over normalised step position).
+more faithful (F over normalised step position). Runs and ``--out`` are local paths or URLs
+(``fcjax.store.fs``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -27,6 +28,7 @@ from absl import app, flags
 from experiments.config import STAGES
 from experiments.report_html import compare_page, reliability_bins, run_page
 from fcjax.metrics import cmfg_star, match_ids, paired_differences
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
 
 
@@ -34,15 +36,16 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
 
-def _save(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path: Location) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    path.write_bytes(buffer.getvalue())
     return path.name
 
 
-def run_plots(run: Path) -> list[str]:
+def run_plots(run: Location) -> list[str]:
     """Writes run/plots/*.png; returns their file names."""
     summary = json.loads((run / "summary.json").read_text())
     steps = read_table(run / "steps.parquet")
@@ -130,18 +133,16 @@ def run_plots(run: Path) -> list[str]:
     return out
 
 
-def write_report(run: str | Path) -> Path:
+def write_report(run: PathLike | Location) -> Location:
     """Writes run/report.html (self-contained, with the trace viewer) and run/plots/*.png."""
-    run = Path(run)
+    run = location(run)
     run_plots(run)
     path = run / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(run_page(run), encoding="utf-8")
-    tmp.replace(path)
+    path.write_text(run_page(run))
     return path
 
 
-def compare_table(runs: Sequence[Path], summaries: Sequence[dict]) -> str:
+def compare_table(runs: Sequence[Location], summaries: Sequence[dict]) -> str:
     """The comparison as a markdown table: accuracy and counts, each estimator's mean C, MFG, cMFG,
     cMFG*, ECE and AUROC, the step-level Spearman correlations, and stage wall times, one
     column per run."""
@@ -194,12 +195,13 @@ def compare_table(runs: Sequence[Path], summaries: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-def compare(runs: Sequence[Path], out: Path) -> Path:
+def compare(runs: Sequence[PathLike | Location], out: PathLike | Location) -> Location:
     """Several runs side by side; writes out/compare.html (differences per estimator and the
     per-question view), out/compare.txt and out/compare.png."""
+    runs, out = [location(r) for r in runs], location(out)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     names = sorted({n for s in summaries for n in s["estimators"]})
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     width = 0.8 / max(len(runs), 1)
     for i, (r, s) in enumerate(zip(runs, summaries, strict=True)):
@@ -227,7 +229,7 @@ def compare(runs: Sequence[Path], out: Path) -> Path:
     page = compare_page(runs, summaries, table)
     (out / "compare.txt").write_text(table + "\n")
     path = out / "compare.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page)
     return path
 
 
@@ -241,7 +243,7 @@ PAIRED = (
 )
 
 
-def _trace_columns(run: Path, name: str) -> dict[str, np.ndarray]:
+def _trace_columns(run: Location, name: str) -> dict[str, np.ndarray]:
     """Per-question F, C and correctness; unscorable traces missing, as in the summaries."""
     ex = read_table(run / "examples.parquet")
     ids = np.asarray(ex["example_id"]).astype(str)
@@ -254,10 +256,13 @@ def _trace_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     }
 
 
-def paired_table(base: Path, other: Path, reps: int = 1000, seed: int = 0) -> str:
+def paired_table(
+    base: PathLike | Location, other: PathLike | Location, reps: int = 1000, seed: int = 0
+) -> str:
     """Markdown table of ``other`` - ``base`` per estimator and metric on the questions both
     runs hold (matched by example_id), with paired-bootstrap 95% intervals; ``*`` marks a
     difference whose interval excludes 0."""
+    base, other = location(base), location(other)
     summaries = [json.loads((r / "summary.json").read_text()) for r in (base, other)]
     binning = summaries[0].get("config", {}).get("cmfg_binning", "closed")
     names = [n for n in summaries[0]["estimators"] if n in summaries[1]["estimators"]]
@@ -295,14 +300,14 @@ def main(argv):
     runs_flag, out_flag = flags.FLAGS.runs, flags.FLAGS.out
     if not runs_flag:
         raise app.UsageError("--runs=DIR1,DIR2,... is required")
-    runs = [Path(r) for r in runs_flag]
+    runs = [location(r) for r in runs_flag]
     for r in runs:
         if not (r / "summary.json").exists():
             raise app.UsageError(f"{r} has no summary.json (is the run finished?)")
     if len(runs) == 1 and not out_flag:
         print(write_report(runs[0]))
         return
-    path = compare(runs, Path(out_flag) if out_flag else runs[0] / "compare")
+    path = compare(runs, location(out_flag) if out_flag else runs[0] / "compare")
     print((path.parent / "compare.txt").read_text())
     paired = [paired_table(runs[0], r, reps=flags.FLAGS.bootstrap) for r in runs[1:]]
     (path.parent / "paired.md").write_text("\n\n".join(paired) + "\n")

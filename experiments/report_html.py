@@ -15,13 +15,13 @@ import json
 import math
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
 from experiments import report_svg as svg
 from experiments.rundir import STAGES
 from fcjax.metrics import cmfg_star
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
 
 # summary metrics per estimator: key, label, how to read it
@@ -70,13 +70,14 @@ def _asset(name: str) -> str:
 
 
 # --- data -----------------------------------------------------------------------------------
-def run_data(run: Path, summary: dict) -> dict:
+def run_data(run: PathLike | Location, summary: dict) -> dict:
     """The run's examples, steps and stored continuations as columnar JSON-ready lists.
 
     Steps are ordered by example (as in examples.parquet), then step; example i's steps are
     rows ``step0[i] .. step0[i] + n_steps[i]``. Continuations (``samples``) are ordered by
     step row; ``row`` gives each one's step row.
     """
+    run = location(run)
     examples = read_table(run / "examples.parquet")
     steps = read_table(run / "steps.parquet")
     names = list(summary["estimators"])
@@ -123,7 +124,7 @@ def run_data(run: Path, summary: dict) -> dict:
     return data
 
 
-def _samples(path: Path, step_ex, step_no, order) -> dict:
+def _samples(path: Location, step_ex, step_no, order) -> dict:
     kept = read_table(path)
     new_row = np.empty(len(order), np.int64)
     new_row[order] = np.arange(len(order))
@@ -316,9 +317,10 @@ PER_ESTIMATOR = (
 )
 
 
-def probe_layer_panel(path: Path) -> str | None:
+def probe_layer_panel(path: PathLike | Location) -> str | None:
     """Cross-fitted AUROC (with its 95% interval and null band where stored) and ECE of the
     first probe family per layer (``probes/layers.parquet``)."""
+    path = location(path)
     if not path.exists():
         return None
     table = read_table(path)
@@ -370,7 +372,7 @@ def probe_layer_panel(path: Path) -> str | None:
     return p.svg()
 
 
-def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
+def run_figures(summary: dict, data: dict, run: PathLike | Location | None = None) -> str:
     names = data["estimators"]
     out = [
         figure(
@@ -381,7 +383,7 @@ def run_figures(summary: dict, data: dict, run: Path | None = None) -> str:
         )
     ]
     out += [figure(title, caption, build(data)) for title, caption, build in PER_ESTIMATOR]
-    probe = probe_layer_panel(run / "probes" / "layers.parquet") if run else None
+    probe = probe_layer_panel(location(run) / "probes" / "layers.parquet") if run else None
     if probe:
         out.append(
             figure(
@@ -572,8 +574,9 @@ CAPTION_TRAJ = (
 
 
 # --- pages ----------------------------------------------------------------------------------
-def run_page(run: Path) -> str:
+def run_page(run: PathLike | Location) -> str:
     """The report of one finished run."""
+    run = location(run)
     summary = json.loads((run / "summary.json").read_text())
     data = run_data(run, summary)
     data["title"] = run.name
@@ -604,8 +607,11 @@ the link of an opened trace (#ex=ID) reopens it.</p><div id="viewer"></div></sec
     return _page(f"fcjax run {run.name}", body, [_json_block("fcjax-data", data)])
 
 
-def compare_page(runs: Sequence[Path], summaries: Sequence[dict], markdown: str) -> str:
+def compare_page(
+    runs: Sequence[PathLike | Location], summaries: Sequence[dict], markdown: str
+) -> str:
     """Several runs side by side: figures, differences per estimator, changed traces."""
+    runs = [location(r) for r in runs]
     labels = [r.name for r in runs]
     names = sorted({n for s in summaries for n in s["estimators"]})
     runs_rows = "".join(

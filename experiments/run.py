@@ -24,9 +24,16 @@ from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
 from fcjax.engine import multihost as mh
+from fcjax.store.fs import FsError, location
 from probes.trainer import FAMILIES
 
-_ = flags.DEFINE_string("out", None, "run directory (created if missing)", required=True)
+_ = flags.DEFINE_string(
+    "out",
+    None,
+    "run directory (created if missing): a local path, or a URL file:///PATH, "
+    "gs://BUCKET/PATH, s3://BUCKET/PATH",
+    required=True,
+)
 
 
 def _define_settings_flags() -> None:
@@ -111,8 +118,14 @@ def settings_from_flags() -> Settings:
         errors.append(f"--probe_family: give at least one of {', '.join(FAMILIES)}")
     if f.probe_label == "c_samp" and "sampling" not in f.estimators and "probe" in f.estimators:
         errors.append("--probe_label=c_samp needs the sampling estimator in --estimators")
-    if f.probe_checkpoint and not _is_file(f"{f.probe_checkpoint}/probe.json"):
-        errors.append(f"--probe_checkpoint: {f.probe_checkpoint}/probe.json not found")
+    if f.probe_checkpoint:
+        try:
+            found = (location(f.probe_checkpoint) / "probe.json").is_file()
+        except FsError as e:
+            errors.append(f"--probe_checkpoint: {e}")
+        else:
+            if not found:
+                errors.append(f"--probe_checkpoint: {f.probe_checkpoint}/probe.json not found")
     valid_est = available_estimators()
     for e in f.estimators:
         if e not in valid_est:
@@ -161,12 +174,14 @@ def run(
 
     With several processes (``multihost`` or the explicit coordinator arguments) every
     process calls this with the same arguments: process 0 holds the lock and writes the
-    shared files, every process runs its share of the model stages."""
-    if "://" in str(out):
-        raise RunError(
-            f"--out={out}: URLs are not supported yet (the run directory is read and written "
-            f"through local paths); mount the bucket (e.g. GCS FUSE) and pass its path"
-        )
+    shared files, every process runs its share of the model stages. ``out`` is a local path
+    or a URL (``fcjax.store.fs``: file://, gs://, s3://)."""
+    try:
+        where = location(out)
+        if "probe" in settings.estimators:  # the probe checkpoints go through Orbax
+            where.check_orbax()
+    except FsError as e:
+        raise RunError(f"--out={out}: {e}") from None
     procs = cluster.setup(
         multihost, coordinator_address, num_processes, process_id, initialization_timeout
     )

@@ -5,22 +5,23 @@ marker ``stages/<stage>.done``; a stage with a marker is skipped on rerun. Long 
 write ``parts`` (one parquet file per batch of examples) so a killed run resumes inside the
 stage. A rerun whose result-affecting flags differ from the stored ones is refused with the
 list of differences, unless ``--redo`` names a stage at or before the first affected one.
+The directory is a local path or a URL (``gs://bucket/run``); every file goes through
+``fcjax.store.fs``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from absl import logging
 
 from experiments.config import AFFECTS, STAGES
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.strict_json import dumps_strict
 from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
@@ -42,53 +43,60 @@ def _pid_alive(pid: int) -> bool:
 class RunDir:
     """One experiment's output directory."""
 
-    def __init__(self, path: str | os.PathLike, process_index: int = 0):
-        self.path = Path(path)
+    def __init__(self, path: PathLike | Location, process_index: int = 0):
+        self.path = location(path)
         self.stages = self.path / "stages"
         self.process_index = process_index  # of the processes sharing this run
         self._locked = False
 
     # --- lock -------------------------------------------------------------------------------
     @property
-    def lock_path(self) -> Path:
+    def lock_path(self) -> Location:
         return self.path / ".lock"
 
     def lock(self) -> None:
         """Takes the directory lock; refuses if a live process holds it, takes over a stale
-        lock left by a dead one."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        lock left by a dead one (of this host). Exclusive locally and on GCS; on other
+        object stores two runs started at the same moment may both get it
+        (``fcjax.store.fs.Location.create_exclusive``)."""
+        self.path.mkdir()
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         for _ in range(3):
+            if self.lock_path.create_exclusive(me.encode()):
+                self._locked = True
+                return
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.lock_path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    holder = {}
-                pid, host = holder.get("pid"), holder.get("host")
-                if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
-                    logging.warning("taking over stale lock %s of dead pid %s", self.lock_path, pid)
-                    stale = self.lock_path.with_name(f".lock.stale{os.getpid()}")
-                    try:
-                        os.replace(self.lock_path, stale)
-                        stale.unlink()
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise RunError(
-                    f"{self.path} is in use: lock {self.lock_path} is held by pid {pid} on "
-                    f"{host}. Wait for it to finish, or remove the lock if that process is gone."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
+                holder = json.loads(self.lock_path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if pid and host == socket.gethostname() and not _pid_alive(int(pid)):
+                logging.warning("taking over stale lock %s of dead pid %s", self.lock_path, pid)
+                self._remove_stale_lock()
+                continue
+            raise RunError(
+                f"{self.path} is in use: lock {self.lock_path} is held by pid {pid} on "
+                f"{host}. Wait for it to finish, or remove the lock if that process is gone."
+            )
         raise RunError(f"could not take lock {self.lock_path}")
+
+    def _remove_stale_lock(self) -> None:
+        """Removes a dead process's lock. Locally it is renamed away first, so of several
+        processes taking it over at once only one removes it (the others retry and find the
+        winner's lock); object stores have no rename and delete it directly."""
+        if not self.lock_path.is_local:
+            self.lock_path.unlink()
+            return
+        stale = self.lock_path.with_name(f".lock.stale{os.getpid()}").local_path
+        try:
+            os.replace(self.lock_path.local_path, stale)
+            stale.unlink()
+        except FileNotFoundError:
+            pass
 
     def unlock(self) -> None:
         if self._locked:
-            self.lock_path.unlink(missing_ok=True)
+            self.lock_path.unlink()
             self._locked = False
 
     # --- config -----------------------------------------------------------------------------
@@ -116,14 +124,14 @@ class RunDir:
         write_json_atomic(self.path / "config.json", dict(config))
 
     # --- stages -----------------------------------------------------------------------------
-    def marker(self, stage: str) -> Path:
+    def marker(self, stage: str) -> Location:
         return self.stages / f"{stage}.done"
 
     def done(self, stage: str) -> bool:
         return self.marker(stage).exists()
 
     def mark(self, stage: str, info: Mapping[str, Any]) -> None:
-        self.stages.mkdir(parents=True, exist_ok=True)
+        self.stages.mkdir()
         write_json_atomic(self.marker(stage), dict(info))
 
     def started(self, stage: str) -> bool:
@@ -139,19 +147,17 @@ class RunDir:
         """Removes markers (and parts) of ``stage`` and every later stage, last stage first,
         so a crash midway still leaves the finished stages a prefix of ``STAGES``."""
         for s in reversed(STAGES[STAGES.index(stage) :]):
-            self.marker(s).unlink(missing_ok=True)
+            self.marker(s).unlink()
             if s in ("hidden", "probes"):  # their outputs live beside the tables
-                shutil.rmtree(self.path / s, ignore_errors=True)
+                (self.path / s).rmtree()
             for d in self.stages.glob(f"{s}*"):
                 if d.is_dir():
-                    for f in d.glob("*"):
-                        f.unlink()
-                    d.rmdir()
+                    d.rmtree()
 
     # --- resumable parts ----------------------------------------------------------------------
-    def parts_dir(self, name: str) -> Path:
+    def parts_dir(self, name: str) -> Location:
         d = self.stages / name
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir()
         return d
 
     def part_size(self, name: str, size: int) -> int:
@@ -173,7 +179,7 @@ class RunDir:
 
     def read_parts(self, name: str) -> dict[str, list]:
         merged: dict[str, list] = {}
-        for f in sorted(self.parts_dir(name).glob("part-*.parquet")):
+        for f in self.parts_dir(name).glob("part-*.parquet"):
             for k, v in read_table(f).items():
                 merged.setdefault(k, []).extend(list(v))
         return merged

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,7 @@ from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
 from fcjax.metrics import summarize, trace_columns
+from fcjax.store.fs import Location
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
 from fcjax.text.chat import has_chat_template, open_think
 from fcjax.text.templates import load_template
@@ -465,7 +464,7 @@ class Pipeline:
     def _hidden_layers(self) -> list[int]:
         return list(self.s.layers) or list(range(self.lm.config.num_layers + 1))
 
-    def _hidden_root(self) -> Path:
+    def _hidden_root(self) -> Location:
         """``hidden/`` (step-end states) or ``hidden_mean/`` (means over each step)."""
         return self.run.path / ("hidden_mean" if self.s.probe_features == "mean" else "hidden")
 
@@ -482,7 +481,7 @@ class Pipeline:
         traces = [t for t in self.traces() if t.n_steps > 0]
         if self.procs.count == 1:
             if (root / PLAN).exists():  # left by a multi-process run: another layout
-                shutil.rmtree(root)
+                root.rmtree()
             store = HiddenStore(root, layers=layers, width=width, dtype=dtype)
             n = self._capture_into(store, traces)
             self._hidden_rows = store.finalize()
@@ -713,7 +712,7 @@ def _check_finite(gens: Sequence[Generation], examples: Sequence[Example]) -> No
             )
 
 
-def _align_steps(run_path: Path, parts: dict[str, list]) -> dict[str, np.ndarray]:
+def _align_steps(run_path: Location, parts: dict[str, list]) -> dict[str, np.ndarray]:
     """Orders per-step part columns like steps.parquet (NaN where a step has no row)."""
     steps = read_table(run_path / "steps.parquet", ["example_id", "step"])
     index = {

@@ -4,21 +4,21 @@ A checkpoint directory holds ``arrays/`` (Orbax: the family's parameters for eve
 layer, ``mean``, ``std`` and, when fitted, the Platt ``calibration`` [layers, 2]) and
 ``probe.json`` (family, chosen layer, layer ids, hidden width, features, fold, label kind,
 model name, format version). ``probe.json`` is written after the arrays, so its presence
-marks a whole checkpoint. Format 1 (linear, uncalibrated) checkpoints still load.
+marks a whole checkpoint. Format 1 (linear, uncalibrated) checkpoints still load. The
+directory is a local path or a URL (``fcjax.store.fs``; Orbax reaches gs:// through etils).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import write_json_atomic
 from probes.model import ProbeError, ProbeParams, Standardizer
 from probes.trainer import logits
@@ -116,13 +116,13 @@ def _checkpointer() -> ocp.StandardCheckpointer:
     )
 
 
-def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
+def save_probe(path: PathLike | Location, probe: Probe) -> Location:
     """Writes ``probe`` to the directory ``path`` (replacing an earlier checkpoint)."""
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    path = location(path).absolute()
+    path.check_orbax()
+    path.mkdir()
     meta_path = path / "probe.json"
-    if meta_path.exists():
-        meta_path.unlink()  # The checkpoint is incomplete until the new metadata lands.
+    meta_path.unlink()  # The checkpoint is incomplete until the new metadata lands.
     arrays = {k: v.astype(np.float32) for k, v in probe.arrays().items()}
     if set(arrays) != set(PARAMS[probe.family]):
         raise ProbeError(f"probe family {probe.family!r} needs {PARAMS[probe.family]}")
@@ -131,7 +131,7 @@ def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
     if probe.calibration is not None:
         arrays["calibration"] = np.asarray(probe.calibration, np.float32)
     checkpointer = _checkpointer()
-    checkpointer.save(path / "arrays", arrays, force=True)
+    checkpointer.save((path / "arrays").orbax_path(), arrays, force=True)
     checkpointer.wait_until_finished()
     checkpointer.close()
     meta = {
@@ -149,9 +149,9 @@ def save_probe(path: str | os.PathLike, probe: Probe) -> Path:
     return path
 
 
-def load_probe(path: str | os.PathLike) -> Probe:
+def load_probe(path: PathLike | Location) -> Probe:
     """Reads a checkpoint written by ``save_probe``; names the missing piece otherwise."""
-    path = Path(path).absolute()
+    path = location(path).absolute()
     meta_path = path / "probe.json"
     if not meta_path.exists():
         raise ProbeError(f"{meta_path}: missing; {path} is not a complete probe checkpoint")
@@ -160,7 +160,8 @@ def load_probe(path: str | os.PathLike) -> Probe:
     if version not in (1, FORMAT_VERSION):
         raise ProbeError(f"{meta_path}: unsupported format_version {version}")
     checkpointer = _checkpointer()
-    arrays = {k: np.asarray(v) for k, v in checkpointer.restore(path / "arrays").items()}
+    restored = checkpointer.restore((path / "arrays").orbax_path())
+    arrays = {k: np.asarray(v) for k, v in restored.items()}
     checkpointer.close()
     family = meta.get("family", "linear")
     if family not in PARAMS:

@@ -20,16 +20,16 @@ weights, so the probe estimates E[C_samp | state]).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import resource
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
 from fcjax.store.tables import read_table, require_columns, update_columns, write_table_atomic
 from probes.checkpoint import Probe, load_probe, save_probe
@@ -51,7 +51,7 @@ def _as_float(values: Any) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], np.float64)
 
 
-def _model_name(run_dir: Path) -> str:
+def _model_name(run_dir: Location) -> str:
     for name in ("config.json", "summary.json"):
         path = run_dir / name
         if path.exists():
@@ -77,7 +77,7 @@ class RunRows:
             raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         if features not in FEATURES:
             raise ValueError(f"features must be one of {tuple(FEATURES)}, got {features!r}")
-        self.run_dir = Path(run_dir)
+        self.run_dir = location(run_dir)
         hidden_dir = self.run_dir / FEATURES[features]
         if not hidden_dir.exists():
             raise HiddenStoreError(f"hidden-state store not found: {hidden_dir}")
@@ -156,7 +156,7 @@ def _concat(tables: list[dict]) -> dict:
     return {k: np.concatenate([np.asarray(t[k]) for t in tables]) for k in tables[0]}
 
 
-def _plot_layers(path: Path, table: dict, title: str, chosen: int | None = None) -> None:
+def _plot_layers(path: Location, table: dict, title: str, chosen: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,9 +181,17 @@ def _plot_layers(path: Path, table: dict, title: str, chosen: int | None = None)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Location) -> None:
+    """Writes ``fig`` as a PNG at ``path`` (a local path or a URL) and closes it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    path.write_bytes(buffer.getvalue())
 
 
 def _configs(families: Sequence[str], seed: int, **kw) -> list[TrainConfig]:
@@ -194,7 +202,7 @@ def _configs(families: Sequence[str], seed: int, **kw) -> list[TrainConfig]:
 
 
 def run_probe_stage(
-    run_dir: str | os.PathLike,
+    run_dir: PathLike | Location,
     layers: Sequence[int] | None = None,
     folds: int = 5,
     label: str = "correct",
@@ -204,7 +212,7 @@ def run_probe_stage(
     features: str = "end",
     batch_size: int = 0,
     epochs: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: PathLike | Location | None = None,
     reps: int = 1000,
     inner_val_frac: float = 0.2,
     model_name: str | None = None,
@@ -212,7 +220,7 @@ def run_probe_stage(
 ) -> dict:
     """Runs the probe stage on ``run_dir``; returns a summary dict (also the CLI's output)."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     model = _model_name(run_dir) if model_name is None else model_name
     if checkpoint:
         return _apply_checkpoint(run_dir, checkpoint, label, features, model, reps, seed, mesh)
@@ -355,9 +363,9 @@ def _apply_checkpoint(run_dir, checkpoint, label, features, model, reps, seed, m
 
 
 def transfer(
-    train_runs: Sequence[str | os.PathLike],
-    eval_runs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
+    train_runs: Sequence[PathLike | Location],
+    eval_runs: Sequence[PathLike | Location],
+    out: PathLike | Location,
     *,
     label: str = "correct",
     families: Sequence[str] = ("linear",),
@@ -376,7 +384,7 @@ def transfer(
     ``OUT/transfer.png`` and a checkpoint per family under ``OUT/ckpt_<family>``."""
     if not train_runs or not eval_runs:
         raise ValueError("transfer: give at least one training run and one evaluation run")
-    out = Path(out)
+    out = location(out)
     train = [RunRows(r, label, features, layers) for r in train_runs]
     evals = [RunRows(r, label, features, layers) for r in eval_runs]
     models = {_model_name(r.run_dir) for r in train + evals} - {""}
@@ -435,7 +443,7 @@ def transfer(
     }
 
 
-def _plot_transfer(path: Path, table: dict, train_runs: list[str]) -> None:
+def _plot_transfer(path: Location, table: dict, train_runs: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -449,7 +457,8 @@ def _plot_transfer(path: Path, table: dict, train_runs: list[str]) -> None:
         on = (table["eval_run"] == run) & (table["family"] == fam)
         c = f"C{i}"
         lay = table["layer"][on]
-        ax.plot(lay, table["auroc"][on], "o-", ms=3, color=c, label=f"{fam} on {Path(run).name}")
+        name = location(run).name
+        ax.plot(lay, table["auroc"][on], "o-", ms=3, color=c, label=f"{fam} on {name}")
         ax.fill_between(lay, table["auroc_lo"][on], table["auroc_hi"][on], color=c, alpha=0.2)
         ax.plot(lay, table["null_lo"][on], ":", color=c, lw=0.8)
         ax.plot(lay, table["null_hi"][on], ":", color=c, lw=0.8)
@@ -457,12 +466,11 @@ def _plot_transfer(path: Path, table: dict, train_runs: list[str]) -> None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("layer")
     ax.set_ylabel("AUROC on evaluation run")
-    ax.set_title("Transfer: trained on " + ", ".join(Path(r).name for r in train_runs), fontsize=9)
+    names = ", ".join(location(r).name for r in train_runs)
+    ax.set_title(f"Transfer: trained on {names}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def main(argv: Sequence[str]) -> None:

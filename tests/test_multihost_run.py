@@ -224,13 +224,66 @@ def test_killed_process_then_rerun_equals_one(reference, tmp_path):
     assert sorted(shares) == ["0", "1"]
 
 
-def test_url_out_refused_clearly(tmp_path):
+def test_unsupported_out_refused_clearly(monkeypatch):
+    """An --out the filesystem layer cannot serve stops the run before anything starts,
+    naming the flag and the scheme (or the missing package for Orbax on gs://)."""
+    import importlib.util
+
     from experiments.run import run
     from experiments.rundir import RunError
     from experiments.stages import Settings
 
-    with pytest.raises(RunError, match=r"--out=gs://bucket/run: URLs are not supported yet"):
-        run(Settings(), "gs://bucket/run")
+    with pytest.raises(RunError, match=r"--out=ftp://host/run: .*unsupported scheme 'ftp'"):
+        run(Settings(), "ftp://host/run")
+    with pytest.raises(RunError, match=r"--out=file://host/run: .*local path"):
+        run(Settings(), "file://host/run")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gcsfs" else find_spec(name, *a),
+    )
+    with pytest.raises(RunError, match=r"--out=gs://bucket/run: .*needs the gcsfs package"):
+        run(Settings(), "gs://bucket/run")  # the default estimators include the probe
+
+
+def test_two_processes_on_a_file_url_equal_one(tmp_path):
+    """Two processes given the run as a file:// URL (shared token, lock, per-process parts,
+    the hidden array's row ranges and process 0's merge all through fcjax.store.fs) give
+    the one-process run into a plain path."""
+    from tiny_models import build_tiny_chat, cli_flags
+
+    from experiments.run import run
+    from experiments.stages import Settings
+
+    model = build_tiny_chat(tmp_path / "model")
+    s = Settings(
+        model=str(model),
+        judge_model=str(model),
+        num_examples=4,
+        max_new_tokens=24,
+        temperature=1.0,
+        estimators=("deepconf", "sampling", "probe"),
+        k=2,
+        max_steps=1,
+        branch_new_tokens=4,
+        folds=2,
+        decisiveness="lexicon",
+        batch_size=2,
+        seed=1,
+        bootstrap=0,
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(s, str(one))
+    port = free_port()
+    procs = [start([f"--out={two.as_uri()}", *cli_flags(s)], i, 2, port) for i in range(2)]
+    for rc, log in finish(procs):
+        assert rc == 0, log[-3000:]
+    assert_same_run(one, two)
+    for stage in ("generate", "hidden"):
+        shares = _marker(two, stage)["processes"]
+        assert sorted(shares) == ["0", "1"] and all(v["examples"] > 0 for v in shares.values())
+    assert (two / "hidden" / "plan.json").exists() and (two / ".fcjax-shared").exists()
 
 
 FAIL_SCRIPT = """

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tiny_models import build_tiny_chat, cli_flags
 
+from experiments.config import STAGES
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Settings
@@ -264,6 +265,47 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tiny_chat, finished, 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_run(finished, tmp_path)
+
+
+def test_file_url_out_equals_a_plain_path(tiny_chat, finished, tmp_path):
+    """``--out=file:///...`` through the CLI (every file through ``fcjax.store.fs``): exactly
+    the tables, hidden states, probe table, probe checkpoint and summary of the run into a
+    plain path, nothing written relative to the working directory, and a rerun on the URL
+    finds every stage done."""
+    from rundir_compare import assert_same_hidden
+
+    from probes.checkpoint import load_probe
+
+    out = tmp_path / "run dir"  # quoted as %20 in the URL
+    url, cwd = out.as_uri(), tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "experiments.run", f"--out={url}"]
+    cmd += cli_flags(settings(tiny_chat))
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"report: {url}/report.html" in done.stdout
+    assert list(cwd.iterdir()) == []
+    _assert_same_run(finished, out)
+    assert_same_hidden(finished, out, atol=0)
+    a, b = (read_table(r / "probes" / "layers.parquet") for r in (finished, out))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    pa_, pb = load_probe(finished / "probes" / "ckpt"), load_probe(f"{url}/probes/ckpt")
+    assert (pa_.layer, pa_.layers) == (pb.layer, pb.layers)
+    for k, v in pa_.arrays().items():
+        np.testing.assert_array_equal(v, pb.arrays()[k], err_msg=k)
+    assert sorted(p.name for p in (out / "plots").glob("*.png")) == sorted(
+        p.name for p in (finished / "plots").glob("*.png")
+    )
+    assert (out / "report.html").stat().st_size > 0 and not (out / ".lock").exists()
+    markers = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.done")}
+    assert len(markers) == len(STAGES)
+    rd = run(settings(tiny_chat), url)
+    assert str(rd.path) == url
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # nothing redone
 
 
 def test_second_process_refused_and_stale_lock_taken_over(tmp_path):

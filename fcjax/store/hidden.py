@@ -23,22 +23,23 @@ process opens ``HiddenStore(root, ..., row_offset=o, num_rows=n)`` over a disjoi
 chunk-aligned row range (see ``plan_row_ranges``) so no two processes share a chunk, and
 calls ``finalize`` (which marks its part done); process 0 then calls
 ``HiddenStore.finalize_shared(root, num_parts)`` to merge the part indexes.
+
+``root`` is a local path or a URL (``fcjax.store.fs``): the array goes through the matching
+TensorStore kvstore (``file``, ``gcs``, ``s3``), the JSON files and indexes through pyarrow.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
 
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -61,15 +62,15 @@ class HiddenMeta:
     chunk_rows: int
 
 
-def _spec(root: Path) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / "states")}}
+def _spec(root: Location) -> dict:
+    return {"driver": "zarr3", "kvstore": (root / "states").kvstore()}
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _load_meta(root: Path) -> HiddenMeta:
+def _load_meta(root: Location) -> HiddenMeta:
     path = root / "meta.json"
     if not path.exists():
         raise HiddenStoreError(f"hidden store metadata not found: {path}")
@@ -77,10 +78,10 @@ def _load_meta(root: Path) -> HiddenMeta:
     return HiddenMeta(tuple(raw["layers"]), raw["width"], raw["dtype"], raw["chunk_rows"])
 
 
-def _create(root: Path, meta: HiddenMeta, rows: int) -> ts.TensorStore:
+def _create(root: Location, meta: HiddenMeta, rows: int) -> ts.TensorStore:
     if meta.dtype not in _DTYPES:
         raise HiddenStoreError(f"{root}: dtype must be one of {sorted(_DTYPES)}, got {meta.dtype}")
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir()
     spec = _spec(root)
     spec["metadata"] = {
         "shape": [rows, len(meta.layers), meta.width],
@@ -121,7 +122,7 @@ class HiddenStore:
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: PathLike | Location,
         layers: Sequence[int],
         width: int,
         dtype: str = "bfloat16",
@@ -131,7 +132,7 @@ class HiddenStore:
         num_rows: int | None = None,
         max_pending: int = 64,
     ):
-        self.root = Path(root)
+        self.root = location(root)
         self.meta = HiddenMeta(tuple(int(x) for x in layers), int(width), dtype, int(chunk_rows))
         self.max_pending = max_pending
         self._pending: list[tuple[Any, list[tuple[str, int, int]]]] = []
@@ -153,7 +154,7 @@ class HiddenStore:
                 f"{self.root}/meta.json: store holds {found}, but opened with {self.meta}"
             )
 
-    def _read_index(self, path: Path) -> list[tuple[str, int, int]]:
+    def _read_index(self, path: Location) -> list[tuple[str, int, int]]:
         if not path.exists():
             return []
         table = read_table(path)
@@ -172,8 +173,7 @@ class HiddenStore:
             self._check_meta()
             self._array = ts.open(_spec(self.root)).result()
             marker = self.root / MARKER
-            if marker.exists():  # Appending makes the store incomplete again.
-                marker.unlink()
+            marker.unlink()  # Appending makes the store incomplete again.
         else:
             self._array = _create(self.root, self.meta, 0)
         self._committed = self._read_index(self._index_path)
@@ -198,11 +198,10 @@ class HiddenStore:
                 f"aligned to chunk_rows={self.meta.chunk_rows} (use plan_row_ranges)"
             )
         parts = self.root / "parts"
-        parts.mkdir(exist_ok=True)
+        parts.mkdir()
         self._index_path = parts / f"index-{row_offset:012d}.parquet"
         self._done_path = parts / f"done-{row_offset:012d}.json"
-        if self._done_path.exists():
-            self._done_path.unlink()
+        self._done_path.unlink()
         self._row_offset, self._row_limit = row_offset, stop
         self._committed = self._read_index(self._index_path)
         self._next_row = max((r for _, _, r in self._committed), default=row_offset - 1) + 1
@@ -210,7 +209,7 @@ class HiddenStore:
     @classmethod
     def create_shared(
         cls,
-        root: str | os.PathLike,
+        root: PathLike | Location,
         layers: Sequence[int],
         width: int,
         total_rows: int,
@@ -219,12 +218,11 @@ class HiddenStore:
         chunk_rows: int = 64,
     ) -> None:
         """Process 0: creates a pre-sized array that several processes fill by row range."""
-        root = Path(root)
+        root = location(root)
         meta = HiddenMeta(tuple(int(x) for x in layers), int(width), dtype, int(chunk_rows))
         for stale in (root / MARKER, root / INDEX):
-            if stale.exists():
-                stale.unlink()
-        shutil.rmtree(root / "parts", ignore_errors=True)
+            stale.unlink()
+        (root / "parts").rmtree()
         _create(root, meta, int(total_rows))
 
     # -- writing -----------------------------------------------------------------------
@@ -322,11 +320,11 @@ class HiddenStore:
         return n
 
     @staticmethod
-    def finalize_shared(root: str | os.PathLike, num_parts: int) -> int:
+    def finalize_shared(root: PathLike | Location, num_parts: int) -> int:
         """Process 0, after all parts finalized: merges part indexes, writes COMPLETE."""
-        root = Path(root)
+        root = location(root)
         meta = _load_meta(root)
-        done = sorted((root / "parts").glob("done-*.json"))
+        done = (root / "parts").glob("done-*.json")
         if len(done) != num_parts:
             raise HiddenStoreError(
                 f"{root}/parts: {len(done)} of {num_parts} parts marked done; not finalizing"
@@ -334,8 +332,8 @@ class HiddenStore:
         ids, steps, rows, keys = [], [], [], set()
         for marker in done:
             info = json.loads(marker.read_text())
-            index_path = marker.with_name(marker.name.replace("done-", "index-")).with_suffix(
-                ".parquet"
+            index_path = marker.with_name(
+                marker.name.replace("done-", "index-").removesuffix(".json") + ".parquet"
             )
             table = read_table(index_path) if info["rows"] else {"example_id": [], "step": []}
             for j, (e, s) in enumerate(zip(table["example_id"], table["step"], strict=True)):
@@ -364,12 +362,12 @@ class HiddenStore:
         self.flush()
 
     @staticmethod
-    def open_for_read(root: str | os.PathLike) -> HiddenReader:
+    def open_for_read(root: PathLike | Location) -> HiddenReader:
         """Opens a finalized store; raises HiddenStoreError naming the path otherwise."""
         return HiddenReader(root)
 
 
-def _write_marker(root: Path, meta: HiddenMeta, rows: int) -> None:
+def _write_marker(root: Location, meta: HiddenMeta, rows: int) -> None:
     write_json_atomic(
         root / MARKER,
         {"rows": rows, "layers": list(meta.layers), "width": meta.width, "dtype": meta.dtype},
@@ -379,8 +377,8 @@ def _write_marker(root: Path, meta: HiddenMeta, rows: int) -> None:
 class HiddenReader:
     """Read access to a finalized store; values come back as float32."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: PathLike | Location):
+        self.root = location(root)
         marker = self.root / MARKER
         if not marker.exists():
             raise HiddenStoreError(
@@ -439,7 +437,7 @@ class HiddenReader:
 
 
 def read_hidden(
-    root: str | os.PathLike, layers: Sequence[int] | None = None
+    root: PathLike | Location, layers: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Reads a finalized store: (index {example_id, step, row}, float32 [n, layers, width])."""
     reader = HiddenReader(root)

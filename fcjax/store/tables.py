@@ -2,24 +2,23 @@
 
 Tables are plain ``dict[str, column]``. Numeric and boolean columns come back as numpy
 arrays (missing floats as NaN); strings, token-id lists and anything with nulls that numpy
-cannot hold come back as Python lists. Writes are atomic: a temporary file in the same
-directory is written, fsynced and renamed over the target, so a crash never leaves a torn
-table and a stage either wrote its output or did not. ``write_json_atomic`` does the same
-for the run directory's JSON files.
+cannot hold come back as Python lists. Paths are local paths or URLs (``fcjax.store.fs``).
+Writes are atomic (``Location.write_with``: locally a temporary file in the same directory
+is written, fsynced and renamed over the target; on an object store one whole upload), so
+a crash never leaves a torn table and a stage either wrote its output or did not.
+``write_json_atomic`` does the same for the run directory's JSON files.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.strict_json import dumps_strict
 
 Column = np.ndarray | list
@@ -48,22 +47,9 @@ def _to_arrow(name: str, values: Any) -> pa.Array:
     raise TableError(f"column {name!r}: expected list or numpy array, got {type(values).__name__}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_table_atomic(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:
-    """Writes ``columns`` as a parquet file at ``path`` via temp file + fsync + rename."""
-    path = Path(path)
+def write_table_atomic(path: PathLike | Location, columns: Mapping[str, Column]) -> None:
+    """Writes ``columns`` as a parquet file at ``path``, atomically."""
+    path = location(path)
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) > 1:
         raise TableError(f"{path}: columns have different lengths: {lengths}")
@@ -71,42 +57,23 @@ def write_table_atomic(path: str | os.PathLike, columns: Mapping[str, Column]) -
     _write_arrow_atomic(path, pa.table(arrays) if arrays else pa.table({}))
 
 
-def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "wb", lambda fh: pq.write_table(table, fh))
+def _write_arrow_atomic(path: Location, table: pa.Table) -> None:
+    path.write_with(lambda fh: pq.write_table(table, fh))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as strict JSON at ``path`` via temp file + fsync + rename (numpy values
-    as Python numbers and lists, non-finite numbers as null; ``fcjax.store.strict_json``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "w", lambda fh: fh.write(dumps_strict(obj, indent=2, sort_keys=True)))
+def write_json_atomic(path: PathLike | Location, obj: Any) -> None:
+    """Writes ``obj`` as strict JSON at ``path``, atomically (numpy values as Python numbers
+    and lists, non-finite numbers as null; ``fcjax.store.strict_json``)."""
+    location(path).write_text(dumps_strict(obj, indent=2, sort_keys=True))
 
 
-def _write_atomic(path: Path, mode: str, write) -> None:
-    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``, fsync
-    the directory; on any failure the temp file is removed and ``path`` is untouched."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def update_columns(path: str | os.PathLike, columns: Mapping[str, Column]) -> None:
+def update_columns(path: PathLike | Location, columns: Mapping[str, Column]) -> None:
     """Replaces or appends ``columns`` in an existing table atomically; others kept as is."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    table = pq.read_table(path)
+    fs, where = path.arrow()
+    table = pq.read_table(where, filesystem=fs)
     for name, values in columns.items():
         if len(values) != table.num_rows:
             raise TableError(
@@ -133,21 +100,26 @@ def _from_arrow(column: pa.ChunkedArray) -> Column:
     return column.to_pylist()
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> dict[str, Column]:
+def read_table(
+    path: PathLike | Location, columns: Sequence[str] | None = None
+) -> dict[str, Column]:
     """Reads a parquet file into ``{name: column}``; names a missing file or column."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    schema_names = pq.read_schema(path).names
+    fs, where = path.arrow()
+    schema_names = pq.read_schema(where, filesystem=fs).names
     if columns is not None:
         missing = [c for c in columns if c not in schema_names]
         if missing:
             raise TableError(f"{path}: missing column(s) {missing}; has {schema_names}")
-    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    table = pq.read_table(
+        where, filesystem=fs, columns=list(columns) if columns is not None else None
+    )
     return {name: _from_arrow(table.column(name)) for name in table.column_names}
 
 
-def require_columns(path: str | os.PathLike, table: Mapping[str, Column], names: Sequence[str]):
+def require_columns(path: PathLike | Location, table: Mapping[str, Column], names: Sequence[str]):
     """Raises a TableError naming ``path`` if any of ``names`` is absent from ``table``."""
     missing = [n for n in names if n not in table]
     if missing:
