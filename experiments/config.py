@@ -74,6 +74,13 @@ class Settings:
     dtype: str = setting(
         "float32", "parameter dtype", stage="generate", choices=("float32", "bfloat16")
     )
+    decode_attention: str = setting(
+        "xla",
+        "decode attention of every model: xla (any backend) or pallas (GPU kernels; sums in "
+        "another order, so sampled tokens can differ from xla's)",
+        stage="generate",
+        choices=("xla", "pallas"),
+    )
     dataset: str = setting(
         "arithmetic", "named dataset (see fcjax.data.DATASETS)", stage="generate"
     )

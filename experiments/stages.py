@@ -101,7 +101,9 @@ class Pipeline:
     def lm(self):
         if self._lm is None:
             logging.info("loading model %s (%s)", self.s.model, self.s.dtype)
-            self._lm = fcjax.load(self.s.model, dtype=self.s.dtype)
+            self._lm = fcjax.load(self.s.model, dtype=self.s.dtype).with_decode_attention(
+                self.s.decode_attention
+            )
         return self._lm
 
     def _model(self, name: str):
@@ -109,7 +111,8 @@ class Pipeline:
             return self.lm
         if name not in self._others:
             logging.info("loading judge model %s (%s)", name, self.s.dtype)
-            self._others[name] = fcjax.load(name, dtype=self.s.dtype)
+            other = fcjax.load(name, dtype=self.s.dtype)
+            self._others[name] = other.with_decode_attention(self.s.decode_attention)
         return self._others[name]
 
     @property

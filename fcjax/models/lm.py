@@ -54,6 +54,8 @@ class LM:
         """The same model decoding with another attention path (``Numerics``): ``xla``,
         ``pallas`` (GPU kernels) or ``pallas_interpret``; the weights are shared."""
         model = nnx.merge(self.graphdef, self.state)
+        if model.numerics.decode_attention == impl:
+            return self
         model.numerics = dataclasses.replace(model.numerics, decode_attention=impl)
         graphdef, _ = nnx.split(model)
         return dataclasses.replace(self, graphdef=graphdef)
