@@ -64,17 +64,18 @@ def test_each_context_and_row_reads_only_its_own_blocks():
     does not reach the output: the kernels stop at each context's longest row and read only
     the blocks of each row's window (the XLA path reads to the batch's longest)."""
     block = attention_pallas.KEY_BLOCK
-    q, ctx_k, ctx_v, _, own_k, own_v, _ = _inputs(2, 2, 2, 4, 2, 32, 2 * block, 2 * block)
-    ctx_valid = jnp.asarray([[10, 30], [1, 100]])  # context 0 needs block 0 only
+    size = 8 * block  # context and ring positions
+    q, ctx_k, ctx_v, _, own_k, own_v, _ = _inputs(2, 2, 2, 4, 2, 32, size, size)
+    ctx_valid = jnp.asarray([[10, 30], [1, 100]])  # context 0 needs its first blocks only
     own_valid, end = np.asarray([[3, 64], [1, 30]]), 20
     args = (q, ctx_k, ctx_v, ctx_valid, own_k, own_v, jnp.asarray(own_valid), jnp.int32(end))
     ref = attention.decode_attention(*args, precision=jax.lax.Precision.HIGHEST)
 
     ctx_blocks = -(-np.asarray(ctx_valid).max(axis=1) // block)  # blocks each context needs
-    ctx_ok = np.arange(2 * block)[None, :] // block < ctx_blocks[:, None]
-    own_ok = np.zeros((4, 2 * block), bool)
+    ctx_ok = np.arange(size)[None, :] // block < ctx_blocks[:, None]
+    own_ok = np.zeros((4, size), bool)
     for row, n in enumerate(own_valid.reshape(-1)):
-        for b in set((end - 1 - np.arange(n)) % (2 * block) // block):
+        for b in set((end - 1 - np.arange(n)) % size // block):
             own_ok[row, b * block : (b + 1) * block] = True
     assert not ctx_ok.all() and not own_ok.all()
 

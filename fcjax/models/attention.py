@@ -26,7 +26,7 @@ NEG_INF = -1e30
 PREFILL_QUERY_CHUNK = 512
 BLOCKS = 8  # a decode cache is read in about this many blocks ...
 MIN_BLOCK = 64  # ... of at least this many positions
-KEY_BLOCK = 64  # positions per block of the Pallas kernels (fcjax.models.attention_pallas)
+KEY_BLOCK = 16  # positions per block of the Pallas kernels (vLLM's default page size)
 
 
 def block_size(length: int) -> int:
