@@ -83,7 +83,7 @@ def _own_kernel(valid_ref, end_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *,
     """One row's own ring: its ``valid`` newest tokens, the slots just before ``end``."""
     q = q_ref[...]
     rows, head_dim = q.shape
-    valid, end = valid_ref[0], end_ref[0]
+    valid, end = valid_ref[()], end_ref[()]
     size = k_ref.shape[0]
     total = size // block
     start = (end - valid + size) % size
@@ -147,8 +147,8 @@ def _own_part(q, k, v, valid, end, *, interpret):
         functools.partial(_own_kernel, block=block, upcast=interpret),
         grid=(n_rows, kv),
         in_specs=[
-            pl.BlockSpec((None, 1), lambda b, h: (b, 0)),
-            pl.BlockSpec((1,), lambda b, h: (0,)),
+            pl.BlockSpec((None,), lambda b, h: (b,)),  # scalar refs, as Triton loads them
+            pl.BlockSpec((), lambda b, h: ()),
             pl.BlockSpec((None, None, groups, hd), lambda b, h: (b, h, 0, 0)),
             pl.BlockSpec((None, None, new, hd), lambda b, h: (b, h, 0, 0)),
             pl.BlockSpec((None, None, new, hd), lambda b, h: (b, h, 0, 0)),
@@ -161,7 +161,7 @@ def _own_part(q, k, v, valid, end, *, interpret):
         out_shape=_state_shapes((n_rows, kv), groups, hd),
         compiler_params=_params(interpret),
         interpret=interpret,
-    )(valid[:, None], jnp.reshape(end, (1,)), q, k, v)
+    )(valid, jnp.asarray(end, jnp.int32), q, k, v)
 
 
 def decode_attention(
