@@ -111,3 +111,36 @@ def test_the_engine_decodes_the_same_with_the_kernels(tmp_path):
     ]
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         lm.with_decode_attention("cuda")
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((4, 1, 12, 2, 128, 1024, 256), jnp.bfloat16),  # qwen2-1.5b generate
+        ((8, 64, 12, 2, 128, 3072, 256), jnp.bfloat16),  # branching: 64 rows per trace
+        ((2, 3, 9, 3, 64, 128, 64), jnp.float32),  # SmolLM2's heads, float32 (no TF32)
+    ],
+)
+def test_kernels_lower_to_triton_for_cuda(shape, dtype):
+    """Without a GPU: both kernels pass Pallas's Triton lowering for CUDA (the shapes, ops
+    and block sizes Triton accepts); compiling the Triton IR to PTX needs the GPU."""
+    n_ctx, rows, heads, kv, hd, ctx_len, new = shape
+    sd = jax.ShapeDtypeStruct
+    cache = lambda n, s: sd((n, kv, s, hd), dtype)  # noqa: E731
+    args = (
+        sd((n_ctx, rows, heads, hd), dtype), cache(n_ctx, ctx_len), cache(n_ctx, ctx_len),
+        sd((n_ctx, rows), jnp.int32), cache(n_ctx * rows, new), cache(n_ctx * rows, new),
+        sd((n_ctx, rows), jnp.int32), sd((), jnp.int32),
+    )  # fmt: skip
+    lowered = jax.jit(attention_pallas.decode_attention).trace(*args)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_a_head_dim_triton_cannot_tile_is_refused():
+    sd = jax.ShapeDtypeStruct
+    cache = sd((1, 2, 32, 24), jnp.bfloat16)
+    lens = sd((1, 1), jnp.int32)
+    args = (sd((1, 1, 4, 24), jnp.bfloat16), cache, cache, lens, cache, cache, lens)
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 16"):
+        jax.jit(attention_pallas.decode_attention).trace(*args, sd((), jnp.int32))
