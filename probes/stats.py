@@ -14,7 +14,7 @@ import numpy as np
 
 from fcjax.metrics.bootstrap import interval
 from fcjax.metrics.calibration import auroc, ece
-from probes.crossfit import log_loss
+from probes.common import log_loss
 
 
 def _group_codes(groups) -> tuple[np.ndarray, int]:

@@ -33,11 +33,11 @@ from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
 from fcjax.store.tables import read_table, require_columns, update_columns, write_table_atomic
 from probes.checkpoint import Probe, load_probe, save_probe
-from probes.model import ProbeError, Standardizer, TooFewLabels
+from probes.common import ProbeError, TooFewLabels
 from probes.sources import ConcatSource, StoreSource
 from probes.stats import layer_table
 from probes.streamfit import crossfit_source, fit_select
-from probes.trainer import FAMILIES, TrainConfig, predict_logits
+from probes.trainer import FAMILIES, Standardizer, TrainConfig, predict_logits
 
 LABELS = ("correct", "agreement", "c_samp")
 LABEL_COLUMNS = {"agreement": "conf_agreement", "c_samp": "conf_sampling"}
@@ -129,7 +129,7 @@ def _probe(sel, layers, label: str, model: str, features: str) -> Probe:
     params = {k: v[0] for k, v in sel.params.items()}
     return Probe(
         params,
-        Standardizer(sel.stats.mean, sel.stats.std),
+        sel.stats,
         sel.layer,
         tuple(layers),
         fold=-1,
