@@ -131,7 +131,11 @@ def weighted_rows(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, name: str
     if np.any(on & ~finite):
         row = int(idx[np.flatnonzero(on & ~finite)[0]])
         raise ProbeError(f"features of {name} row {row} must be finite")
-    return x if on.all() else np.where(on[:, None, None], x, np.float32(0))
+    if not on.all():
+        if not (x.flags.owndata and x.flags.writeable):  # sources hand out fresh blocks
+            x = x.copy()
+        x[~on] = 0.0  # in place: no second minibatch-sized array
+    return x
 
 
 def feature_stats(source, weights: np.ndarray, config: TrainConfig) -> Standardizer:
