@@ -468,6 +468,42 @@ def test_probe_stage_records_too_few_labels_and_fails_on_anything_else(tmp_path)
     assert not run.done("probes")
 
 
+def test_probe_stage_uses_the_runs_bootstrap_setting(tmp_path):
+    """The stage's layer table takes its resamples from --bootstrap: 0 records the intervals
+    as absent with the reason; with 40 questions and 200 resamples they are given."""
+    from experiments.config import Settings
+    from experiments.rundir import RunDir
+    from experiments.stages import Pipeline
+    from probes.stats import bootstrap_auroc
+
+    _make_run(tmp_path, np.random.default_rng(8))
+    run = RunDir(tmp_path)
+    Pipeline(run, Settings(estimators=("probe",), folds=3, bootstrap=0)).run_stage("probes")
+    assert run.info("probes")["bootstrap"] == 0
+    table = read_table(tmp_path / "probes" / "layers.parquet")
+    assert np.isnan(table["auroc_lo"]).all() and np.isnan(table["null_hi"]).all()
+    assert set(table["auroc_ci_absent"]) == {"bootstrap off (0 resamples)"}
+    assert set(table["null_band_absent"]) == {"bootstrap off (0 resamples)"}
+    run.invalidate_from("probes")
+    Pipeline(run, Settings(estimators=("probe",), folds=3, bootstrap=200)).run_stage("probes")
+    assert run.info("probes")["bootstrap"] == 200
+    table = read_table(tmp_path / "probes" / "layers.parquet")
+    assert np.isfinite(table["auroc_lo"]).all() and set(table["auroc_ci_absent"]) == {""}
+    # every fold chose layer 7, so conf_probe is layer 7's cross-fitted column: its AUROC on
+    # 200 question resamples (same seed) gives layer 7's interval
+    assert run.info("probes")["chosen_layers"] == [7, 7, 7]
+    steps = read_table(tmp_path / "steps.parquet")
+    conf = np.asarray(steps["conf_probe"], float)
+    keep = np.isfinite(conf)
+    eids = np.asarray(steps["example_id"])[keep]
+    examples = read_table(tmp_path / "examples.parquet")
+    correct = dict(zip(examples["example_id"], examples["correct"], strict=True))
+    positive = np.array([bool(correct[e]) for e in eids])
+    boot = bootstrap_auroc(conf[keep, None], positive, eids, reps=200, seed=0)[:, 0]
+    lo, hi = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
+    assert (table["auroc_lo"][1], table["auroc_hi"][1]) == pytest.approx((lo, hi), abs=1e-12)
+
+
 def test_probe_estimator_scores_new_traces_from_a_checkpoint(tmp_path):
     """``import probes`` registers "probe"; it scores each step with the saved probe on the
     chosen layer's hidden state at the step's last token (checked against lm.hidden_states)."""
