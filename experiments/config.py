@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fcjax.metrics.bootstrap import REPS
 from fcjax.protocol import Protocol, get_protocol
 
 # the judges' default model: a registry instruct model, never silently the studied model
@@ -185,9 +186,10 @@ class Settings:
         stage="estimators",
     )
     bootstrap: int = setting(
-        1000,
-        "bootstrap resamples of the questions for 95% intervals (0: none)",
-        stage="metrics",
+        REPS,
+        "bootstrap resamples of the questions for the 95% intervals of the metrics and of "
+        "the probe layer table (0: none)",
+        stage="probes",
         minimum=0,
     )
     cmfg_binning: str = setting(

@@ -28,6 +28,7 @@ from absl import app, flags
 from experiments.config import STAGES
 from experiments.report_html import compare_page, reliability_bins, run_page
 from fcjax.metrics import cmfg_star, match_ids, paired_differences
+from fcjax.metrics.bootstrap import REPS
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
 
@@ -257,7 +258,7 @@ def _trace_columns(run: Location, name: str) -> dict[str, np.ndarray]:
 
 
 def paired_table(
-    base: PathLike | Location, other: PathLike | Location, reps: int = 1000, seed: int = 0
+    base: PathLike | Location, other: PathLike | Location, reps: int = REPS, seed: int = 0
 ) -> str:
     """Markdown table of ``other`` - ``base`` per estimator and metric on the questions both
     runs hold (matched by example_id), with paired-bootstrap 95% intervals; ``*`` marks a
@@ -318,5 +319,5 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_list("runs", [], "run directories to compare")
     flags.DEFINE_string("out", "", "where to write compare.html (default: <first run>/compare)")
-    flags.DEFINE_integer("bootstrap", 1000, "paired-bootstrap resamples of shared questions")
+    flags.DEFINE_integer("bootstrap", REPS, "paired-bootstrap resamples of shared questions")
     app.run(main)

@@ -576,6 +576,7 @@ class Pipeline:
                 features=self.s.probe_features,
                 batch_size=self.s.probe_batch,
                 checkpoint=self.s.probe_checkpoint or None,
+                reps=self.s.bootstrap,
                 model_name=self.s.model,
             )
         except probes.TooFewLabels as e:

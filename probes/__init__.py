@@ -1,37 +1,34 @@
-"""Probes on step hidden states (linear and MLP, Optax): the streaming trainer the probe
-stage uses (``probes.trainer``), the earlier in-memory trainer (``train_probes``,
-``crossfit``), statistics, transfer across runs, Orbax checkpoints, and the ``probe``
-confidence estimator (registered with ``fcjax.confidence`` on import)."""
+"""Probes on step hidden states (linear and MLP, Optax).
 
-from probes.checkpoint import Probe, load_probe, save_probe
-from probes.crossfit import CrossfitResult, crossfit, fit_with_selection, group_folds
+``probes.trainer`` trains every layer and weight-decay candidate at once on minibatches
+streamed from a row source (``probes.sources``: an array or a TensorStore dump);
+``probes.streamfit`` selects weight decay, epochs and layer on an inner split, calibrates
+(Platt) and cross-fits by question; ``probes.train`` is the run's probe stage and transfer
+across runs; ``probes.stats`` the per-layer table; ``probes.checkpoint`` Orbax checkpoints;
+``probes.common`` the shared errors, folds and log-loss. Importing ``probes`` registers the
+``probe`` confidence estimator with ``fcjax.confidence``.
+"""
+
+from probes.checkpoint import Probe, ProbeParams, load_probe, save_probe
+from probes.common import ProbeError, TooFewLabels, group_folds
 from probes.estimator import ProbeEstimator
-from probes.model import (
-    ProbeConfig,
-    ProbeError,
-    ProbeFit,
-    ProbeParams,
-    Standardizer,
-    TooFewLabels,
-    predict_proba,
-    train_probes,
-)
+from probes.streamfit import Selected, SourceCrossfit, crossfit_source, fit_select
+from probes.trainer import FAMILIES, Standardizer, TrainConfig
 
 __all__ = [
-    "CrossfitResult",
+    "FAMILIES",
     "Probe",
-    "ProbeConfig",
     "ProbeError",
     "ProbeEstimator",
-    "ProbeFit",
     "ProbeParams",
+    "Selected",
+    "SourceCrossfit",
     "Standardizer",
     "TooFewLabels",
-    "crossfit",
-    "fit_with_selection",
+    "TrainConfig",
+    "crossfit_source",
+    "fit_select",
     "group_folds",
     "load_probe",
-    "predict_proba",
     "save_probe",
-    "train_probes",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -20,11 +21,18 @@ import orbax.checkpoint as ocp
 
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import write_json_atomic
-from probes.model import ProbeError, ProbeParams, Standardizer
-from probes.trainer import logits
+from probes.common import ProbeError
+from probes.trainer import Standardizer, logits
 
 FORMAT_VERSION = 2
 PARAMS = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
+
+
+class ProbeParams(NamedTuple):
+    """A linear probe's per-layer weights: w [layers, d], b [layers]."""
+
+    w: np.ndarray
+    b: np.ndarray
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
-from probes.model import ProbeError
+from probes.common import ProbeError
 
 
 def _return_freed_minibatches() -> None:

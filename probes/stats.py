@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fcjax.metrics.bootstrap import interval
+from fcjax.metrics.bootstrap import REPS, interval, interval_absent
 from fcjax.metrics.calibration import auroc, ece
-from probes.crossfit import log_loss
+from probes.common import log_loss
 
 
 def _group_codes(groups) -> tuple[np.ndarray, int]:
@@ -38,7 +38,7 @@ def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
         return np.where(den > 0, num / den, np.nan)
 
 
-def bootstrap_auroc(scores, positive, groups, reps: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_auroc(scores, positive, groups, reps: int = REPS, seed: int = 0) -> np.ndarray:
     """[reps, L] AUROC per layer of scores [n, L] on question resamples."""
     codes, q = _group_codes(groups)
     rng = np.random.default_rng([seed, 11])
@@ -51,7 +51,7 @@ def bootstrap_auroc(scores, positive, groups, reps: int = 1000, seed: int = 0) -
     )
 
 
-def permuted_labels(labels, groups, reps: int = 1000, seed: int = 0) -> np.ndarray:
+def permuted_labels(labels, groups, reps: int = REPS, seed: int = 0) -> np.ndarray:
     """[reps, n] labels permuted across questions: question q takes the rows of question
     pi(q), cycled to q's row count."""
     labels = np.asarray(labels, np.float64)
@@ -67,7 +67,7 @@ def permuted_labels(labels, groups, reps: int = 1000, seed: int = 0) -> np.ndarr
     return out
 
 
-def null_auroc(scores, labels, groups, reps: int = 1000, seed: int = 0) -> np.ndarray:
+def null_auroc(scores, labels, groups, reps: int = REPS, seed: int = 0) -> np.ndarray:
     """[reps, L] AUROC per layer of fixed scores [n, L] against labels (> 0.5 positive)
     permuted across questions."""
     perm = permuted_labels(labels, groups, reps, seed) > 0.5
@@ -96,11 +96,13 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def layer_table(
-    proba: np.ndarray, y: np.ndarray, groups, *, reps: int = 1000, seed: int = 0
+    proba: np.ndarray, y: np.ndarray, groups, *, reps: int = REPS, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Per-layer AUROC (label > 0.5) with its bootstrap interval and null band, ECE,
     log-loss, and for the label as a continuous target Spearman and MAE; rows with a
-    finite label only."""
+    finite label only. An interval or band that cannot be given (``reps=0``, too few
+    questions, AUROC undefined in most resamples) is NaN with its reason in
+    ``auroc_ci_absent`` / ``null_band_absent`` ("" where it is given)."""
     on = np.isfinite(y)
     p, yy = proba[on], y[on]
     g = np.asarray([str(v) for v in groups])[on]
@@ -119,10 +121,16 @@ def layer_table(
     if reps > 0 and p.shape[0]:
         boot = bootstrap_auroc(p, positive, g, reps, seed)
         null = null_auroc(p, yy, g, reps, seed)
+        ci_why = [interval_absent(boot[:, j], n=nq) for j in layers]
+        band_why = [interval_absent(null[:, j], n=nq) for j in layers]
         ci = [interval(boot[:, j], n=nq) or [np.nan, np.nan] for j in layers]
         band = [interval(null[:, j], n=nq) or [np.nan, np.nan] for j in layers]
     else:
+        why = "bootstrap off (0 resamples)" if reps <= 0 else "no labeled rows"
+        ci_why = band_why = [why for _ in layers]
         ci = band = [[np.nan, np.nan] for _ in layers]
     table["auroc_lo"], table["auroc_hi"] = (np.array(v) for v in zip(*ci, strict=True))
     table["null_lo"], table["null_hi"] = (np.array(v) for v in zip(*band, strict=True))
+    table["auroc_ci_absent"] = np.array(ci_why, dtype=str)
+    table["null_band_absent"] = np.array(band_why, dtype=str)
     return table

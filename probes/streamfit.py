@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcjax.metrics.calibration import auroc
-from probes.crossfit import _inner_split, _is_binary, group_folds, log_loss
-from probes.model import ProbeError
-from probes.trainer import Stats, TrainConfig, fit, predict_logits, select
+from probes.common import ProbeError, group_folds, inner_split, is_binary, log_loss
+from probes.trainer import Standardizer, TrainConfig, fit, predict_logits, select
 
 
 def _sigmoid(z):
@@ -36,7 +35,7 @@ def platt(s: np.ndarray, y: np.ndarray, iters: int = 50) -> np.ndarray:
     identity = np.tile([1.0, 0.0], (s.shape[1], 1))
     if len(y) < 2 or y.min() == y.max():
         return identity
-    if _is_binary(y):
+    if is_binary(y):
         n_pos, n_neg = y.sum(), (1 - y).sum()
         y = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     out = np.zeros((s.shape[1], 2))
@@ -82,7 +81,7 @@ class Selected:
     """A refit probe per layer (params leaves [1, L, ...]), its calibration and choices."""
 
     params: dict
-    stats: Stats
+    stats: Standardizer
     calibration: np.ndarray  # [L, 2]
     layer: int  # position of the chosen layer
     val_score: np.ndarray  # [L]
@@ -111,7 +110,7 @@ def fit_select(
     n = source.n_rows
     groups = np.asarray([str(g) for g in groups])
     rng = np.random.default_rng(seed)
-    inner_train, inner_val = _inner_split(groups, rows, inner_val_frac, rng)
+    inner_train, inner_val = inner_split(groups, rows, inner_val_frac, rng)
     w_train, w_val = np.zeros(n, np.float32), np.zeros(n, np.float32)
     w_train[inner_train], w_val[inner_val] = 1.0, 1.0
     first = fit(source, y, w_train, w_val, config=config, mesh=mesh)
@@ -125,7 +124,7 @@ def fit_select(
     calibration = platt(s_val, y_val)
     p_val = calibrate(s_val, calibration)
     losses = np.array([log_loss(p_val[:, j], y_val) for j in layers])
-    if _is_binary(y_val) and 0 < y_val.sum() < len(y_val):
+    if is_binary(y_val) and 0 < y_val.sum() < len(y_val):
         score = np.array([auroc(p_val[:, j], y_val > 0.5) for j in layers])
         layer = int(np.lexsort((losses, -np.nan_to_num(score, nan=-1.0)))[0])
     else:

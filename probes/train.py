@@ -6,7 +6,9 @@ and ``conf_agreement`` / ``conf_sampling`` for those labels) and ``DIR/examples.
 (example_id, correct). It streams minibatches from the store (``probes.trainer``), so no
 more than a minibatch of states is in memory. Per probe family it writes cross-fitted
 per-layer rows of ``DIR/probes/layers.parquet`` (AUROC with a 95% question-bootstrap
-interval and a permutation-null band, ECE, log-loss, Spearman and MAE against the label)
+interval and a permutation-null band over ``reps`` resamples, ECE, log-loss, Spearman and MAE
+against the label; in a run ``reps`` is ``--bootstrap``, and with 0 the interval and band
+are NaN with the reason in ``auroc_ci_absent`` / ``null_band_absent``)
 and a final probe trained on all labeled rows (``DIR/probes/ckpt`` for the first family,
 ``ckpt_<family>`` for others); the first family's calibrated probability becomes the step
 column ``conf_probe``. With ``checkpoint`` a saved probe scores the run instead (no
@@ -14,7 +16,7 @@ training). Labels: ``correct`` (the trace's answer), ``agreement`` (conf_agreeme
 ``c_samp`` (conf_sampling, a soft-label regression target: cross-entropy without class
 weights, so the probe estimates E[C_samp | state]).
 
-    python -m probes.train --run=DIR [--family=linear,mlp] [--label=c_samp] [--folds=5]
+    python -m probes.train --run=DIR [--family=linear,mlp] [--label=c_samp] [--reps=1000]
     python -m probes.train --train_runs=A,B --eval_runs=C --out=DIR   # transfer
 """
 
@@ -29,15 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from fcjax.metrics.bootstrap import REPS
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
 from fcjax.store.tables import read_table, require_columns, update_columns, write_table_atomic
 from probes.checkpoint import Probe, load_probe, save_probe
-from probes.model import ProbeError, Standardizer, TooFewLabels
+from probes.common import ProbeError, TooFewLabels
 from probes.sources import ConcatSource, StoreSource
 from probes.stats import layer_table
 from probes.streamfit import crossfit_source, fit_select
-from probes.trainer import FAMILIES, TrainConfig, predict_logits
+from probes.trainer import FAMILIES, Standardizer, TrainConfig, predict_logits
 
 LABELS = ("correct", "agreement", "c_samp")
 LABEL_COLUMNS = {"agreement": "conf_agreement", "c_samp": "conf_sampling"}
@@ -129,7 +132,7 @@ def _probe(sel, layers, label: str, model: str, features: str) -> Probe:
     params = {k: v[0] for k, v in sel.params.items()}
     return Probe(
         params,
-        Standardizer(sel.stats.mean, sel.stats.std),
+        sel.stats,
         sel.layer,
         tuple(layers),
         fold=-1,
@@ -213,7 +216,7 @@ def run_probe_stage(
     batch_size: int = 0,
     epochs: int | None = None,
     checkpoint: PathLike | Location | None = None,
-    reps: int = 1000,
+    reps: int = REPS,
     inner_val_frac: float = 0.2,
     model_name: str | None = None,
     mesh=None,
@@ -280,6 +283,7 @@ def run_probe_stage(
         "families": [c.family for c in configs],
         "layers": list(rows.layers),
         "folds": folds,
+        "bootstrap": reps,
         "n_steps": rows.n_steps,
         "n_scored": int(np.isfinite(conf).sum()),
         "n_labeled": int(labeled.size),
@@ -351,6 +355,7 @@ def _apply_checkpoint(run_dir, checkpoint, label, features, model, reps, seed, m
     return {
         "label": label,
         "checkpoint": str(checkpoint),
+        "bootstrap": reps,
         "families": [probe.family],
         "layers": list(rows.layers),
         "n_steps": rows.n_steps,
@@ -373,7 +378,7 @@ def transfer(
     layers: Sequence[int] | None = None,
     batch_size: int = 0,
     epochs: int | None = None,
-    reps: int = 1000,
+    reps: int = REPS,
     seed: int = 0,
     inner_val_frac: float = 0.2,
     mesh=None,
@@ -438,6 +443,7 @@ def transfer(
     return {
         "train_runs": [str(p) for p in train_runs],
         "label": label,
+        "bootstrap": reps,
         "results": summary,
         "paths": {"table": str(out / "transfer.parquet"), "plot": str(out / "transfer.png")},
     }
@@ -524,7 +530,14 @@ def _define_flags() -> None:
     flags.DEFINE_enum("features", "end", list(FEATURES), "Step-end token or mean over the step.")
     flags.DEFINE_integer("batch_size", 0, "Rows per training step (0: full batch).", lower_bound=0)
     flags.DEFINE_integer("epochs", None, "Training epochs (default: the family's).")
-    flags.DEFINE_integer("reps", 1000, "Bootstrap / permutation replicates.", lower_bound=0)
+    flags.DEFINE_integer(
+        "reps",
+        REPS,
+        "Question-bootstrap and permutation replicates of the layer table's AUROC interval and "
+        "null band (0: none); the default is experiments.run's --bootstrap default, and in a "
+        "run the stage uses that flag's value.",
+        lower_bound=0,
+    )
     flags.DEFINE_integer("folds", 5, "Cross-fitting folds (grouped by example).")
     flags.DEFINE_enum("label", "correct", list(LABELS), "Probe label.")
     flags.DEFINE_integer("seed", 0, "Seed for fold and inner-split assignment.")

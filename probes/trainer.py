@@ -15,9 +15,10 @@ order (``batch_size=0``: one full batch per epoch). Loss: cross-entropy against 
 rows when ``balanced``. Early stopping: with validation rows every (candidate, layer) keeps
 its parameters from the epoch with the lowest validation loss; without them the epoch
 ``stop_epochs[l]`` (how a refit reuses the epochs chosen on validation). Training rows that
-carry one label value train the biases alone. With ``batch_size > 0`` only the blocks of one
-minibatch (and the next, prefetched) are in memory at a time; a full batch
-(``batch_size=0``) is read once and kept for all epochs.
+carry one label value train the biases alone. Only rows of weight > 0 enter the statistics and
+the loss (a non-finite state there raises ProbeError; in any other row it is ignored). With
+``batch_size > 0`` only the blocks of one minibatch (and the next, prefetched) are in memory
+at a time; a full batch (``batch_size=0``) is read once and kept for all epochs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 
 from fcjax.engine import mesh as mesh_lib
-from probes.model import ProbeError, TooFewLabels
+from probes.common import ProbeError, TooFewLabels
 
 FAMILIES = ("linear", "mlp")
 WEIGHTS = ("w", "w1", "w2")  # decayed leaves (biases are not)
@@ -67,8 +68,8 @@ class TrainConfig:
         return cls(family=family, **kw)
 
 
-class Stats(NamedTuple):
-    """Per-layer feature statistics of the training rows: mean, std [L, d] float32."""
+class Standardizer(NamedTuple):
+    """Per-layer feature statistics of the training rows: mean, std [L, d]."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -79,7 +80,7 @@ class Fit(NamedTuple):
     kept epoch (1-based), its validation loss (NaN without validation) and weight decay."""
 
     params: dict
-    stats: Stats
+    stats: Standardizer
     best_epoch: np.ndarray
     val_loss: np.ndarray
     weight_decay: np.ndarray
@@ -121,12 +122,29 @@ def stream(source, plan: Sequence[Sequence[tuple[int, int]]]) -> Iterator[tuple]
         handle = ahead
 
 
-def feature_stats(source, weights: np.ndarray, config: TrainConfig) -> Stats:
+def weighted_rows(x: np.ndarray, idx: np.ndarray, weights: np.ndarray, name: str) -> np.ndarray:
+    """Rows ``x`` (source rows ``idx``) with the rows of weight 0 zeroed, so a non-finite state
+    outside the fit's rows cannot reach its sums; a non-finite state in a row of weight > 0
+    raises ProbeError naming the row."""
+    on = weights[idx] > 0
+    finite = np.isfinite(x.sum(axis=(1, 2), dtype=np.float64))  # float64: no overflow
+    if np.any(on & ~finite):
+        row = int(idx[np.flatnonzero(on & ~finite)[0]])
+        raise ProbeError(f"features of {name} row {row} must be finite")
+    if not on.all():
+        if not (x.flags.owndata and x.flags.writeable):  # sources hand out fresh blocks
+            x = x.copy()
+        x[~on] = 0.0  # in place: no second minibatch-sized array
+    return x
+
+
+def feature_stats(source, weights: np.ndarray, config: TrainConfig) -> Standardizer:
     """Weighted per-layer mean and std over rows with weight > 0 (float64 sums)."""
     s1 = np.zeros((source.n_layers, source.width))
     s2 = np.zeros_like(s1)
     count = 0.0
     for idx, x in stream(source, batches(weights, config, None)):
+        x = weighted_rows(x, idx, weights, "train")
         for lo in range(0, len(idx), 1024):  # float64 copies of 1024 rows at a time
             w = weights[idx[lo : lo + 1024]].astype(np.float64)
             x64 = x[lo : lo + 1024].astype(np.float64)
@@ -137,7 +155,7 @@ def feature_stats(source, weights: np.ndarray, config: TrainConfig) -> Stats:
     mean = s1 / count
     std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
     std = np.where(std < 1e-6, 1.0, std)
-    return Stats(mean.astype(np.float32), std.astype(np.float32))
+    return Standardizer(mean.astype(np.float32), std.astype(np.float32))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -311,21 +329,22 @@ def fit(
     best_epoch = np.zeros((g, layers), np.int64)
     wd_dev, lr = rep(wd), np.float32(config.lr)
 
-    def placed(weights, epoch):
+    def placed(weights, epoch, name):
         for idx, x in stream(source, batches(weights, config, epoch)):
-            yield feed(x, y[idx], weights[idx])
+            yield feed(weighted_rows(x, idx, weights, name), y[idx], weights[idx])
 
     # a full batch (batch_size=0) is the same every epoch: read and place it once
-    cached = None if config.batch_size else list(placed(train_w, None))
-    val_batches = list(placed(val_w, None)) if has_val and not config.batch_size else None
+    cached = None if config.batch_size else list(placed(train_w, None, "train"))
+    val_batches = list(placed(val_w, None, "val")) if has_val and not config.batch_size else None
     for epoch in range(config.epochs):
-        for xs, ys, ws in cached if cached is not None else placed(train_w, epoch):
+        for xs, ys, ws in cached if cached is not None else placed(train_w, epoch, "train"):
             params, opt_state = _step(
                 params, opt_state, xs, ys, ws, mean, std, a_pos, a_neg, wd_dev, lr, freeze
             )
         if has_val:
             sums = np.zeros((g, layers))
-            for xs, ys, ws in val_batches if val_batches is not None else placed(val_w, None):
+            val_feed = val_batches if val_batches is not None else placed(val_w, None, "val")
+            for xs, ys, ws in val_feed:
                 sums += np.asarray(_eval_losses(params, xs, ys, ws, mean, std, v_pos, v_neg))
             val = sums / val_w.sum()
             better = val < best_val
@@ -345,7 +364,7 @@ def fit(
 
 
 def predict_logits(
-    params: dict, stats: Stats, source, config: TrainConfig, mesh=None
+    params: dict, stats: Standardizer, source, config: TrainConfig, mesh=None
 ) -> np.ndarray:
     """Logits [n, G, L] of every row of ``source`` (streamed in minibatches)."""
     n = source.n_rows

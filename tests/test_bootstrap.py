@@ -20,7 +20,13 @@ from fcjax.metrics import (
     mfg,
     paired_differences,
 )
-from fcjax.metrics.bootstrap import calibration_replicates, faithfulness_replicates, resample
+from fcjax.metrics.bootstrap import (
+    calibration_replicates,
+    faithfulness_replicates,
+    interval,
+    interval_absent,
+    resample,
+)
 
 KEYS = ("mfg", "cmfg", "cmfg_star", "ece", "brier", "auroc")
 
@@ -123,6 +129,18 @@ def test_intervals_hand_cases_and_determinism() -> None:
     res = paired_differences(one, {**one, "f": [0.3]})
     assert res["mfg"]["diff"] == pytest.approx(0.2)
     assert res["mfg"]["ci95"] is None and not res["mfg"]["excludes_zero"]
+
+
+def test_interval_absent_names_why_interval_is_none() -> None:
+    values = np.linspace(0.4, 0.6, 100)
+    assert interval(values, n=10) == pytest.approx([0.405, 0.595], abs=1e-3)
+    assert interval_absent(values, n=10) == ""
+    assert interval(values, n=4) is None
+    assert interval_absent(values, n=4) == "fewer than 5 questions (4)"
+    half_nan = np.where(np.arange(100) < 51, np.nan, values)  # 49 of 100 defined
+    assert interval(half_nan) is None
+    assert interval_absent(half_nan) == "defined in 49 of 100 resamples (needs 50%)"
+    assert interval(half_nan[2:]) is not None and interval_absent(half_nan[2:]) == ""  # 49/98
 
 
 def test_permutation_p_is_uniform_under_the_null() -> None:

@@ -372,8 +372,8 @@ def test_shared_hidden_store_through_a_file_url(tmp_path):
 
 
 def test_probe_checkpoint_through_a_file_url(tmp_path):
-    from probes.checkpoint import Probe, load_probe, save_probe
-    from probes.model import ProbeParams, Standardizer
+    from probes.checkpoint import Probe, ProbeParams, load_probe, save_probe
+    from probes.trainer import Standardizer
 
     rng = np.random.default_rng(1)
     probe = Probe(

@@ -16,7 +16,7 @@ from fcjax.store.hidden import HiddenReader
 from probes import ProbeError, load_probe
 from probes.sources import ArraySource, ConcatSource, StoreSource
 from probes.stats import bootstrap_auroc, null_auroc, permuted_labels, weighted_auroc
-from probes.streamfit import calibrate, crossfit_source, platt
+from probes.streamfit import calibrate, crossfit_source, fit_select, platt
 from probes.train import run_probe_stage, transfer
 from probes.trainer import TrainConfig, fit, predict_logits
 
@@ -267,6 +267,8 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
     assert list(table["family"]) == ["linear", "linear", "mlp", "mlp"]
     for col in ("auroc_lo", "auroc_hi", "null_lo", "null_hi", "spearman", "mae"):
         assert np.isfinite(table[col]).all(), col
+    assert set(table["auroc_ci_absent"]) == set(table["null_band_absent"]) == {""}
+    assert out["bootstrap"] == 100
     signal = np.asarray(table["layer"]) == 5
     assert (np.asarray(table["auroc_lo"])[signal] > np.asarray(table["null_hi"])[signal]).all()
     assert (np.asarray(table["auroc_lo"]) <= np.asarray(table["auroc"])).all()
@@ -279,6 +281,11 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
     assert "linear probe by layer" in panel and panel.count("layer 5: auroc") == 1
     assert "null band" in panel and "95% interval" in panel
     soft = run_probe_stage(run, folds=2, label="c_samp", epochs=30, reps=0)
+    table = read_table(run / "probes" / "layers.parquet")  # reps=0: no interval, a reason
+    for col in ("auroc_lo", "auroc_hi", "null_lo", "null_hi"):
+        assert np.isnan(table[col]).all(), col
+    for col in ("auroc_ci_absent", "null_band_absent"):
+        assert set(table[col]) == {"bootstrap off (0 resamples)"}, col
     # C_samp takes two values here (0.2, 0.8): a rank correlation near its ceiling, and
     # probabilities near the values themselves
     assert soft["by_family"]["linear"]["spearman"] > 0.7
@@ -322,22 +329,27 @@ def test_checkpoint_mismatch_errors_name_the_difference(tmp_path):
 def test_streaming_pipeline_stable_under_float_noise_in_hidden_states():
     """The README demo's shape (8 questions, one correct, 2 folds): 1e-6 relative noise in
     the states keeps every chosen layer and probability (weight decay, epoch and layer
-    choices included)."""
+    choices included), and the final probe's layer and weight decays. With one correct
+    question every fold trains on rows of one label, where the weight gradient is rounding
+    error that AdamW would turn into full-size steps (the demo's probe row once moved from
+    mean C 0.199 to 0.304 on a fresh clone)."""
     rng = np.random.default_rng(0)
     sizes = [3, 2, 4, 3, 2, 3, 3, 3]
     groups = np.repeat([f"q{i}" for i in range(8)], sizes)
     y = (groups == "q6").astype(float)
     base = rng.standard_normal((groups.size, 31, 64)).astype(np.float32) * 30
-    outs = []
+    outs, finals = [], []
+    config = TrainConfig(epochs=100)
     for seed in range(3):
         noise = np.random.default_rng(100 + seed).standard_normal(base.shape)
         x = (base * (1 + 1e-6 * noise)).astype(np.float32)
-        outs.append(
-            crossfit_source(ArraySource(x), y, groups, folds=2, config=TrainConfig(epochs=100))
-        )
-    for other in outs[1:]:
+        outs.append(crossfit_source(ArraySource(x), y, groups, folds=2, config=config))
+        finals.append(fit_select(ArraySource(x), y, groups, np.arange(y.size), config=config))
+    for other, final in zip(outs[1:], finals[1:], strict=True):
         assert other.chosen_layer.tolist() == outs[0].chosen_layer.tolist()
         np.testing.assert_allclose(other.proba, outs[0].proba, atol=1e-4)
+        assert final.layer == finals[0].layer  # the final probe's layer too
+        np.testing.assert_array_equal(final.weight_decay, finals[0].weight_decay)
 
 
 _SHARDED = """

@@ -1,4 +1,5 @@
-"""Tests for probes: Optax probe fitting, cross-fitting, Orbax checkpoints, the probe stage."""
+"""Tests for probes: the streaming trainer's fitting, selection and cross-fitting, Orbax
+checkpoints, the probe stage."""
 
 from __future__ import annotations
 
@@ -12,22 +13,23 @@ from fcjax.store import HiddenStore, read_table, write_table_atomic
 from fcjax.store.tables import TableError
 from probes import (
     Probe,
-    ProbeConfig,
     ProbeError,
     ProbeParams,
     Standardizer,
     TooFewLabels,
-    crossfit,
     group_folds,
     load_probe,
-    predict_proba,
     save_probe,
-    train_probes,
 )
-from probes.crossfit import fit_with_selection
+from probes.common import inner_split
+from probes.sources import ArraySource
+from probes.stats import layer_table
+from probes.streamfit import crossfit_source, fit_select
 from probes.train import run_probe_stage
+from probes.trainer import TrainConfig, fit, predict_logits
 
 N_GROUPS, PER_GROUP, LAYERS, D, SIGNAL_LAYER = 100, 4, 4, 32, 2
+CONFIG = TrainConfig(epochs=100)
 
 
 def _planted(seed=0, strength=2.0):
@@ -43,6 +45,17 @@ def _planted(seed=0, strength=2.0):
     return x, y, groups
 
 
+def _weights(n, rows):
+    """float32 0/1 row weights [n] with ones at ``rows``."""
+    w = np.zeros(n, np.float32)
+    w[rows] = 1.0
+    return w
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
 def _pairwise_auroc(conf, correct):
     """Independent AUROC: fraction of (positive, negative) pairs ordered right, ties 1/2."""
     conf, correct = np.asarray(conf), np.asarray(correct, bool)
@@ -50,22 +63,32 @@ def _pairwise_auroc(conf, correct):
     return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
 
 
-# -- model -------------------------------------------------------------------------------
+# -- the trainer ----------------------------------------------------------------------------
 
 
 def test_standardisation_uses_training_rows_only_and_ignores_other_rows():
     x, y, _ = _planted()
-    train = np.arange(300)
-    fit = train_probes(x, y, train, config=ProbeConfig(steps=50))
-    np.testing.assert_allclose(fit.stats.mean, x[:300].mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fit.stats.std, x[:300].std(0), rtol=1e-4)
-    x_bad = x.copy()
+    train = _weights(len(y), np.arange(300))
+    config = TrainConfig(weight_decays=(1e-2,), epochs=50)
+    a = fit(ArraySource(x), y, train, config=config)
+    np.testing.assert_allclose(a.stats.mean, x[:300].mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.stats.std, x[:300].std(0), rtol=1e-4)
+    # rows of weight 0 share the training rows' blocks (64 rows): huge or NaN states and NaN
+    # labels there change nothing
+    x_bad, y_bad = x.copy(), y.copy()
     x_bad[300:] = 1e6
     x_bad[310] = np.nan
-    y_bad = y.copy()
     y_bad[300:] = np.nan
-    fit_bad = train_probes(x_bad, y_bad, train, config=ProbeConfig(steps=50))
-    np.testing.assert_allclose(fit_bad.params.w, fit.params.w, rtol=1e-5, atol=1e-6)
+    b = fit(ArraySource(x_bad), y_bad, train, config=config)
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b.stats.mean, a.stats.mean, rtol=1e-6, atol=1e-7)
+    x_bad[5, 1, 3] = np.nan  # in a training row: an error naming the row, not a NaN probe
+    with pytest.raises(ProbeError, match="train row 5 must be finite"):
+        fit(ArraySource(x_bad), y_bad, train, config=config)
+    val = _weights(len(y), np.arange(300, 400))
+    with pytest.raises(ProbeError, match="val row 310 must be finite"):
+        fit(ArraySource(x_bad), y, _weights(len(y), np.arange(6, 300)), val, config=config)
 
 
 def test_converges_to_weighted_logistic_optimum():
@@ -74,62 +97,126 @@ def test_converges_to_weighted_logistic_optimum():
     n, d = 200, 3
     x = rng.normal(size=(n, 1, d)).astype(np.float32)
     y = (rng.random(n) < 1 / (1 + np.exp(-(x[:, 0, 0] - 1.0)))).astype(np.float32)
-    fit = train_probes(x, y, config=ProbeConfig(weight_decay=0.0, lr=0.05, steps=3000))
-    z = (x[:, 0] - fit.stats.mean[0]) / fit.stats.std[0]
-    p = 1 / (1 + np.exp(-(z @ fit.params.w[0] + fit.params.b[0])))
+    config = TrainConfig(weight_decays=(0.0,), lr=0.05, epochs=3000)
+    result = fit(ArraySource(x), y, np.ones(n, np.float32), config=config)
+    w, b = result.params["w"][0, 0], result.params["b"][0, 0]
+    z = (x[:, 0] - result.stats.mean[0]) / result.stats.std[0]
+    p = _sigmoid(z @ w + b)
     a_pos, a_neg = n / (2 * y.sum()), n / (2 * (1 - y).sum())
     resid = a_pos * y * (p - 1) + a_neg * (1 - y) * p  # d loss / d logit per row.
     grad = np.concatenate([z.T @ resid, [resid.sum()]]) / n
     assert np.abs(grad).max() < 1e-3
-    assert fit.params.w[0, 0] > 0.5  # The informative feature got the weight.
+    assert w[0] > 0.5  # The informative feature got the weight.
 
 
-def test_layers_train_independently_and_predict_proba_formula():
+def test_layers_and_candidates_train_independently_and_logits_formula():
     x, y, _ = _planted()
-    config = ProbeConfig(steps=100)
-    train, val = np.arange(320), np.arange(320, 400)
-    fit_all = train_probes(x, y, train, val, config=config)
-    fit_one = train_probes(x[:, 1:2], y, train, val, config=config)
-    np.testing.assert_allclose(fit_one.params.w[0], fit_all.params.w[1], rtol=1e-4, atol=1e-6)
-    assert fit_one.best_step[0] == fit_all.best_step[1]
-    z = (x[:5, 3] - fit_all.stats.mean[3]) / fit_all.stats.std[3]
-    manual = 1 / (1 + np.exp(-(z @ fit_all.params.w[3] + fit_all.params.b[3])))
-    np.testing.assert_allclose(predict_proba(fit_all.params, fit_all.stats, x[:5], 3), manual)
-    np.testing.assert_allclose(predict_proba(fit_all.params, fit_all.stats, x[:5])[:, 3], manual)
+    train, val = _weights(len(y), np.arange(320)), _weights(len(y), np.arange(320, 400))
+    every = fit(ArraySource(x), y, train, val, config=CONFIG)  # 3 decays x 4 layers at once
+    assert every.params["w"].shape == (3, LAYERS, D)
+    np.testing.assert_array_equal(every.weight_decay[:, 0], np.float32(CONFIG.weight_decays))
+    one_config = TrainConfig(weight_decays=(CONFIG.weight_decays[2],), epochs=CONFIG.epochs)
+    one = fit(ArraySource(x[:, 1:2]), y, train, val, config=one_config)
+    np.testing.assert_allclose(one.params["w"][0, 0], every.params["w"][2, 1], rtol=1e-4, atol=1e-6)
+    assert one.best_epoch[0, 0] == every.best_epoch[2, 1]
+    s = predict_logits(every.params, every.stats, ArraySource(x[:5]), CONFIG)  # [5, G, L]
+    z = (x[:5, 3] - every.stats.mean[3]) / every.stats.std[3]
+    manual = z @ every.params["w"][1, 3] + every.params["b"][1, 3]
+    np.testing.assert_allclose(s[:, 1, 3], manual, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise():
     x, y, _ = _planted()
+    n = len(y)
+    source, ones = ArraySource(x), np.ones(n, np.float32)
     with pytest.raises(ProbeError, match="overlap"):
-        train_probes(x, y, np.arange(10), np.arange(5, 20))
+        fit(source, y, _weights(n, np.arange(10)), _weights(n, np.arange(5, 20)), config=CONFIG)
     with pytest.raises(ProbeError, match=r"\[0, 1\]"):
-        train_probes(x, y * 2)
+        fit(source, y * 2, ones, config=CONFIG)
+    with pytest.raises(ProbeError, match=f"shape \\({n},\\)"):
+        fit(source, y[:-1], ones, config=CONFIG)
+    with pytest.raises(TooFewLabels, match="no training rows"):
+        fit(source, y, np.zeros(n, np.float32), config=CONFIG)
     with pytest.raises(ProbeError, match="layers, d"):
-        train_probes(x[:, 0], y)
+        ArraySource(x[:, 0])
+    with pytest.raises(ProbeError, match="family must be one of"):
+        TrainConfig(family="tree")
+    with pytest.raises(ProbeError, match="weight_decays"):
+        TrainConfig(weight_decays=())
 
 
-# -- cross-fitting -----------------------------------------------------------------------
+def test_one_label_training_rows_train_the_bias_alone():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 2, 8)).astype(np.float32)
+    y = np.zeros(12)
+    y[:3] = 1.0
+    config = TrainConfig(epochs=400)
+    only_zero = fit(ArraySource(x), y, _weights(12, np.arange(3, 12)), config=config)
+    assert np.all(only_zero.params["w"] == 0.0) and np.all(only_zero.params["b"] < 0)
+    both = fit(ArraySource(x), y, np.ones(12, np.float32), config=config)  # the weights learn
+    assert np.any(both.params["w"] != 0.0)
+
+
+# -- selection and cross-fitting ------------------------------------------------------------
+
+
+def test_weight_decay_and_epochs_chosen_per_layer_on_inner_validation():
+    """fit_select keeps per layer the decay with the lowest inner-validation loss and its
+    epoch (brute force: one fit per decay on the same inner split), then refits on all rows."""
+    x, y, groups = _planted()
+    rows = np.arange(len(y))
+    decays = (1e-4, 3.0)
+    sel = fit_select(
+        ArraySource(x), y, groups, rows, config=TrainConfig(weight_decays=decays, epochs=60), seed=3
+    )
+    keys = np.asarray([str(g) for g in groups])
+    train, val = inner_split(keys, rows, 0.2, np.random.default_rng(3))
+    assert not set(keys[train]) & set(keys[val])
+    singles = [
+        fit(
+            ArraySource(x),
+            y,
+            _weights(len(y), train),
+            _weights(len(y), val),
+            config=TrainConfig(weight_decays=(wd,), epochs=60),
+        )
+        for wd in decays
+    ]
+    best = np.argmin([s.val_loss[0] for s in singles], axis=0)  # [L]
+    assert set(best.tolist()) == {0, 1}  # the signal layer wants little decay, noise much
+    np.testing.assert_array_equal(sel.weight_decay, np.float32(decays)[best])
+    np.testing.assert_array_equal(
+        sel.epochs, [singles[g].best_epoch[0, j] for j, g in enumerate(best)]
+    )
+    np.testing.assert_allclose(sel.stats.mean, x.mean(0), rtol=1e-5, atol=1e-5)  # refit: all rows
+    assert sel.layer == SIGNAL_LAYER
 
 
 def test_planted_signal_found_and_layer_chosen():
     x, y, groups = _planted()
-    result = crossfit(x, y, groups, folds=5, seed=0)
-    assert result.layer_table["auroc"][SIGNAL_LAYER] > 0.95
+    result = crossfit_source(ArraySource(x), y, groups, folds=5, seed=0, config=CONFIG)
+    table = layer_table(result.proba_layers, y, groups, reps=0)
+    assert table["auroc"][SIGNAL_LAYER] > 0.95
     assert np.all(result.chosen_layer == SIGNAL_LAYER)
     assert _pairwise_auroc(result.proba, y) > 0.95
-    assert np.argmin(result.layer_table["ece"]) == SIGNAL_LAYER
+    assert np.argmin(table["log_loss"]) == SIGNAL_LAYER
     assert np.all(np.isfinite(result.proba))
+    np.testing.assert_array_equal(result.proba, result.proba_layers[:, SIGNAL_LAYER])
     for j in range(LAYERS):  # The per-layer table against independent computations.
         p = result.proba_layers[:, j]
-        expect = _pairwise_auroc(p, y)
-        assert result.layer_table["auroc"][j] == pytest.approx(expect, abs=1e-12)
+        assert table["auroc"][j] == pytest.approx(_pairwise_auroc(p, y), abs=1e-12)
         bins = np.minimum((p * 10).astype(int), 9)
         gaps = [
             abs(p[bins == k].mean() - y[bins == k].mean()) * (bins == k).mean()
             for k in range(10)
             if (bins == k).any()
         ]
-        assert result.layer_table["ece"][j] == pytest.approx(sum(gaps), abs=1e-12)
+        assert table["ece"][j] == pytest.approx(sum(gaps), abs=1e-12)
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        expect = -np.mean(
+            [math.log(v) if t else math.log(1 - v) for v, t in zip(q, y, strict=True)]
+        )
+        assert table["log_loss"][j] == pytest.approx(expect, rel=1e-12)
 
 
 def test_shuffled_labels_give_chance_auroc():
@@ -142,34 +229,44 @@ def test_shuffled_labels_give_chance_auroc():
     y_null = y_group[groups]
     n1 = n0 = N_GROUPS // 2
     bound = 4 * math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
-    result = crossfit(x, y_null, groups, folds=5, seed=1)
+    result = crossfit_source(ArraySource(x), y_null, groups, folds=5, seed=1, config=CONFIG)
+    table = layer_table(result.proba_layers, y_null, groups, reps=0)
     assert abs(_pairwise_auroc(result.proba, y_null) - 0.5) < bound
-    assert np.all(np.abs(result.layer_table["auroc"] - 0.5) < bound)
+    assert np.all(np.abs(table["auroc"] - 0.5) < bound)
 
 
 def test_no_leakage_between_training_and_scored_groups():
     x, y, groups = _planted()
     y = y.copy()
     y[::7] = np.nan  # Unlabeled rows are scored but never trained on.
-    result = crossfit(x, y, groups, folds=5, seed=0)
+    result = crossfit_source(ArraySource(x), y, groups, folds=5, seed=0, config=CONFIG)
     assert np.all(np.isfinite(result.proba))  # Every row scored, unlabeled ones too.
-    for k, rows in enumerate(result.train_rows):
-        scored = set(groups[result.fold == k])
-        assert scored and not scored & set(groups[rows])
-        assert np.all(np.isfinite(y[rows]))
     # Each group sits in exactly one fold; folds have equal size here (20 groups of 4).
     for g in np.unique(groups):
         assert len(set(result.fold[groups == g])) == 1
     np.testing.assert_array_equal(np.bincount(result.fold), [80] * 5)
-    # Behavioural check: flipping fold 0's labels cannot change what fold 0's probe scored
-    # (it never trained on them), but does change the other folds' probabilities.
+    # Flipping fold 0's labels cannot change what fold 0's probe scored (it never trained
+    # on them), but does change the other folds' probabilities.
     in0 = result.fold == 0
     y2 = y.copy()
     y2[in0] = 1 - y2[in0]
-    again = crossfit(x, y2, groups, folds=5, seed=0)
+    again = crossfit_source(ArraySource(x), y2, groups, folds=5, seed=0, config=CONFIG)
     np.testing.assert_array_equal(again.fold, result.fold)
     np.testing.assert_array_equal(again.proba_layers[in0], result.proba_layers[in0])
     assert not np.allclose(again.proba_layers[~in0], result.proba_layers[~in0])
+    # A fold's fit reads the states of its training rows only (statistics, training, inner
+    # validation): other rows' states, scaled or NaN, leave it unchanged.
+    rows = np.flatnonzero(~in0 & np.isfinite(y))
+    sel = fit_select(ArraySource(x), y, groups, rows, config=CONFIG, seed=1)
+    x2 = x.copy()
+    x2[in0] *= 1000
+    x2[~in0 & np.isnan(y)] = np.nan
+    sel2 = fit_select(ArraySource(x2), y, groups, rows, config=CONFIG, seed=1)
+    for k in sel.params:
+        np.testing.assert_allclose(sel2.params[k], sel.params[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sel2.stats.mean, sel.stats.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sel2.calibration, sel.calibration, rtol=1e-6, atol=1e-7)
+    assert sel2.layer == sel.layer
 
 
 def test_group_folds_deterministic_by_seed():
@@ -177,10 +274,28 @@ def test_group_folds_deterministic_by_seed():
     a, b, c = group_folds(groups, 5, 0), group_folds(groups, 5, 0), group_folds(groups, 5, 1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    for g in np.unique(groups):  # whole groups per fold
+        assert len(set(a[groups == g])) == 1
     sizes = np.bincount(a, minlength=5)
     assert sizes.max() - sizes.min() <= 4  # Greedy balance: within one largest group.
     with pytest.raises(TooFewLabels, match="at least 5 groups"):
         group_folds(np.arange(3), 5)
+
+
+def test_inner_split_keeps_groups_whole_and_too_few_groups_raise():
+    groups = np.repeat([f"q{i}" for i in range(10)], 3)
+    rows = np.arange(30)
+    train, val = inner_split(groups, rows, 0.2, np.random.default_rng(0))
+    assert not set(groups[train]) & set(groups[val]) and len(set(groups[val])) == 2
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), rows)
+    _, val_one = inner_split(groups, rows, 0.001, np.random.default_rng(0))
+    assert len(set(groups[val_one])) == 1  # at least one group held out
+    with pytest.raises(TooFewLabels, match="at least 2 groups"):
+        inner_split(groups, np.arange(3), 0.2, np.random.default_rng(0))
+    x = np.random.default_rng(0).normal(size=(30, 2, 4)).astype(np.float32)
+    y = np.arange(30) % 2.0
+    with pytest.raises(TooFewLabels, match="at least 2 groups"):
+        fit_select(ArraySource(x), y, groups, np.arange(3), config=CONFIG)
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -188,8 +303,20 @@ def test_group_folds_deterministic_by_seed():
 
 def test_orbax_round_trip_identical_probabilities(tmp_path):
     x, y, _ = _planted()
-    fit = train_probes(x, y, np.arange(300), np.arange(300, 400), config=ProbeConfig(steps=60))
-    probe = Probe(fit.params, fit.stats, 2, (3, 6, 9, 12), fold=1, label="agreement", model="m")
+    n = len(y)
+    config = TrainConfig(weight_decays=(1e-2,), epochs=60)
+    f = fit(
+        ArraySource(x),
+        y,
+        _weights(n, np.arange(300)),
+        _weights(n, np.arange(300, 400)),
+        config=config,
+    )
+    params = ProbeParams(f.params["w"][0], f.params["b"][0])
+    probe = Probe(params, f.stats, 2, (3, 6, 9, 12), fold=1, label="agreement", model="m")
+    # the deployable probe computes the trainer's forward pass
+    s = predict_logits(f.params, f.stats, ArraySource(x), config)[:, 0, 2]
+    np.testing.assert_allclose(probe.predict_proba(x), _sigmoid(s), rtol=1e-5, atol=1e-6)
     save_probe(tmp_path / "ck", probe)
     back = load_probe(tmp_path / "ck")
     assert (back.layer, back.layers, back.fold, back.label, back.model) == (
@@ -202,10 +329,30 @@ def test_orbax_round_trip_identical_probabilities(tmp_path):
     assert back.layer_id == 9
     np.testing.assert_array_equal(back.predict_proba(x), probe.predict_proba(x))
     np.testing.assert_array_equal(back.predict_proba(x[:, 2]), probe.predict_proba(x))
-    save_probe(tmp_path / "ck", Probe(fit.params, fit.stats, 0, (3, 6, 9, 12)))  # Overwrite.
+    save_probe(tmp_path / "ck", Probe(params, f.stats, 0, (3, 6, 9, 12)))  # Overwrite.
     assert load_probe(tmp_path / "ck").layer == 0
     with pytest.raises(ProbeError, match=r"probe\.json"):
         load_probe(tmp_path / "missing")
+
+
+def test_mlp_probe_round_trip_with_calibration(tmp_path):
+    """An MLP probe with Platt calibration: the checkpoint's numpy forward pass equals the
+    trainer's jitted one, and loading gives identical probabilities."""
+    x, y, _ = _planted()
+    config = TrainConfig.for_family("mlp", epochs=5)
+    f = fit(ArraySource(x), y, np.ones(len(y), np.float32), config=config, weight_decay=[1e-2] * 4)
+    cal = np.array([[0.5, 0.1], [1.0, 0.0], [2.0, -0.3], [0.7, 0.2]])
+    params = {k: v[0] for k, v in f.params.items()}
+    probe = Probe(params, f.stats, 1, (0, 1, 2, 3), family="mlp", calibration=cal)
+    s = predict_logits(f.params, f.stats, ArraySource(x), config)[:, 0].astype(np.float64)
+    want = _sigmoid(s * cal[:, 0] + cal[:, 1])
+    np.testing.assert_allclose(probe.predict_proba_layers(x), want, rtol=1e-4, atol=1e-5)
+    save_probe(tmp_path / "mlp", probe)
+    back = load_probe(tmp_path / "mlp")
+    assert back.family == "mlp"
+    np.testing.assert_allclose(
+        back.predict_proba_layers(x), probe.predict_proba_layers(x), rtol=1e-6
+    )
 
 
 # -- the probe stage end to end ----------------------------------------------------------
@@ -321,6 +468,42 @@ def test_probe_stage_records_too_few_labels_and_fails_on_anything_else(tmp_path)
     assert not run.done("probes")
 
 
+def test_probe_stage_uses_the_runs_bootstrap_setting(tmp_path):
+    """The stage's layer table takes its resamples from --bootstrap: 0 records the intervals
+    as absent with the reason; with 40 questions and 200 resamples they are given."""
+    from experiments.config import Settings
+    from experiments.rundir import RunDir
+    from experiments.stages import Pipeline
+    from probes.stats import bootstrap_auroc
+
+    _make_run(tmp_path, np.random.default_rng(8))
+    run = RunDir(tmp_path)
+    Pipeline(run, Settings(estimators=("probe",), folds=3, bootstrap=0)).run_stage("probes")
+    assert run.info("probes")["bootstrap"] == 0
+    table = read_table(tmp_path / "probes" / "layers.parquet")
+    assert np.isnan(table["auroc_lo"]).all() and np.isnan(table["null_hi"]).all()
+    assert set(table["auroc_ci_absent"]) == {"bootstrap off (0 resamples)"}
+    assert set(table["null_band_absent"]) == {"bootstrap off (0 resamples)"}
+    run.invalidate_from("probes")
+    Pipeline(run, Settings(estimators=("probe",), folds=3, bootstrap=200)).run_stage("probes")
+    assert run.info("probes")["bootstrap"] == 200
+    table = read_table(tmp_path / "probes" / "layers.parquet")
+    assert np.isfinite(table["auroc_lo"]).all() and set(table["auroc_ci_absent"]) == {""}
+    # every fold chose layer 7, so conf_probe is layer 7's cross-fitted column: its AUROC on
+    # 200 question resamples (same seed) gives layer 7's interval
+    assert run.info("probes")["chosen_layers"] == [7, 7, 7]
+    steps = read_table(tmp_path / "steps.parquet")
+    conf = np.asarray(steps["conf_probe"], float)
+    keep = np.isfinite(conf)
+    eids = np.asarray(steps["example_id"])[keep]
+    examples = read_table(tmp_path / "examples.parquet")
+    correct = dict(zip(examples["example_id"], examples["correct"], strict=True))
+    positive = np.array([bool(correct[e]) for e in eids])
+    boot = bootstrap_auroc(conf[keep, None], positive, eids, reps=200, seed=0)[:, 0]
+    lo, hi = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
+    assert (table["auroc_lo"][1], table["auroc_hi"][1]) == pytest.approx((lo, hi), abs=1e-12)
+
+
 def test_probe_estimator_scores_new_traces_from_a_checkpoint(tmp_path):
     """``import probes`` registers "probe"; it scores each step with the saved probe on the
     chosen layer's hidden state at the step's last token (checked against lm.hidden_states)."""
@@ -349,38 +532,3 @@ def test_probe_estimator_scores_new_traces_from_a_checkpoint(tmp_path):
     hidden = lm.hidden_states([prompt + output])[1, 0]  # layer id 1, [T, D]
     want = probe.predict_proba(hidden[[len(prompt) + 1, len(prompt) + 5]])
     np.testing.assert_allclose(cols["conf_probe"], want, rtol=1e-5, atol=1e-6)
-
-
-def test_probe_outcome_stable_under_float_noise_in_hidden_states():
-    """Hidden states that differ in the last bits (another CPU, another XLA build) must give
-    the same probe. The README demo's probe row once moved from mean C 0.199 to 0.304 on a
-    fresh clone: with 8 questions, 2 folds and one correct question, every fold trained on
-    rows of one label, where the weight gradient is rounding error that AdamW turns into
-    full-size steps. A demo-shaped problem with 1e-6 relative noise must keep every chosen
-    layer and every probability."""
-    rng = np.random.default_rng(0)
-    sizes = [3, 2, 4, 3, 2, 3, 3, 3]
-    groups = np.repeat([f"q{i}" for i in range(8)], sizes)
-    y = (groups == "q6").astype(float)  # one correct question, like the demo
-    base = rng.standard_normal((groups.size, 31, 64)).astype(np.float32) * 30
-    outs, finals = [], []
-    for seed in range(3):
-        noise = np.random.default_rng(100 + seed).standard_normal(base.shape)
-        x = (base * (1 + 1e-6 * noise)).astype(np.float32)
-        outs.append(crossfit(x, y, groups, folds=2, seed=0))
-        finals.append(fit_with_selection(x, y, groups, np.arange(y.size), seed=0))
-    for other, final in zip(outs[1:], finals[1:], strict=True):
-        assert other.chosen_layer.tolist() == outs[0].chosen_layer.tolist()
-        np.testing.assert_allclose(other.proba, outs[0].proba, atol=1e-4)
-        assert final.layer == finals[0].layer
-
-
-def test_one_label_training_rows_train_the_bias_alone():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((12, 2, 8)).astype(np.float32)
-    y = np.zeros(12)
-    y[:3] = 1.0
-    fit = train_probes(x, y, np.arange(3, 12))  # only label-0 rows
-    assert np.all(fit.params.w == 0.0) and np.all(fit.params.b < 0)
-    both = train_probes(x, y)  # both labels: the weights learn
-    assert np.any(both.params.w != 0.0)

@@ -18,6 +18,9 @@ from fcjax.metrics._arrays import bin_index, check_confidence, cmfg_bin_index
 FAITHFULNESS = ("mfg", "cmfg", "cmfg_star")
 CALIBRATION = ("ece", "brier", "auroc")
 METRICS = FAITHFULNESS + CALIBRATION
+# resamples for a 95% interval unless told otherwise (experiments.run --bootstrap, the probe
+# stage's layer table, experiments.report)
+REPS = 1000
 # an interval needs at least this share of resamples with a defined value (AUROC needs both
 # classes in the resample)
 MIN_DEFINED = 0.5
@@ -132,18 +135,27 @@ def interval(values: np.ndarray, level: float = 0.95, n: int | None = None) -> l
     them are defined (e.g. AUROC when most resamples hold one class) or when the resamples
     come from fewer than ``MIN_QUESTIONS`` questions (``n``)."""
     values = np.asarray(values, np.float64)
+    if interval_absent(values, n):
+        return None
     ok = values[np.isfinite(values)]
-    if n is not None and n < MIN_QUESTIONS:
-        return None
-    if ok.size == 0 or ok.size < MIN_DEFINED * values.size:
-        return None
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.percentile(ok, [tail, 100.0 - tail])
     return [float(lo), float(hi)]
 
 
+def interval_absent(values: np.ndarray, n: int | None = None) -> str:
+    """Why ``interval(values, n=n)`` is None, in words; "" when it is not."""
+    values = np.asarray(values, np.float64)
+    if n is not None and n < MIN_QUESTIONS:
+        return f"fewer than {MIN_QUESTIONS} questions ({n})"
+    defined = int(np.isfinite(values).sum())
+    if defined == 0 or defined < MIN_DEFINED * values.size:
+        return f"defined in {defined} of {values.size} resamples (needs {MIN_DEFINED:.0%})"
+    return ""
+
+
 def auroc_permutation_p(
-    c: object, correct: object, reps: int = 1000, seed: int = 0
+    c: object, correct: object, reps: int = REPS, seed: int = 0
 ) -> float | None:
     """Two-sided permutation p-value of AUROC against 0.5: correctness labels permuted across
     questions ``reps`` times, p = (1 + #{|AUROC_perm - 0.5| >= |AUROC - 0.5|}) / (1 + reps).
@@ -172,7 +184,7 @@ def bootstrap_intervals(
     f: object,
     c: object,
     correct: object,
-    reps: int = 1000,
+    reps: int = REPS,
     seed: int = 0,
     bins: int = 10,
     binning: str = "closed",
@@ -215,7 +227,7 @@ def match_ids(ids_a: Sequence[str], ids_b: Sequence[str]) -> tuple[np.ndarray, n
 def paired_differences(
     a: Mapping[str, object],
     b: Mapping[str, object],
-    reps: int = 1000,
+    reps: int = REPS,
     seed: int = 0,
     bins: int = 10,
     binning: str = "closed",

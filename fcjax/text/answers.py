@@ -3,15 +3,15 @@
 `extract_answer` pulls the model's final answer out of a generation; `score_answer` compares
 it with a gold answer according to the dataset kind (`infer_kind`).
 
-Why not math-verify (measured with scripts/compare_math_verify.py, math-verify 0.9.0, on
-../shared/data math500.jsonl and aime_1983_2024.jsonl): of 2078 equivalent rewrites of the
-500 MATH-500 golds (dollars, \\dfrac, \\left/\\right, a/b, decimals, (A)/(B), \\sqrt n, commuted
-sums), this scorer accepts 2066 and math-verify 2068 (it also reads (A)/(B) inside tuples
-and intervals; this scorer instead reads mixed numbers); both accept every gold against
-itself. But math-verify accepts 9 of 987 wrong answers (another digit in a base subscript,
-52_9 for 52_8; .0000673 for .0000672, within its tolerance), this scorer none, and it is
-about 8x slower. On AIME both agree on all 5598 cases. A wrong answer scored correct biases
-accuracy and every calibration figure, so this scorer stays.
+Why not math-verify (measured with `python -m experiments.compare_math_verify`, math-verify
+0.9.0, on ../shared/data math500.jsonl and aime_1983_2024.jsonl): of 2078 equivalent
+rewrites of the 500 MATH-500 golds (dollars, \\dfrac, \\left/\\right, a/b, decimals,
+(A)/(B), \\sqrt n, commuted sums), this scorer accepts 2066 and math-verify 2068 (it also
+reads (A)/(B) inside tuples and intervals; this scorer instead reads mixed numbers); both
+accept every gold against itself. But math-verify accepts 9 of 987 wrong answers (another
+digit in a base subscript, 52_9 for 52_8; .0000673 for .0000672, within its tolerance), this
+scorer none, and it is about 8x slower. On AIME both agree on all 5598 cases. A wrong
+answer scored correct biases accuracy and every calibration figure, so this scorer stays.
 """
 
 from __future__ import annotations

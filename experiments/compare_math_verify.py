@@ -1,7 +1,7 @@
 """Compares fcjax's MATH/AIME answer scorer with math-verify on the shared golds.
 
     pip install math-verify   # not an fcjax dependency
-    python scripts/compare_math_verify.py [--data=../shared/data]
+    python -m experiments.compare_math_verify [--data=DIR]   # default: fcjax.data.data_dir()
 
 For every gold: (1) equivalent surface forms a model may write (dollars, \\dfrac,
 \\left/\\right, spaces, a/b for \\frac{a}{b}, a decimal for a terminating fraction, thousands
@@ -12,13 +12,16 @@ the agreement of the two scorers and the time per call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
+from absl import app, flags
+
+from fcjax.data.datasets import data_dir
 from fcjax.text.answers import score_answer
 
 
@@ -63,12 +66,11 @@ def wrong(gold: str, other: str) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    del argv
     from math_verify import parse, verify
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    args = ap.parse_args()
+    data = Path(flags.FLAGS.data) if flags.FLAGS.data else data_dir()
 
     def ours(pred: str, gold: str, kind: str) -> bool:
         return score_answer(pred, gold, kind)
@@ -81,7 +83,7 @@ def main() -> None:
         return bool(verify(parse(math(gold)), parse(math(pred))))
 
     for name, kind in (("math500.jsonl", "math"), ("aime_1983_2024.jsonl", "numeric")):
-        rows = [json.loads(line) for line in (Path(args.data) / name).read_text().splitlines()]
+        rows = [json.loads(line) for line in (data / name).read_text().splitlines()]
         golds = [str(r["answer"]) for r in rows]
         pos = [(v, g) for g in golds for v in [g, *variants(g)]]
         neg = [(w, g) for i, g in enumerate(golds) for w in wrong(g, golds[(i + 7) % len(golds)])]
@@ -116,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.DEFINE_string("data", None, "folder of math500.jsonl and aime_1983_2024.jsonl")
+    app.run(main)

@@ -1,8 +1,8 @@
 """Peak memory and time of probe training: streamed from a TensorStore dump vs in memory.
 
-    python scripts/probe_stream_memory.py make  --dump=DIR --rows=60000 [--layers=31 --width=576]
-    python scripts/probe_stream_memory.py stream --dump=DIR [--epochs=2 --batch=4096]
-    python scripts/probe_stream_memory.py memory --dump=DIR [--epochs=2]
+    python -m probes.stream_memory make --dump=DIR --rows=60000 [--layers=31 --width=576]
+    python -m probes.stream_memory stream --dump=DIR [--epochs=2 --batch=4096]
+    python -m probes.stream_memory memory --dump=DIR [--epochs=2]
 
 ``make`` writes random step-end states (float32) with random labels in blocks; ``stream``
 trains every layer's linear probe with ``probes.trainer.fit`` reading minibatches from the
@@ -22,14 +22,17 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string("dump", None, "dump directory")
-flags.DEFINE_integer("rows", 60000, "rows (make)")
-flags.DEFINE_integer("layers", 31, "layers (make)")
-flags.DEFINE_integer("width", 576, "hidden width (make)")
-flags.DEFINE_integer("epochs", 2, "training epochs")
-flags.DEFINE_integer("batch", 4096, "streamed rows per step")
-flags.DEFINE_integer("first", 0, "memory mode: read only the first rows (0: all)")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("dump", None, "dump directory", required=True)
+    flags.DEFINE_integer("rows", 60000, "rows (make)")
+    flags.DEFINE_integer("layers", 31, "layers (make)")
+    flags.DEFINE_integer("width", 576, "hidden width (make)")
+    flags.DEFINE_integer("epochs", 2, "training epochs")
+    flags.DEFINE_integer("batch", 4096, "streamed rows per step")
+    flags.DEFINE_integer("first", 0, "memory mode: read only the first rows (0: all)")
 
 
 def _peak_mb() -> float:
@@ -103,5 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("dump")
+    _define_flags()
     app.run(main)
