@@ -355,16 +355,21 @@ def probe_layer_panel(path: PathLike | Location) -> str | None:
                 width=0.7,
                 tip=tip,
             )
+    n = layers.size
+    why = np.asarray(table.get("auroc_ci_absent", [""] * n), str)
+    lo = np.asarray(table.get("auroc_lo", np.full(n, np.nan)), float)
+    hi = np.asarray(table.get("auroc_hi", np.full(n, np.nan)), float)
+    interval = [  # the layer table says why an interval is absent (e.g. --bootstrap=0)
+        f"; no 95% interval: {w}" if w else f"; 95% interval {fmt(a)}-{fmt(b)}"
+        for w, a, b in zip(why, lo, hi, strict=True)
+    ]
     for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
         values = np.asarray(table[key], float).tolist()
         p.line(layers.tolist(), values, stroke, dash=dash, tip=key)
-        p.dots(
-            layers.tolist(),
-            values,
-            stroke,
-            r=2.5,
-            tips=[f"layer {int(x)}: {key} {fmt(v)}" for x, v in zip(layers, values, strict=True)],
-        )
+        tips = [f"layer {int(x)}: {key} {fmt(v)}" for x, v in zip(layers, values, strict=True)]
+        if key == "auroc" and "auroc_lo" in table:
+            tips = [t + i for t, i in zip(tips, interval, strict=True)]
+        p.dots(layers.tolist(), values, stroke, r=2.5, tips=tips)
     chosen = np.asarray(table.get("times_chosen", np.zeros(layers.size)), float)
     for x, k in zip(layers, chosen, strict=True):
         if k > 0:

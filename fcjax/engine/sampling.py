@@ -111,8 +111,8 @@ class _Scaled(NamedTuple):
     temperature: float
     top: jnp.ndarray  # [rows, n] the n largest scaled logits, descending
 
-    def values(self, x=None) -> jnp.ndarray:
-        return (self.logits if x is None else x) / self.temperature
+    def values(self) -> jnp.ndarray:
+        return self.logits / self.temperature
 
     @property
     def max(self) -> jnp.ndarray:
@@ -186,14 +186,17 @@ def kept_cut(logits, sampler: Sampler, top=None, branchless: bool | None = None)
         top = jax.lax.top_k(logits, min(SHORTLIST, vocab))[0]
     s = _Scaled(logits, sampler.temperature, top / sampler.temperature)
     short, ok = _shortlist_cut(s, sampler)
+    cut = _unless_all(ok, short, lambda: jnp.where(ok, short, _bisect_cut(s, sampler)), branchless)
+    return cut, ok
+
+
+def _unless_all(ok, cheap, full, branchless: bool | None):
+    """``cheap`` when every row is ``ok``, else ``full()`` (which keeps ``cheap`` for the ok
+    rows): a ``lax.cond`` on the device that runs the step (CPU, TPU), or ``full()`` always
+    (``branchless``, the default on GPU: no predicate goes back to the host)."""
     if branchless is None:
         branchless = jax.default_backend() == "gpu"
-    if branchless:
-        return jnp.where(ok, short, _bisect_cut(s, sampler)), ok
-    cut = jax.lax.cond(
-        jnp.all(ok), lambda: short, lambda: jnp.where(ok, short, _bisect_cut(s, sampler))
-    )
-    return cut, ok
+    return full() if branchless else jax.lax.cond(jnp.all(ok), lambda: cheap, full)
 
 
 def choice_block(vocab: int) -> int:
@@ -278,16 +281,15 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler, branch
     if t == 0.0:
         tok = top_ids[:, 0]  # = argmax
     elif filtered:
-        cut, ok = kept_cut(logits, sampler, top, branchless)
-        short = _shortlist_draw(top / t, top_ids, cut, keys)
+        s = _Scaled(logits, t, top / t)
+        short_cut, ok = _shortlist_cut(s, sampler)
+        short = _shortlist_draw(s.top, top_ids, short_cut, keys)
 
         def full():
-            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, top[:, :1] / t))
+            cut = jnp.where(ok, short_cut, _bisect_cut(s, sampler))
+            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, s.max))
 
-        if branchless if branchless is not None else jax.default_backend() == "gpu":
-            tok = full()
-        else:
-            tok = jax.lax.cond(jnp.all(ok), lambda: short, full)
+        tok = _unless_all(ok, short, full, branchless)
     else:
         tok = gumbel_choice(logits, keys, t, shift=top[:, :1] / t)
     tok = tok.astype(jnp.int32)
