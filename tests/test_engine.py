@@ -78,6 +78,41 @@ def test_batch_composition_does_not_change_outputs(lm):
             np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
+def test_tail_compaction_does_not_change_outputs(lm):
+    """Rows of many lengths in a pool large enough to shrink in its tail (live contexts move
+    to the first slots, chunks compute fewer) give the tokens each row gives alone; the
+    tail really shrank."""
+    from fcjax.engine.generate import CHUNK, COMPACT_FROM, EngineStats
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(20)]
+    vocab = lm.config.vocab_size
+    eos = tuple(int(t) for t in rng.choice(vocab, vocab // 12, replace=False))
+    lm_eos = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=eos))
+    params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=60, seed=2)
+    stats = EngineStats()
+    pooled = fcjax.generate(lm_eos, prompts, params, batch_size=COMPACT_FROM * 2, stats=stats)
+    lengths = [len(g.token_ids) for g in pooled]
+    assert max(lengths) > 4 * min(lengths)  # rows end at very different steps
+    assert stats.row_steps < 16 * CHUNK * stats.chunks  # some chunks ran on fewer slots
+    small = fcjax.generate(lm_eos, prompts, params, batch_size=2)  # never compacts
+    for a, b in zip(pooled, small, strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+    # branching: several rows per context slot move together (their own caches too)
+    pairs = zip(prompts[:10], pooled[:10], strict=True)
+    traces = [(p + g.token_ids, [len(p) // 2 + 1, len(p)]) for p, g in pairs]
+    stats = EngineStats()
+    many = fcjax.branch_many(lm_eos, traces, 2, params, keys=range(10), stats=stats)
+    assert stats.row_steps < 16 * 4 * CHUNK * stats.chunks  # 16 contexts x 4 rows, shrunk
+    for i, (ids, cuts) in enumerate(traces):
+        alone = fcjax.branch(lm_eos, ids, cuts, 2, params, key=i)
+        assert [[g.token_ids for g in c] for c in alone] == [
+            [g.token_ids for g in c] for c in many[i]
+        ]
+
+
 def test_sampling_depends_on_seed_and_key(lm):
     p = dataclasses.replace(GREEDY, temperature=1.0)
     a = fcjax.generate(lm, [PROMPTS[0]], p, keys=["x"])[0].token_ids

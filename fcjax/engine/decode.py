@@ -210,6 +210,23 @@ def _apply_refill(pool: Pool, refill: Refill, seed) -> Pool:
     )
 
 
+READ_ONLY = frozenset(("ctx_k", "ctx_v", "ctx_h"))  # what decode steps never write
+
+
+def _per_slot(fn, pool: Pool, *more: Pool) -> Pool:
+    """``fn(field, x, *ys)`` on every pool array with a leading slot axis (``field``: its
+    name; the own caches' axis is contexts * rows, the others' contexts), with the matching
+    arrays of ``more``; the step counter from the last pool."""
+
+    def each(path, x, *ys):
+        if not x.ndim:
+            return (ys or (x,))[-1]
+        field = next(k.name for k in path if getattr(k, "name", None) != "cache")
+        return fn(field, x, *ys)
+
+    return jax.tree_util.tree_map_with_path(each, pool, *more)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "sampler", "eos", "steps"),
@@ -223,6 +240,7 @@ def decode_chunk(
     stops: StopTables,
     limit,
     seed,
+    slots=None,
     *,
     sampler,
     eos,
@@ -230,7 +248,11 @@ def decode_chunk(
 ) -> tuple[Pool, ChunkOut]:
     """Starts the refilled rows (their keys from ``seed`` and each row's ident), then runs
     ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens). ``eos`` is a
-    tuple of token ids."""
+    tuple of token ids.
+
+    ``slots`` (int32 [m], distinct; a program per m): the steps run on these context slots
+    only, taken out of the pool and put back after (the host passes the live ones when the
+    queue has run dry, so a shrinking tail computes fewer rows); the others emit nothing."""
     model = nnx.merge(graphdef, params)
     pool = _apply_refill(pool, refill, seed)
     eos = eos if eos else (-1,)
@@ -238,9 +260,23 @@ def decode_chunk(
     def body(pool, _):
         return decode_step(model, pool, stops, limit, sampler, eos)
 
-    pool, (tok, chosen, top_lp, top_ids, emitted, stopped) = jax.lax.scan(
-        body, pool, None, length=steps
-    )
+    if slots is None:
+        pool, outs = jax.lax.scan(body, pool, None, length=steps)
+    else:
+        n_ctx, rows = pool.n_own.shape
+        flat = (slots[:, None] * rows + jnp.arange(rows)).reshape(-1)
+        index = lambda field: flat if field in ("own_k", "own_v") else slots  # noqa: E731
+        part = _per_slot(lambda field, x: x[index(field)], pool)
+        part, outs = jax.lax.scan(body, part, None, length=steps)
+        pool = _per_slot(  # written back in place (the context caches were only read)
+            lambda field, x, y: x if field in READ_ONLY else x.at[index(field)].set(y),
+            pool,
+            part,
+        )
+        outs = tuple(  # [steps, m, ..] -> [steps, contexts, ..]: nothing from the others
+            jnp.zeros((steps, n_ctx, *x.shape[2:]), x.dtype).at[:, slots].set(x) for x in outs
+        )
+    tok, chosen, top_lp, top_ids, emitted, stopped = outs
 
     def steps_last(x):  # [steps, c, r, ...] -> [c, r, steps, ...]
         return jnp.moveaxis(x, 0, 2)

@@ -33,6 +33,7 @@ from fcjax.models.lm import LM
 log = logging.getLogger("fcjax")
 
 CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks)
+COMPACT_FROM = 8  # pools of at least this many context slots shrink in the tail (one device)
 PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
 
 
@@ -178,6 +179,14 @@ def _serve(
     results: list[_Row | None] = [None] * n_rows
     inflight = None
     generated = 0
+    # once nothing is left to start, a chunk runs on the live context slots only, padded to
+    # half or a quarter of the pool (one more program each, compiled when first needed):
+    # finished rows cost the XLA attention their blocks and every matmul its rows. Not with
+    # the Pallas kernels (finished rows read nothing there) nor over several devices (the
+    # slots taken would cross them).
+    narrower = ()
+    if n_data == 1 and n_ctx >= COMPACT_FROM and lm.decode_attention == "xla":
+        narrower = (n_ctx // 2, n_ctx // 4)
 
     def prefill(new: list[tuple[int, int]]) -> None:
         nonlocal pool
@@ -255,6 +264,8 @@ def _serve(
         snapshot = [(c, r, row) for c in range(n_ctx) for r, row in enumerate(slot_row[c]) if row]
         launched = None
         if snapshot:
+            tail = not queue and not any(contexts[j].rows for j in ctx_of if j is not None)
+            slots = _tail_slots(slot_row, narrower) if tail and not start.any() else None
             put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731
             refill = Refill(put(start), put(read), put(valid), put(ident))
             pool, out = decode_chunk(
@@ -265,16 +276,18 @@ def _serve(
                 stops,
                 limit,
                 seed,
+                None if slots is None else mesh_lib.put(slots, mesh, None),
                 sampler=sampler,
                 eos=eos,
                 steps=CHUNK,
             )
             launched = (out, snapshot)
+            n_run = n_ctx if slots is None else len(slots)
             stats.chunks += 1
-            stats.row_steps += CHUNK * n_ctx * n_slot
-            if not queue and not any(contexts[j].rows for j in ctx_of if j is not None):
-                stats.tail_row_steps += CHUNK * n_ctx * n_slot
-            _count_context_reads(stats, layout, contexts, ctx_of, slot_row)
+            stats.row_steps += CHUNK * n_run * n_slot
+            if tail:
+                stats.tail_row_steps += CHUNK * n_run * n_slot
+            _count_context_reads(stats, layout, n_run, contexts, ctx_of, slot_row)
         if inflight is not None:
             read_back(*inflight)  # the previous chunk, while this one runs
             if progress is not None:
@@ -285,9 +298,20 @@ def _serve(
     return results  # type: ignore[return-value]
 
 
-def _count_context_reads(stats, layout, contexts, ctx_of, slot_row) -> None:
-    """Context positions one decode step reads (blocks up to the longest live row) against
-    those the live rows need, times the chunk's steps."""
+def _tail_slots(slot_row, narrower: tuple[int, ...]) -> np.ndarray | None:
+    """The context slots a tail chunk runs on: every slot with a live row, padded with idle
+    ones to the smallest width of ``narrower`` that holds them (None: the whole pool)."""
+    live = [c for c, rows in enumerate(slot_row) if any(rows)]
+    fits = [m for m in narrower if m >= len(live)]
+    if not fits:
+        return None
+    idle = [c for c, rows in enumerate(slot_row) if not any(rows)]
+    return np.asarray(sorted(live + idle[: min(fits) - len(live)]), np.int32)
+
+
+def _count_context_reads(stats, layout, n_read, contexts, ctx_of, slot_row) -> None:
+    """Context positions one decode step reads (``n_read`` context slots, in blocks up to
+    the longest live row) against those the live rows need, times the chunk's steps."""
     needed = []
     for c, j in enumerate(ctx_of):
         rows = [row.ctx_valid for row in slot_row[c] if row is not None]
@@ -297,7 +321,7 @@ def _count_context_reads(stats, layout, contexts, ctx_of, slot_row) -> None:
         return
     blk = block_size(layout.ctx_len)
     read = math.ceil(max(needed) / blk) * blk
-    stats.ctx_read += CHUNK * layout.contexts * read
+    stats.ctx_read += CHUNK * n_read * read
     stats.ctx_valid += CHUNK * sum(needed)
     kblk = min(KEY_BLOCK, layout.ctx_len)
     stats.ctx_read_ragged += CHUNK * sum(math.ceil(n / kblk) * kblk for n in needed)

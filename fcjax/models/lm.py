@@ -50,6 +50,11 @@ class LM:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
+    @property
+    def decode_attention(self) -> str:
+        """The decode attention path (``Numerics.decode_attention``)."""
+        return nnx.merge(self.graphdef, self.state).numerics.decode_attention
+
     def with_decode_attention(self, impl: str) -> LM:
         """The same model decoding with another attention path (``Numerics``): ``xla``,
         ``pallas`` (GPU kernels) or ``pallas_interpret``; the weights are shared."""
