@@ -720,15 +720,17 @@ def proxies() -> None:
         f"(transfer_guard=disallow); per chunk {stats.host_reads / stats.chunks:.0f} read "
         f"back (tokens, log-probabilities, flags) and 4 small refill arrays sent"
     )
-    work = profile.long_tailed(tiny, PROXY_PROMPTS.value, 32, mean=253, limit=565)
+    with profile.CompileCounter() as tailed:
+        work = profile.long_tailed(tiny, PROXY_PROMPTS.value, 32, mean=253, limit=565)
     s = work.stats
     print(
         f"long-tailed workload: {PROXY_PROMPTS.value} prompts, 32 rows, lengths mean "
         f"{np.mean(work.lengths):.0f} max {max(work.lengths)}: row-step utilisation "
         f"{s.row_utilisation:.3f} (fixed batches: {work.static_utilisation:.3f}); row-steps "
-        f"after the queue ran empty {s.tail_row_steps / s.row_steps:.1%}; context KV read "
-        f"that is padding {s.ctx_padding:.1%} (XLA path; the Pallas kernels would read "
-        f"{s.ctx_padding_ragged:.1%})"
+        f"after the queue ran empty {s.tail_row_steps / s.row_steps:.1%} (the tail runs on "
+        f"the live slots: {tailed.count} programs compiled by this call, the narrower "
+        f"chunks included); context KV read that is padding {s.ctx_padding:.1%} (XLA path; "
+        f"the Pallas kernels would read {s.ctx_padding_ragged:.1%})"
     )
     print(
         f"hlo_bytes_ratio={max(ratios):.3f} row_utilisation={s.row_utilisation:.3f} "
