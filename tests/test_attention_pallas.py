@@ -151,18 +151,12 @@ def test_a_whole_decode_step_with_the_kernels_lowers_for_cuda():
     with ``decode_attention='pallas'`` lowers for CUDA: two kernels per layer inside the
     step, with top-p sampling."""
     from fcjax.engine import profile
-    from fcjax.engine.decode import StopTables, zeros_pool
     from fcjax.engine.sampling import Sampler
     from fcjax.models.presets import PRESETS
 
     config = PRESETS["qwen2-1.5b"]
     lm = profile.abstract_lm(config, jnp.bfloat16).with_decode_attention("pallas")
-    pool = jax.eval_shape(lambda: zeros_pool(config, profile.one_block_layout(8, 4), lm.dtype))
-    table = lambda dtype: jax.ShapeDtypeStruct((config.vocab_size,), dtype)  # noqa: E731
-    stops = StopTables(table(bool), table(jnp.uint32), table(jnp.uint32))
-    traced = profile._one_step.trace(
-        lm.graphdef, lm.state, pool, stops, jax.ShapeDtypeStruct((), jnp.int32),
-        sampler=Sampler(0.6, 0.95, 0, 5), eos=(-1,),
-    )  # fmt: skip
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    layout = profile.one_block_layout(8, 4)
+    lowered = profile.lower_step(lm, layout, Sampler(0.6, 0.95, 0, 5), platforms=("cuda",))
+    text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2 * config.num_layers

@@ -52,6 +52,12 @@ def abstract_lm(config, dtype=jnp.float32) -> LM:
 
 def compile_step(lm: LM, layout: Layout, sampler: Sampler):
     """The compiled program of one decode step over a pool of ``layout``."""
+    return lower_step(lm, layout, sampler).compile()
+
+
+def lower_step(lm: LM, layout: Layout, sampler: Sampler, platforms: tuple[str, ...] = ()):
+    """One decode step over a pool of ``layout``, lowered (for ``platforms``, e.g.
+    ``("cuda",)``, which needs no such device; default: this backend)."""
     pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
     vocab = lm.config.vocab_size
     stops = StopTables(
@@ -60,9 +66,8 @@ def compile_step(lm: LM, layout: Layout, sampler: Sampler):
         jax.ShapeDtypeStruct((vocab,), jnp.uint32),
     )
     limit = jax.ShapeDtypeStruct((), jnp.int32)
-    return _one_step.lower(
-        lm.graphdef, lm.state, pool, stops, limit, sampler=sampler, eos=(-1,)
-    ).compile()
+    traced = _one_step.trace(lm.graphdef, lm.state, pool, stops, limit, sampler=sampler, eos=(-1,))
+    return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
 
 def _nbytes(tree) -> int:
