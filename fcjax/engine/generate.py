@@ -6,9 +6,10 @@ The work is a queue of *contexts* (a prompt, or a trace) each with its *rows* (o
 continuation per prompt; cuts x k per trace). The device keeps a pool of context slots x row
 slots (``fcjax.engine.decode``); the host fills free slots from the queue, dispatches a
 fixed-length decode chunk, and reads back the previous chunk's tokens while the next one runs,
-so no batch waits for its longest row and no step waits for the host. A call compiles at most
-three programs: the pool, a prefill into it and the decode chunk (shapes are bucketed, so a
-later call with other lengths in the same buckets compiles none).
+so no batch waits for its longest row and no step waits for the host. A call compiles three
+programs: the pool, a prefill into it and the decode chunk, and (one device, 8+ context
+slots) up to two narrower chunks the first time its tail shrinks; shapes are bucketed, so a
+later call with other lengths in the same buckets compiles none.
 """
 
 from __future__ import annotations
