@@ -335,7 +335,8 @@ class Location:
         if self.is_local:
             import shutil
 
-            shutil.rmtree(self.path, ignore_errors=True)
+            if os.path.isdir(self.path):  # other failures raise: a stale part must not stay
+                shutil.rmtree(self.path)
         elif self.is_dir():
             self.filesystem.delete_dir(self.path)
 
