@@ -12,8 +12,7 @@ import pytest
 from synthetic_run import ESTIMATORS, write_synthetic_run
 
 from experiments.report import write_report
-from fcjax.metrics import reliability_bins
-from fcjax.metrics import cmfg_star
+from fcjax.metrics import cmfg_star, reliability_bins
 from fcjax.store.tables import read_table
 
 
