@@ -179,7 +179,7 @@ def run(
     try:
         where = location(out)
         if "probe" in settings.estimators:  # the probe checkpoints go through Orbax
-            where.check_orbax()
+            where.check_backend()
     except FsError as e:
         raise RunError(f"--out={out}: {e}") from None
     procs = cluster.setup(
