@@ -14,20 +14,22 @@ more faithful (F over normalised step position). Runs and ``--out`` are local pa
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
 
 from experiments.config import STAGES
-from experiments.report_html import compare_page, reliability_bins, run_page
-from fcjax.metrics import cmfg_star, match_ids, paired_differences
+from experiments.report_html import (
+    compare_figures,
+    compare_page,
+    run_data,
+    run_figure_list,
+    run_page,
+)
+from fcjax import plots
+from fcjax.metrics import match_ids, paired_differences
 from fcjax.metrics.bootstrap import REPS
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
@@ -37,101 +39,15 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
 
-def _save(fig, path: Location) -> str:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    path.write_bytes(buffer.getvalue())
-    return path.name
-
-
 def run_plots(run: Location) -> list[str]:
-    """Writes run/plots/*.png; returns their file names."""
+    """Writes run/plots/<figure>.png for each of the run page's figures (the same panels
+    its inline SVG renders); returns their file names."""
     summary = json.loads((run / "summary.json").read_text())
-    steps = read_table(run / "steps.parquet")
-    examples = read_table(run / "examples.parquet")
-    names = list(summary["estimators"])
-    plots = run / "plots"
-    out = []
-    d = np.asarray(steps["decisiveness"], float)
-    correct = np.asarray(examples["correct"], float)
-    cols = max(len(names), 1)
-
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        c = np.asarray(steps[f"conf_{name}"], float)
-        ok = np.isfinite(c) & np.isfinite(d)
-        ax.scatter(c[ok], d[ok], s=6, alpha=0.5)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"C ({name})", ylabel="D", title=name)
-    out.append(_save(fig, plots / "decisiveness_vs_confidence.png"))
-
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        bins = reliability_bins(np.asarray(examples[f"conf_{name}"], float), correct)
-        ax.bar(bins["edges"][:-1] + 0.05, bins["accuracy"], width=0.09, alpha=0.7)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
-    out.append(_save(fig, plots / "reliability.png"))
-
-    traj = summary.get("trajectory", {})
-    if traj:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        centers = (np.asarray(traj["edges"][:-1]) + np.asarray(traj["edges"][1:])) / 2
-        for key, values in traj["mean"].items():
-            ax = axes[1] if key.startswith("faith_") else axes[0]
-            ax.plot(centers, np.asarray(values, float), marker=".", label=key)
-        axes[0].set(title="D and C over the trace", xlabel="step position", ylim=(0, 1))
-        axes[1].set(title="faithfulness F", xlabel="step position", ylim=(0, 1))
-        for ax in axes:
-            ax.legend(fontsize=7)
-        out.append(_save(fig, plots / "trajectory.png"))
-
-    keys = ["decisiveness", *names]
-    mat = np.eye(len(keys))
-    for i, a in enumerate(keys):
-        for j, b in enumerate(keys):
-            pair = summary["agreement"].get(f"{a}|{b}") or summary["agreement"].get(f"{b}|{a}")
-            if pair is not None and pair.get("spearman") is not None:
-                mat[i, j] = pair["spearman"]
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(keys), 0.8 + 0.7 * len(keys)))
-    im = ax.imshow(mat, vmin=-1, vmax=1, cmap="coolwarm")
-    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(keys)), keys, fontsize=8)
-    for i in range(len(keys)):
-        for j in range(len(keys)):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax)
-    ax.set_title("Spearman between estimators (steps)")
-    out.append(_save(fig, plots / "estimator_correlation.png"))
-
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        c = np.asarray(examples[f"conf_{name}"], float)
-        f = np.asarray(examples[f"faith_{name}"], float)
-        ok = np.isfinite(c) & np.isfinite(f)
-        if ok.sum() == 0:
-            continue
-        value, bins = cmfg_star(f[ok], np.clip(c[ok], 0, 1), return_bins=True)
-        lower, width = np.asarray(bins["lower"]), np.asarray(bins["width"])
-        ax.bar(
-            lower,
-            bins["mean_f"],
-            width=np.maximum(width, 0.01),
-            align="edge",
-            alpha=0.7,
-            edgecolor="k",
-        )
-        ax.set(
-            xlim=(0, 1),
-            ylim=(0, 1),
-            xlabel="trace confidence",
-            ylabel="mean F",
-            title=f"{name}: cMFG*={value:.3f}",
-        )
-    out.append(_save(fig, plots / "cmfg_star_bins.png"))
-    return out
+    names = []
+    for f in run_figure_list(summary, run_data(run, summary), run):
+        plots.save_png(run / "plots" / f"{f.name}.png", f.panels, f.legend, f.title)
+        names.append(f"{f.name}.png")
+    return names
 
 
 def write_report(run: PathLike | Location) -> Location:
@@ -203,29 +119,9 @@ def compare(runs: Sequence[PathLike | Location], out: PathLike | Location) -> Lo
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     names = sorted({n for s in summaries for n in s["estimators"]})
     out.mkdir()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    width = 0.8 / max(len(runs), 1)
-    for i, (r, s) in enumerate(zip(runs, summaries, strict=True)):
-        vals = [s["estimators"].get(n, {}).get("cmfg_star") or np.nan for n in names]
-        axes[0].bar(np.arange(len(names)) + i * width, vals, width, label=r.name)
-        traj = s.get("trajectory", {})
-        if traj:
-            centers = (np.asarray(traj["edges"][:-1]) + np.asarray(traj["edges"][1:])) / 2
-            for n in names:
-                key = f"faith_{n}"
-                if key in traj["mean"]:
-                    axes[1].plot(
-                        centers,
-                        np.asarray(traj["mean"][key], float),
-                        marker=".",
-                        label=f"{r.name}:{n}",
-                    )
-    axes[0].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-    axes[0].set(ylabel="cMFG*", ylim=(0, 1), title="cMFG* per estimator")
-    axes[1].set(xlabel="step position", ylabel="F", ylim=(0, 1), title="faithfulness over steps")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=6)
-    _save(fig, out / "compare.png")
+    metrics_fig, traj_fig = compare_figures([r.name for r in runs], summaries, names)
+    cmfg_star_panel = [p for p in metrics_fig.panels if p.title == "cMFG*"]
+    plots.save_png(out / "compare.png", cmfg_star_panel + list(traj_fig.panels), metrics_fig.legend)
     table = compare_table(runs, summaries)
     page = compare_page(runs, summaries, table)
     (out / "compare.txt").write_text(table + "\n")

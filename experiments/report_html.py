@@ -15,14 +15,16 @@ import json
 import math
 from collections.abc import Sequence
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 
-from experiments import report_svg as svg
 from experiments.rundir import STAGES
-from fcjax.metrics import cmfg_star
+from fcjax import plots as svg
+from fcjax.metrics import cmfg_star, reliability_bins
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
+from probes.figures import PROBE_CAPTION, layer_panel
 
 # summary metrics per estimator: key, label, how to read it
 METRICS = (
@@ -164,10 +166,26 @@ def _json_block(element_id: str, obj) -> str:
 
 
 # --- figures --------------------------------------------------------------------------------
+class Figure(NamedTuple):
+    """One figure of a run: its panels, drawn once; ``plots/<name>.png`` and the report's
+    inline SVG are both rendered from them."""
+
+    name: str
+    title: str
+    caption: str
+    panels: Sequence[svg.Panel | svg.Heatmap]
+    size: str = ""
+    legend: Sequence[tuple[str, str]] = ()
+
+
+def _svgs(panels: Sequence[svg.Panel | svg.Heatmap]) -> str:
+    return "".join(p.svg() for p in panels)
+
+
 def figure(
     title: str,
     caption: str,
-    panels: Sequence[str],
+    panels: Sequence[svg.Panel | svg.Heatmap],
     size: str = "",
     legend: Sequence[tuple[str, str]] = (),
 ) -> str:
@@ -178,13 +196,15 @@ def figure(
         f'<span class="key" style="background:{fill}"></span>{_esc(name)}' for name, fill in legend
     )
     return (
-        f'<figure><h3>{_esc(title)}</h3><div class="{cls}">{"".join(panels)}</div>'
+        f'<figure><h3>{_esc(title)}</h3><div class="{cls}">{_svgs(panels)}</div>'
         f"<figcaption>{f'<span class=legend>{keys}</span> ' if keys else ''}"
         f"{_esc(caption)}</figcaption></figure>"
     )
 
 
-def metric_panels(labels: Sequence[str], series: Sequence[tuple[str, Sequence[dict]]]) -> list[str]:
+def metric_panels(
+    labels: Sequence[str], series: Sequence[tuple[str, Sequence[dict]]]
+) -> list[svg.Panel]:
     """One panel per metric: bars per estimator (one colour per series, e.g. per run) with
     95% intervals from ``<metric>_ci95`` where the summary has them."""
     panels = []
@@ -210,28 +230,11 @@ def metric_panels(labels: Sequence[str], series: Sequence[tuple[str, Sequence[di
                 p.rect(x0, x0 + width, 0, v, svg.colour(j if len(series) > 1 else i), tip)
                 if isinstance(ci, list | tuple) and len(ci) == 2:
                     p.errorbar(x0 + width / 2, ci[0], ci[1], tip=tip)
-        panels.append(p.svg())
+        panels.append(p)
     return panels
 
 
-def reliability_bins(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
-    """Equal-width confidence bins: count, accuracy and mean confidence per bin."""
-    ok = np.isfinite(conf)
-    c, y = np.clip(conf[ok], 0, 1), correct[ok]
-    idx = np.minimum((c * bins).astype(int), bins - 1)
-    count = np.bincount(idx, minlength=bins)
-    hits = np.bincount(idx, weights=y, minlength=bins)
-    total = np.bincount(idx, weights=c, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "edges": np.linspace(0, 1, bins + 1),
-            "count": count,
-            "accuracy": np.where(count > 0, hits / np.maximum(count, 1), np.nan),
-            "mean_conf": np.where(count > 0, total / np.maximum(count, 1), np.nan),
-        }
-
-
-def scatter_panels(data: dict) -> list[str]:
+def scatter_panels(data: dict) -> list[svg.Panel]:
     """Per estimator, D against C of every step (a density grid beyond ``SCATTER_MAX``)."""
     st, out = data["steps"], []
     d = _arr(st["d"])
@@ -244,11 +247,11 @@ def scatter_panels(data: dict) -> list[str]:
         else:
             p.dots(c[ok], d[ok], svg.colour(i), opacity=0.6, tips=_dot_tips(data, ok, c, d))
         p.diagonal()
-        out.append(p.svg())
+        out.append(p)
     return out
 
 
-def reliability_panels(data: dict) -> list[str]:
+def reliability_panels(data: dict) -> list[svg.Panel]:
     """Per estimator, accuracy per tenth of trace confidence, with its number of traces."""
     ex, out = data["examples"], []
     correct = np.asarray(ex["correct"], np.float64)
@@ -271,11 +274,11 @@ def reliability_panels(data: dict) -> list[str]:
             )
             p.text((lo + hi) / 2, max(acc, 0.0), f"n={k}", size=7, dy=-3)
         p.diagonal()
-        out.append(p.svg())
+        out.append(p)
     return out
 
 
-def cmfg_bin_panels(data: dict) -> list[str]:
+def cmfg_bin_panels(data: dict) -> list[svg.Panel]:
     """Per estimator, the cMFG* bins: confidence range, mean F and number of traces."""
     ex, out = data["examples"], []
     for i, n in enumerate(data["estimators"]):
@@ -289,25 +292,28 @@ def cmfg_bin_panels(data: dict) -> list[str]:
                 tip = f"C in [{lo:.3f}, {hi:.3f}]: {int(k)} traces, mean F {fmt(mf)}"
                 p.rect(lo, max(hi, lo + 0.01), 0, mf, svg.colour(i), tip, stroke="#333")
                 p.text((lo + max(hi, lo + 0.01)) / 2, mf, f"{int(k)}", size=7, dy=-3)
-        out.append(p.svg())
+        out.append(p)
     return out
 
 
 # title, caption and panel builder of the figures drawn per estimator
 PER_ESTIMATOR = (
     (
+        "decisiveness_vs_confidence",
         "Decisiveness D vs internal confidence C, per step",
         "Each mark is a step: on the dashed diagonal it sounds as sure as the model is; above "
         "it, it sounds more decisive than the model's confidence (darker cells hold more steps).",
         scatter_panels,
     ),
     (
+        "reliability",
         "Reliability diagrams (trace level)",
         "Bars are the accuracy of the traces whose confidence falls in each tenth, n the number "
         "of traces in it; a calibrated estimator's bars reach the diagonal.",
         reliability_panels,
     ),
     (
+        "cmfg_star_bins",
         "cMFG* bins",
         "Traces sorted by confidence in equal-count bins: bar width is the bin's confidence "
         "range, height its mean faithfulness, the number its traces; cMFG* is the "
@@ -317,84 +323,37 @@ PER_ESTIMATOR = (
 )
 
 
-def probe_layer_panel(path: PathLike | Location) -> str | None:
-    """Cross-fitted AUROC (with its 95% interval and null band where stored) and ECE of the
-    first probe family per layer (``probes/layers.parquet``)."""
+def probe_layer_panel(path: PathLike | Location) -> svg.Panel | None:
+    """The probe layer table's panel (``probes.figures.layer_panel``) of a run, if any."""
     path = location(path)
     if not path.exists():
         return None
     table = read_table(path)
-    family = "linear"
-    if "family" in table and len(table["family"]):  # one line per layer: the first family's
-        family = str(table["family"][0])
-        keep = np.asarray(table["family"]) == family
-        table = {k: np.asarray(v)[keep] for k, v in table.items()}
-    layers = np.asarray(table["layer"], float)
-    if layers.size == 0:
-        return None
-    top = int(max(layers.max(), 1))
-    step = max(1, math.ceil(top / 8))
-    ticks = [(float(v), str(v)) for v in range(0, top + 1, step)]
-    p = svg.Panel(
-        f"{family} probe by layer", "layer", "AUROC / ECE", xlim=(0.0, top), xticks=ticks, width=560
-    )
-    p.line([0, layers.max()], [0.5, 0.5], stroke="#aaa", width=0.8)
-    for key, tip in (
-        ("auroc_lo", "95% interval"),
-        ("auroc_hi", "95% interval"),
-        ("null_lo", "null band"),
-        ("null_hi", "null band"),
-    ):
-        if key in table and np.isfinite(np.asarray(table[key], float)).any():
-            stroke = svg.colour(0) if key.startswith("auroc") else "#999"
-            p.line(
-                layers.tolist(),
-                np.asarray(table[key], float).tolist(),
-                stroke,
-                dash=True,
-                width=0.7,
-                tip=tip,
-            )
-    n = layers.size
-    why = np.asarray(table.get("auroc_ci_absent", [""] * n), str)
-    lo = np.asarray(table.get("auroc_lo", np.full(n, np.nan)), float)
-    hi = np.asarray(table.get("auroc_hi", np.full(n, np.nan)), float)
-    interval = [  # the layer table says why an interval is absent (e.g. --bootstrap=0)
-        f"; no 95% interval: {w}" if w else f"; 95% interval {fmt(a)}-{fmt(b)}"
-        for w, a, b in zip(why, lo, hi, strict=True)
-    ]
-    for key, stroke, dash in (("auroc", svg.colour(0), False), ("ece", svg.colour(1), True)):
-        values = np.asarray(table[key], float).tolist()
-        p.line(layers.tolist(), values, stroke, dash=dash, tip=key)
-        tips = [f"layer {int(x)}: {key} {fmt(v)}" for x, v in zip(layers, values, strict=True)]
-        if key == "auroc" and "auroc_lo" in table:
-            tips = [t + i for t, i in zip(tips, interval, strict=True)]
-        p.dots(layers.tolist(), values, stroke, r=2.5, tips=tips)
-    chosen = np.asarray(table.get("times_chosen", np.zeros(layers.size)), float)
-    for x, k in zip(layers, chosen, strict=True):
-        if k > 0:
-            p.text(x, 0.97, "▼", size=9, fill="#444")
-    return p.svg()
+    return layer_panel(table) if len(table.get("layer", ())) else None
 
 
-def run_figures(summary: dict, data: dict, run: PathLike | Location | None = None) -> str:
+def run_figure_list(summary: dict, data: dict, run: PathLike | Location | None = None) -> list:
+    """A run's figures (``Figure``), in page order."""
     names = data["estimators"]
     out = [
-        figure(
+        Figure(
+            "metrics",
             "Faithfulness and calibration per estimator",
             "Bar height is the summary's value for each estimator; a whisker is its 95% "
             "interval where the summary has one; hover a bar for the numbers.",
             metric_panels(names, [("", [summary["estimators"][n] for n in names])]),
         )
     ]
-    out += [figure(title, caption, build(data)) for title, caption, build in PER_ESTIMATOR]
+    out += [
+        Figure(name, title, caption, build(data)) for name, title, caption, build in PER_ESTIMATOR
+    ]
     probe = probe_layer_panel(location(run) / "probes" / "layers.parquet") if run else None
     if probe:
         out.append(
-            figure(
+            Figure(
+                "probe_layers",
                 "Probe by layer",
-                "Cross-fitted AUROC (solid) and ECE (dashed) of a linear probe on each layer's "
-                "step-end hidden states; 0.5 AUROC is chance; ▼ marks layers the folds chose.",
+                PROBE_CAPTION,
                 [probe],
                 size="wide",
                 legend=[("AUROC", svg.colour(0)), ("ECE", svg.colour(1))],
@@ -417,11 +376,12 @@ def run_figures(summary: dict, data: dict, run: PathLike | Location | None = Non
             if not key.startswith("faith_"):
                 legend.append((key, stroke))
         out.append(
-            figure(
+            Figure(
+                "trajectory",
                 "Trajectories",
                 "Mean over steps in each tenth of the trace (0 = first step, 1 = last); the "
                 "dashed black line is D.",
-                [left.svg(), right.svg()],
+                [left, right],
                 size="half",
                 legend=legend,
             )
@@ -437,15 +397,24 @@ def run_figures(summary: dict, data: dict, run: PathLike | Location | None = Non
                 mat[i][j] = pair["spearman"]
                 tips[i][j] = f"{a} vs {b}: Spearman {fmt(pair['spearman'])}, n={pair.get('n')}"
     out.append(
-        figure(
+        Figure(
+            "estimator_correlation",
             "Agreement between estimators",
             "Spearman correlation of the step values of each pair (red: rank steps alike, "
             "blue: opposite, white: unrelated).",
-            [svg.heatmap("Spearman (steps)", keys, mat, tips)],
+            [svg.Heatmap("Spearman (steps)", keys, mat, tips)],
             size="heat",
         )
     )
-    return "".join(out)
+    return out
+
+
+def run_figures(summary: dict, data: dict, run: PathLike | Location | None = None) -> str:
+    """The run page's figures as HTML."""
+    return "".join(
+        figure(f.title, f.caption, f.panels, f.size, f.legend)
+        for f in run_figure_list(summary, data, run)
+    )
 
 
 def _arr(values) -> np.ndarray:
@@ -612,6 +581,36 @@ the link of an opened trace (#ex=ID) reopens it.</p><div id="viewer"></div></sec
     return _page(f"fcjax run {run.name}", body, [_json_block("fcjax-data", data)])
 
 
+def compare_figures(
+    labels: Sequence[str], summaries: Sequence[dict], names: Sequence[str]
+) -> tuple[Figure, Figure]:
+    """The comparison's figures: each metric per estimator and run, and F over the trace."""
+    per_metric = metric_panels(
+        names,
+        [
+            (lab, [s["estimators"].get(n, {}) for n in names])
+            for lab, s in zip(labels, summaries, strict=True)
+        ],
+    )
+    legend = [(lab, svg.colour(j)) for j, lab in enumerate(labels)]
+    traj_panels = []
+    for n in names:
+        p = svg.Panel(f"{n}: F over the trace", "step position", "F")
+        for j, (lab, s) in enumerate(zip(labels, summaries, strict=True)):
+            traj = s.get("trajectory") or {}
+            values = (traj.get("mean") or {}).get(f"faith_{n}")
+            if values:
+                e = np.asarray(traj["edges"], float)
+                centers = ((e[:-1] + e[1:]) / 2).tolist()
+                p.line(centers, values, svg.colour(j), tip=f"{lab}: faith_{n}")
+                p.dots(centers, values, svg.colour(j), tips=[f"{lab}: {fmt(v)}" for v in values])
+        traj_panels.append(p)
+    return (
+        Figure("metrics", "Metrics per estimator and run", CAPTION_METRICS, per_metric, "", legend),
+        Figure("trajectory", "Faithfulness over the trace", CAPTION_TRAJ, traj_panels, "", legend),
+    )
+
+
 def compare_page(
     runs: Sequence[PathLike | Location], summaries: Sequence[dict], markdown: str
 ) -> str:
@@ -646,26 +645,7 @@ def compare_page(
             diff_rows.append(
                 f"<tr><th>{_esc(n)}</th><td title='{_esc(tip)}'>{label}</td>{cells}</tr>"
             )
-    per_metric = metric_panels(
-        names,
-        [
-            (lab, [s["estimators"].get(n, {}) for n in names])
-            for lab, s in zip(labels, summaries, strict=True)
-        ],
-    )
-    legend = [(lab, svg.colour(j)) for j, lab in enumerate(labels)]
-    traj_panels = []
-    for n in names:
-        p = svg.Panel(f"{n}: F over the trace", "step position", "F")
-        for j, (lab, s) in enumerate(zip(labels, summaries, strict=True)):
-            traj = s.get("trajectory") or {}
-            values = (traj.get("mean") or {}).get(f"faith_{n}")
-            if values:
-                e = np.asarray(traj["edges"], float)
-                centers = ((e[:-1] + e[1:]) / 2).tolist()
-                p.line(centers, values, svg.colour(j), tip=f"{lab}: faith_{n}")
-                p.dots(centers, values, svg.colour(j), tips=[f"{lab}: {fmt(v)}" for v in values])
-        traj_panels.append(p.svg())
+    metrics_fig, traj_fig = compare_figures(labels, summaries, names)
     payloads, missing = [], []
     for lab, r, s in zip(labels, runs, summaries, strict=True):
         if (r / "examples.parquet").exists() and (r / "steps.parquet").exists():
@@ -677,12 +657,12 @@ def compare_page(
         f"<figure><h3>{_esc(title)}</h3>"
         + "".join(
             f'<div class="runrow"><h4>{_esc(lab)}</h4><div class="panels">'
-            f"{''.join(build(data))}</div></div>"
+            f"{_svgs(build(data))}</div></div>"
             for lab, data in zip(labels, payloads, strict=True)
             if data is not None
         )
         + f"<figcaption>{_esc(caption)} One row per run.</figcaption></figure>"
-        for title, caption, build in PER_ESTIMATOR
+        for _, title, caption, build in PER_ESTIMATOR
         if any(payloads)
     )
     note = (
@@ -704,8 +684,8 @@ or lower for ECE and Brier), red where worse.</p>
 <table class="num"><tr><th>estimator</th><th>metric</th>{diff_head}</tr>{"".join(diff_rows)}
 </table></section>
 <section id="figures"><h2>Figures</h2>
-{figure("Metrics per estimator and run", CAPTION_METRICS, per_metric, legend=legend)}
-{figure("Faithfulness over the trace", CAPTION_TRAJ, traj_panels, legend=legend)}
+{figure(metrics_fig.title, metrics_fig.caption, metrics_fig.panels, legend=metrics_fig.legend)}
+{figure(traj_fig.title, traj_fig.caption, traj_fig.panels, legend=traj_fig.legend)}
 {per_run}
 <h3>Stage wall time</h3>{times_table(summaries, labels)}
 <details><summary>All figures as text (compare.txt)</summary><pre>{_esc(markdown)}</pre></details>

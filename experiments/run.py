@@ -177,9 +177,7 @@ def run(
     shared files, every process runs its share of the model stages. ``out`` is a local path
     or a URL (``fcjax.store.fs``: file://, gs://, s3://)."""
     try:
-        where = location(out)
-        if "probe" in settings.estimators:  # the probe checkpoints go through Orbax
-            where.check_orbax()
+        location(out).check_backend()  # every file of the run goes through etils.epath
     except FsError as e:
         raise RunError(f"--out={out}: {e}") from None
     procs = cluster.setup(

@@ -127,7 +127,7 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 def save_probe(path: PathLike | Location, probe: Probe) -> Location:
     """Writes ``probe`` to the directory ``path`` (replacing an earlier checkpoint)."""
     path = location(path).absolute()
-    path.check_orbax()
+    path.check_backend()
     path.mkdir()
     meta_path = path / "probe.json"
     meta_path.unlink()  # The checkpoint is incomplete until the new metadata lands.
@@ -139,7 +139,7 @@ def save_probe(path: PathLike | Location, probe: Probe) -> Location:
     if probe.calibration is not None:
         arrays["calibration"] = np.asarray(probe.calibration, np.float32)
     checkpointer = _checkpointer()
-    checkpointer.save((path / "arrays").orbax_path(), arrays, force=True)
+    checkpointer.save((path / "arrays").epath, arrays, force=True)
     checkpointer.wait_until_finished()
     checkpointer.close()
     meta = {
@@ -168,7 +168,7 @@ def load_probe(path: PathLike | Location) -> Probe:
     if version not in (1, FORMAT_VERSION):
         raise ProbeError(f"{meta_path}: unsupported format_version {version}")
     checkpointer = _checkpointer()
-    restored = checkpointer.restore((path / "arrays").orbax_path())
+    restored = checkpointer.restore((path / "arrays").epath)
     arrays = {k: np.asarray(v) for k, v in restored.items()}
     checkpointer.close()
     family = meta.get("family", "linear")

@@ -22,7 +22,6 @@ weights, so the probe estimates E[C_samp | state]).
 
 from __future__ import annotations
 
-import io
 import json
 import resource
 import time
@@ -31,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from fcjax import plots
 from fcjax.metrics.bootstrap import REPS
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.hidden import HiddenReader, HiddenStoreError
 from fcjax.store.tables import read_table, require_columns, update_columns, write_table_atomic
 from probes.checkpoint import Probe, load_probe, save_probe
 from probes.common import ProbeError, TooFewLabels
+from probes.figures import layer_panel, transfer_panel
 from probes.sources import ConcatSource, StoreSource
 from probes.stats import layer_table
 from probes.streamfit import crossfit_source, fit_select
@@ -160,41 +161,8 @@ def _concat(tables: list[dict]) -> dict:
 
 
 def _plot_layers(path: Location, table: dict, title: str, chosen: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    families = list(dict.fromkeys(table["family"].tolist()))
-    for i, fam in enumerate(families):
-        on = table["family"] == fam
-        lay = table["layer"][on]
-        color = f"C{i}"
-        ax.plot(lay, table["auroc"][on], "o-", color=color, ms=3, label=f"{fam} AUROC")
-        ax.fill_between(lay, table["auroc_lo"][on], table["auroc_hi"][on], color=color, alpha=0.2)
-        ax.plot(lay, table["null_lo"][on], ":", color=color, lw=0.8)
-        ax.plot(lay, table["null_hi"][on], ":", color=color, lw=0.8, label=f"{fam} null band")
-    if chosen is not None:
-        ax.axvline(chosen, color="gray", lw=0.8, ls="--", label=f"final probe layer {chosen}")
-    ax.axhline(0.5, color="k", lw=0.5)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cross-fitted AUROC (95% CI shaded)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _save_png(fig, path)
-
-
-def _save_png(fig, path: Location) -> None:
-    """Writes ``fig`` as a PNG at ``path`` (a local path or a URL) and closes it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    path.write_bytes(buffer.getvalue())
+    """``plots/probe_layers.png``: the same panel the run report draws."""
+    plots.save_png(path, [layer_panel(table, title, chosen)])
 
 
 def _configs(families: Sequence[str], seed: int, **kw) -> list[TrainConfig]:
@@ -450,33 +418,8 @@ def transfer(
 
 
 def _plot_transfer(path: Location, table: dict, train_runs: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    keys = list(
-        dict.fromkeys(zip(table["eval_run"].tolist(), table["family"].tolist(), strict=True))
-    )
-    for i, (run, fam) in enumerate(keys):
-        on = (table["eval_run"] == run) & (table["family"] == fam)
-        c = f"C{i}"
-        lay = table["layer"][on]
-        name = location(run).name
-        ax.plot(lay, table["auroc"][on], "o-", ms=3, color=c, label=f"{fam} on {name}")
-        ax.fill_between(lay, table["auroc_lo"][on], table["auroc_hi"][on], color=c, alpha=0.2)
-        ax.plot(lay, table["null_lo"][on], ":", color=c, lw=0.8)
-        ax.plot(lay, table["null_hi"][on], ":", color=c, lw=0.8)
-    ax.axhline(0.5, color="k", lw=0.5)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("AUROC on evaluation run")
     names = ", ".join(location(r).name for r in train_runs)
-    ax.set_title(f"Transfer: trained on {names}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save_png(fig, path)
+    plots.save_png(path, [transfer_panel(table, f"Transfer: trained on {names}")])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -34,10 +34,16 @@ keys = [f"ex-{i}" for i in range(len(prompts))]
 greedy = fcjax.SamplingParams(temperature=0.0, max_new_tokens=12)
 sampled = fcjax.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=11)
 out = {"devices": len(jax.devices()), "processes": jax.process_count()}
+# each process generates its share (the runner's split), then every row is exchanged
+share = multihost.assign([len(p) for p in prompts], multihost.process_count())
+mine = share[multihost.process_index()]
 for name, params in (("greedy", greedy), ("sampled", sampled)):
-    gens = multihost.generate_sharded(lm, prompts, params, keys=keys)
-    out[name] = [g.token_ids for g in gens]
-    out[f"{name}_logprobs"] = [g.token_logprobs.tolist() for g in gens]
+    sub = [prompts[i] for i in mine]
+    local = fcjax.generate(lm, sub, params, keys=[keys[i] for i in mine]) if mine else []
+    rows = [[i, g.token_ids, g.token_logprobs.tolist()] for i, g in zip(mine, local, strict=True)]
+    got = dict((i, (ids, lp)) for part in multihost.exchange(name, rows) for i, ids, lp in part)
+    out[name] = [got[i][0] for i in range(len(prompts))]
+    out[f"{name}_logprobs"] = [got[i][1] for i in range(len(prompts))]
 trace = prompts[0] + out["greedy"][0]
 branches = fcjax.branch(lm, trace, [3, 8, 14], 3, sampled, key="ex-0")
 out["branch"] = [[g.token_ids for g in outs] for outs in branches]

@@ -1,131 +1,89 @@
 """The filesystem layer of run directories (``fcjax.store.fs``): URL resolution, what each
 storage library is handed, and the same operations on a local path, a ``file://`` URL, an
-in-memory object store (no rename, implicit directories, objects appear when their upload
-closes) and pyarrow's ``_MockFileSystem``. Real gs:// and s3:// are not reachable here."""
+in-memory gs:// store (fsspec's memory filesystem standing in for gcsfs: no rename, implicit
+directories). Real gs:// and s3:// are not reachable here."""
 
-import io
 import json
+import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
 import pytest
 import tensorstore as ts
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
 
-from fcjax.store.fs import FsError, Location, kv_create_exclusive, location
+from fcjax.store.fs import FsError, kv_create_exclusive, location
 from fcjax.store.hidden import HiddenStore, read_hidden
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
 
 
-class MemoryObjectStore(pafs.FileSystemHandler):
-    """An object store in memory, as GCS and S3 behave for the run directory: whole
-    objects that appear when their upload is closed, no rename, directories only as
-    prefixes of object names. Every upload and every attempted rename is recorded."""
+class FakeGcs(MemoryFileSystem):
+    """gcsfs as the run directory sees it, in memory: whole objects written by one upload
+    each (recorded in ``puts``), no rename (``moves`` records attempts), directories only as
+    prefixes of object names. Registered for gs:// by the ``gcs`` fixture."""
 
-    def __init__(self):
-        self.objects: dict[str, bytes] = {}
-        self.puts: list[str] = []
-        self.moves: list[tuple[str, str]] = []
+    protocol = ("gs", "gcs")
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list] = [""]
+    puts: ClassVar[list] = []
+    moves: ClassVar[list] = []
 
-    def __eq__(self, other):
-        return self is other
+    def _open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            FakeGcs.puts.append(path.removeprefix("gs://"))
+        return super()._open(path, mode, **kwargs)
 
-    def __ne__(self, other):
-        return self is not other
-
-    def get_type_name(self):
-        return "memory-objects"
-
-    def normalize_path(self, path):
-        return path
-
-    def _info(self, path):
-        if path in self.objects:
-            return pafs.FileInfo(path, pafs.FileType.File, size=len(self.objects[path]))
-        if any(k.startswith(path.rstrip("/") + "/") for k in self.objects):
-            return pafs.FileInfo(path, pafs.FileType.Directory)
-        return pafs.FileInfo(path, pafs.FileType.NotFound)
-
-    def get_file_info(self, paths):
-        return [self._info(p) for p in paths]
-
-    def get_file_info_selector(self, selector):
-        assert not selector.recursive
-        base = selector.base_dir.rstrip("/") + "/"
-        children = {}
-        for key in self.objects:
-            if key.startswith(base):
-                head, _, rest = key[len(base) :].partition("/")
-                children[base + head] = pafs.FileType.Directory if rest else pafs.FileType.File
-        if not children and not selector.allow_not_found:
-            raise FileNotFoundError(selector.base_dir)
-        return [pafs.FileInfo(p, t) for p, t in sorted(children.items())]
-
-    def create_dir(self, path, recursive):
-        pass  # directories are implicit
-
-    def delete_dir(self, path):
-        for key in [k for k in self.objects if k.startswith(path.rstrip("/") + "/")]:
-            del self.objects[key]
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.delete_dir(path)
-
-    def delete_root_dir_contents(self):
-        self.objects.clear()
-
-    def delete_file(self, path):
-        if path not in self.objects:
-            raise FileNotFoundError(path)
-        del self.objects[path]
-
-    def move(self, src, dest):
-        self.moves.append((src, dest))
+    def mv(self, path1, path2, **kwargs):
+        FakeGcs.moves.append((path1, path2))
         raise OSError("an object store has no rename")
 
-    def copy_file(self, src, dest):
-        self.objects[dest] = self.objects[src]
-
-    def open_input_stream(self, path):
-        if path not in self.objects:
-            raise FileNotFoundError(path)
-        return pa.BufferReader(self.objects[path])
-
-    def open_input_file(self, path):
-        return self.open_input_stream(path)
-
-    def open_output_stream(self, path, metadata):
-        store = self
-
-        class Upload(io.BytesIO):
-            def close(self):
-                if not self.closed:
-                    store.objects[path] = self.getvalue()
-                    store.puts.append(path)
-                super().close()
-
-        return pa.PythonFile(Upload(), mode="w")
-
-    def open_append_stream(self, path, metadata):
-        raise NotImplementedError
+    rename = mv
 
 
-def object_store() -> tuple[Location, MemoryObjectStore]:
-    store = MemoryObjectStore()
-    return Location("bucket/run", scheme="mem", filesystem=pafs.PyFileSystem(store)), store
+def _fake_conditional_create(kvstore: str, key: str, data: bytes) -> bool:
+    """TensorStore's conditional write (tested on a real kvstore below) on the fake store."""
+    path = kvstore + key
+    with _CREATE_LOCK:
+        if path in FakeGcs.store:
+            return False
+        FakeGcs.puts.append(path.removeprefix("gs://"))
+        with MemoryFileSystem.open(FakeGcs(), path, "wb") as f:
+            f.write(data)
+        return True
 
 
-@pytest.fixture(params=["path", "file_url", "object_store", "mock"])
+_CREATE_LOCK = threading.Lock()
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """gs:// served by ``FakeGcs`` (fresh and empty), with its conditional create."""
+    import fsspec
+
+    from fcjax.store import fs
+
+    for scheme in FakeGcs.protocol:
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, scheme, FakeGcs)
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    FakeGcs.store.clear()
+    FakeGcs.pseudo_dirs[:] = [""]
+    FakeGcs.puts.clear()
+    FakeGcs.moves.clear()
+    monkeypatch.setattr(fs, "kv_create_exclusive", _fake_conditional_create)
+    return FakeGcs
+
+
+@pytest.fixture(params=["path", "file_url", "gs"])
 def root(request, tmp_path):
     if request.param == "path":
         return location(tmp_path / "run")
     if request.param == "file_url":
         return location((tmp_path / "run").as_uri())
-    if request.param == "object_store":
-        return object_store()[0]
-    return Location("bucket/run", scheme="mock", filesystem=pafs._MockFileSystem())
+    request.getfixturevalue("gcs")
+    return location("gs://bucket/run")
 
 
 # --- resolution -------------------------------------------------------------------------
@@ -176,41 +134,31 @@ def test_bad_urls_are_refused_by_name(bad, message):
 # --- what each storage library is handed --------------------------------------------------
 
 
-def test_tensorstore_kvstore_specs(tmp_path):
-    assert location("runs/x/states").kvstore() == {"driver": "file", "path": "runs/x/states"}
-    assert location((tmp_path / "s").as_uri()).kvstore() == {
-        "driver": "file",
-        "path": str(tmp_path / "s"),
-    }
-    assert location("gs://bkt/study/run/hidden/states").kvstore() == {
-        "driver": "gcs",
-        "bucket": "bkt",
-        "path": "study/run/hidden/states",
-    }
-    assert location("s3://bkt/run").kvstore() == {"driver": "s3", "bucket": "bkt", "path": "run"}
-    for url in ("gs://bkt/study/run/hidden/states", "s3://bkt/study/run/hidden/states"):
-        # TensorStore takes the spec (parsed only: no request is sent) as a directory
-        spec = ts.Spec({"driver": "zarr3", "kvstore": location(url).kvstore()})
-        assert spec.kvstore.to_json()["path"] == "study/run/hidden/states/"
-    with pytest.raises(FsError, match="no kvstore"):
-        object_store()[0].kvstore()
-
-
-def test_arrow_and_orbax_forms(tmp_path, monkeypatch):
-    import importlib.util
-
-    rel = location("runs/demo")
-    fs, path = rel.arrow()
-    assert isinstance(fs, pafs.LocalFileSystem) and path == str(Path("runs/demo").absolute())
-    assert rel.orbax_path() == Path("runs/demo").absolute()
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n, *a: None if n == "gcsfs" else find_spec(n, *a)
+def test_tensorstore_kvstore_urls(tmp_path):
+    assert location("runs/x/states").kvstore() == Path("runs/x/states").absolute().as_uri() + "/"
+    assert location((tmp_path / "s").as_uri()).kvstore() == (tmp_path / "s").as_uri() + "/"
+    assert location("gs://bkt/study/run/hidden/states").kvstore() == (
+        "gs://bkt/study/run/hidden/states/"
     )
+    assert location("s3://bkt/run").kvstore() == "s3://bkt/run/"
+    # TensorStore parses the URL itself (no request is sent)
+    spec = ts.Spec({"driver": "zarr3", "kvstore": location("gs://bkt/a/states").kvstore()})
+    assert spec.kvstore.to_json() == {"driver": "gcs", "bucket": "bkt", "path": "a/states/"}
+    spec = ts.Spec({"driver": "zarr3", "kvstore": location(tmp_path / "s").kvstore()})
+    assert spec.kvstore.to_json() == {"driver": "file", "path": str(tmp_path / "s") + "/"}
+
+
+def test_epath_forms(gcs):
+    rel = location("runs/demo")
+    assert rel.epath == epath.Path(Path("runs/demo").absolute())
+    assert location("gs://bkt/run").epath == epath.Path("gs://bkt/run")
+
+
+def test_a_missing_bucket_backend_is_named():
+    with pytest.raises(FsError, match="needs the s3fs package"):
+        _ = location("s3://bkt/run").epath
     with pytest.raises(FsError, match="needs the gcsfs package"):
-        location("gs://bkt/run").orbax_path()
-    with pytest.raises(FsError, match="cannot be written to mem://"):
-        object_store()[0].check_orbax()
+        location("gs://bkt/run").check_backend()
 
 
 # --- the operations, on every kind of store ------------------------------------------------
@@ -268,8 +216,8 @@ def test_exclusive_create_refuses_a_second_creator(root):
     assert lock.create_exclusive(b"third") and lock.read_bytes() == b"third"
 
 
-def test_object_store_writes_are_single_uploads_never_renames():
-    root, store = object_store()
+def test_object_store_writes_are_single_uploads_never_renames(gcs):
+    root, store = location("gs://bucket/run"), gcs
     write_table_atomic(root / "steps.parquet", {"x": np.arange(4)})
     write_json_atomic(root / "stages" / "generate.done", {"wall_s": 1.0})
     (root / "plots" / "a.png").write_bytes(b"png")
@@ -279,7 +227,7 @@ def test_object_store_writes_are_single_uploads_never_renames():
         "bucket/run/stages/generate.done",
         "bucket/run/plots/a.png",
     ]
-    assert sorted(store.objects) == sorted(store.puts)  # nothing else, no temporaries
+    assert sorted(store.store) == sorted(f"gs://{p}" for p in store.puts)  # no temporaries
 
 
 def test_kvstore_exclusive_create_has_one_winner_among_racers(tmp_path):
@@ -397,7 +345,7 @@ def test_probe_checkpoint_through_a_file_url(tmp_path):
 # --- the run directory on an object store ---------------------------------------------------
 
 
-def test_run_directory_on_an_object_store():
+def test_run_directory_on_an_object_store(gcs):
     """Lock, config, markers, resumable parts and invalidation with no rename and implicit
     directories: what a gs:// run directory sees."""
     import os
@@ -408,11 +356,11 @@ def test_run_directory_on_an_object_store():
     from experiments.config import STAGES
     from experiments.rundir import RunDir, RunError
 
-    root, store = object_store()
+    root, store = location("gs://bucket/run"), gcs
     rd = RunDir(root)
     rd.lock()
     with pytest.raises(
-        RunError, match=rf"is in use: lock mem://bucket/run/.lock .*pid {os.getpid()}"
+        RunError, match=rf"is in use: lock gs://bucket/run/.lock .*pid {os.getpid()}"
     ):
         RunDir(root).lock()
     rd.unlock()
@@ -438,5 +386,5 @@ def test_run_directory_on_an_object_store():
     rd.mark("hidden", {})
     rd.invalidate_from(STAGES[0])
     assert not any(rd.done(s) or rd.started(s) for s in STAGES)
-    assert sorted(store.objects) == ["bucket/run/.lock", "bucket/run/config.json"]
+    assert sorted(store.store) == ["gs://bucket/run/.lock", "gs://bucket/run/config.json"]
     assert store.moves == []

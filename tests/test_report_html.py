@@ -12,8 +12,7 @@ import pytest
 from synthetic_run import ESTIMATORS, write_synthetic_run
 
 from experiments.report import write_report
-from experiments.report_html import reliability_bins
-from fcjax.metrics import cmfg_star
+from fcjax.metrics import cmfg_star, reliability_bins
 from fcjax.store.tables import read_table
 
 
@@ -126,3 +125,31 @@ def test_compare_page_with_a_run_without_tables(runs, tmp_path):
     assert "No tables (examples.parquet, steps.parquet) in: bare" in page
     # the difference column: deepconf cMFG* is 0.25 higher in the second run (green)
     assert "<td class='up'>+0.250</td>" in page
+
+
+def test_reliability_bins_refuse_what_ece_refuses():
+    """The report's reliability bars and ECE read the same bins: a confidence outside [0, 1]
+    is refused by both instead of being clipped into the last bar."""
+    from fcjax.metrics import ece
+
+    for fn in (ece, reliability_bins):
+        with pytest.raises(ValueError, match=r"\[0, 1\]|outside"):
+            fn(np.array([0.2, 1.3]), np.array([1.0, 0.0]))
+
+
+def test_png_plots_are_the_pages_figures(runs, tmp_path):
+    """plots/<figure>.png is written for each figure of the run page, from the same panels."""
+    import shutil
+
+    from experiments.report import run_plots
+    from experiments.report_html import run_data, run_figure_list
+    from fcjax.store.fs import location
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1] / "ci", run)
+    summary = json.loads((run / "summary.json").read_text())
+    figures = run_figure_list(summary, run_data(location(run), summary), location(run))
+    names = run_plots(location(run))
+    assert names == [f"{f.name}.png" for f in figures]
+    for name in names:
+        assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -44,3 +44,16 @@ def test_plain_json_dump_would_have_written_nan() -> None:
     assert to_strict([1, "a", None]) == [1, "a", None]
     with pytest.raises(ValueError):
         json.dumps({"x": float("nan")}, allow_nan=False)
+
+
+def test_to_python_keeps_nan_unless_strict() -> None:
+    import math
+
+    from fcjax.plain import to_python
+
+    obj = {"a": np.float32(0.5), "b": (np.arange(2), float("nan")), 3: np.int64(7)}
+    plain = to_python(obj)
+    assert plain["a"] == 0.5 and type(plain["a"]) is float
+    assert plain["b"][0] == [0, 1] and math.isnan(plain["b"][1])
+    assert plain[3] == 7 and type(plain[3]) is int
+    assert to_python(obj, strict=True) == {"a": 0.5, "b": [[0, 1], None], "3": 7}

@@ -5,9 +5,8 @@ Sampling needs no communication between hosts per token, so each host runs the s
 programs independently on a data-parallel mesh over ``jax.local_devices()``. ``assign``
 splits work by expected cost, the same on every process; ``barrier`` and ``exchange`` go
 through the jax.distributed coordination service's key-value store (no device programs), and
-``fail`` makes the others stop at their next one instead of waiting. ``generate_sharded``
-gathers finished rows to every process (one all-gather). Row keys come from example ids, so
-the outputs equal a single-process run whatever the number of processes.
+``fail`` makes the others stop at their next one instead of waiting. Row keys come from
+example ids, so the outputs equal a single-process run whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -22,10 +21,8 @@ import time
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 
-from fcjax.engine.generate import Generation, generate
-from fcjax.engine.sampling import SamplingParams
+from fcjax import _jax_compat
 
 
 class MultihostError(RuntimeError):
@@ -100,31 +97,23 @@ def _wait_reachable(address: str, timeout_s: float) -> None:
 
 
 def _client():
-    from jax._src import distributed  # the coordination service's key-value store
-
-    return distributed.global_state.client
+    return _jax_compat.distributed_state().client  # the coordination service's key-value store
 
 
 def is_distributed() -> bool:
     """Whether ``initialize`` connected this process to a coordinator."""
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
+    return _jax_compat.distributed_state().client is not None
 
 
 def process_index() -> int:
     """This process's index, without starting a backend when jax.distributed is set up."""
-    from jax._src import distributed
-
-    state = distributed.global_state
+    state = _jax_compat.distributed_state()
     return state.process_id if state.client is not None else jax.process_index()
 
 
 def process_count() -> int:
     """The number of processes this one was started with (``--num_processes``)."""
-    from jax._src import distributed
-
-    state = distributed.global_state
+    state = _jax_compat.distributed_state()
     return state.num_processes if state.client is not None else jax.process_count()
 
 
@@ -219,68 +208,3 @@ def assign(costs: Sequence[float], num_processes: int) -> list[list[int]]:
         load[p] += float(costs[i])
         out[p].append(i)
     return [sorted(items) for items in out]
-
-
-def my_share(n: int) -> list[int]:
-    """Indices of the items this process handles (round robin over processes)."""
-    return list(range(jax.process_index(), n, jax.process_count()))
-
-
-def allgather_json(payload) -> list:
-    """Gathers one JSON-serialisable object from every process (in process order)."""
-    if jax.process_count() == 1:
-        return [payload]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(payload).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[: data.size] = data
-    gathered = multihost_utils.process_allgather(padded)
-    return [
-        json.loads(bytes(row[: int(s)]).decode())
-        for row, s in zip(gathered.reshape(-1, padded.size), np.ravel(sizes), strict=True)
-    ]
-
-
-def _to_json(g: Generation) -> dict:
-    return {
-        "text": g.text,
-        "ids": g.token_ids,
-        "lp": g.token_logprobs.tolist(),
-        "top": g.top_logprobs.tolist(),
-        "top_ids": g.top_ids.tolist(),
-        "finish": g.finish_reason,
-        "prompt": g.prompt_ids,
-    }
-
-
-def _from_json(d: dict) -> Generation:
-    k = len(d["top"][0]) if d["top"] else 0
-    return Generation(
-        d["text"],
-        d["ids"],
-        np.asarray(d["lp"], np.float32),
-        np.asarray(d["top"], np.float32).reshape(-1, k),
-        np.asarray(d["top_ids"], np.int32).reshape(-1, k),
-        d["finish"],
-        d["prompt"],
-    )
-
-
-def generate_sharded(
-    lm, prompts: Sequence, params: SamplingParams, keys: Sequence, **kwargs
-) -> list[Generation]:
-    """``generate`` split over processes by example; every process gets all results."""
-    mine = my_share(len(prompts))
-    local = (
-        generate(lm, [prompts[i] for i in mine], params, keys=[keys[i] for i in mine], **kwargs)
-        if mine
-        else []
-    )
-    gathered = allgather_json([[i, _to_json(g)] for i, g in zip(mine, local, strict=True)])
-    out: list[Generation | None] = [None] * len(prompts)
-    for part in gathered:
-        for i, d in part:
-            out[i] = _from_json(d)
-    return out  # type: ignore[return-value]

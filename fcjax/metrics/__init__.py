@@ -7,7 +7,7 @@ from fcjax.metrics.bootstrap import (
     match_ids,
     paired_differences,
 )
-from fcjax.metrics.calibration import auroc, brier, ece, prr
+from fcjax.metrics.calibration import auroc, brier, ece, prr, reliability_bins
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.summary import summarize, trace_columns, trace_confidence
 from fcjax.metrics.trajectory import trajectory_bins
@@ -27,6 +27,7 @@ __all__ = [
     "pairwise_agreement",
     "prr",
     "rankdata",
+    "reliability_bins",
     "spearman",
     "step_faithfulness",
     "summarize",

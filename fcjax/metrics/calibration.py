@@ -36,6 +36,23 @@ def ece(conf: object, correct: object, bins: int = 10) -> float:
     return float(np.abs(acc_sum - conf_sum).sum() / c.size)
 
 
+def reliability_bins(conf: object, correct: object, bins: int = 10) -> dict[str, np.ndarray]:
+    """The bins ``ece`` sums over: per bin its ``count``, ``accuracy`` and ``mean_conf``
+    (NaN in an empty bin), and the ``edges``; missing pairs dropped, as ``ece`` drops them."""
+    if bins < 1:
+        raise ValueError(f"reliability_bins: bins must be >= 1, got {bins}")
+    c, y = _pairs(conf, correct, "reliability_bins")
+    index = bin_index(c, bins)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "edges": np.linspace(0, 1, bins + 1),
+            "count": count,
+            "accuracy": np.bincount(index, weights=y, minlength=bins) / count,
+            "mean_conf": np.bincount(index, weights=c, minlength=bins) / count,
+        }
+
+
 def brier(conf: object, correct: object) -> float:
     """Brier score: mean squared difference between confidence and correctness."""
     c, y = _pairs(conf, correct, "brier")

@@ -19,6 +19,7 @@ from fcjax.metrics.bootstrap import bootstrap_intervals
 from fcjax.metrics.calibration import auroc, brier, ece
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.trajectory import trajectory_bins
+from fcjax.plain import to_python
 
 Reduce = Literal["mean", "last"]
 Table = Mapping[str, Any]
@@ -147,7 +148,7 @@ def summarize(
     conf_steps = {n: np.asarray(steps[f"conf_{n}"], float) for n in estimators}
     faith_steps = {f"faith_{n}": step_cols[f"faith_{n}"] for n in estimators}
     position = np.asarray(steps["position"], float)
-    return _plain(
+    return to_python(
         {
             "n_examples": len(correct),
             "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
@@ -174,16 +175,3 @@ def summarize(
         }
     )
 
-
-def _plain(x: Any) -> Any:
-    """Nested dicts/lists of Python numbers (numpy arrays and scalars converted), as JSON
-    holds them."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _plain(x.tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

@@ -1,53 +1,43 @@
-"""One filesystem layer for run directories: local paths, ``file://``, ``gs://`` and ``s3://``.
+"""Run-directory locations: local paths, ``file://``, ``gs://`` and ``s3://``, over ``etils.epath``.
 
-``location(where)`` resolves a run location into a ``Location``, a small pathlib-like handle
-(``/``, ``name``, ``parent``, ``exists``, ``read_text``, ``write_text``, ``glob``, ...) that
-every reader and writer of a run directory goes through, and that hands each storage
-library its own form of the place: pyarrow a (filesystem, path) pair (``arrow``), TensorStore
-a kvstore spec (``kvstore``), Orbax a path (``orbax_path``).
+``location(where)`` checks a run location and returns a ``Location``: an ``etils.epath.Path``
+(which reaches gs:// through gcsfs and s3:// through s3fs, as Orbax does) plus the two things
+epath lacks, an atomic local write and a conditional create. Each storage library gets the
+place in its own form: pyarrow an open file (``open``), TensorStore a kvstore URL
+(``kvstore``: it opens ``file://``, ``gs://`` and ``s3://`` itself), Orbax the epath path.
 
-Two kinds of store:
+* local (a path or a ``file://`` URL): a write goes to a temporary file beside the target, is
+  fsynced and renamed over it, so a crash never leaves a torn file; ``create_exclusive`` is
+  ``O_CREAT | O_EXCL``.
+* object stores: there is no rename, and none is needed: one whole-object upload is atomic
+  (an object appears only when its upload completes). A write builds the whole content in
+  memory first, so a failure while producing it uploads nothing, then uploads it at once.
+  Directories are implicit (``mkdir`` does nothing). ``create_exclusive`` is a conditional
+  write through TensorStore's kvstore: on GCS ``ifGenerationMatch=0``, atomic; on S3 it relies
+  on the store honouring a conditional PUT (not verified here).
 
-* local (a path or a ``file://`` URL): Python's os calls. A write goes to a temporary file
-  beside the target, is fsynced and renamed over it (``os.replace``), so a crash never
-  leaves a torn file; ``create_exclusive`` is ``O_CREAT | O_EXCL``.
-* object stores (``gs://``, ``s3://``; pyarrow's GcsFileSystem / S3FileSystem): there is no
-  rename, and none is needed: one whole-object upload is atomic (an object appears only
-  when its upload completes). A write builds the whole content in memory first, so a
-  failure while producing it uploads nothing, then uploads it at once. Directories are
-  implicit (``mkdir`` does nothing). ``create_exclusive`` is a conditional write through
-  TensorStore's kvstore (pyarrow has no if-generation-match): on GCS it sends
-  ``ifGenerationMatch=0`` and is atomic; on S3 it relies on the TensorStore s3 driver and
-  the store honouring a conditional PUT (not verified here). Any other pyarrow filesystem
-  (e.g. ``pyarrow.fs._MockFileSystem`` in tests) gets the same direct writes and a
-  check-then-write ``create_exclusive`` that two simultaneous creators can both pass.
-
-Only the local kind is tested against real storage here; gs:// and s3:// are exercised
-through their spec mapping and the object-store code path on an in-memory filesystem.
+Only the local kind is tested against real storage here; the object-store path is exercised
+on an in-memory fsspec filesystem standing in for gcsfs.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit
 
-import pyarrow.fs as pafs
+from etils import epath
 
 # URL schemes ``location`` accepts (a plain path is local too)
 SCHEMES = ("file", "gs", "s3")
-# pyarrow filesystems whose directories are implicit prefixes of object names
-_OBJECT_STORES = ("gcs", "s3")
-# TensorStore kvstore drivers of the object stores
-_KV_DRIVERS = {"gs": "gcs", "s3": "s3"}
-# fsspec packages etils.epath (hence Orbax) needs for a scheme
+# fsspec packages etils.epath (hence Orbax and the object-store reads) needs for a scheme
 _EPATH_BACKENDS = {"gs": "gcsfs", "s3": "s3fs"}
 
 
@@ -92,24 +82,17 @@ def location(where: PathLike | Location) -> Location:
     return Location(f"{url.netloc}/{key}" if key else url.netloc, scheme=scheme)
 
 
-@functools.cache
-def _object_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
-    """pyarrow's filesystem of a bucket, made on first use (S3 resolves the bucket's region)."""
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
-
-
 class Location:
     """A file or directory in a run location (see the module docstring).
 
-    ``scheme`` is ``""`` for a plain local path, ``"file"``, ``"gs"`` or ``"s3"`` for a
-    URL, or any name for an explicit ``filesystem`` (then the object-store code path is
-    used). ``path`` is the filesystem's own path: a local path (as given, normalised), or
-    ``bucket/key`` on an object store."""
+    ``scheme`` is ``""`` for a plain local path, ``"file"`` for a ``file://`` URL, ``"gs"``
+    or ``"s3"`` for a bucket; ``path`` is a local path (as given, normalised) or
+    ``bucket/key``."""
 
-    __slots__ = ("_filesystem", "path", "scheme")
+    __slots__ = ("path", "scheme")
 
-    def __init__(self, path: str, *, scheme: str = "", filesystem: pafs.FileSystem | None = None):
-        self.path, self.scheme, self._filesystem = path, scheme, filesystem
+    def __init__(self, path: str, *, scheme: str = ""):
+        self.path, self.scheme = path, scheme
 
     # --- naming -----------------------------------------------------------------------
     @property
@@ -136,7 +119,7 @@ class Location:
         return str(self) < str(other)
 
     def _with_path(self, path: str) -> Location:
-        return Location(path, scheme=self.scheme, filesystem=self._filesystem)
+        return Location(path, scheme=self.scheme)
 
     def __truediv__(self, name: str) -> Location:
         name = os.fspath(name)
@@ -179,82 +162,47 @@ class Location:
 
     # --- what each storage library takes ---------------------------------------------------
     @property
-    def filesystem(self) -> pafs.FileSystem:
-        """The pyarrow filesystem holding this location."""
-        if self._filesystem is None:
-            if self.is_local:
-                self._filesystem = pafs.LocalFileSystem()
-            else:
-                self._filesystem = _object_filesystem(self.scheme, self.path.split("/")[0])
-        return self._filesystem
-
-    def arrow(self) -> tuple[pafs.FileSystem, str]:
-        """``(filesystem, path)`` for pyarrow (``pq.read_table(path, filesystem=fs)``)."""
-        path = os.path.abspath(self.path) if self.is_local else self.path
-        return self.filesystem, path
-
-    def kvstore(self) -> dict[str, Any]:
-        """A TensorStore kvstore spec of this location (a directory of keys)."""
+    def epath(self) -> epath.Path:
+        """This location as an ``etils.epath.Path`` (what Orbax takes); for a bucket, a clear
+        error when the fsspec package epath needs is missing."""
         if self.is_local:
-            return {"driver": "file", "path": self.path}
-        if self.scheme not in _KV_DRIVERS:
-            raise FsError(f"{self}: TensorStore has no kvstore for scheme {self.scheme!r}")
-        bucket, _, key = self.path.partition("/")
-        return {"driver": _KV_DRIVERS[self.scheme], "bucket": bucket, "path": key}
-
-    def orbax_path(self):
-        """The path Orbax takes: a ``pathlib.Path`` (absolute) locally, else an
-        ``etils.epath.Path`` of the URL (etils reaches gs:// through gcsfs, s3:// through
-        s3fs; a clear error when that package is missing)."""
-        if self.is_local:
-            return Path(os.path.abspath(self.path))
-        self.check_orbax()
-        from etils import epath
-
+            return epath.Path(os.path.abspath(self.path))
+        self.check_backend()
         return epath.Path(str(self))
 
-    def check_orbax(self) -> None:
-        """Raises FsError when Orbax (through etils.epath) cannot reach this location."""
+    def kvstore(self) -> str:
+        """This location as a TensorStore kvstore URL (a directory of keys)."""
+        return self.as_uri().rstrip("/") + "/"
+
+    def check_backend(self) -> None:
+        """Raises FsError when etils.epath (hence Orbax) cannot reach this location."""
         if self.is_local:
             return
-        import importlib.util
+        import fsspec
 
-        package = _EPATH_BACKENDS.get(self.scheme)
-        if package is None:
-            raise FsError(f"{self}: Orbax checkpoints cannot be written to {self.scheme}://")
-        if importlib.util.find_spec(package) is None:
+        try:
+            fsspec.get_filesystem_class(self.scheme)
+        except ImportError:
+            package = _EPATH_BACKENDS[self.scheme]
             raise FsError(
-                f"{self}: Orbax reaches {self.scheme}:// through etils.epath, which needs the "
+                f"{self}: {self.scheme}:// is reached through etils.epath, which needs the "
                 f"{package} package (pip install {package})"
-            )
+            ) from None
 
     # --- queries ----------------------------------------------------------------------
-    def _info(self) -> pafs.FileInfo:
-        return self.filesystem.get_file_info(self.path)
-
     def exists(self) -> bool:
-        if self.is_local:
-            return os.path.exists(self.path)
-        return self._info().type != pafs.FileType.NotFound
+        return self.epath.exists()
 
     def is_dir(self) -> bool:
-        if self.is_local:
-            return os.path.isdir(self.path)
-        return self._info().type == pafs.FileType.Directory
+        return self.epath.is_dir()
 
     def is_file(self) -> bool:
-        if self.is_local:
-            return os.path.isfile(self.path)
-        return self._info().type == pafs.FileType.File
+        return self.epath.is_file()
 
     def iterdir(self) -> Iterator[Location]:
         """The entries of this directory, sorted by name (none if it does not exist)."""
-        if self.is_local:
-            names = sorted(os.listdir(self.path)) if os.path.isdir(self.path) else []
-        else:
-            selector = pafs.FileSelector(self.path, allow_not_found=True)
-            infos = self.filesystem.get_file_info(selector)
-            names = sorted(posixpath.basename(i.path) for i in infos)
+        p = self.epath
+        names = sorted(c.name for c in p.iterdir()) if p.is_dir() else []
         return iter([self / n for n in names])
 
     def glob(self, pattern: str) -> list[Location]:
@@ -264,11 +212,12 @@ class Location:
         return [p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern)]
 
     # --- reading ----------------------------------------------------------------------
+    def open(self) -> IO[bytes]:
+        """This file opened for binary reading (pyarrow reads parquet from it)."""
+        return self.epath.open("rb")
+
     def read_bytes(self) -> bytes:
-        if self.is_local:
-            return Path(self.path).read_bytes()
-        with self.filesystem.open_input_stream(self.path) as f:
-            return f.read()
+        return self.epath.read_bytes()
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -278,8 +227,6 @@ class Location:
         """Makes this directory and its parents (a no-op on object stores)."""
         if self.is_local:
             os.makedirs(self.path, exist_ok=True)
-        elif self.filesystem.type_name not in _OBJECT_STORES:
-            self.filesystem.create_dir(self.path, recursive=True)
 
     def write_with(self, write: Callable[[IO[bytes]], Any]) -> None:
         """Replaces this file with what ``write(binary_file)`` writes, atomically: locally
@@ -291,8 +238,7 @@ class Location:
             return
         buffer = io.BytesIO()
         write(buffer)
-        with self.filesystem.open_output_stream(self.path) as out:
-            out.write(buffer.getvalue())
+        self.epath.write_bytes(buffer.getvalue())
 
     def write_bytes(self, data: bytes) -> None:
         self.write_with(lambda f: f.write(data))
@@ -302,8 +248,7 @@ class Location:
 
     def create_exclusive(self, data: bytes) -> bool:
         """Creates this file holding ``data`` unless it exists; False if it did. Atomic
-        locally (O_EXCL) and on GCS (a conditional write); see the module docstring for
-        S3 and other filesystems."""
+        locally (O_EXCL) and on GCS (a conditional write); see the module docstring."""
         self.parent.mkdir()
         if self.is_local:
             try:
@@ -313,41 +258,30 @@ class Location:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return True
-        if self.scheme in _KV_DRIVERS:
-            spec = self.parent.kvstore()
-            spec["path"] = spec["path"] + "/" if spec["path"] else ""
-            return kv_create_exclusive(spec, self.name, data)
-        if self.exists():  # not atomic: see the module docstring
-            return False
-        self.write_bytes(data)
-        return True
+        return kv_create_exclusive(self.parent.kvstore(), self.name, data)
 
     def unlink(self, missing_ok: bool = True) -> None:
         if self.is_local:
             Path(self.path).unlink(missing_ok=missing_ok)
-            return
-        if missing_ok and not self.is_file():
-            return
-        self.filesystem.delete_file(self.path)
+        elif not (missing_ok and not self.is_file()):
+            self.epath.unlink()
 
     def rmtree(self) -> None:
         """Removes this directory and everything under it; nothing if it does not exist."""
         if self.is_local:
-            import shutil
-
             if os.path.isdir(self.path):  # other failures raise: a stale part must not stay
                 shutil.rmtree(self.path)
         elif self.is_dir():
-            self.filesystem.delete_dir(self.path)
+            self.epath.rmtree()
 
 
-def kv_create_exclusive(spec: dict[str, Any], key: str, data: bytes) -> bool:
-    """Writes ``key`` in the TensorStore kvstore ``spec`` only if it is absent (a write
+def kv_create_exclusive(kvstore: str | dict[str, Any], key: str, data: bytes) -> bool:
+    """Writes ``key`` in the TensorStore kvstore (a URL or spec) only if it is absent (a write
     conditioned on the generation read while it was missing); False if it exists or another
     writer created it first."""
     import tensorstore as ts
 
-    store = ts.KvStore.open(spec).result()
+    store = ts.KvStore.open(kvstore).result()
     found = store.read(key).result()
     if found.state != "missing":
         return False

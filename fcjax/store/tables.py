@@ -72,8 +72,8 @@ def update_columns(path: PathLike | Location, columns: Mapping[str, Column]) -> 
     path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    fs, where = path.arrow()
-    table = pq.read_table(where, filesystem=fs)
+    with path.open() as f:
+        table = pq.read_table(f)
     for name, values in columns.items():
         if len(values) != table.num_rows:
             raise TableError(
@@ -107,15 +107,14 @@ def read_table(
     path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    fs, where = path.arrow()
-    schema_names = pq.read_schema(where, filesystem=fs).names
-    if columns is not None:
-        missing = [c for c in columns if c not in schema_names]
-        if missing:
-            raise TableError(f"{path}: missing column(s) {missing}; has {schema_names}")
-    table = pq.read_table(
-        where, filesystem=fs, columns=list(columns) if columns is not None else None
-    )
+    with path.open() as f:
+        schema_names = pq.read_schema(f).names
+        if columns is not None:
+            missing = [c for c in columns if c not in schema_names]
+            if missing:
+                raise TableError(f"{path}: missing column(s) {missing}; has {schema_names}")
+        f.seek(0)
+        table = pq.read_table(f, columns=list(columns) if columns is not None else None)
     return {name: _from_arrow(table.column(name)) for name in table.column_names}
 
 
