@@ -76,17 +76,16 @@ def _validator(check, name: str):
 
 def _define_settings_flags() -> None:
     """One flag per ``Settings`` field, with its default, help and kind, and an absl
-    validator checking its bounds and choices (``experiments.config.field_error``). Choice
-    flags are string flags whose help lists the choices, so that every bad flag of a
-    command line is reported at once (``parse_flags``)."""
+    validator checking its bounds and list choices (``experiments.config.field_error``;
+    absl's enum flags check the other choices)."""
     for f in FIELDS:
         help, choices = f.metadata["help"], f.metadata["choices"]
         allowed = bounds_text(f.metadata)
-        if choices:
-            help += f" (one of: {', '.join(c or repr(c) for c in choices)})"
-        elif allowed:
-            help += f" (in {allowed})" if allowed[0] in "([" else f" ({allowed})"
-        if isinstance(f.default, tuple):
+        if allowed:
+            help = f"{allowed}: {help}"
+        if choices and not isinstance(f.default, tuple):
+            flags.DEFINE_enum(f.name, f.default, list(choices), help)
+        elif isinstance(f.default, tuple):
             flags.DEFINE_list(f.name, [str(v) for v in f.default], help)
         elif isinstance(f.default, bool):
             flags.DEFINE_bool(f.name, f.default, help)
@@ -138,7 +137,8 @@ def flag_errors(values: dict) -> list[str]:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing (``app.run``'s ``flags_parser``); a bad flag value ends the process
-    with exit code 2 and every bad flag of the command line listed, before any work."""
+    with exit code 2 and the bad flags listed (every one, but for a bad enum value, which
+    absl refuses as soon as it reads it), before any work."""
     try:
         return FLAGS(argv)
     except flags.Error as e:

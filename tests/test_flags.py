@@ -43,16 +43,19 @@ def parse():
         ("--branch_temperature=-1", r"--branch_temperature must be >= 0, got -1\.0"),
         ("--difficulty=9", r"--difficulty must be in \[1, 5\], got 9"),
         ("--k=0", r"--k must be >= 1, got 0"),
-        ("--dtype=float64", r"--dtype must be one of 'float32', 'bfloat16', got 'float64'"),
+        ("--dtype=float64", r"--dtype=float64: value should be one of <float32\|bfloat16>"),
         (
             "--decode_attention=cuda",
-            r"--decode_attention must be one of 'xla', 'pallas', 'pallas_interpret', got 'cuda'",
+            r"--decode_attention=cuda: value should be one of <xla\|pallas\|pallas_interpret>",
         ),
         (
             "--hidden_dtype=int8",
-            r"--hidden_dtype must be one of 'bfloat16', 'float16', 'float32', got 'int8'",
+            r"--hidden_dtype=int8: value should be one of <bfloat16\|float16\|float32>",
         ),
-        ("--segmenter=words", r"--segmenter must be one of 'paragraph', 'cue', 'tokens'"),
+        (
+            "--segmenter=words",
+            r"--segmenter=words: value should be one of <paragraph\|cue\|tokens>",
+        ),
         ("--probe_family=linear,tree", r"--probe_family: unknown 'tree'; valid: linear, mlp"),
         ("--layers=1,x", r"--layers must be a comma-separated list of integers"),
         ("--estimators=deepconf,nope", r"--estimators: unknown 'nope'; valid: .*probe.*rcc"),
@@ -112,8 +115,16 @@ def test_choice_lists_are_the_librarys():
 
 def test_library_run_refuses_bad_settings_before_touching_out(tmp_path):
     out = tmp_path / "run"
-    bad = dataclasses.replace(Settings(), branch_top_p=0.0, temperature=-1.0)
-    with pytest.raises(RunError, match=r"(?s)--temperature must be >= 0.*--branch_top_p"):
+    bad = dataclasses.replace(
+        Settings(), branch_top_p=0.0, temperature=-1.0, dtype="float64", estimators=("x",)
+    )
+    assert bad.errors() == [
+        "--dtype must be one of 'float32', 'bfloat16', got 'float64'",
+        "--temperature must be >= 0, got -1.0",
+        "--estimators: unknown 'x'; valid: agreement, deepconf, forcing, probe, rcc, sampling",
+        "--branch_top_p must be in (0, 1], got 0.0",
+    ]
+    with pytest.raises(RunError, match=r"(?s)bad settings:.*--temperature must be >= 0"):
         run_cli.run(bad, str(out))
     assert not out.exists()
 
