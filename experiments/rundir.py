@@ -3,7 +3,9 @@
 Every stage writes its outputs under temporary names and renames them, then writes its
 marker ``stages/<stage>.done``; a stage with a marker is skipped on rerun. Long stages
 write ``parts`` (one parquet file per batch of examples) so a killed run resumes inside the
-stage. A rerun whose result-affecting flags differ from the stored ones is refused with the
+stage. What each stage owns (files, parts, table columns) is listed once, in
+``experiments.stages.REGISTRY``: ``started`` and ``invalidate_from`` read it. A rerun
+whose result-affecting flags differ from the stored ones is refused with the
 list of differences, unless ``--redo`` names a stage at or before the first affected one.
 The directory is a local path or a URL (``gs://bucket/run``); every file goes through
 ``fcjax.store.fs``.
@@ -15,7 +17,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -262,11 +264,6 @@ def _crash_for_tests(name: str, process: int) -> None:
 
 def _norm(v):
     return json.loads(dumps_strict(v))
-
-
-def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
-    for i, start in enumerate(range(0, len(items), size)):
-        yield i, items[start : start + size]
 
 
 class Progress:
