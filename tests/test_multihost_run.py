@@ -280,7 +280,7 @@ def test_two_processes_on_a_file_url_equal_one(tmp_path):
     run(s, str(one))
     port = free_port()
     procs = [start([f"--out={two.as_uri()}", *cli_flags(s)], i, 2, port) for i in range(2)]
-    for rc, log in finish(procs):
+    for rc, log in finish(procs, timeout=1200):
         assert rc == 0, log[-3000:]
     assert_same_run(one, two)
     assert_same_tables(one, two, "sampling_samples.parquet", atol=0)
