@@ -20,9 +20,9 @@ from absl import app, flags, logging
 
 import fcjax
 from experiments import cluster
-from experiments.config import FIELDS, STAGES, Settings
+from experiments.config import FIELDS, STAGES, Settings, bounds_text, field_error
 from experiments.rundir import RunDir, RunError
-from experiments.stages import Pipeline
+from experiments.stages.pipeline import Pipeline
 from fcjax.engine import multihost as mh
 from fcjax.store.fs import FsError, location
 from probes.trainer import FAMILIES
@@ -36,11 +36,54 @@ _ = flags.DEFINE_string(
 )
 
 
+def _field_errors(values: dict) -> list[str]:
+    """Bounds and choices of the ``Settings`` flags among ``values`` (a flag -> value map)."""
+    return [e for f in FIELDS if f.name in values and (e := field_error(f, values[f.name]))]
+
+
+def _name_errors(values: dict) -> list[str]:
+    """Names that must be known to the library (or be files): dataset, interventions,
+    stages."""
+    from fcjax.data import DATASETS, INTERVENTIONS
+
+    errors = []
+    if "dataset" in values and not values.get("data_path") and values["dataset"] not in DATASETS:
+        errors.append(
+            f"--dataset: unknown {values['dataset']!r}; valid: {', '.join(sorted(DATASETS))}"
+        )
+    for name in ("intervention", "system_intervention"):
+        value = values.get(name)
+        if name in values and value not in INTERVENTIONS and not _is_file(value):
+            errors.append(
+                f"--{name}: unknown {value!r} (and not a file); valid: {', '.join(INTERVENTIONS)}"
+            )
+    for name in ("redo", "stop_after"):
+        value = values.get(name)
+        if value is not None and value not in STAGES:
+            errors.append(f"--{name}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
+    return errors
+
+
+def _validator(check, name: str):
+    def validate(value) -> bool:
+        errors = check(value if isinstance(value, dict) else {name: value})
+        if errors:
+            raise flags.ValidationError("; ".join(errors))
+        return True
+
+    return validate
+
+
 def _define_settings_flags() -> None:
-    """One flag per ``Settings`` field, with its default, help and kind."""
+    """One flag per ``Settings`` field, with its default, help and kind, and an absl
+    validator checking its bounds and list choices (``experiments.config.field_error``;
+    absl's enum flags check the other choices)."""
     for f in FIELDS:
         help, choices = f.metadata["help"], f.metadata["choices"]
-        if choices:
+        allowed = bounds_text(f.metadata)
+        if allowed:
+            help = f"{allowed}: {help}"
+        if choices and not isinstance(f.default, tuple):
             flags.DEFINE_enum(f.name, f.default, list(choices), help)
         elif isinstance(f.default, tuple):
             flags.DEFINE_list(f.name, [str(v) for v in f.default], help)
@@ -52,6 +95,7 @@ def _define_settings_flags() -> None:
             flags.DEFINE_float(f.name, f.default, help)
         else:
             flags.DEFINE_string(f.name, f.default, help)
+        flags.register_validator(f.name, _validator(_field_errors, f.name))
 
 
 _define_settings_flags()
@@ -76,28 +120,45 @@ flags.DEFINE_integer(
     "initialization_timeout", 300, "seconds to wait for every process to join the coordinator"
 )
 flags.DEFINE_string("redo", None, f"recompute from this stage on: {', '.join(STAGES)}")
-flags.DEFINE_string("stop_after", None, "stop after this stage (for staged runs)")
+flags.DEFINE_string("stop_after", None, f"stop after this stage: {', '.join(STAGES)}")
 
 FLAGS = flags.FLAGS
 
 
+flags.register_multi_flags_validator(["dataset", "data_path"], _validator(_name_errors, ""))
+for _name in ("intervention", "system_intervention", "redo", "stop_after"):
+    flags.register_validator(_name, _validator(_name_errors, _name))
+
+
+def flag_errors(values: dict) -> list[str]:
+    """Every error of the validators above over ``values`` (flag name -> value)."""
+    return _field_errors(values) + _name_errors(values)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing (``app.run``'s ``flags_parser``); a bad flag value ends the process
+    with exit code 2 and the bad flags listed (every one, but for a bad enum value, which
+    absl refuses as soon as it reads it), before any work."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        values = {name: FLAGS[name].value for name in FLAGS if name in _CHECKED}
+        errors = flag_errors(values) if isinstance(e, flags.IllegalFlagValueError) else []
+        print("error: bad flags:\n  " + "\n  ".join(errors or [str(e)]), file=sys.stderr)
+        sys.exit(2)
+
+
+_CHECKED = {f.name for f in FIELDS} | {"redo", "stop_after"}
+
+
 def settings_from_flags() -> Settings:
-    from fcjax.confidence.base import available_estimators
+    """The parsed flags as ``Settings``, after the checks that read files or several flags."""
     from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
-    from fcjax.data import DATASETS, INTERVENTIONS
     from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
     from fcjax.text.templates import TemplateError, load_template
 
     f = FLAGS
-    errors = []
-    if not f.data_path and f.dataset not in DATASETS:
-        errors.append(f"--dataset: unknown {f.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
-    for name in ("intervention", "system_intervention"):
-        value = getattr(f, name)
-        if value not in INTERVENTIONS and not _is_file(value):
-            errors.append(
-                f"--{name}: unknown {value!r} (and not a file); valid: {', '.join(INTERVENTIONS)}"
-            )
+    errors = flag_errors({name: getattr(f, name) for name in _CHECKED})
     if f.intervention_role == "system" and f.system_intervention != "blank":
         errors.append(
             "--intervention_role=system and --system_intervention both set the system prompt"
@@ -111,9 +172,6 @@ def settings_from_flags() -> Settings:
                 load_template(getattr(f, name), required)
             except TemplateError as e:
                 errors.append(f"--{name}: {e}")
-    for fam in f.probe_family:
-        if fam not in FAMILIES:
-            errors.append(f"--probe_family: unknown {fam!r}; valid: {', '.join(FAMILIES)}")
     if not f.probe_family:
         errors.append(f"--probe_family: give at least one of {', '.join(FAMILIES)}")
     if f.probe_label == "c_samp" and "sampling" not in f.estimators and "probe" in f.estimators:
@@ -126,28 +184,14 @@ def settings_from_flags() -> Settings:
         else:
             if not found:
                 errors.append(f"--probe_checkpoint: {f.probe_checkpoint}/probe.json not found")
-    valid_est = available_estimators()
-    for e in f.estimators:
-        if e not in valid_est:
-            errors.append(f"--estimators: unknown {e!r}; valid: {', '.join(valid_est)}")
-    for name in ("redo", "stop_after"):
-        value = getattr(f, name)
-        if value is not None and value not in STAGES:
-            errors.append(f"--{name}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
-    values = {}
-    for field in FIELDS:
-        value, minimum = getattr(f, field.name), field.metadata["minimum"]
-        if minimum is not None and value < minimum:
-            errors.append(f"--{field.name} must be >= {minimum}, got {value}")
-        if isinstance(field.default, tuple):
-            try:
-                value = tuple(field.metadata["item"](x) for x in value)
-            except ValueError:
-                kind = {int: "integers"}.get(field.metadata["item"], "values")
-                errors.append(f"--{field.name} must be {kind}, got {value}")
-        values[field.name] = value
     if errors:
         raise RunError("bad flags:\n  " + "\n  ".join(errors))
+    values = {}
+    for field in FIELDS:
+        value = getattr(f, field.name)
+        if isinstance(field.default, tuple):
+            value = tuple(field.metadata["item"](x) for x in value)
+        values[field.name] = value
     return Settings(**values)
 
 
@@ -175,7 +219,11 @@ def run(
     With several processes (``multihost`` or the explicit coordinator arguments) every
     process calls this with the same arguments: process 0 holds the lock and writes the
     shared files, every process runs its share of the model stages. ``out`` is a local path
-    or a URL (``fcjax.store.fs``: file://, gs://, s3://)."""
+    or a URL (``fcjax.store.fs``: file://, gs://, s3://). Bad settings are refused
+    before anything starts."""
+    errors = settings.errors() + _name_errors({"redo": redo, "stop_after": stop_after})
+    if errors:
+        raise RunError("bad settings:\n  " + "\n  ".join(errors))
     try:
         location(out).check_backend()  # every file of the run goes through etils.epath
     except FsError as e:
@@ -227,10 +275,7 @@ def _run(procs, settings, out, redo, mesh, stop_after) -> RunDir:
             rd.save_config(config)
         procs.barrier("config saved")
         t0 = time.perf_counter()
-        for stage in STAGES:
-            pipe.run_stage(stage)
-            if stage == stop_after:
-                break
+        pipe.run_all(stop_after)
         logging.info("run finished in %.1fs: %s", time.perf_counter() - t0, rd.path)
     finally:
         rd.unlock()
@@ -256,7 +301,7 @@ def _everywhere(procs: cluster.Processes, name: str, fn):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from experiments.stages import ResourceError
+    from experiments.stages.generate import ResourceError
     from fcjax.confidence.base import EstimatorError
     from fcjax.data import DataError
     from fcjax.engine.mesh import MeshError
@@ -344,4 +389,4 @@ def format_summary(path) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

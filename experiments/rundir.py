@@ -3,7 +3,9 @@
 Every stage writes its outputs under temporary names and renames them, then writes its
 marker ``stages/<stage>.done``; a stage with a marker is skipped on rerun. Long stages
 write ``parts`` (one parquet file per batch of examples) so a killed run resumes inside the
-stage. A rerun whose result-affecting flags differ from the stored ones is refused with the
+stage. What each stage owns (files, parts, table columns) is listed once, in
+``experiments.stages.REGISTRY``: ``started`` and ``invalidate_from`` read it. A rerun
+whose result-affecting flags differ from the stored ones is refused with the
 list of differences, unless ``--redo`` names a stage at or before the first affected one.
 The directory is a local path or a URL (``gs://bucket/run``); every file goes through
 ``fcjax.store.fs``.
@@ -15,15 +17,22 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
 
-from experiments.config import AFFECTS, STAGES
+from experiments.config import AFFECTS
+from experiments.stages import STAGES, part_owner, spec
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.strict_json import dumps_strict
-from fcjax.store.tables import read_table, write_json_atomic, write_table_atomic
+from fcjax.store.tables import (
+    drop_columns,
+    read_table,
+    update_columns,
+    write_json_atomic,
+    write_table_atomic,
+)
 
 
 class RunError(RuntimeError):
@@ -135,54 +144,103 @@ class RunDir:
         write_json_atomic(self.marker(stage), dict(info))
 
     def started(self, stage: str) -> bool:
-        """Whether ``stage`` has left anything behind: its marker, parts or output directory."""
-        if self.done(stage) or (stage in ("hidden", "probes") and (self.path / stage).exists()):
+        """Whether ``stage`` has left anything behind: its marker, an output it owns
+        (files, parts, recorded columns; ``experiments.stages.REGISTRY``)."""
+        st = spec(stage)
+        if self.done(stage) or self._columns_record(stage).exists():
             return True
-        return any(d.is_dir() and any(d.iterdir()) for d in self.stages.glob(f"{stage}*"))
+        if any(self.path.glob(pattern) for pattern in st.files):
+            return True
+        return any(d.is_dir() and any(d.iterdir()) for p in st.parts for d in self.stages.glob(p))
 
     def info(self, stage: str) -> dict:
         return json.loads(self.marker(stage).read_text()) if self.done(stage) else {}
 
     def invalidate_from(self, stage: str) -> None:
-        """Removes markers (and parts) of ``stage`` and every later stage, last stage first,
-        so a crash midway still leaves the finished stages a prefix of ``STAGES``."""
+        """Removes what ``stage`` and every later stage own (``experiments.stages.REGISTRY``:
+        marker, files, parts, columns), last stage first, so a crash midway still leaves
+        the finished stages a prefix of ``STAGES``."""
         for s in reversed(STAGES[STAGES.index(stage) :]):
+            st = spec(s)
             self.marker(s).unlink()
-            if s in ("hidden", "probes"):  # their outputs live beside the tables
-                (self.path / s).rmtree()
-            for d in self.stages.glob(f"{s}*"):
-                if d.is_dir():
-                    d.rmtree()
+            for table, known in st.columns:
+                names = [*known, *self.recorded_columns(s).get(table, [])]
+                if names and (self.path / table).exists():
+                    drop_columns(self.path / table, names)
+            self._columns_record(s).unlink()
+            for pattern in st.files:
+                for f in self.path.glob(pattern):
+                    f.rmtree() if f.is_dir() else f.unlink()
+            for pattern in st.parts:
+                for d in self.stages.glob(pattern):
+                    if d.is_dir():
+                        d.rmtree()
+
+    # --- columns added to the tables ------------------------------------------------------------
+    def _columns_record(self, stage: str) -> Location:
+        return self.stages / f"{stage}.columns.json"
+
+    def recorded_columns(self, stage: str) -> dict[str, list[str]]:
+        """The columns ``stage`` added to each table (``add_columns``)."""
+        path = self._columns_record(stage)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def add_columns(self, stage: str, table: str, columns: Mapping[str, Any]) -> None:
+        """Replaces or appends ``columns`` of ``table`` (a file of the run directory), owned
+        by ``stage``: their names are recorded first, so ``invalidate_from`` removes them
+        even after a crash between the two writes."""
+        if table not in spec(stage).tables:
+            raise RunError(f"stage {stage} adds no columns to {table} (experiments.stages)")
+        record = self.recorded_columns(stage)
+        names = sorted({*record.get(table, []), *columns})
+        if names != record.get(table):
+            self.stages.mkdir()
+            write_json_atomic(self._columns_record(stage), {**record, table: names})
+        update_columns(self.path / table, columns)
 
     # --- resumable parts ----------------------------------------------------------------------
     def parts_dir(self, name: str) -> Location:
+        part_owner(name)  # parts belong to a stage of the registry
         d = self.stages / name
         d.mkdir()
         return d
 
-    def part_size(self, name: str, size: int) -> int:
-        """Items per part of ``name``: ``size``, or the size its existing parts were cut with,
-        so a stage resumed with another ``--batch_size`` keeps its parts' boundaries (part
-        ``index`` always holds the same items)."""
-        path = self.parts_dir(name) / "part_size.json"
-        if path.exists():
-            return int(json.loads(path.read_text())["size"])
-        write_json_atomic(path, {"size": int(size)})
-        return int(size)
-
     def write_part(self, name: str, index: int, columns: Mapping[str, Any]) -> None:
+        """Writes part ``index`` of ``name``: by convention the position of its first item
+        among all items of the stage, so parts written in any split never share a name."""
         write_table_atomic(self.parts_dir(name) / f"part-{index:06d}.parquet", columns)
         _crash_for_tests(name, self.process_index)
 
     def part_done(self, name: str, index: int) -> bool:
         return (self.parts_dir(name) / f"part-{index:06d}.parquet").exists()
 
-    def read_parts(self, name: str) -> dict[str, list]:
+    def part_items(self, name: str, key: str = "example_id") -> set[str]:
+        """The ``key`` values held by the written parts of ``name`` (the items done)."""
+        done: set[str] = set()
+        for f in self.parts_dir(name).glob("part-*.parquet"):
+            done.update(str(v) for v in read_table(f, [key])[key])
+        return done
+
+    def read_parts(
+        self, name: str, order: Sequence[str] | None = None, key: str = "example_id"
+    ) -> dict[str, list]:
+        """The rows of every part of ``name``; with ``order``, sorted by the position of
+        their ``key`` in it, then by ``step`` and ``sample`` where the parts have them, so
+        the merged rows do not depend on how the items were split into parts."""
         merged: dict[str, list] = {}
         for f in self.parts_dir(name).glob("part-*.parquet"):
             for k, v in read_table(f).items():
                 merged.setdefault(k, []).extend(list(v))
-        return merged
+        if order is None or not merged:
+            return merged
+        rank = {str(x): i for i, x in enumerate(order)}
+        then = [merged[k] for k in ("step", "sample") if k in merged]
+        keys = [
+            (rank.get(str(v), len(rank)), *(int(c[i]) for c in then))
+            for i, v in enumerate(merged[key])
+        ]
+        perm = sorted(range(len(keys)), key=keys.__getitem__)
+        return {k: [v[i] for i in perm] for k, v in merged.items()}
 
 
 _written: dict[str, int] = {}
@@ -206,11 +264,6 @@ def _crash_for_tests(name: str, process: int) -> None:
 
 def _norm(v):
     return json.loads(dumps_strict(v))
-
-
-def batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
-    for i, start in enumerate(range(0, len(items), size)):
-        yield i, items[start : start + size]
 
 
 class Progress:

@@ -250,17 +250,20 @@ def test_unsupported_out_refused_clearly(monkeypatch):
 def test_two_processes_on_a_file_url_equal_one(tmp_path):
     """Two processes given the run as a file:// URL (shared token, lock, per-process parts,
     the hidden array's row ranges and process 0's merge all through fcjax.store.fs) give
-    the one-process run into a plain path."""
+    the one-process run into a plain path. 6 examples with the default --batch_size (16):
+    the examples are split over the processes before batching, so every process does part
+    of every model stage (the markers record each process's share)."""
+    from rundir_compare import assert_same_tables
     from tiny_models import build_tiny_chat, cli_flags
 
     from experiments.run import run
-    from experiments.stages import Settings
+    from experiments.stages import REGISTRY, Settings
 
     model = build_tiny_chat(tmp_path / "model")
     s = Settings(
         model=str(model),
         judge_model=str(model),
-        num_examples=4,
+        num_examples=6,
         max_new_tokens=24,
         temperature=1.0,
         estimators=("deepconf", "sampling", "probe"),
@@ -268,21 +271,26 @@ def test_two_processes_on_a_file_url_equal_one(tmp_path):
         max_steps=1,
         branch_new_tokens=4,
         folds=2,
-        decisiveness="lexicon",
-        batch_size=2,
+        judge_batch=2,
         seed=1,
         bootstrap=0,
     )
+    assert s.batch_size >= s.num_examples and s.decisiveness == "judge"  # the defaults
     one, two = tmp_path / "one", tmp_path / "two"
     run(s, str(one))
     port = free_port()
     procs = [start([f"--out={two.as_uri()}", *cli_flags(s)], i, 2, port) for i in range(2)]
-    for rc, log in finish(procs):
+    for rc, log in finish(procs, timeout=1200):
         assert rc == 0, log[-3000:]
     assert_same_run(one, two)
-    for stage in ("generate", "hidden"):
+    assert_same_tables(one, two, "sampling_samples.parquet", atol=0)
+    model_stages = [st.name for st in REGISTRY if st.split]
+    assert model_stages == ["generate", "estimators", "hidden", "decisiveness"]
+    for stage in model_stages:
         shares = _marker(two, stage)["processes"]
         assert sorted(shares) == ["0", "1"] and all(v["examples"] > 0 for v in shares.values())
+    generated = _marker(two, "generate")["processes"]
+    assert sum(v["examples"] for v in generated.values()) == 6
     assert (two / "hidden" / "plan.json").exists() and (two / ".fcjax-shared").exists()
 
 
@@ -346,7 +354,8 @@ def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
 
     from experiments.run import run
     from experiments.rundir import RunDir
-    from experiments.stages import Pipeline, Settings
+    from experiments.stages import Settings, hidden
+    from experiments.stages.context import Context
 
     model = build_tiny_chat(tmp_path / "model")
     s = Settings(
@@ -366,9 +375,9 @@ def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
     shutil.rmtree(two / "hidden")
 
     def hidden_stage():
-        pipes = [Pipeline(RunDir(two, i), s, _Pretend(i, 2)) for i in range(2)]
-        done = [p.work_hidden() for p in pipes]
-        return done, pipes[0].merge_hidden()
+        ctxs = [Context(RunDir(two, i), s, _Pretend(i, 2)) for i in range(2)]
+        done = [hidden.work(c) for c in ctxs]
+        return done, hidden.merge(ctxs[0])
 
     done, info = hidden_stage()
     n_traces = sum(done)

@@ -558,9 +558,10 @@ app.run(main)
 # (stage killed, when, file): one process per line, in order, over one run directory
 KILLS = [
     ("generate", "after", r"stages/generate/part-000000\.parquet$"),
-    ("estimators", "before", r"stages/estimators_sampling/part-000001\.parquet$"),
+    # a second part: part-N, N the position of its first trace (not 0)
+    ("estimators", "before", r"stages/estimators_sampling/part-(?!000000)\d{6}\.parquet$"),
     ("hidden", "before", r"hidden/index\.parquet$"),
-    ("decisiveness", "after", r"stages/decisiveness/part-000001\.parquet$"),
+    ("decisiveness", "after", r"stages/decisiveness/part-(?!000000)\d{6}\.parquet$"),
     ("metrics", "before", r"/summary\.json$"),
     ("report", "before", r"/report\.html$"),
 ]
@@ -573,15 +574,13 @@ def _mid_stage_evidence(stage: str, out: Path) -> bool:
         return parts == ["part-000000.parquet"]
     if stage == "estimators":  # a torn write: the temp file, not the part
         part_dir = out / "stages" / "estimators_sampling"
-        return (
-            bool(list(part_dir.glob(".part-000001*.tmp")))
-            and not (part_dir / "part-000001.parquet").exists()
-        )
+        parts = sorted(p.name for p in part_dir.glob("*.parquet"))
+        return bool(list(part_dir.glob(".part-*.tmp"))) and parts == ["part-000000.parquet"]
     if stage == "hidden":  # states written, their index not yet
         return (out / "hidden" / "states").exists() and not (out / "hidden/index.parquet").exists()
     if stage == "decisiveness":
         parts = sorted(p.name for p in (out / "stages" / "decisiveness").glob("*.parquet"))
-        return parts == ["part-000000.parquet", "part-000001.parquet"]
+        return len(parts) == 2 and parts[0] == "part-000000.parquet"
     if stage == "metrics":  # faithfulness columns written, summary not
         return (
             "faith_deepconf" in read_table(out / "steps.parquet")

@@ -392,12 +392,19 @@ def test_compare_prints_every_figure_side_by_side(finished, tmp_path):
 
 def test_resume_with_another_batch_size_keeps_part_boundaries(tiny_chat, finished, tmp_path):
     """A generate stage killed after its first part (batch 4), resumed with --batch_size=8:
-    part 1 must still be examples 4-5, not be taken for done as if it held examples 8-15."""
+    examples 4-5 (part 4, named by its first example) are generated again, 0-3 kept."""
     run(settings(tiny_chat), str(tmp_path), stop_after="generate")
     rd = RunDir(tmp_path)
-    (tmp_path / "stages" / "generate" / "part-000001.parquet").unlink()
+    parts = tmp_path / "stages" / "generate"
+    assert sorted(p.name for p in parts.glob("part-*")) == [
+        "part-000000.parquet",
+        "part-000004.parquet",
+    ]
+    kept = (parts / "part-000000.parquet").stat().st_mtime_ns
+    (parts / "part-000004.parquet").unlink()
     rd.marker("generate").unlink()  # as a kill between the two parts leaves it
     run(settings(tiny_chat, batch_size=8), str(tmp_path), stop_after="segment")
+    assert (parts / "part-000000.parquet").stat().st_mtime_ns == kept
     got = read_table(tmp_path / "examples.parquet")
     want = read_table(finished / "examples.parquet")
     assert list(got["example_id"]) == list(want["example_id"])

@@ -87,6 +87,43 @@ def update_columns(path: PathLike | Location, columns: Mapping[str, Column]) -> 
     _write_arrow_atomic(path, table)
 
 
+def drop_columns(path: PathLike | Location, names: Sequence[str]) -> list[str]:
+    """Removes the columns ``names`` that ``path`` holds, atomically; returns those removed."""
+    path = location(path)
+    if not path.exists():
+        raise TableError(f"table not found: {path}")
+    fs, where = path.arrow()
+    table = pq.read_table(where, filesystem=fs)
+    gone = [n for n in table.column_names if n in set(names)]
+    if gone:
+        _write_arrow_atomic(path, table.drop_columns(gone))
+    return gone
+
+
+def align_step_columns(
+    steps: Mapping[str, Column], rows: Mapping[str, Sequence]
+) -> dict[str, np.ndarray]:
+    """Per-step ``rows`` (``example_id``, ``step`` and value columns, in any order) as float
+    columns in the row order of the table ``steps`` (``example_id``, ``step``): NaN where a
+    step has no row or its value is None; rows of steps the table lacks are dropped."""
+    index = {
+        (str(e), int(s)): i
+        for i, (e, s) in enumerate(zip(steps["example_id"], steps["step"], strict=True))
+    }
+    keys = zip(rows.get("example_id", []), rows.get("step", []), strict=True)
+    where = [index.get((str(e), int(s))) for e, s in keys]
+    out = {}
+    for key, values in rows.items():
+        if key in ("example_id", "step"):
+            continue
+        col = np.full(len(index), np.nan)
+        for r, v in zip(where, values, strict=True):
+            if r is not None:
+                col[r] = np.nan if v is None else float(v)
+        out[key] = col
+    return out
+
+
 def _from_arrow(column: pa.ChunkedArray) -> Column:
     kind = column.type
     if pa.types.is_floating(kind):
