@@ -92,6 +92,10 @@ def settings_from_flags() -> Settings:
     errors = []
     if not f.data_path and f.dataset not in DATASETS:
         errors.append(f"--dataset: unknown {f.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
+    if f.traces and f.data_path:
+        errors.append("--traces and --data_path both give the examples: pass one")
+    if f.traces and not _is_file(f.traces):
+        errors.append(f"--traces: file {f.traces!r} not found")
     for name in ("intervention", "system_intervention"):
         value = getattr(f, name)
         if value not in INTERVENTIONS and not _is_file(value):

@@ -29,12 +29,14 @@ from fcjax.confidence.consistency_judge import REPLY_TOKENS as CONSISTENCY_TOKEN
 from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
+from fcjax.data.traces import select_traces, trace_info
 from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
 from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
 from fcjax.decisiveness.judge import judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
+from fcjax.engine.imported import check_records, imported_generations
 from fcjax.metrics import summarize, trace_columns
 from fcjax.store.fs import Location
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
@@ -81,6 +83,8 @@ class Pipeline:
         if not pending & set(MODEL_STAGES):
             return
         self.examples()
+        if self.s.traces and "generate" in pending:  # records whose tokens the model refuses
+            check_records(self.lm, select_traces(self.s.traces, self.s.num_examples, self.s.seed))
         n_layers = self.lm.config.num_layers
         bad = [x for x in self.s.layers if not 0 <= x <= n_layers]
         if bad and "hidden" in pending and PROBE in self.s.estimators:
@@ -137,6 +141,8 @@ class Pipeline:
     def examples(self) -> list[Example]:
         s = self.s
         kw: dict[str, Any] = {}
+        if s.traces:
+            return [r.example for r in select_traces(s.traces, s.num_examples, s.seed)]
         if s.data_path:
             try:
                 return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=s.seed)
@@ -211,9 +217,15 @@ class Pipeline:
             lambda chunk: sum(len(e.question) / 4 + self.s.max_new_tokens for e in chunk),
         )
         progress = Progress("generate", sum(len(c) for _, c in mine))
+        records = {r.id: r for r in select_traces(self.s.traces)} if self.s.traces else {}
         for index, chunk in mine:
-            prompts = [self.prompt(e) for e in chunk]
-            gens = self._generate(prompts, list(chunk), params, progress.tokens(len(chunk)))
+            if records:  # imported traces: teacher-forced, not sampled
+                prompts, gens = imported_generations(
+                    self.lm, [records[e.id] for e in chunk], self.prompt, TOP_K, self._gen_batch
+                )
+            else:
+                prompts = [self.prompt(e) for e in chunk]
+                gens = self._generate(prompts, list(chunk), params, progress.tokens(len(chunk)))
             _check_finite(gens, chunk)
             self.run.write_part(
                 "generate",
@@ -234,10 +246,13 @@ class Pipeline:
         return progress.done
 
     def merge_generate(self) -> dict:
-        return {
+        info = {
             "n_examples": len(self.examples()),
             "chat_template": has_chat_template(self.lm.tokenizer),
         }
+        if self.s.traces:
+            info["traces"] = trace_info(self.s.traces, self.s.num_examples, self.s.seed)
+        return info
 
     def _generate(
         self, prompts: list[str], chunk: list[Example], params, progress=None
@@ -326,6 +341,7 @@ class Pipeline:
                 "question",
                 "gold",
                 "kind",
+                "choices",
                 "prediction",
                 "correct",
                 "scorable",
@@ -357,6 +373,7 @@ class Pipeline:
                 ("question", e.question),
                 ("gold", e.answer),
                 ("kind", e.kind),
+                ("choices", list(e.choices) if e.choices else None),
                 ("prediction", tr.answer),
                 ("correct", bool(tr.correct)),
                 ("scorable", bool(tr.scorable)),
