@@ -21,6 +21,62 @@ from fcjax.store.tables import read_table
 
 ESTIMATORS = ("deepconf", "rcc", "forcing", "probe", "sampling")
 TEACHER_FORCED = ("deepconf", "rcc", "forcing", "probe")
+# hand-made traces of the study's datasets: (record, prediction, correct, scorable, kind)
+SCORED = [
+    (
+        {"dataset": "aime", "gold": "42", "text": "Add them.\n\nSo \\boxed{42}."},
+        "42",
+        True,
+        True,
+        "numeric",
+    ),
+    (
+        {
+            "dataset": "hle",
+            "answer_type": "multipleChoice",
+            "gold": "b",
+            "text": "Hmm.\n\n\\boxed{B}",
+        },
+        "B",
+        True,
+        True,
+        "letter",
+    ),
+    (
+        {
+            "dataset": "musr",
+            "choices": ["the butler", "the cook"],
+            "gold": "A",
+            "text": "\\boxed{the cook}",
+        },
+        "the cook",
+        False,
+        True,
+        "letter",
+    ),
+    (
+        {"dataset": "legalbench", "gold": "Yes", "text": "I think\n\n\\boxed{No}"},
+        "No",
+        False,
+        True,
+        "yesno",
+    ),
+    (
+        {"dataset": "legalbench", "gold": "No", "text": "\\boxed{unclear}"},
+        "unclear",
+        False,
+        False,
+        "yesno",
+    ),
+    (
+        {"dataset": "math", "gold": "\\frac{1}{2}", "text": "Half.\n\n\\boxed{0.5}"},
+        "0.5",
+        True,
+        True,
+        "math",
+    ),
+    ({"gold": "7", "text": "no answer here"}, None, False, False, "numeric"),
+]
 
 
 # --- teacher forcing ------------------------------------------------------------------------
@@ -197,6 +253,32 @@ def test_subset_is_the_datasets_rule(tmp_path):
         assert [r.id for r in select_traces(tmp_path / "t.jsonl", n, seed)] == want
 
 
+def test_traces_flag_checked_at_start_up(tmp_path):
+    import experiments.run as run_cli
+
+    flags = run_cli.FLAGS
+    good = tmp_path / "t.jsonl"
+    write_traces(good, [GOOD])
+    try:
+        for args, message in (
+            ([f"--traces={tmp_path / 'none.jsonl'}"], "--traces: file"),
+            ([f"--traces={good}", f"--data_path={good}"], "--traces and --data_path"),
+        ):
+            flags.unparse_flags()
+            flags(["run", "--out=/tmp/unused", *args])
+            with pytest.raises(RunError, match=message):
+                run_cli.settings_from_flags()
+        flags.unparse_flags()
+        flags(["run", "--out=/tmp/unused", f"--traces={good}"])
+        config = run_cli.settings_from_flags().config()
+        assert config["traces"] == str(good) and len(config["traces_sha256"]) == 64
+        flags.unparse_flags()
+        flags(["run", "--out=/tmp/unused"])
+        assert "traces" not in run_cli.settings_from_flags().config()  # old config.json match
+    finally:
+        flags.unparse_flags()
+
+
 # --- --traces end to end ----------------------------------------------------------------------
 
 
@@ -269,13 +351,23 @@ def test_import_of_an_export_reproduces_the_run(tiny_chat, original, exported, t
         assert list(map(str, sa[col])) == list(map(str, sb[col])), col
     assert len(sa["step"]) > 6
     for name in TEACHER_FORCED:
-        a, b = np.asarray(sa[f"conf_{name}"], float), np.asarray(sb[f"conf_{name}"], float)
-        assert np.isfinite(a).sum() > 6, name
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=name)
-    # sampling branches from the trace's own prefixes, seeded by example id: the same draws
-    np.testing.assert_allclose(
-        np.asarray(sb["conf_sampling"], float), np.asarray(sa["conf_sampling"], float), atol=1e-5
-    )
+        assert np.isfinite(np.asarray(sa[f"conf_{name}"], float)).sum() > 6, name
+    # every per-step number to 1e-5: conf_E, faith_E and the raw values (the random model's
+    # DeepConf saturates at 1, deepconf_raw does not; forcing_logprob, rcc_q), and sampling,
+    # which branches from the trace's own prefixes seeded by example id: the same draws
+    floats = [k for k in sa if np.asarray(sa[k]).dtype.kind == "f"]
+    assert {"deepconf_raw", "forcing_logprob", "rcc_q", "conf_sampling"} <= set(floats)
+    assert sorted(sa) == sorted(sb)
+    for k in floats:
+        np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-5, err_msg=k)
+    # the generations are teacher-forced, not copied: equal to the sampled ones within 1e-5
+    gen_a, gen_b = RunDir(original).read_parts("generate"), RunDir(out).read_parts("generate")
+    for key in ("token_logprobs", "top_logprobs"):
+        a = np.concatenate([np.asarray(v, np.float32) for v in gen_a[key]])
+        b = np.concatenate([np.asarray(v, np.float32) for v in gen_b[key]])
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=key)
+        assert not np.array_equal(a, b)  # (generation and forcing sum in other orders)
+    assert gen_a["top_ids"] == gen_b["top_ids"]
     config = json.loads((out / "config.json").read_text())
     assert config["traces"] == str(exported) and len(config["traces_sha256"]) == 64
     info = RunDir(out).info("generate")["traces"]
@@ -320,6 +412,26 @@ def test_text_only_records_are_tokenized_with_the_model_and_prompted_by_the_run(
     write_traces(path, rows)
     with pytest.raises(RunError, match=r"traces_sha256.*--redo=generate"):
         run(s, str(out))
+
+
+def test_each_record_is_scored_by_its_dataset(tiny_chat, tmp_path):
+    rows = [
+        {"id": f"r{i}", "question": f"Question {i}?", **record}
+        for i, (record, *_) in enumerate(SCORED)
+    ]
+    path = tmp_path / "scored.jsonl"
+    write_traces(path, rows)
+    out = tmp_path / "run"
+    run(settings(tiny_chat, traces=str(path), num_examples=50), str(out), stop_after="segment")
+    ex = read_table(out / "examples.parquet")
+    assert list(ex["example_id"]) == [r["id"] for r in rows]
+    assert list(ex["text"]) == [r["text"] for r in rows]
+    for i, (_, prediction, correct, scorable, kind) in enumerate(SCORED):
+        got = (ex["prediction"][i], bool(ex["correct"][i]), bool(ex["scorable"][i]), ex["kind"][i])
+        assert got == (prediction, correct, scorable, kind), rows[i]
+    assert ex["choices"][2] == ["the butler", "the cook"] and ex["choices"][0] is None
+    st = read_table(out / "steps.parquet")
+    assert list(st["example_id"]).count("r0") == 2  # "Add them." / "So \boxed{42}."
 
 
 def test_bad_tokens_refused_before_anything_is_written(tiny_chat, original, tmp_path):

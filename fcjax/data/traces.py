@@ -83,7 +83,7 @@ class TraceRecord:
     @property
     def example(self) -> Example:
         """The question as a dataset example (its prompt and scoring read this)."""
-        source = self.dataset or self.where.split(" ")[0]
+        source = self.dataset or self.where.rsplit(" ", 2)[0]  # else the file's name
         return Example(self.id, self.question, self.choices, self.gold, self.kind, source)
 
 
