@@ -75,7 +75,8 @@ SCORED = [
         True,
         "math",
     ),
-    ({"gold": "7", "text": "no answer here"}, None, False, False, "numeric"),
+    # no boxed answer: the last line (fcjax's rule); a numeric answer is always scorable
+    ({"gold": "7", "text": "no answer here"}, "no answer here", False, True, "numeric"),
 ]
 
 
