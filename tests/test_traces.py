@@ -2,6 +2,10 @@
 export/import round trip."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,7 +336,11 @@ def test_export_writes_the_runs_traces(original, exported):
         assert r.kind == ex["kind"][i] and r.finish_reason == ex["finish_reason"][i]
         assert r.model == json.loads((original / "config.json").read_text())["model"]
     parquet = exported.with_suffix(".parquet")
-    export(original, str(parquet))
+    cmd = [sys.executable, "-m", "experiments.export", f"--run={original}", f"--out={parquet}"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "6 traces written" in done.stdout, done.stderr[-2000:]
     strip = lambda rs: [{**r.__dict__, "where": None} for r in rs]  # noqa: E731
     assert strip(read_traces(parquet)) == strip(records)
 
