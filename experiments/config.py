@@ -16,6 +16,7 @@ from experiments.stages import STAGES
 from fcjax.confidence.base import available_estimators
 from fcjax.confidence.step_features import FEATURES
 from fcjax.data.arithmetic import LEVELS
+from fcjax.data.traces import traces_digest
 from fcjax.metrics._arrays import BINNINGS
 from fcjax.metrics.bootstrap import REPS
 from fcjax.models.decoder import DECODE_ATTENTION
@@ -145,6 +146,12 @@ class Settings:
     )
     data_path: str = setting(
         "", "a JSONL file (id, question, choices, answer); overrides --dataset", stage="generate"
+    )
+    traces: str = setting(
+        "",
+        "JSONL or parquet file of traces from any engine (fcjax.data.traces): its records "
+        "are the examples and their outputs are teacher-forced instead of generated",
+        stage="generate",
     )
     num_examples: int = setting(
         20, "how many examples (a seeded sample of the set)", stage="generate", minimum=1
@@ -306,10 +313,17 @@ class Settings:
         d["estimators"] = list(self.estimators)
         d["layers"] = list(self.layers)
         d["probe_family"] = list(self.probe_family)
+        if self.traces:  # the file's content, so another file is a changed setting
+            d["traces_sha256"] = traces_digest(self.traces)
+        else:  # no trace keys: a config.json written before --traces existed still matches
+            del d["traces"]
         return d
 
 
 FIELDS = dataclasses.fields(Settings)
 
+# facts config() derives from the settings -> the first stage whose output they change
+DERIVED = {"traces_sha256": "generate"}
 # result-affecting settings -> the first stage whose output they change
 AFFECTS = {f.name: f.metadata["stage"] for f in FIELDS if f.metadata["stage"] is not None}
+AFFECTS.update(DERIVED)

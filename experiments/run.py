@@ -47,10 +47,15 @@ def _name_errors(values: dict) -> list[str]:
     from fcjax.data import DATASETS, INTERVENTIONS
 
     errors = []
-    if "dataset" in values and not values.get("data_path") and values["dataset"] not in DATASETS:
+    examples_from = values.get("data_path") or values.get("traces")
+    if "dataset" in values and not examples_from and values["dataset"] not in DATASETS:
         errors.append(
             f"--dataset: unknown {values['dataset']!r}; valid: {', '.join(sorted(DATASETS))}"
         )
+    if values.get("traces") and values.get("data_path"):
+        errors.append("--traces and --data_path both give the examples: pass one")
+    if values.get("traces") and not _is_file(values["traces"]):
+        errors.append(f"--traces: file {values['traces']!r} not found")
     for name in ("intervention", "system_intervention"):
         value = values.get(name)
         if name in values and value not in INTERVENTIONS and not _is_file(value):
@@ -125,7 +130,9 @@ flags.DEFINE_string("stop_after", None, f"stop after this stage: {', '.join(STAG
 FLAGS = flags.FLAGS
 
 
-flags.register_multi_flags_validator(["dataset", "data_path"], _validator(_name_errors, ""))
+flags.register_multi_flags_validator(
+    ["dataset", "data_path", "traces"], _validator(_name_errors, "")
+)
 for _name in ("intervention", "system_intervention", "redo", "stop_after"):
     flags.register_validator(_name, _validator(_name_errors, _name))
 

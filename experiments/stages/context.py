@@ -16,6 +16,7 @@ from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
+from fcjax.data.traces import select_traces
 from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
 from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
 from fcjax.text.chat import open_think
@@ -70,10 +71,13 @@ class Context:
 
     # --- examples and traces ----------------------------------------------------------------
     def examples(self) -> list[Example]:
-        """The run's examples (``--dataset`` or ``--data_path``), loaded once."""
+        """The run's examples (``--dataset``, ``--data_path`` or ``--traces``), loaded once."""
         if self._examples is None:
             s = self.s
-            if s.data_path:
+            if s.traces:
+                records = select_traces(s.traces, s.num_examples, s.seed)
+                self._examples = [r.example for r in records]
+            elif s.data_path:
                 try:
                     self._examples = load_dataset(
                         path=s.data_path, num_examples=s.num_examples, seed=s.seed

@@ -1,4 +1,5 @@
-"""Stage ``generate``: one sampled trace per example, stored in resumable parts.
+"""Stage ``generate``: one sampled trace per example (or, with ``--traces``, each imported
+trace teacher-forced by the model), stored in resumable parts.
 
 Each process generates its share of the pending examples (``Context.my_parts``); rows are
 seeded by example id, so the split and the batching leave the generations unchanged.
@@ -15,7 +16,9 @@ import fcjax
 from experiments.rundir import Progress, RunDir, RunError
 from experiments.stages.context import Context
 from fcjax.data import Example
+from fcjax.data.traces import select_traces, trace_info
 from fcjax.engine.generate import Generation
+from fcjax.engine.imported import imported_generations
 from fcjax.text.chat import has_chat_template
 
 # top log-probabilities stored per generated token
@@ -42,19 +45,29 @@ def work(ctx: Context) -> int:
         size=s.batch_size,
     )
     progress = Progress("generate", sum(len(c) for _, c in mine))
+    records = {r.id: r for r in select_traces(s.traces)} if s.traces else {}
     for index, chunk in mine:
-        prompts = [ctx.prompt(e) for e in chunk]
-        gens = produce_generations(ctx, chunk, prompts, progress)
+        if records:  # imported traces: teacher-forced, not sampled
+            prompts, gens = imported_generations(
+                ctx.lm, [records[e.id] for e in chunk], ctx.prompt, TOP_K, ctx.gen_batch
+            )
+            _check_finite(gens, chunk)
+        else:
+            prompts = [ctx.prompt(e) for e in chunk]
+            gens = produce_generations(ctx, chunk, prompts, progress)
         ctx.run.write_part("generate", index, generation_columns(chunk, prompts, gens))
         progress.update(len(chunk))
     return progress.done
 
 
 def merge(ctx: Context) -> dict:
-    return {
+    info = {
         "n_examples": len(ctx.examples()),
         "chat_template": has_chat_template(ctx.lm.tokenizer),
     }
+    if ctx.s.traces:
+        info["traces"] = trace_info(ctx.s.traces, ctx.s.num_examples, ctx.s.seed)
+    return info
 
 
 def produce_generations(

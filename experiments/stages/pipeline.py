@@ -12,6 +12,8 @@ from experiments.config import Settings
 from experiments.rundir import RunDir
 from experiments.stages import REGISTRY, STAGES, spec
 from experiments.stages.context import PROBE, Context
+from fcjax.data.traces import select_traces
+from fcjax.engine.imported import check_records
 
 
 class Pipeline:
@@ -40,6 +42,8 @@ class Pipeline:
             return
         ctx.examples()
         _ = ctx.lm
+        if s.traces and "generate" in pending:  # records whose tokens the model refuses
+            check_records(ctx.lm, select_traces(s.traces, s.num_examples, s.seed))
         if "hidden" in pending and PROBE in s.estimators:
             ctx.check_layers()
         if "estimators" in pending and estimators.needs_judge(ctx):

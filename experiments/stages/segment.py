@@ -9,7 +9,7 @@ from experiments.stages.generate import stored_generations
 from fcjax.store.tables import write_table_atomic
 
 EXAMPLE_COLUMNS = (
-    *("example_id", "question", "gold", "kind", "prediction", "correct", "scorable"),
+    *("example_id", "question", "gold", "kind", "choices", "prediction", "correct", "scorable"),
     *("n_steps", "prompt", "prompt_ids", "output_ids", "text", "finish_reason"),
 )
 STEP_COLUMNS = (
@@ -29,6 +29,7 @@ def run(ctx: Context) -> dict:
             ("question", e.question),
             ("gold", e.answer),
             ("kind", e.kind),
+            ("choices", list(e.choices) if e.choices else None),
             ("prediction", tr.answer),
             ("correct", bool(tr.correct)),
             ("scorable", bool(tr.scorable)),

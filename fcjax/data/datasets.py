@@ -10,9 +10,9 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from fcjax.data.example import DataError, Example, letters
 from fcjax.text.answers import infer_kind
 
 KINDS = ("numeric", "math", "letter", "yesno")
+T = TypeVar("T")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -331,9 +332,16 @@ def load_dataset(
         return DATASETS[name](num_examples=num_examples, seed=0 if seed is None else seed, **kw)
     else:
         examples = DATASETS[name](**kw)
-    if num_examples is None or num_examples >= len(examples):
-        return examples
+    return subset(examples, num_examples, seed)
+
+
+def subset(items: Sequence[T], num_examples: int | None, seed: int | None) -> list[T]:
+    """The ``num_examples`` a run keeps of a dataset's (or a trace file's) items: a random
+    sample drawn with ``seed``, file order kept; the first ones when ``seed`` is None; all
+    when ``num_examples`` is None or covers them."""
+    if num_examples is None or num_examples >= len(items):
+        return list(items)
     if seed is None:
-        return examples[:num_examples]
-    keep = np.sort(np.random.default_rng(seed).choice(len(examples), num_examples, replace=False))
-    return [examples[i] for i in keep]
+        return list(items[:num_examples])
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), num_examples, replace=False))
+    return [items[i] for i in keep]
