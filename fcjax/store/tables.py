@@ -92,8 +92,8 @@ def drop_columns(path: PathLike | Location, names: Sequence[str]) -> list[str]:
     path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    fs, where = path.arrow()
-    table = pq.read_table(where, filesystem=fs)
+    with path.open() as f:
+        table = pq.read_table(f)
     gone = [n for n in table.column_names if n in set(names)]
     if gone:
         _write_arrow_atomic(path, table.drop_columns(gone))
