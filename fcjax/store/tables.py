@@ -11,6 +11,7 @@ a crash never leaves a torn table and a stage either wrote its output or did not
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,8 +93,7 @@ def drop_columns(path: PathLike | Location, names: Sequence[str]) -> list[str]:
     path = location(path)
     if not path.exists():
         raise TableError(f"table not found: {path}")
-    fs, where = path.arrow()
-    table = pq.read_table(where, filesystem=fs)
+    table = pq.read_table(io.BytesIO(path.read_bytes()))
     gone = [n for n in table.column_names if n in set(names)]
     if gone:
         _write_arrow_atomic(path, table.drop_columns(gone))
