@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from absl import logging
 
@@ -69,12 +68,12 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         logging.info("stage %s: start", stage)
-        code, info = st.module(), {}
+        code, info = st.module(), {}  # the stage's code; its marker's content
         if st.split:
             mine = {"examples": code.work(ctx), "wall_s": time.perf_counter() - t0}
             shares = procs.exchange(f"{stage}:work", mine)  # waits for every process
             if procs.main:
-                info: dict[str, Any] = code.merge(ctx) or {}
+                info = code.merge(ctx) or {}
                 info["processes"] = {str(i): share for i, share in enumerate(shares)}
         elif procs.main:
             info = code.run(ctx) or {}
