@@ -8,6 +8,8 @@ model plus one tensor (``tests/test_load_memory.py`` measures it).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -171,9 +173,10 @@ def assemble(
                 f"{source}: tensor {name!r} has shape {tuple(np.shape(array))}, but the config "
                 f"expects {_expected_torch_shape(kind, target)}"
             )
-        del array
-        placed[path] = jax.device_put(np.ascontiguousarray(value, dtype=np_dtype))
-        del value
+        host = np.ascontiguousarray(value, dtype=np_dtype)  # a copy only when needed
+        del value, array  # before placing: at most two copies of one tensor at a time
+        placed[path] = jax.device_put(host)
+        del host
     missing: dict[tuple, list[int]] = {}
     for path in shapes:
         if path not in placed:
@@ -186,7 +189,15 @@ def assemble(
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(placed.pop(path))
+    _release_free_heap()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _release_free_heap() -> None:
+    """Hands the heap pages freed by the per-tensor conversions back to the OS (glibc keeps
+    them otherwise, and they count as resident); a no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _check_inv_freq(config: ModelConfig, name: str, array, source: str) -> None:
