@@ -188,7 +188,7 @@ _HF_REFUSED_UNLESS = {
 }
 
 
-def _rope_from_hf(cfg: Mapping[str, Any], family: str, max_pos: int) -> RopeConfig:
+def _rope_from_hf(cfg: Mapping[str, Any], max_pos: int) -> RopeConfig:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"rope_parameters must be an object, got {params!r}")
@@ -220,6 +220,10 @@ def _rope_from_hf(cfg: Mapping[str, Any], family: str, max_pos: int) -> RopeConf
         # transformers: a top-level original_max_position_embeddings wins, then the rope
         # dict's, then max_position_embeddings
         orig = cfg.get("original_max_position_embeddings", orig) or max_pos
+    if rope_type == "llama3":  # transformers requires all of them too
+        absent = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+        if absent:
+            raise ConfigError(f"rope type 'llama3' needs {', '.join(absent)}")
     factor = params.get("factor")
     if factor is None:
         if rope_type == "yarn":  # transformers derives it from the two lengths
@@ -330,7 +334,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=_rope_from_hf(cfg, family, max_pos),
+        rope=_rope_from_hf(cfg, max_pos),
         max_position_embeddings=max_pos,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
