@@ -493,6 +493,15 @@ def test_gguf_rope_freqs_is_what_makes_llama3_match(tmp_path):
     assert err > 0.1, err
 
 
+def test_gguf_rope_freqs_model_is_not_exported_with_another_rope(tmp_path):
+    """transformers' config.json cannot hold llama.cpp's divisors: exporting refuses."""
+    model_dir = build_tiny("llama3-rope", tmp_path / "hf")
+    path = tmp_path / "model.gguf"
+    write_gguf(model_dir, path, QT.F32)
+    with pytest.raises(fcjax.models.ConfigError, match="rope_freqs"):
+        fcjax.models.hf_config_dict(fcjax.load(path).config)
+
+
 def test_rope_freqs_divide_the_frequencies():
     """freq_factors divide theta^(-2i/d) element by element (ggml's rope), computed here by
     hand for a 4-frequency head."""

@@ -138,7 +138,9 @@ def assemble(
     A tensor the decoder has no place for is refused by name."""
     dtype = jnp.dtype(dtype)
     np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype.name)
-    graphdef, shapes = abstract_decoder(config, dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
+    flat = nnx.to_flat_state(state)
+    shapes = {path: var.get_value() for path, var in flat}
     placed: dict[tuple, jax.Array] = {}
     for name, array in tensors:
         if _IGNORED.search(name):
@@ -185,8 +187,6 @@ def assemble(
     if missing:
         names = [_hf_name_of(key, layers) for key, layers in missing.items()]
         raise WeightError(f"{source}: missing weights for {', '.join(names)}")
-    _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
-    flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(placed.pop(path))
     _release_free_heap()
