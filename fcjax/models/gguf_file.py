@@ -156,7 +156,9 @@ def undo_llama_permutation(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_tensors(reader, path: str | os.PathLike, config: ModelConfig, source: str):
+def iter_tensors(
+    reader, path: str | os.PathLike, config: ModelConfig, source: str
+) -> Iterator[tuple[str, np.ndarray]]:
     """Streams ``(hf_name, float32 array in torch layout)`` for every decoder tensor."""
     from fcjax.models.rope import inv_frequencies
 
@@ -431,7 +433,3 @@ def read_config(rdr, path: str | os.PathLike, name: str = "") -> ModelConfig:
             with open(path, "rb") as file:
                 freqs = dequantize(t, file)
     return config_from_metadata(meta, shapes, freqs, name=name, source=source)
-
-
-def iter_hf(rdr, path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    return iter_tensors(rdr, path, config, str(path))
