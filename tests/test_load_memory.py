@@ -5,7 +5,7 @@ Q8_0). A child process imports fcjax, loads a tiny model once (so imports and fi
 allocations are in its baseline), resets its peak-RSS counter (``/proc/self/clear_refs``)
 and loads the big one. Its resident-set growth must stay within 1.15x the loaded weights'
 bytes and the peak within 1.3x (before this was measured, loading held a staged host copy
-and the files' mapped pages: 1.8-2.0x resident, 2.2-2.4x peak).
+and the files' mapped pages: 1.8-2.0x resident, 2.0-2.4x peak on a 300 MB model).
 """
 
 from __future__ import annotations
@@ -88,13 +88,21 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("fmt", ["safetensors", "f32.gguf", "q8_0.gguf"])
-def test_load_holds_one_copy_of_the_weights(models, fmt):
+@pytest.mark.parametrize(
+    "fmt, dtype",
+    [
+        ("safetensors", "float32"),
+        ("f32.gguf", "float32"),
+        ("q8_0.gguf", "float32"),
+        ("safetensors", "bfloat16"),
+    ],
+)
+def test_load_holds_one_copy_of_the_weights(models, fmt, dtype):
     big, small = models
     path, warmup = (big, small) if fmt == "safetensors" else (big / fmt, small / "f32.gguf")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(warmup), "float32"],
+        [sys.executable, "-c", CHILD, str(path), str(warmup), dtype],
         capture_output=True,
         text=True,
         env=env,
@@ -106,6 +114,6 @@ def test_load_holds_one_copy_of_the_weights(models, fmt):
     print(
         f"{fmt}: weights {got['weights'] / 1e6:.0f} MB, resident {resident:.3f}x, peak {peak:.3f}x"
     )
-    assert got["weights"] > 150e6  # the model is big enough for the ratios to mean something
+    assert got["weights"] > 80e6  # the model is big enough for the ratios to mean something
     assert resident <= 1.15, got
     assert peak <= 1.3, got
