@@ -111,9 +111,8 @@ def test_load_holds_one_copy_of_the_weights(models, fmt, dtype):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     resident, peak = got["resident"] / got["weights"], got["peak"] / got["weights"]
-    print(
-        f"{fmt}: weights {got['weights'] / 1e6:.0f} MB, resident {resident:.3f}x, peak {peak:.3f}x"
-    )
+    mb = got["weights"] / 1e6
+    print(f"{fmt} -> {dtype}: weights {mb:.0f} MB, resident {resident:.3f}x, peak {peak:.3f}x")
     assert got["weights"] > 80e6  # the model is big enough for the ratios to mean something
     assert resident <= 1.15, got
     assert peak <= 1.3, got
