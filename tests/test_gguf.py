@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 
 import gguf
@@ -209,25 +211,90 @@ def stored(w: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray]:
     return raw, REFERENCE_DEQUANT[qtype](raw).reshape(w.shape)
 
 
+def llama3_rope_factors(cfg: dict) -> np.ndarray:
+    """``rope_freqs.weight`` as llama.cpp's converter computes it for rope_type llama3 (per
+    frequency: 1 above the high-frequency wavelength, ``factor`` below the low one, the
+    smooth blend's reciprocal between), from the rope dict's
+    ``original_max_position_embeddings``. (The converter reads that length from the top
+    level of config.json with a default of 8192, which is the same number for every real
+    Llama-3.x; this tiny model's 64 sits in the rope dict only.)"""
+    rope = cfg["rope_parameters"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = rope["rope_theta"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def gguf_keys(cfg: dict) -> dict[str, tuple]:
+    """The ``{arch}.*`` metadata llama.cpp's converter writes for this config.json, as
+    ``{key: (value, GGUFValueType)}``."""
+    V = gguf.GGUFValueType
+    arch = cfg["model_type"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg["rope_parameters"]
+    keys = {
+        "block_count": (cfg["num_hidden_layers"], V.UINT32),
+        "context_length": (cfg["max_position_embeddings"], V.UINT32),
+        "embedding_length": (cfg["hidden_size"], V.UINT32),
+        "feed_forward_length": (cfg["intermediate_size"], V.UINT32),
+        "attention.head_count": (heads, V.UINT32),
+        "attention.head_count_kv": (cfg["num_key_value_heads"], V.UINT32),
+        "rope.freq_base": (rope["rope_theta"], V.FLOAT32),
+        "attention.layer_norm_rms_epsilon": (cfg["rms_norm_eps"], V.FLOAT32),
+    }
+    if cfg.get("head_dim") is not None:
+        keys["attention.key_length"] = (head_dim, V.UINT32)
+        keys["attention.value_length"] = (head_dim, V.UINT32)
+    if arch == "llama":  # LlamaModel adds the vocabulary size and the rotary width
+        keys["vocab_size"] = (cfg["vocab_size"], V.UINT32)
+        keys["rope.dimension_count"] = (head_dim, V.UINT32)
+    if rope["rope_type"] == "linear":
+        keys["rope.scaling.type"] = ("linear", V.STRING)
+        keys["rope.scaling.factor"] = (rope["factor"], V.FLOAT32)
+    elif rope["rope_type"] == "yarn":
+        keys["rope.scaling.type"] = ("yarn", V.STRING)
+        keys["rope.scaling.factor"] = (rope["factor"], V.FLOAT32)
+        orig = rope["original_max_position_embeddings"]
+        keys["rope.scaling.original_context_length"] = (orig, V.UINT32)
+        for hf_key, key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if rope.get(hf_key) is not None:
+                keys[f"rope.scaling.{key}"] = (rope[hf_key], V.FLOAT32)
+    return {f"{arch}.{k}": v for k, v in keys.items()}
+
+
 def write_gguf(
-    model_dir: Path, out: Path, qtype: QT, permute: bool = True
+    model_dir: Path,
+    out: Path,
+    qtype: QT,
+    permute: bool = True,
+    keys: dict | None = None,
+    extra_tensors: dict | None = None,
+    rope_freqs: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Writes model_dir as a GGUF without tokenizer metadata; returns the HF-named float32
-    weights as the file stores them (for the reference model)."""
+    """Writes model_dir as llama.cpp's converter would (its metadata keys, llama's q/k row
+    permutation, ``rope_freqs.weight`` for llama3 rope), without tokenizer metadata.
+    ``keys`` overrides metadata (a None value drops the key), ``extra_tensors`` adds
+    tensors. Returns the HF-named float32 weights as the file stores them."""
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg["model_type"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_vocab_size(cfg["vocab_size"])
+    for key, value in {**gguf_keys(cfg), **(keys or {})}.items():
+        if value is not None:
+            writer.add_key_value(key, *value)
     rounded = {}
     for hf_name, w in load_file(model_dir / "model.safetensors").items():
         name = gguf_name(hf_name)
@@ -241,6 +308,10 @@ def write_gguf(
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(name, data)
+    if rope_freqs and cfg["rope_parameters"]["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    for name, data in (extra_tensors or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -377,3 +448,165 @@ def test_dequantize_qwen_k_quants():
         assert tensors, f"no {kind.name} tensor in the Qwen GGUF"
         for t in tensors:
             _check_dequantize(t, rows=2)
+
+
+# --- long-context rope: positions past the original context -------------------------------
+
+LONG_CONTEXT = ("llama3-rope", "qwen2-yarn", "qwen3-yarn")  # original context 64
+LONG_SEQ = 200
+
+
+@pytest.fixture(scope="module", params=LONG_CONTEXT)
+def long_dir(request, tmp_path_factory):
+    return build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16], ids=lambda q: q.name)
+def test_gguf_long_context_logits_match_hf(long_dir, qtype, tmp_path):
+    """Llama-3.1-style (llama3 rope as llama.cpp stores it: ``rope_freqs.weight``), Qwen2 and
+    Qwen3 (yarn) GGUFs: logits at positions 0..199, past the original context of 64, equal
+    transformers' on the same stored weights."""
+    ids = np.random.default_rng(3).integers(0, 128, size=(1, LONG_SEQ))
+    path = tmp_path / "model.gguf"
+    rounded = write_gguf(long_dir, path, qtype)
+    lm = fcjax.load(path)
+    hf_cfg = loading.hf_config(long_dir)
+    if hf_cfg.rope.rope_type == "llama3":  # the file carries it as divisors
+        assert lm.config.rope.rope_type == "default" and lm.config.rope.freq_factors
+    else:
+        assert lm.config.rope == hf_cfg.rope
+    err = np.abs(lm.logits(ids) - _torch_logits(long_dir, ids, rounded)).max()
+    assert err < 1e-4, err
+
+
+def test_gguf_rope_freqs_is_what_makes_llama3_match(tmp_path):
+    """The same Llama-3.1-style file without ``rope_freqs.weight`` is plain rope, and its
+    logits at long positions are far from transformers' (so the test above depends on
+    fcjax applying the divisors)."""
+    model_dir = build_tiny("llama3-rope", tmp_path / "hf")
+    ids = np.random.default_rng(3).integers(0, 128, size=(1, LONG_SEQ))
+    path = tmp_path / "model.gguf"
+    write_gguf(model_dir, path, QT.F32, rope_freqs=False)
+    lm = fcjax.load(path)
+    assert lm.config.rope.freq_factors is None
+    err = np.abs(lm.logits(ids) - _torch_logits(model_dir, ids)).max()
+    assert err > 0.1, err
+
+
+def test_gguf_rope_freqs_model_is_not_exported_with_another_rope(tmp_path):
+    """transformers' config.json cannot hold llama.cpp's divisors: exporting refuses."""
+    model_dir = build_tiny("llama3-rope", tmp_path / "hf")
+    path = tmp_path / "model.gguf"
+    write_gguf(model_dir, path, QT.F32)
+    with pytest.raises(fcjax.models.ConfigError, match="rope_freqs"):
+        fcjax.models.hf_config_dict(fcjax.load(path).config)
+
+
+def test_rope_freqs_divide_the_frequencies():
+    """freq_factors divide theta^(-2i/d) element by element (ggml's rope), computed here by
+    hand for a 4-frequency head."""
+    from fcjax.models.config import ModelConfig, RopeConfig
+    from fcjax.models.rope import inv_frequencies
+
+    factors = (1.0, 2.0, 4.0, 8.0)
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=8,
+        rope=RopeConfig(theta=10000.0, freq_factors=factors),
+    )
+    want = [10000.0 ** (-2 * i / 8) / f for i, f in enumerate(factors)]
+    np.testing.assert_allclose(inv_frequencies(cfg)[0], want, rtol=1e-6)
+
+
+# --- what a GGUF may not hide --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_tiny("llama-gqa-untied", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize(
+    "extra", ["blk.0.ffn_gate_inp.weight", "rope_factors_long.weight", "vision.patch.weight"]
+)
+def test_gguf_unknown_tensor_is_refused_by_name(llama_dir, tmp_path, extra):
+    path = tmp_path / "model.gguf"
+    write_gguf(llama_dir, path, QT.F32, extra_tensors={extra: np.ones(8, np.float32)})
+    with pytest.raises(fcjax.models.WeightError) as err:
+        fcjax.load(path)
+    assert repr(extra) in str(err.value) and str(path) in str(err.value)
+
+
+def test_gguf_undecodable_metadata_is_refused_by_name(llama_dir, tmp_path):
+    path = tmp_path / "model.gguf"
+    bad = {"general.name": (b"tiny \xff\xfe llama", gguf.GGUFValueType.STRING)}
+    write_gguf(llama_dir, path, QT.F32, keys=bad)
+    with pytest.raises(fcjax.models.WeightError, match=r"'general\.name'.*cannot be decoded"):
+        fcjax.load(path)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("llama.attention.sliding_window", (16, gguf.GGUFValueType.UINT32), "sliding_window"),
+        ("llama.rope.dimension_count", (8, gguf.GGUFValueType.UINT32), "partial rotary"),
+        ("llama.rope.scaling.type", ("longrope", gguf.GGUFValueType.STRING), "'longrope'"),
+        ("llama.rope.scaling.yarn_log_multiplier", (0.1, gguf.GGUFValueType.FLOAT32), "yarn_log"),
+        ("llama.expert_count", (8, gguf.GGUFValueType.UINT32), "expert_count"),
+    ],
+)
+def test_gguf_metadata_fcjax_cannot_honour_is_refused_by_name(
+    llama_dir, tmp_path, key, value, match
+):
+    path = tmp_path / "model.gguf"
+    write_gguf(llama_dir, path, QT.F32, keys={key: value})
+    with pytest.raises(fcjax.models.ConfigError, match=re.escape(str(path)) + ".*" + match):
+        fcjax.load(path)
+
+
+def test_gguf_required_metadata_is_named(llama_dir, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(llama_dir, path, QT.F32, keys={"llama.attention.layer_norm_rms_epsilon": None})
+    with pytest.raises(
+        fcjax.models.ConfigError, match=re.escape("llama.attention.layer_norm_rms_epsilon")
+    ):
+        fcjax.load(path)
+
+
+def test_gguf_absent_keys_take_llama_cpp_defaults_logged_once(llama_dir, tmp_path, caplog):
+    """Without rope.freq_base (llama.cpp: 10000), head_count_kv (= head_count) and the
+    head sizes (embedding / heads), a file equal to the model in those values loads to the
+    same config, and each default taken is logged once."""
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_theta"] == 10000.0
+    path = tmp_path / "model.gguf"
+    drop = ("rope.freq_base", "attention.key_length", "attention.value_length")
+    write_gguf(llama_dir, path, QT.F32, keys={f"llama.{k}": None for k in drop})
+    with caplog.at_level(logging.INFO, logger="fcjax"):
+        lm = fcjax.load(path)
+        fcjax.load(path)
+    hf = loading.hf_config(llama_dir)
+    assert (lm.config.rope.theta, lm.config.head_dim) == (hf.rope.theta, hf.head_dim)
+    for key in drop:
+        assert caplog.text.count(f"lacks llama.{key}") == 1, (key, caplog.text)
+
+
+def test_gguf_stored_inv_freq_is_checked(llama_dir, tmp_path):
+    """A stored rotary-frequency tensor (old converters' ``attn_rot_embd``) is accepted when
+    it equals the frequencies the metadata implies and refused when it does not."""
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    path = tmp_path / "good.gguf"
+    write_gguf(llama_dir, path, QT.F32, extra_tensors={"blk.0.attn_rot_embd": inv})
+    fcjax.load(path)
+    path = tmp_path / "bad.gguf"
+    write_gguf(llama_dir, path, QT.F32, extra_tensors={"blk.0.attn_rot_embd": inv / 2})
+    with pytest.raises(fcjax.models.WeightError, match=re.escape("'blk.0.attn_rot_embd'")):
+        fcjax.load(path)

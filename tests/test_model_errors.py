@@ -222,3 +222,107 @@ def test_hub_id_offline_fails_fast_and_says_why(tmp_path, monkeypatch):
     assert time.monotonic() - start < 10
     msg = str(err.value)
     assert "'org/model'" in msg and "hub" in msg
+
+
+# --- config.json keys that change numerics: read or refused by name -------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            },
+            "sliding_attention",
+        ),
+    ],
+)
+def test_config_key_fcjax_cannot_honour_is_named_with_file(model_copy, changes, named):
+    cfg_file = _edit_config(model_copy, **changes)
+    with pytest.raises(ConfigError) as err:
+        fcjax.load(model_copy)
+    assert str(cfg_file) in str(err.value) and named in str(err.value), str(err.value)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return build_tiny("qwen2-bias", tmp_path_factory.mktemp("qwen2"))
+
+
+def test_qwen_sliding_window_layers_are_refused(qwen2_dir, tmp_path):
+    """transformers' Qwen2 gives layers >= max_window_layers sliding-window attention when
+    use_sliding_window is set; fcjax refuses that, and accepts it when no layer is affected."""
+    model = Path(shutil.copytree(qwen2_dir, tmp_path / "model"))
+    cfg_file = _edit_config(
+        model, use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None
+    )
+    with pytest.raises(ConfigError) as err:
+        fcjax.load(model)
+    msg = str(err.value)
+    assert str(cfg_file) in msg and "max_window_layers=1" in msg and "sliding" in msg
+    _edit_config(model, max_window_layers=2)  # both layers below it: full attention only
+    assert fcjax.load(model).config.num_layers == 2
+
+
+def test_config_defaults_follow_transformers_per_family():
+    """Keys a config.json omits take transformers' defaults for that family: Qwen3's
+    head_dim is 128 (not hidden / heads), Llama's max_position_embeddings 2048, and yarn's
+    factor is max_position_embeddings / original_max_position_embeddings."""
+    from transformers import AutoConfig
+
+    from fcjax.models.config import from_hf_config
+
+    base = dict(vocab_size=64, hidden_size=512, intermediate_size=64, num_hidden_layers=1)
+    base |= dict(num_attention_heads=8, num_key_value_heads=2)
+    qwen3 = {"model_type": "qwen3", **base}
+    assert from_hf_config(qwen3).head_dim == AutoConfig.for_model(**qwen3).head_dim == 128
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    llama = {"model_type": "llama", **base, "rope_scaling": rope}
+    ours = from_hf_config(llama)
+    theirs = AutoConfig.for_model(**llama)
+    assert ours.max_position_embeddings == theirs.max_position_embeddings == 2048
+    want = theirs.rope_parameters["original_max_position_embeddings"]
+    assert ours.rope.original_max_position_embeddings == want
+    rope = {"rope_type": "yarn", "original_max_position_embeddings": 1024}
+    yarn = {"model_type": "qwen2", **base, "max_position_embeddings": 4096, "rope_scaling": rope}
+    assert from_hf_config(yarn).rope.factor == 4.0
+
+
+def test_unknown_config_key_is_logged(model_copy, caplog):
+    _edit_config(model_copy, my_new_switch=True)
+    with caplog.at_level("WARNING", logger="fcjax"):
+        fcjax.load(model_copy)
+    assert "my_new_switch" in caplog.text
+
+
+def test_unknown_tensor_in_safetensors_is_refused_by_name(model_copy):
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.gate_proj.bias"] = np.zeros(96, np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=r"'model\.layers\.0\.mlp\.gate_proj\.bias'"):
+        fcjax.load(model_copy)
+
+
+def test_stored_inv_freq_is_checked(model_copy):
+    """A checkpoint's ``rotary_emb.inv_freq`` buffer is accepted when it equals the config's
+    frequencies and refused by name when it does not."""
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    inv = (1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    save_file({**tensors, name: inv}, weights, metadata={"format": "pt"})
+    fcjax.load(model_copy)
+    save_file({**tensors, name: inv * 2}, weights, metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=re.escape(repr(name))):
+        fcjax.load(model_copy)

@@ -79,3 +79,15 @@ def test_config_read_from_config_json_matches_transformers(tiny_model_dir, lm32)
         assert cfg.rope.factor == pytest.approx(rope["factor"])
     again = from_hf_config(fcjax.models.hf_config_dict(cfg), name=cfg.name)
     assert dataclasses.replace(again, eos_token_ids=cfg.eos_token_ids) == cfg
+
+
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen2-yarn", "qwen3-yarn"])
+def test_long_context_logits_match_transformers(name, tmp_path):
+    """Scaled rope (llama3, yarn) at positions 0..199, past the original context of 64."""
+    from tiny_models import build_tiny
+
+    path = build_tiny(name, tmp_path / name)
+    ids = np.random.default_rng(3).integers(0, 128, size=(1, 200))
+    ref_logits, _ = _reference(path, ids)
+    err = np.abs(fcjax.load(path).logits(ids) - ref_logits).max()
+    assert err < 1e-4, err

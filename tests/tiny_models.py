@@ -56,6 +56,21 @@ TINY_CONFIGS = {
         ),
     ),
     "qwen3-qknorm": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),
+    "qwen3-yarn": (
+        "qwen3",
+        dict(
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+            rope_scaling=dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=64,
+                beta_fast=16.0,
+                beta_slow=2.0,
+            ),
+        ),
+    ),
     "qwen3-untied": ("qwen3", dict(head_dim=16, num_attention_heads=8, tie_word_embeddings=False)),
 }
 

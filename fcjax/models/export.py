@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fcjax.models.config import ModelConfig
+from fcjax.models.config import ConfigError, ModelConfig
 from fcjax.models.lm import LM
 from fcjax.models.loading import iter_hf_tensors
 
@@ -24,8 +24,16 @@ HF_ARCHITECTURES = {
 
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
-    """The transformers ``config.json`` fields of a ``ModelConfig``."""
+    """The transformers ``config.json`` fields of a ``ModelConfig``. A rope with llama.cpp
+    frequency divisors (``freq_factors``, from a GGUF's ``rope_freqs``) has no config.json
+    form and is refused."""
     rope = config.rope
+    if rope.freq_factors is not None:
+        raise ConfigError(
+            "this model's rope carries llama.cpp frequency divisors (a GGUF's rope_freqs), "
+            "which transformers' config.json cannot express; refusing to export a model "
+            "that would run with a different rope"
+        )
     rope_parameters: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
     if rope.rope_type != "default":
         rope_parameters["factor"] = rope.factor

@@ -169,14 +169,12 @@ def _load_gguf(path: Path, dtype, name: str, tokenizer_cache: Path | None = None
 
 
 def _gguf_tokenizer(path: Path):
-    """The GGUF's tokenizer, or None (with a warning) when the file carries no vocabulary."""
-    try:
-        return load_tokenizer(path.parent, gguf_file=path.name)
-    except Exception:
-        if "tokenizer.ggml.tokens" in loading.gguf_reader(path).fields:
-            raise  # a vocabulary that transformers cannot convert is a real error
+    """The GGUF's tokenizer, or None (with a warning) when the file carries no vocabulary
+    (checked first: transformers' GGUF reader would otherwise parse the file again)."""
+    if "tokenizer.ggml.tokens" not in loading.gguf_reader(path).fields:
         log.warning("%s has no tokenizer metadata; the model takes token ids only", path)
         return None
+    return load_tokenizer(path.parent, gguf_file=path.name)
 
 
 def _dir_tokenizer(path: Path):

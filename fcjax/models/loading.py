@@ -1,15 +1,19 @@
 """Weights from HF safetensors directories and GGUF files into a ``Decoder``.
 
 Both sources are read as one stream of ``(hf_name, array in torch layout)`` pairs, one
-tensor at a time; ``assemble`` writes each into a preallocated host array of the target
-dtype, so peak host memory stays near one copy of the model plus one tensor.
+tensor at a time, with plain file reads; ``assemble`` converts each to the target dtype and
+places it on the device as it arrives, so peak host memory stays near one copy of the
+model plus one tensor (``tests/test_load_memory.py`` measures it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +23,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from fcjax.models.config import ConfigError, ModelConfig, from_gguf_metadata, from_hf_config
+from fcjax.models import gguf_file
+from fcjax.models.config import ConfigError, ModelConfig, from_hf_config
 from fcjax.models.decoder import Decoder
 
 
@@ -126,14 +131,20 @@ def assemble(
     dtype,
     source: str,
 ) -> Decoder:
-    """Builds a Decoder from a stream of HF-named torch-layout tensors."""
+    """Builds a Decoder from a stream of HF-named torch-layout tensors.
+
+    Each tensor is converted and placed on the default device as it arrives, so the host
+    holds one tensor at a time next to the placed model (no staged host copy of it all).
+    A tensor the decoder has no place for is refused by name."""
     dtype = jnp.dtype(dtype)
     np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype.name)
-    graphdef, shapes = abstract_decoder(config, dtype)
-    host = {path: np.empty(s.shape, np_dtype) for path, s in shapes.items()}
-    filled: set[tuple] = set()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
+    flat = nnx.to_flat_state(state)
+    shapes = {path: var.get_value() for path, var in flat}
+    placed: dict[tuple, jax.Array] = {}
     for name, array in tensors:
         if _IGNORED.search(name):
+            _check_inv_freq(config, name, array, source)
             continue
         if name in _GLOBAL:
             path, kind = _GLOBAL[name]
@@ -147,11 +158,16 @@ def assemble(
             sub, kind = _PER_LAYER[m.group(2)]
             path = ("blocks", layer, *sub)
         else:
-            continue  # tensors fcjax has no use for (e.g. vision towers) are skipped
+            raise WeightError(
+                f"{source}: tensor {name!r} is not part of a {config.family} decoder; refusing "
+                "to load a model with parts it would silently drop"
+            )
         if path == ("lm_head",) and config.tie_embeddings:
-            continue
-        if path not in host:
+            continue  # transformers writes the tied head too; it is the embedding
+        if path not in shapes:
             raise WeightError(f"{source}: tensor {name!r} is not used by a {config.family} config")
+        if path in placed:
+            raise WeightError(f"{source}: tensor {name!r} appears more than once")
         target = shapes[path].shape
         value = _to_layout(np.asarray(array), kind, target)
         if tuple(value.shape) != tuple(target):
@@ -159,22 +175,43 @@ def assemble(
                 f"{source}: tensor {name!r} has shape {tuple(np.shape(array))}, but the config "
                 f"expects {_expected_torch_shape(kind, target)}"
             )
-        host[path][...] = value
-        filled.add(path)
-        del value, array
+        host = np.ascontiguousarray(value, dtype=np_dtype)  # a copy only when needed
+        del value, array  # before placing: at most two copies of one tensor at a time
+        placed[path] = jax.device_put(host)
+        del host
     missing: dict[tuple, list[int]] = {}
     for path in shapes:
-        if path not in filled:
+        if path not in placed:
             key, layer = (path, -1) if path[0] != "blocks" else (path[2:], path[1])
             missing.setdefault(key, []).append(layer)
     if missing:
         names = [_hf_name_of(key, layers) for key, layers in missing.items()]
         raise WeightError(f"{source}: missing weights for {', '.join(names)}")
-    _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
-    flat = nnx.to_flat_state(state)
     for path, var in flat:
-        var.set_value(jnp.asarray(host.pop(path)))
+        var.set_value(placed.pop(path))
+    _release_free_heap()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _release_free_heap() -> None:
+    """Hands the heap pages freed by the per-tensor conversions back to the OS (glibc keeps
+    them otherwise, and they count as resident); a no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _check_inv_freq(config: ModelConfig, name: str, array, source: str) -> None:
+    """A stored ``rotary_emb.inv_freq`` buffer carries nothing fcjax does not compute; it is
+    accepted only when it equals the frequencies the config gives."""
+    from fcjax.models.rope import inv_frequencies
+
+    want = inv_frequencies(config)[0]
+    got = np.asarray(array, np.float32).reshape(-1)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=0):
+        raise WeightError(
+            f"{source}: tensor {name!r} (stored rotary frequencies) differs from the "
+            "frequencies the config implies; refusing a model whose rope fcjax cannot tell"
+        )
 
 
 def _hf_name_of(path: tuple[str, ...], layers: list[int]) -> str:
@@ -238,19 +275,58 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams tensors (as float32 numpy) from every safetensors shard, one at a time."""
-    from safetensors import safe_open
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+}
 
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams tensors (as float32 numpy) from every safetensors shard, one at a time.
+
+    The format (8-byte header length, JSON header, raw little-endian data) is read with
+    plain file reads, not a memory map: a map's touched pages would stay resident until
+    the whole shard is done, doubling the host memory a load needs."""
     for file in safetensors_files(path):
-        try:
-            with safe_open(str(file), framework="flax") as f:  # flax: bfloat16 too
-                for name in list(f.keys()):
-                    yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
-        except WeightError:
-            raise
-        except Exception as e:  # safetensors raises its own error types
-            raise WeightError(f"{file}: cannot read safetensors ({e})") from None
+        with open(file, "rb") as f:
+            header, data_start = _safetensors_header(f, file)
+            size = os.fstat(f.fileno()).st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _ST_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise WeightError(
+                        f"{file}: tensor {name!r} has dtype {info.get('dtype')!r}; supported: "
+                        f"{', '.join(_ST_DTYPES)}"
+                    )
+                begin, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(int(x) for x in info["shape"])
+                count = (end - begin) // np.dtype(dtype).itemsize
+                if data_start + end > size or count != int(np.prod(shape)):
+                    raise WeightError(
+                        f"{file}: cannot read safetensors tensor {name!r} (file truncated or "
+                        "header inconsistent)"
+                    )
+                f.seek(data_start + begin)
+                array = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+                yield name, array if dtype == np.float32 else array.astype(np.float32)
+                del array
+
+
+def _safetensors_header(f, file: Path) -> tuple[dict, int]:
+    try:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > os.fstat(f.fileno()).st_size:
+            raise ValueError(f"header length {length} exceeds the file")
+        header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise WeightError(f"{file}: cannot read safetensors ({e})") from None
+    return header, 8 + length
 
 
 def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> Decoder:
@@ -261,119 +337,39 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> Decoder:
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-_GGUF_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
 
 def gguf_reader(path: str | os.PathLike):
-    import gguf
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightError(f"{path}: file not found")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise WeightError(
-            f"{path}: not a readable GGUF file (truncated or corrupt?): {e}"
-        ) from None
+        return gguf_file.reader(path)
+    except gguf_file.GGUFError as e:
+        raise WeightError(str(e)) from None
 
 
-def gguf_metadata(reader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in (
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.bos_token_id",
-            "tokenizer.ggml.model",
-        ):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            continue
-    meta["tokenizer.ggml.tokens"] = (
-        range(len(reader.fields["tokenizer.ggml.tokens"].data))
-        if "tokenizer.ggml.tokens" in reader.fields
-        else ()
-    )
-    return meta
+def gguf_config(reader, path: str | os.PathLike, name: str = "") -> ModelConfig:
+    try:
+        return gguf_file.read_config(reader, path, name=name)
+    except gguf_file.GGUFError as e:
+        raise WeightError(str(e)) from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
-def gguf_config(reader, name: str = "") -> ModelConfig:
-    meta = gguf_metadata(reader)
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    return from_gguf_metadata(meta, has_output, name=name)
+def iter_gguf(reader, path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams a GGUF's decoder tensors as ``(hf_name, float32 torch-layout array)``."""
+    try:
+        yield from gguf_file.iter_tensors(reader, path, config, str(path))
+    except gguf_file.GGUFError as e:
+        raise WeightError(str(e)) from None
 
 
-def undo_llama_permutation(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp stores Llama q/k rows interleaved per head; restore HF's rotate-half order."""
-    half = w.shape[0] // heads // 2
-    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def dequantize(tensor) -> np.ndarray:
-    """One GGUF tensor -> float32 numpy in torch layout, via the gguf package."""
-    from gguf import GGMLQuantizationType, quants
-
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        data = np.asarray(tensor.data, dtype=np.float32)
-    else:
-        data = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    shape = tuple(int(x) for x in reversed(tensor.shape))
-    return data.reshape(shape)
-
-
-def iter_gguf(reader, config: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray]]:
-    for tensor in reader.tensors:
-        name = tensor.name
-        if name in _GGUF_GLOBAL:
-            hf_name = _GGUF_GLOBAL[name]
-        elif (m := re.match(r"^blk\.(\d+)\.(.+)$", name)) and m.group(2) in _GGUF_LAYER:
-            hf_name = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
-        else:
-            continue
-        try:
-            array = dequantize(tensor)
-        except Exception as e:
-            raise WeightError(
-                f"{source}: cannot dequantize tensor {name!r} ({tensor.tensor_type.name}): {e}"
-            ) from None
-        if config.family == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_heads if "attn_q" in name else config.num_kv_heads
-            array = undo_llama_permutation(array, heads)
-        yield hf_name, array
+dequantize = gguf_file.dequantize
+undo_llama_permutation = gguf_file.undo_llama_permutation
 
 
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Decoder, ModelConfig]:
     reader = gguf_reader(path)
-    try:
-        config = gguf_config(reader, name=Path(path).stem)
-    except (KeyError, TypeError) as e:
-        raise WeightError(f"{path}: GGUF metadata lacks a required field ({e})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    model = assemble(config, iter_gguf(reader, config, str(path)), dtype, str(path))
+    config = gguf_config(reader, path, name=Path(path).stem)
+    model = assemble(config, iter_gguf(reader, path, config), dtype, str(path))
     return model, config
 
 

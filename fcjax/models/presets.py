@@ -2,6 +2,9 @@
 
 Real weights over 64 MiB cannot travel to a remote accelerator in one call, so speed is
 measured on these: same shapes (hence the same FLOPs and bytes) as the named checkpoints.
+The study's models (``r1-distill-*``, ``qwq-32b``, ``qwen3-8b``) carry the values of their
+published ``config.json`` (sizes, rope, tied embeddings, context length); token ids are left
+out (a random-weight model has no tokenizer).
 """
 
 from __future__ import annotations
@@ -105,4 +108,65 @@ PRESETS: dict[str, ModelConfig] = {
         qk_norm=True,
         name="qwen3-8b",
     ),
+}
+
+
+def _llama3_rope() -> RopeConfig:
+    """Llama-3.1's rope scaling (also DeepSeek-R1-Distill-Llama-8B's)."""
+    return RopeConfig(
+        theta=500000.0,
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+
+
+def _qwen2(name: str, hidden, mlp, layers, heads, kv, theta, eps, max_pos) -> ModelConfig:
+    return ModelConfig(
+        family="qwen2",
+        vocab_size=152064,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hidden // heads,
+        rms_norm_eps=eps,
+        rope=RopeConfig(theta=theta),
+        max_position_embeddings=max_pos,
+        qkv_bias=True,
+        name=name,
+    )
+
+
+# The study's models. QwQ-32B's card suggests yarn (factor 4 over 32768) for inputs past
+# 32768 tokens; its config.json has none, and neither has this preset.
+PRESETS |= {
+    "r1-distill-llama-8b": ModelConfig(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope=_llama3_rope(),
+        max_position_embeddings=131072,
+        name="r1-distill-llama-8b",
+    ),
+    # Qwen2.5-Math-7B based: rope theta 10000 (not Qwen2.5's 1e6)
+    "r1-distill-qwen-7b": _qwen2(
+        "r1-distill-qwen-7b", 3584, 18944, 28, 28, 4, 10000.0, 1e-6, 131072
+    ),
+    "r1-distill-qwen-14b": _qwen2(
+        "r1-distill-qwen-14b", 5120, 13824, 48, 40, 8, 1000000.0, 1e-5, 131072
+    ),
+    "r1-distill-qwen-32b": _qwen2(
+        "r1-distill-qwen-32b", 5120, 27648, 64, 40, 8, 1000000.0, 1e-5, 131072
+    ),
+    "qwq-32b": _qwen2("qwq-32b", 5120, 27648, 64, 40, 8, 1000000.0, 1e-5, 40960),
 }

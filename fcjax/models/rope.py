@@ -15,7 +15,18 @@ from fcjax.models.config import ModelConfig
 
 
 def inv_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [head_dim // 2] (float32) and the cos/sin scale factor."""
+    """Inverse frequencies [head_dim // 2] (float32) and the cos/sin scale factor.
+
+    ``rope.freq_factors`` (llama.cpp's ``rope_freqs``) divide the frequencies after the rope
+    type's own scaling, as ggml's rope does (``theta_i = pos * base^(-2i/d) / factors[i]``,
+    then linear/yarn interpolation, both linear in the frequency)."""
+    inv_freq, scale = _scaled_inv_frequencies(config)
+    if config.rope.freq_factors is not None:
+        inv_freq = (inv_freq / np.asarray(config.rope.freq_factors, np.float32)).astype(np.float32)
+    return inv_freq, scale
+
+
+def _scaled_inv_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
     rope, dim = config.rope, config.head_dim
     base = np.float32(rope.theta)
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
