@@ -306,19 +306,41 @@ DATASETS: dict[str, Callable[..., list[Example]]] = {
 }
 
 
+SUBSET_RULES = ("fcjax", "paper")
+
+
+def paper_subset(n_rows: int, num_examples: int | None, seed: int = 42) -> list[int]:
+    """Row indices of the published question subset, in the published order.
+
+    The published loaders take ``DataFrame.sample(n=min(num_examples, n_rows),
+    random_state=seed)``: pandas draws ``numpy.random.RandomState(seed).permutation(n_rows)``
+    and keeps its first n, in that (shuffled) order, so even a subset as large as the set
+    comes back shuffled. ``num_examples`` None keeps every row (shuffled as well).
+    """
+    if n_rows < 0:
+        raise ValueError(f"paper_subset: n_rows must be >= 0, got {n_rows}")
+    n = n_rows if num_examples is None else min(num_examples, n_rows)
+    return [int(i) for i in np.random.RandomState(seed).permutation(n_rows)[:n]]
+
+
 def load_dataset(
     name: str | None = None,
     path: str | os.PathLike | None = None,
     num_examples: int | None = None,
     seed: int | None = 0,
+    subset: str = "fcjax",
     **kw: Any,
 ) -> list[Example]:
     """Loads a named dataset or a JSONL file.
 
-    `num_examples` keeps a subset: a random sample drawn with `seed` (file order kept),
-    or the first rows when `seed` is None. For "arithmetic", `num_examples` is the number
-    generated (default 100), `seed` the generator seed, and `difficulty=1..5` a keyword.
+    `num_examples` keeps a subset. subset="fcjax": a random sample drawn with `seed` (file
+    order kept), or the first rows when `seed` is None. subset="paper": the published draw
+    (`paper_subset` with `seed`, the rows in its shuffled order, always shuffled). For
+    "arithmetic", `num_examples` is the number generated (default 100), `seed` the generator
+    seed, and `difficulty=1..5` a keyword (the subset rule does not apply).
     """
+    if subset not in SUBSET_RULES:
+        raise ValueError(f"load_dataset: subset must be one of {SUBSET_RULES}, got {subset!r}")
     if (name is None) == (path is None):
         raise ValueError("load_dataset: pass exactly one of name= or path=")
     if num_examples is not None and num_examples < 1:
@@ -331,6 +353,11 @@ def load_dataset(
         return DATASETS[name](num_examples=num_examples, seed=0 if seed is None else seed, **kw)
     else:
         examples = DATASETS[name](**kw)
+    if subset == "paper":
+        return [
+            examples[i]
+            for i in paper_subset(len(examples), num_examples, 42 if seed is None else seed)
+        ]
     if num_examples is None or num_examples >= len(examples):
         return examples
     if seed is None:

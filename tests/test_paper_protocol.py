@@ -1,0 +1,100 @@
+"""--protocol=paper against the published pipeline's own outputs.
+
+tests/fixtures/published/published.json holds what the published functions (yale-nlp/
+faithful_lrm at bc5fe95) return on the cases in tests/fixtures/published/make_fixtures.py,
+which ran them from a checkout in a throwaway venv. fcjax's paper-protocol functions must
+give the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcjax.data.datasets import paper_subset
+from fcjax.metrics.trajectory import trajectory_bin
+from fcjax.text.answers import extract_answer_paper, paper_accuracy, score
+from fcjax.text.steps import paper_spans, paper_step_draw, split_steps
+
+PUBLISHED = json.loads(
+    (Path(__file__).parent / "fixtures" / "published" / "published.json").read_text()
+)
+
+
+def test_fixture_is_the_published_commit():
+    assert PUBLISHED["source"] == "yale-nlp/faithful_lrm bc5fe95"
+
+
+@pytest.mark.parametrize("case", PUBLISHED["answers"][::13], ids=lambda c: repr(c["text"][:30]))
+def test_extraction_matches_published(case):
+    assert extract_answer_paper(case["text"]) == case["extracted"]
+
+
+def test_scoring_matches_published():
+    assert len(PUBLISHED["answers"]) > 300
+    for case in PUBLISHED["answers"]:
+        got = score(
+            extract_answer_paper(case["text"]),
+            case["gold"],
+            dataset=case["dataset"],
+            answer_type=case["answer_type"],
+        )
+        assert got == case["correct"], case
+
+
+def test_every_scorer_gives_each_outcome():
+    """The fixture is not degenerate: each published scorer returns True and False on it,
+    and the ones that can refuse return None on some case."""
+    outcomes: dict[str, set] = {}
+    for case in PUBLISHED["answers"]:
+        outcomes.setdefault(case["dataset"], set()).add(case["correct"])
+    assert outcomes["legalbench"] == {True, False}  # yes/no is never excluded
+    for dataset in ("aime", "supergpqa", "musr"):
+        assert outcomes[dataset] == {True, False, None}
+    assert {True, False} <= outcomes["hle"]
+
+
+def test_accuracy_denominator_matches_published():
+    for row in PUBLISHED["accuracy"]:
+        acc, denominator = paper_accuracy(row["correct"])
+        assert denominator == row["denominator"]
+        assert acc == pytest.approx(row["n_correct"] / row["denominator"])
+    assert any(r["n_none"] > 0 for r in PUBLISHED["accuracy"])
+
+
+@pytest.mark.parametrize("case", PUBLISHED["steps"], ids=lambda c: repr(c["text"][:20]))
+def test_segmentation_matches_published(case):
+    assert [list(s) for s in paper_spans(case["text"])] == case["spans"]
+    steps = split_steps(case["text"], "paper")
+    assert [s.text for s in steps] == [s[2] for s in case["spans"]]
+    for s in steps:  # fcjax's Step invariant: the span is the stripped text
+        assert case["text"][s.start : s.end] == s.text
+
+
+def test_step_draw_matches_published():
+    draw = PUBLISHED["step_draw"]
+    assert paper_step_draw(draw["n_steps"], 20, 42) == draw["selected"]
+    # the draw is one stream: dropping an earlier long example changes a later one
+    later = paper_step_draw(draw["n_steps"][2:], 20, 42)
+    assert later[1] != draw["selected"][3]
+
+
+def test_subset_matches_published():
+    for case in PUBLISHED["subset"]:
+        assert paper_subset(case["n_rows"], case["n"], 42) == case["order"]
+
+
+def test_trajectory_bin_matches_published():
+    rows = PUBLISHED["trajectory"]["rows"]
+    n_steps: dict[int, int] = {}
+    for r in rows:
+        n_steps[r["idx"]] = max(n_steps.get(r["idx"], 0), r["step"] + 1)
+    position = [r["step"] / (n_steps[r["idx"]] - 1) if n_steps[r["idx"]] > 1 else 0.0 for r in rows]
+    np.testing.assert_array_equal(position, [r["position"] for r in rows])
+    got = trajectory_bin(position, PUBLISHED["trajectory"]["n_bins"], closed="right")
+    assert got.tolist() == [r["bin"] for r in rows]
+    left = trajectory_bin(position, 20, closed="left")
+    assert (left != got).any()  # fcjax's left-closed bins differ on edge positions
