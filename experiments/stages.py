@@ -24,21 +24,26 @@ from experiments.cluster import Processes
 from experiments.config import STAGES, Settings
 from experiments.rundir import Progress, RunDir, RunError, batches
 from fcjax.confidence.base import EstimatorContext, check_columns, get_estimator
+from fcjax.confidence.consistency_judge import PAPER_PROMPT as CONSISTENCY_PAPER
 from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.consistency_judge import REPLY_TOKENS as CONSISTENCY_TOKENS
 from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
+from fcjax.decisiveness.judge import PAPER_PROMPT as DECISIVENESS_PAPER
 from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
 from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
-from fcjax.decisiveness.judge import judge_traces, reply_budget
+from fcjax.decisiveness.judge import judge_options, judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
 from fcjax.metrics import summarize, trace_columns
+from fcjax.metrics.trajectory import trajectory_bin
+from fcjax.protocol import judge_notes
 from fcjax.store.fs import Location
 from fcjax.store.tables import read_table, update_columns, write_json_atomic, write_table_atomic
 from fcjax.text.chat import has_chat_template, open_think
+from fcjax.text.steps import paper_selection
 from fcjax.text.templates import load_template
 
 # estimators computed in the ``estimators`` stage (``probe`` has its own stages)
@@ -88,6 +93,8 @@ class Pipeline:
         if "estimators" in pending and self._needs_judge():
             _ = self.template("consistency")
             _ = self.judge_lm
+        for note in self._judge_notes():
+            logging.warning("%s", note)
         if "decisiveness" in pending and self.s.decisiveness == "judge":
             _ = self.template("decisiveness")
             if self.s.decisiveness_judge == self.s.model:
@@ -95,6 +102,11 @@ class Pipeline:
                     "the decisiveness judge is the studied model %s (set explicitly)", self.s.model
                 )
             _ = self.decisiveness_lm
+
+    def _judge_notes(self) -> list[str]:
+        """Where this run's judges are not the published ones (``fcjax.protocol.judge_notes``)."""
+        consistency = self.s.consistency_judge if self._needs_judge() else None
+        return judge_notes(self.s.proto, consistency, self.s.decisiveness_judge)
 
     # --- shared resources -----------------------------------------------------------------
     @property
@@ -128,23 +140,27 @@ class Pipeline:
     def template(self, kind: str) -> str:
         """The decisiveness or consistency judge prompt: fcjax's, or the flag's file."""
         path = getattr(self.s, f"{kind}_prompt")
+        paper = self.s.proto.judges == "paper"
         if kind == "decisiveness":
-            default, required = DECISIVENESS_PROMPT, DECISIVENESS_REQUIRED
+            default = DECISIVENESS_PAPER if paper else DECISIVENESS_PROMPT
+            required = DECISIVENESS_REQUIRED
         else:
-            default, required = CONSISTENCY_PROMPT, CONSISTENCY_REQUIRED
+            default = CONSISTENCY_PAPER if paper else CONSISTENCY_PROMPT
+            required = CONSISTENCY_REQUIRED
         return load_template(path, required) if path else default
 
     def examples(self) -> list[Example]:
         s = self.s
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"subset": s.proto.subset}
+        seed = s.seed if s.proto.study_seed is None else s.proto.study_seed
         if s.data_path:
             try:
-                return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=s.seed)
+                return load_dataset(path=s.data_path, num_examples=s.num_examples, seed=seed, **kw)
             except UnicodeDecodeError as e:
                 raise DataError(f"{s.data_path}: not UTF-8 text ({e})") from None
         if s.dataset == "arithmetic":
             kw["difficulty"] = s.difficulty
-        return load_dataset(name=s.dataset, num_examples=s.num_examples, seed=s.seed, **kw)
+        return load_dataset(name=s.dataset, num_examples=s.num_examples, seed=seed, **kw)
 
     def prompt(self, example: Example) -> str:
         messages = build_messages(
@@ -308,7 +324,7 @@ class Pipeline:
                 self.lm,
                 e,
                 gens[str(e.id)][1],
-                method=self.s.segmenter,
+                method=proto.segmenter or self.s.segmenter,
                 answer_rule=proto.answer_rule,
                 numbered_choices=proto.numbered_choices,
             )
@@ -407,11 +423,17 @@ class Pipeline:
             top_p=self.s.branch_top_p,
             max_new_tokens=self.s.branch_new_tokens,
             consistency_prompt=self.template("consistency") if judge else CONSISTENCY_PROMPT,
+            protocol=self.s.proto.judges,
         )
 
     def work_estimators(self) -> int:
-        traces = [t for t in self.traces() if t.n_steps > 0]
+        every = self.traces()
+        traces = [t for t in every if t.n_steps > 0]
         ctx = self._ctx()
+        if self.s.proto.step_draw == "paper":  # one draw for the whole run, in example order
+            ids, counts = [t.example_id for t in every], [t.n_steps for t in every]
+            chosen = paper_selection(ids, counts, self.s.max_steps, self.s.proto.study_seed)
+            ctx = dataclasses.replace(ctx, selected=chosen)
         done: set[str] = set()
         for name in self._estimator_names():
             estimator = get_estimator(name)
@@ -593,8 +615,9 @@ class Pipeline:
             return 0
         steps = read_table(self.run.path / "steps.parquet", ["example_id", "step", "text"])
         texts = list(steps["text"])
+        sampling, judging = judge_options(self.s.proto.judges)
         complete = chat_completer(
-            self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch)
+            self.decisiveness_lm, max_new_tokens=reply_budget(self.s.judge_batch), **sampling
         )
         template = self.template("decisiveness")
         eids = np.asarray(steps["example_id"]).astype(str)
@@ -620,6 +643,7 @@ class Pipeline:
                 complete,
                 batch_size=self.s.judge_batch,
                 template=template,
+                **judging,
             )
             for eid, rs, j in zip(chunk, rows, judged, strict=True):
                 out["example_id"] += [eid] * len(rs)
@@ -660,6 +684,9 @@ class Pipeline:
             n: get_estimator(n).trace_reduce for n in self.s.estimators if f"conf_{n}" in steps
         }
         step_cols, ex_cols = trace_columns(steps, examples, estimators)
+        step_cols["trajectory_bin"] = trajectory_bin(
+            steps["position"], closed=self.s.proto.trajectory_closed
+        )
         update_columns(steps_path, step_cols)
         update_columns(examples_path, ex_cols)
         probe_info = self.run.info("probes")
@@ -679,6 +706,7 @@ class Pipeline:
                 "decisiveness_judge": self.s.decisiveness_judge,
                 "decisiveness_fallback": decisiveness.get("judge_fallback_batches", 0),
                 "decisiveness_failed": decisiveness.get("judge_failed_batches", 0),
+                "protocol_notes": self._judge_notes(),
             },
             protocol=self.s.protocol,
         )

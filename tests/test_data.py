@@ -193,15 +193,18 @@ def test_hub_row_mapping(monkeypatch):
     }
     fake_hub(monkeypatch, lambda repo, config, split: rows[split])
     (ex,) = load_dataset("musr")
-    assert ex.question == "N.\n\nWho?" and ex.choices == ("Ann", "Bob")
+    assert ex.question == "N.\n\nQuestion: Who?" and ex.choices == ("Ann", "Bob")
     assert ex.answer == "B" and ex.kind == "letter"
 
     hle = [
         {"id": "a", "question": "Q1", "image": "", "answer": "7"},
         {"id": "b", "question": "Q2", "image": "data:...", "answer": "1"},
+        {"id": "c", "question": "Q3", "answer": "B", "answer_type": "multipleChoice"},
     ]
     fake_hub(monkeypatch, lambda repo, config, split: hle)
-    assert [e.id for e in load_dataset("hle_text")] == ["hle-a"]  # image rows dropped
+    kept = load_dataset("hle_text")
+    assert [e.id for e in kept] == ["hle-a", "hle-c"]  # image rows dropped
+    assert [e.answer_type for e in kept] == ["exactMatch", "multipleChoice"]
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -18,7 +18,7 @@ import numpy as np
 
 from fcjax.data import arithmetic
 from fcjax.data.example import DataError, Example, letters
-from fcjax.text.answers import infer_kind
+from fcjax.text.answers import HLE_ANSWER_TYPES, infer_kind
 
 KINDS = ("numeric", "math", "letter", "yesno")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -70,6 +70,12 @@ def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: s
     else:
         _check_kind(answer, choices, kind, where)
     row_source = row.get("source")
+    answer_type = row.get("answer_type")
+    if answer_type is not None and answer_type not in HLE_ANSWER_TYPES:
+        raise DataError(
+            f"{where}: field 'answer_type' must be one of {', '.join(HLE_ANSWER_TYPES)} or "
+            f"null, got {answer_type!r}"
+        )
     return Example(
         id=str(ex_id),
         question=question,
@@ -77,6 +83,7 @@ def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: s
         answer=answer,
         kind=kind,
         source=row_source if isinstance(row_source, str) and row_source else source,
+        answer_type=answer_type,
     )
 
 
@@ -188,7 +195,7 @@ def _musr_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any]:
         choices = ast.literal_eval(choices)
     return {
         "id": f"musr-{config}-{i:04d}",
-        "question": f"{r['narrative']}\n\n{r['question']}",
+        "question": f"{r['narrative']}\n\nQuestion: {r['question']}",
         "choices": list(choices),
         "answer": letters(len(choices))[int(r["answer_index"])],
     }
@@ -202,6 +209,7 @@ def _hle_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any] | 
         "question": r["question"],
         "choices": None,
         "answer": str(r["answer"]).strip(),
+        "answer_type": r.get("answer_type") or "exactMatch",
     }
 
 

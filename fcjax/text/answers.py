@@ -425,6 +425,14 @@ PAPER_DATASETS = ("aime", "hle", "supergpqa", "musr", "legalbench")
 HLE_ANSWER_TYPES = ("exactMatch", "multipleChoice")
 
 
+def study_dataset(source: str) -> str | None:
+    """Which of the study's datasets (``PAPER_DATASETS``) an example source or dataset name
+    is, by name ("aime_1983_2024.jsonl" and "aime" are "aime", "cais/hle" and "hle_text"
+    "hle", ...); None for the others (gsm8k, math500, ...)."""
+    low = source.lower()
+    return next((name for name in PAPER_DATASETS if name in low), None)
+
+
 def extract_answer_paper(text: str) -> str:
     """The published answer rule, over the WHOLE text (think block included): the first
     "Final answer:" (or "-") line, else the first "Answer:" line, else the first

@@ -228,6 +228,18 @@ def paper_step_draw(n_steps: Sequence[int], max_steps: int = 20, seed: int = 42)
     return out
 
 
+def paper_selection(
+    example_ids: Sequence[str], n_steps: Sequence[int], max_steps: int = 20, seed: int = 42
+) -> dict[str, list[int]]:
+    """``paper_step_draw`` keyed by example id (examples in run order)."""
+    if len(example_ids) != len(n_steps):
+        raise ValueError(
+            f"paper_selection: {len(example_ids)} example ids for {len(n_steps)} step counts"
+        )
+    drawn = paper_step_draw(n_steps, max_steps, seed)
+    return dict(zip(example_ids, drawn, strict=True))
+
+
 def _stable_key(key: str | int) -> int:
     """64-bit hash of `key` that is the same in every process (unlike Python's hash())."""
     return int.from_bytes(hashlib.sha256(str(key).encode("utf-8")).digest()[:8], "little")
