@@ -98,3 +98,29 @@ def test_trajectory_bin_matches_published():
     assert got.tolist() == [r["bin"] for r in rows]
     left = trajectory_bin(position, 20, closed="left")
     assert (left != got).any()  # fcjax's left-closed bins differ on edge positions
+
+
+def test_summary_under_paper_accuracy_and_trajectory():
+    """Accuracy over scorable traces only, and right-closed trajectory bins, under paper;
+    fcjax's protocol counts an unscorable trace as wrong and closes bins on the left."""
+    from fcjax.metrics import summarize
+
+    steps = {
+        "example_id": ["e1", "e1", "e1", "e2", "e3"],
+        "position": np.array([0.0, 0.5, 1.0, 0.0, 0.0]),
+        "decisiveness": np.array([0.2, 0.4, 0.6, 0.8, 1.0]),
+    }
+    examples = {
+        "example_id": ["e1", "e2", "e3"],
+        "correct": np.array([True, False, False]),
+        "scorable": np.array([True, True, False]),
+        "n_steps": np.array([3, 1, 1]),
+        "prediction": ["3", "4", ""],
+        "finish_reason": ["eos", "eos", "eos"],
+    }
+    paper = summarize(steps, examples, {}, protocol="paper")
+    own = summarize(steps, examples, {}, protocol="fcjax")
+    assert paper["accuracy"] == pytest.approx(1 / 2) and own["accuracy"] == pytest.approx(1 / 3)
+    # 0.5 of 20 bins: the published right-closed bins put it in bin 9, fcjax's in bin 10
+    assert paper["trajectory"]["count"][9] == 1 and paper["trajectory"]["count"][10] == 0
+    assert own["trajectory"]["count"][10] == 1 and own["trajectory"]["count"][9] == 0
