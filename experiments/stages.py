@@ -324,7 +324,7 @@ class Pipeline:
                 self.lm,
                 e,
                 gens[str(e.id)][1],
-                method=proto.segmenter or self.s.segmenter,
+                method=proto.split_method(self.s.segmenter),
                 answer_rule=proto.answer_rule,
                 numbered_choices=proto.numbered_choices,
             )

@@ -44,6 +44,11 @@ class Protocol:
     trajectory_closed: str = "left"
     judges: str = "fcjax"
 
+    def split_method(self, segmenter: str) -> str:
+        """The step segmentation for ``--segmenter``: the protocol's own (``segmenter``) in
+        place of the default "paragraph"; "cue" and "tokens" as given."""
+        return self.segmenter if segmenter == "paragraph" and self.segmenter else segmenter
+
 
 PROTOCOLS: dict[str, Protocol] = {
     "fcjax": Protocol("fcjax", "fcjax", "last", False, False, "closed"),

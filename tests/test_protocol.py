@@ -90,3 +90,10 @@ def test_open_think_only_for_reasoning_models_without_it():
     opened = "<|im_start|>assistant\n<think>\n"
     assert open_think(opened, reasoning) == opened  # the template already opens it
     assert open_think("Assistant:", _Tok({"a": 1})) == "Assistant:"  # not a reasoning model
+
+
+def test_paper_segmenter_replaces_only_the_default():
+    paper, own = PROTOCOLS["paper"], PROTOCOLS["fcjax"]
+    assert paper.split_method("paragraph") == "paper"
+    assert paper.split_method("cue") == "cue" and paper.split_method("tokens") == "tokens"
+    assert own.split_method("paragraph") == "paragraph"
