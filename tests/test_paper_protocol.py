@@ -124,3 +124,37 @@ def test_summary_under_paper_accuracy_and_trajectory():
     # 0.5 of 20 bins: the published right-closed bins put it in bin 9, fcjax's in bin 10
     assert paper["trajectory"]["count"][9] == 1 and paper["trajectory"]["count"][10] == 0
     assert own["trajectory"]["count"][10] == 1 and own["trajectory"]["count"][9] == 0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "dataset", "answer_type", "want"),
+    [
+        ("x = 1, so 12", "112", "aime", None, True),  # every digit as one integer
+        ("twelve", "12", "aime", None, None),  # no digit: not scorable
+        ("", "Paris", "hle", "exactMatch", True),  # containment either way
+        ("paris, france", "Paris", "hle", "exactMatch", True),
+        ("Lyon", "Paris", "hle", "exactMatch", False),
+        ("b) the second", "B", "hle", "multipleChoice", True),
+        ("C", "B", "hle", "multipleChoice", False),
+        ("Between 2 and 3, I pick 3", "C", "supergpqa", None, False),  # the first integer
+        ("Option 2 of 4", "B", "musr", None, True),
+        ("the second one", "B", "musr", None, None),
+        ("Yes, it does", "Yes", "legalbench", None, True),
+        ("yes or no", "No", "legalbench", None, False),  # both words: whole-answer compare
+        ("maybe", "No", "legalbench", None, False),  # never None
+    ],
+)
+def test_each_published_scorer_by_hand(prediction, gold, dataset, answer_type, want):
+    assert score(prediction, gold, dataset=dataset, answer_type=answer_type) is want
+
+
+def test_score_own_kinds_and_errors():
+    assert score("(B)", "B", dataset="letter", choices=["x", "y"]) is True
+    assert score("no idea", "B", dataset="letter", choices=["x", "y"]) is None  # unscorable
+    assert score("3", "4", dataset="numeric") is False
+    with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
+        score("1", "1", dataset="gsm9k")
+    with pytest.raises(ValueError, match="answer_type"):
+        score("1", "1", dataset="hle", answer_type="free")
+    with pytest.raises(ValueError, match="option letter"):
+        score("1", "yes", dataset="musr")
