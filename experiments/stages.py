@@ -151,7 +151,7 @@ class Pipeline:
 
     def examples(self) -> list[Example]:
         s = self.s
-        kw: dict[str, Any] = {"subset": s.proto.subset}
+        kw: dict[str, Any] = {"subset_rule": s.proto.subset}
         seed = s.seed if s.proto.study_seed is None else s.proto.study_seed
         if s.data_path:
             try:

@@ -336,19 +336,21 @@ def load_dataset(
     path: str | os.PathLike | None = None,
     num_examples: int | None = None,
     seed: int | None = 0,
-    subset: str = "fcjax",
+    subset_rule: str = "fcjax",
     **kw: Any,
 ) -> list[Example]:
     """Loads a named dataset or a JSONL file.
 
-    `num_examples` keeps a subset. subset="fcjax": a random sample drawn with `seed` (file
-    order kept), or the first rows when `seed` is None. subset="paper": the published draw
+    `num_examples` keeps a subset. subset_rule="fcjax": a random sample drawn with `seed` (file
+    order kept), or the first rows when `seed` is None. subset_rule="paper": the published draw
     (`paper_subset` with `seed`, the rows in its shuffled order, always shuffled). For
     "arithmetic", `num_examples` is the number generated (default 100), `seed` the generator
     seed, and `difficulty=1..5` a keyword (the subset rule does not apply).
     """
-    if subset not in SUBSET_RULES:
-        raise ValueError(f"load_dataset: subset must be one of {SUBSET_RULES}, got {subset!r}")
+    if subset_rule not in SUBSET_RULES:
+        raise ValueError(
+            f"load_dataset: subset_rule must be one of {SUBSET_RULES}, got {subset_rule!r}"
+        )
     if (name is None) == (path is None):
         raise ValueError("load_dataset: pass exactly one of name= or path=")
     if num_examples is not None and num_examples < 1:
@@ -361,7 +363,7 @@ def load_dataset(
         return DATASETS[name](num_examples=num_examples, seed=0 if seed is None else seed, **kw)
     else:
         examples = DATASETS[name](**kw)
-    if subset == "paper":
+    if subset_rule == "paper":
         return [
             examples[i]
             for i in paper_subset(len(examples), num_examples, 42 if seed is None else seed)
