@@ -128,7 +128,7 @@ class Settings:
     )
     protocol: str = setting(
         "fcjax",
-        "'paper': the published protocol (prompt, answer rule, cMFG binning; docs/PROTOCOL.md)",
+        "'paper': the published pipeline, quirks included (docs/PROTOCOL.md)",
         stage="generate",
         choices=tuple(PROTOCOLS),
     )

@@ -31,6 +31,7 @@ from experiments.report_html import (
 from fcjax import plots
 from fcjax.metrics import match_ids, paired_differences
 from fcjax.metrics.bootstrap import REPS
+from fcjax.metrics.effect import effect_lines, effects_by_condition
 from fcjax.store.fs import Location, PathLike, location
 from fcjax.store.tables import read_table
 
@@ -207,6 +208,8 @@ def main(argv):
     path = compare(runs, location(out_flag) if out_flag else runs[0] / "compare")
     print((path.parent / "compare.txt").read_text())
     paired = [paired_table(runs[0], r, reps=flags.FLAGS.bootstrap) for r in runs[1:]]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    paired.append(effect_lines(effects_by_condition(summaries)))  # the published figure
     (path.parent / "paired.md").write_text("\n\n".join(paired) + "\n")
     print("\n\n".join(paired))
     print(path)

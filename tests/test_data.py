@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -193,15 +194,18 @@ def test_hub_row_mapping(monkeypatch):
     }
     fake_hub(monkeypatch, lambda repo, config, split: rows[split])
     (ex,) = load_dataset("musr")
-    assert ex.question == "N.\n\nWho?" and ex.choices == ("Ann", "Bob")
+    assert ex.question == "N.\n\nQuestion: Who?" and ex.choices == ("Ann", "Bob")
     assert ex.answer == "B" and ex.kind == "letter"
 
     hle = [
         {"id": "a", "question": "Q1", "image": "", "answer": "7"},
         {"id": "b", "question": "Q2", "image": "data:...", "answer": "1"},
+        {"id": "c", "question": "Q3", "answer": "B", "answer_type": "multipleChoice"},
     ]
     fake_hub(monkeypatch, lambda repo, config, split: hle)
-    assert [e.id for e in load_dataset("hle_text")] == ["hle-a"]  # image rows dropped
+    kept = load_dataset("hle_text")
+    assert [e.id for e in kept] == ["hle-a", "hle-c"]  # image rows dropped
+    assert [e.answer_type for e in kept] == ["exactMatch", "multipleChoice"]
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -343,23 +347,35 @@ def test_paper_prompt_multiple_choice_exactly():
     assert m == {
         "role": "user",
         "content": (
-            "Which colour is the sky?\n\n1. red\n2. blue\n3. green\n\n"
-            "Think the question through, then give the number of the correct option inside "
-            "\\boxed{}.\n\n"
-            "Keep your reasoning to no more than 20 to 30 paragraphs."
+            "Which colour is the sky?\n1. red\n2. blue\n3. green\n "
+            "Give your answer as one of the answer options, 1-3. Put it in \\boxed{}, after "
+            "thinking. Use no more than 20-30 steps (paragraphs). <think>\n"
         ),
     }
-
-
-def test_paper_prompt_open_question_exactly():
-    ex = Example("n", "What is 6 * 7?", None, "42", "numeric", "t")
-    (m,) = prompts.build_messages(ex, "perception", style="paper")
-    assert m["content"] == (
-        interventions.INTERVENTIONS["perception"] + "\n\n"
-        "What is 6 * 7?\n\n"
-        "Think the problem through, then give your final answer inside \\boxed{}.\n\n"
-        "Keep your reasoning to no more than 20 to 30 paragraphs."
+    musr = dataclasses.replace(ex, source="TAUR-Lab/MuSR")  # two newlines before the options
+    assert prompts.build_messages(musr, style="paper")[0]["content"].startswith(
+        "Which colour is the sky?\n\n1. red\n"
     )
+
+
+def test_paper_prompt_per_dataset_instruction():
+    """AIME: an integer 0-999, step by step; yes/no; HLE multiple choice vs exact match;
+    every prompt ends with the length cap and a literal "<think>" line."""
+    cases = {
+        ("42", "numeric", "aime_1983_2024.jsonl", None): ("integer from 0 to 999", "step by step"),
+        ("Yes", "yesno", "legalbench_yesno.jsonl", None): ("Reply Yes or No",),
+        ("B", "math", "cais/hle", "multipleChoice"): ("only the letter or number",),
+        ("7", "math", "cais/hle", "exactMatch"): ("Answer briefly",),
+    }
+    for (gold, kind, source, answer_type), needles in cases.items():
+        ex = Example("x", "Q?", None, gold, kind, source, answer_type)
+        (m,) = prompts.build_messages(ex, "basic", style="paper")
+        text = m["content"]
+        assert text.startswith(interventions.PAPER_INTERVENTIONS["basic"] + "\n\nQ?\n ")
+        assert text.endswith("Use no more than 20-30 steps (paragraphs). <think>\n")
+        for needle in needles:
+            assert needle in text, (source, needle)
+    ex = Example("n", "What is 6 * 7?", None, "42", "numeric", "t")
     with pytest.raises(ValueError, match="style"):
         prompts.build_messages(ex, style="other")
 
@@ -370,10 +386,11 @@ def test_system_and_user_interventions_combine():
     system, user = prompts.build_messages(
         ex, "perception", system_intervention="ms_hedge", style="paper"
     )
-    assert system == {"role": "system", "content": interventions.INTERVENTIONS["ms_hedge"]}
+    paper = interventions.PAPER_INTERVENTIONS
+    assert system == {"role": "system", "content": paper["ms_hedge"]}
     assert user["role"] == "user"
-    assert user["content"].startswith(interventions.INTERVENTIONS["perception"] + "\n\nIs water")
-    assert interventions.INTERVENTIONS["ms_hedge"] not in user["content"]
+    assert user["content"].startswith(paper["perception"] + "\n\nIs water")
+    assert paper["ms_hedge"] not in user["content"]
     # a system intervention alone; two system prompts are refused
     system, user = prompts.build_messages(ex, system_intervention="ms_hedge")
     assert system["role"] == "system" and user["content"].startswith("Is water wet?")

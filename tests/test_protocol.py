@@ -48,7 +48,11 @@ def test_protocol_flag_sets_every_published_behaviour(parse_flags):
     )
     config = s.config()
     assert config["protocol"] == "paper" and config["cmfg_binning"] == "reference"
-    assert s.proto.answer_rule == "first" and s.proto.numbered_choices and s.proto.open_think
+    proto = s.proto
+    assert proto.answer_rule == "paper" and proto.numbered_choices and not proto.open_think
+    assert (proto.scoring, proto.segmenter, proto.subset, proto.step_draw) == ("paper",) * 4
+    assert proto.study_seed == 42 and proto.trajectory_closed == "right"
+    assert proto.judges == "paper" and proto.prompt_style == "paper"
     assert config["system_intervention"] == "ms_hedge" and config["intervention"] == "perception"
     # an explicit flag overrides the protocol's choice
     assert parse_flags("--protocol=paper", "--cmfg_binning=closed").config()["cmfg_binning"] == (
@@ -86,3 +90,10 @@ def test_open_think_only_for_reasoning_models_without_it():
     opened = "<|im_start|>assistant\n<think>\n"
     assert open_think(opened, reasoning) == opened  # the template already opens it
     assert open_think("Assistant:", _Tok({"a": 1})) == "Assistant:"  # not a reasoning model
+
+
+def test_paper_segmenter_replaces_only_the_default():
+    paper, own = PROTOCOLS["paper"], PROTOCOLS["fcjax"]
+    assert paper.split_method("paragraph") == "paper"
+    assert paper.split_method("cue") == "cue" and paper.split_method("tokens") == "tokens"
+    assert own.split_method("paragraph") == "paragraph"

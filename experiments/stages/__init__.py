@@ -78,7 +78,8 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "metrics",
         files=("summary.json",),
-        columns=((STEPS, ()), (EXAMPLES, ())),  # faith_<E>; conf_<E>, faith_<E> per trace
+        # faith_<E> and trajectory_bin; conf_<E>, faith_<E> per trace
+        columns=((STEPS, ("trajectory_bin",)), (EXAMPLES, ())),
     ),
     StageSpec("report", files=("report.html", "plots")),
 )

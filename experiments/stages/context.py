@@ -12,13 +12,16 @@ import fcjax
 from experiments.cluster import Processes
 from experiments.config import Settings
 from experiments.rundir import RunDir, RunError
+from fcjax.confidence.consistency_judge import PAPER_PROMPT as CONSISTENCY_PAPER
 from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
 from fcjax.data import DataError, Example, build_messages, load_dataset
 from fcjax.data.traces import select_traces
+from fcjax.decisiveness.judge import PAPER_PROMPT as DECISIVENESS_PAPER
 from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
 from fcjax.decisiveness.judge import REQUIRED as DECISIVENESS_REQUIRED
+from fcjax.protocol import judge_notes
 from fcjax.text.chat import open_think
 from fcjax.text.templates import load_template
 
@@ -61,35 +64,56 @@ class Context:
         return self.model(self.s.decisiveness_judge)
 
     def template(self, kind: str) -> str:
-        """The decisiveness or consistency judge prompt: fcjax's, or the flag's file."""
+        """The decisiveness or consistency judge prompt: the protocol's, or the flag's file."""
         path = getattr(self.s, f"{kind}_prompt")
+        paper = self.s.proto.judges == "paper"
         if kind == "decisiveness":
-            default, required = DECISIVENESS_PROMPT, DECISIVENESS_REQUIRED
+            default = DECISIVENESS_PAPER if paper else DECISIVENESS_PROMPT
+            required = DECISIVENESS_REQUIRED
         else:
-            default, required = CONSISTENCY_PROMPT, CONSISTENCY_REQUIRED
+            default = CONSISTENCY_PAPER if paper else CONSISTENCY_PROMPT
+            required = CONSISTENCY_REQUIRED
         return load_template(path, required) if path else default
+
+    def judge_notes(self, consistency: bool) -> list[str]:
+        """Where this run's judges are not the published ones (``fcjax.protocol.judge_notes``);
+        ``consistency``: whether the run uses the consistency judge."""
+        judge = self.s.consistency_judge if consistency else None
+        return judge_notes(self.s.proto, judge, self.s.decisiveness_judge)
 
     # --- examples and traces ----------------------------------------------------------------
     def examples(self) -> list[Example]:
-        """The run's examples (``--dataset``, ``--data_path`` or ``--traces``), loaded once."""
+        """The run's examples (``--dataset``, ``--data_path`` or ``--traces``), loaded once;
+        the subset is drawn by the protocol's rule."""
         if self._examples is None:
             s = self.s
             if s.traces:
-                records = select_traces(s.traces, s.num_examples, s.seed)
-                self._examples = [r.example for r in records]
+                self._examples = [r.example for r in self.trace_records()]
             elif s.data_path:
                 try:
                     self._examples = load_dataset(
-                        path=s.data_path, num_examples=s.num_examples, seed=s.seed
+                        path=s.data_path, num_examples=s.num_examples, **self._subset()
                     )
                 except UnicodeDecodeError as e:
                     raise DataError(f"{s.data_path}: not UTF-8 text ({e})") from None
             else:
                 kw = {"difficulty": s.difficulty} if s.dataset == "arithmetic" else {}
                 self._examples = load_dataset(
-                    name=s.dataset, num_examples=s.num_examples, seed=s.seed, **kw
+                    name=s.dataset, num_examples=s.num_examples, **self._subset(), **kw
                 )
         return self._examples
+
+    def _subset(self) -> dict[str, Any]:
+        """How the run's subset is drawn: the protocol's rule and seed (the published
+        study's own seed under ``paper``, else ``--seed``)."""
+        proto = self.s.proto
+        seed = self.s.seed if proto.study_seed is None else proto.study_seed
+        return {"seed": seed, "subset_rule": proto.subset}
+
+    def trace_records(self):
+        """The ``--traces`` records this run studies (the subset rule as for a dataset)."""
+        s, sub = self.s, self._subset()
+        return select_traces(s.traces, s.num_examples, sub["seed"], sub["subset_rule"])
 
     def prompt(self, example: Example) -> str:
         """The exact text given to the model for ``example``."""
@@ -114,7 +138,7 @@ class Context:
                 self.lm,
                 e,
                 gens[str(e.id)][1],
-                method=self.s.segmenter,
+                method=proto.split_method(self.s.segmenter),
                 answer_rule=proto.answer_rule,
                 numbered_choices=proto.numbered_choices,
             )

@@ -12,7 +12,7 @@ import numpy as np
 from experiments.rundir import Progress
 from experiments.stages import STEPS
 from experiments.stages.context import Context
-from fcjax.decisiveness.judge import judge_traces, reply_budget
+from fcjax.decisiveness.judge import judge_options, judge_traces, reply_budget
 from fcjax.decisiveness.lexicon import lexicon_scores
 from fcjax.engine.complete import chat_completer
 from fcjax.store.tables import align_step_columns, read_table
@@ -25,7 +25,10 @@ def work(ctx: Context) -> int:
         return 0
     steps = read_table(ctx.run.path / STEPS, ["example_id", "step", "text"])
     texts = list(steps["text"])
-    complete = chat_completer(ctx.decisiveness_lm, max_new_tokens=reply_budget(s.judge_batch))
+    sampling, judging = judge_options(s.proto.judges)
+    complete = chat_completer(
+        ctx.decisiveness_lm, max_new_tokens=reply_budget(s.judge_batch), **sampling
+    )
     template = ctx.template("decisiveness")
     eids = np.asarray(steps["example_id"]).astype(str)
     n_steps = Counter(eids.tolist())
@@ -45,6 +48,7 @@ def work(ctx: Context) -> int:
             complete,
             batch_size=s.judge_batch,
             template=template,
+            **judging,
         )
         for eid, rs, j in zip(chunk, rows, judged, strict=True):
             out["example_id"] += [eid] * len(rs)

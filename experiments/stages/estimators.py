@@ -17,6 +17,7 @@ from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.consistency_judge import REPLY_TOKENS as CONSISTENCY_TOKENS
 from fcjax.engine.complete import chat_completer
 from fcjax.store.tables import align_step_columns, read_table, write_table_atomic
+from fcjax.text.steps import paper_selection
 
 
 def names(ctx: Context) -> list[str]:
@@ -45,13 +46,19 @@ def estimator_context(ctx: Context) -> EstimatorContext:
         top_p=s.branch_top_p,
         max_new_tokens=s.branch_new_tokens,
         consistency_prompt=ctx.template("consistency") if judge else CONSISTENCY_PROMPT,
+        protocol=s.proto.judges,
     )
 
 
 def work(ctx: Context) -> int:
     s = ctx.s
-    traces = [t for t in ctx.traces() if t.n_steps > 0]
+    every = ctx.traces()
+    traces = [t for t in every if t.n_steps > 0]
     est_ctx = estimator_context(ctx)
+    if s.proto.step_draw == "paper":  # one draw for the whole run, in example order
+        ids, counts = [t.example_id for t in every], [t.n_steps for t in every]
+        chosen = paper_selection(ids, counts, s.max_steps, s.proto.study_seed)
+        est_ctx = dataclasses.replace(est_ctx, selected=chosen)
     done: set[str] = set()
     for name in names(ctx):
         estimator = get_estimator(name)

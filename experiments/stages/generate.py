@@ -16,7 +16,7 @@ import fcjax
 from experiments.rundir import Progress, RunDir, RunError
 from experiments.stages.context import Context
 from fcjax.data import Example
-from fcjax.data.traces import select_traces, trace_info
+from fcjax.data.traces import trace_info
 from fcjax.engine.generate import Generation
 from fcjax.engine.imported import imported_generations
 from fcjax.text.chat import has_chat_template
@@ -45,7 +45,7 @@ def work(ctx: Context) -> int:
         size=s.batch_size,
     )
     progress = Progress("generate", sum(len(c) for _, c in mine))
-    records = {r.id: r for r in select_traces(s.traces)} if s.traces else {}
+    records = {r.id: r for r in ctx.trace_records()} if s.traces else {}
     for index, chunk in mine:
         if records:  # imported traces: teacher-forced, not sampled
             prompts, gens = imported_generations(
@@ -66,7 +66,7 @@ def merge(ctx: Context) -> dict:
         "chat_template": has_chat_template(ctx.lm.tokenizer),
     }
     if ctx.s.traces:
-        info["traces"] = trace_info(ctx.s.traces, ctx.s.num_examples, ctx.s.seed)
+        info["traces"] = trace_info(ctx.s.traces, ctx.trace_records())
     return info
 
 

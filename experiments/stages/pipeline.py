@@ -11,7 +11,6 @@ from experiments.config import Settings
 from experiments.rundir import RunDir
 from experiments.stages import REGISTRY, STAGES, spec
 from experiments.stages.context import PROBE, Context
-from fcjax.data.traces import select_traces
 from fcjax.engine.imported import check_records
 
 
@@ -42,12 +41,14 @@ class Pipeline:
         ctx.examples()
         _ = ctx.lm
         if s.traces and "generate" in pending:  # records whose tokens the model refuses
-            check_records(ctx.lm, select_traces(s.traces, s.num_examples, s.seed))
+            check_records(ctx.lm, ctx.trace_records())
         if "hidden" in pending and PROBE in s.estimators:
             ctx.check_layers()
         if "estimators" in pending and estimators.needs_judge(ctx):
             _ = ctx.template("consistency")
             _ = ctx.judge_lm
+        for note in ctx.judge_notes(estimators.needs_judge(ctx)):
+            logging.warning("%s", note)
         if "decisiveness" in pending and s.decisiveness == "judge":
             _ = ctx.template("decisiveness")
             if s.decisiveness_judge == s.model:

@@ -17,7 +17,7 @@ import abc
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -61,6 +61,10 @@ class EstimatorContext:
     consistency_prompt: str = CONSISTENCY_PROMPT
     progress: Callable[[str, int, int], None] | None = None
     keep: Callable[[str, dict[str, list]], None] | None = None
+    # --protocol=paper (fcjax.protocol.Protocol.judges): the published consistency judging;
+    # ``selected``: the steps each trace samples from (``paper_step_draw``), by example id
+    protocol: str = "fcjax"
+    selected: Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self):
         if self.k < 1:

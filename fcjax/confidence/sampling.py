@@ -38,7 +38,9 @@ from fcjax.confidence.base import (
 from fcjax.confidence.consistency_judge import (
     build_consistency_prompt,
     consistency_score,
+    paper_paragraph,
     parse_verdict,
+    parse_verdict_paper,
 )
 from fcjax.confidence.trace import Trace, prefix_tokens
 from fcjax.engine.generate import Generation, branch_many
@@ -50,9 +52,19 @@ SAMPLE_COLUMNS = ("example_id", "step", "sample", "paragraph", "reply", "consist
 
 
 def step_cuts(trace: Trace, ctx: EstimatorContext) -> tuple[list[int], list[int]]:
-    """(selected step indices, branch cut of each: token count of prompt + prefix)."""
-    chosen = select_steps(trace.n_steps, ctx.max_steps, ctx.seed, key=trace.example_id)
-    cuts = [trace.prompt_len + prefix_tokens(trace, trace.steps[i]) for i in chosen]
+    """(selected step indices, branch cut of each: token count of prompt + prefix).
+
+    ``ctx.selected`` (the published run-wide draw) overrides ``select_steps``; under the
+    published protocol step 0 branches from the bare prompt."""
+    if ctx.selected is not None:
+        chosen = [int(i) for i in ctx.selected[trace.example_id]]
+    else:
+        chosen = select_steps(trace.n_steps, ctx.max_steps, ctx.seed, key=trace.example_id)
+    paper = ctx.protocol == "paper"
+    cuts = [
+        trace.prompt_len + (0 if paper and i == 0 else prefix_tokens(trace, trace.steps[i]))
+        for i in chosen
+    ]
     return chosen, cuts
 
 
@@ -91,7 +103,9 @@ class SamplingConsistency(Estimator):
                 "sampling: EstimatorContext.judge_complete is None; pass a judge, e.g. "
                 "fcjax.engine.complete.chat_completer(lm)"
             )
-        sampled = sample_from_steps(traces, ctx, (PARAGRAPH_STOP,))
+        paper = ctx.protocol == "paper"  # no stop: the judged paragraph is paper_paragraph's
+        sampled = sample_from_steps(traces, ctx, () if paper else (PARAGRAPH_STOP,))
+        parse = parse_verdict_paper if paper else parse_verdict
         prompts, slots = [], []  # slots[trace][(step, sample)] -> prompt index or None
         paragraphs = []  # per trace, flat like slots
         for trace, (chosen, outs) in zip(traces, sampled, strict=True):
@@ -99,9 +113,12 @@ class SamplingConsistency(Estimator):
             paragraphs.append([])
             for j, gens in zip(chosen, outs, strict=True):
                 for g in gens:
-                    paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
+                    if paper:
+                        paragraph = paper_paragraph(g.text)
+                    else:
+                        paragraph = g.text.split(PARAGRAPH_STOP, 1)[0].strip()
                     paragraphs[-1].append(paragraph)
-                    if paragraph:
+                    if paragraph or paper:  # the published judge also reads an empty one
                         slots[-1].append(len(prompts))
                         prompts.append(
                             build_consistency_prompt(
@@ -124,12 +141,12 @@ class SamplingConsistency(Estimator):
             for a, j in enumerate(chosen):
                 step_slots = trace_slots[a * ctx.k : (a + 1) * ctx.k]
                 step_replies = [None if s is None else replies[s] for s in step_slots]
-                conf, unparsed = consistency_score(step_replies)
+                conf, unparsed = consistency_score(step_replies, parse)
                 cols["conf_sampling"][j] = conf
                 cols["sampling_unparsed"][j] = unparsed
                 cols["sampling_n"][j] = len(step_replies)
                 for i, reply in enumerate(step_replies):
-                    verdict = parse_verdict(reply)  # Yes = 0 (consistent), No = 1, N/A = 0.5
+                    verdict = parse(reply)  # Yes = 0 (consistent), No = 1, N/A = 0.5
                     for key, value in zip(
                         SAMPLE_COLUMNS,
                         (

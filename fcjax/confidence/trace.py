@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from fcjax.engine.generate import Generation
-from fcjax.text.answers import extract_answer, is_scorable, score_answer
+from fcjax.text.answers import (
+    extract_answer,
+    extract_answer_paper,
+    is_scorable,
+    score,
+    score_answer,
+    study_dataset,
+)
 from fcjax.text.steps import SplitMethod, Step, split_steps
 from fcjax.text.tokens import token_char_offsets, token_spans
 
@@ -108,7 +115,9 @@ def build_trace(
     the output ids alone, so no prompt prefix is given); token spans from ``token_spans``.
     Steps that no token touches are dropped and the rest renumbered. The answer is
     ``extract_answer(text, answer_rule)``, scored against the gold with ``score_answer``
-    (multiple-choice answers read as option numbers 1..n with ``numbered_choices``).
+    (multiple-choice answers read as option numbers 1..n with ``numbered_choices``); with
+    answer_rule="paper" it is ``extract_answer_paper(text)`` scored by ``score`` with the
+    example's study dataset (``study_dataset(example.source)``, else its kind).
     """
     if lm.tokenizer is None:
         raise ValueError(f"build_trace: model {lm.name!r} has no tokenizer")
@@ -120,10 +129,26 @@ def build_trace(
     spans = token_spans(offsets, split_steps(text, method, **split_kw)) if ids else []
     steps = [s for s in spans if s.token_start is not None]
     steps = [dataclasses.replace(s, index=i) for i, s in enumerate(steps)]
-    answer = extract_answer(text, answer_rule)
     choices = tuple(example.choices) if example.choices else None
     options = list(choices) if choices else None
-    correct = score_answer(answer, example.answer, example.kind, options, numbered_choices)
+    if answer_rule == "paper":  # the published rules (--protocol=paper)
+        answer = extract_answer_paper(text)
+        dataset = study_dataset(str(example.source)) or example.kind
+        answer_type = getattr(example, "answer_type", None)
+        outcome = score(
+            answer,
+            example.answer,
+            dataset=dataset,
+            answer_type=answer_type,
+            choices=options,
+            numbered=numbered_choices,
+        )
+        scorable = outcome is not None
+    else:
+        answer = extract_answer(text, answer_rule)
+        outcome = score_answer(answer, example.answer, example.kind, options, numbered_choices)
+        scorable = is_scorable(answer, example.kind, options, numbered_choices)
+    correct = bool(outcome)
     return Trace(
         example_id=str(example.id),
         prompt_ids=[int(t) for t in generation.prompt_ids],
@@ -133,11 +158,11 @@ def build_trace(
         top_logprobs=generation.top_logprobs,
         steps=steps,
         answer=answer,
-        correct=bool(correct),
+        correct=correct,
         kind=example.kind,
         choices=choices,
         token_offsets=[(int(a), int(b)) for a, b in offsets],
-        scorable=is_scorable(answer, example.kind, options, numbered_choices),
+        scorable=scorable,
     )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from fcjax.data import arithmetic
 from fcjax.data.example import DataError, Example, letters
-from fcjax.text.answers import infer_kind
+from fcjax.text.answers import HLE_ANSWER_TYPES, infer_kind
 
 KINDS = ("numeric", "math", "letter", "yesno")
 T = TypeVar("T")
@@ -71,6 +71,12 @@ def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: s
     else:
         _check_kind(answer, choices, kind, where)
     row_source = row.get("source")
+    answer_type = row.get("answer_type")
+    if answer_type is not None and answer_type not in HLE_ANSWER_TYPES:
+        raise DataError(
+            f"{where}: field 'answer_type' must be one of {', '.join(HLE_ANSWER_TYPES)} or "
+            f"null, got {answer_type!r}"
+        )
     return Example(
         id=str(ex_id),
         question=question,
@@ -78,6 +84,7 @@ def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: s
         answer=answer,
         kind=kind,
         source=row_source if isinstance(row_source, str) and row_source else source,
+        answer_type=answer_type,
     )
 
 
@@ -189,7 +196,7 @@ def _musr_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any]:
         choices = ast.literal_eval(choices)
     return {
         "id": f"musr-{config}-{i:04d}",
-        "question": f"{r['narrative']}\n\n{r['question']}",
+        "question": f"{r['narrative']}\n\nQuestion: {r['question']}",
         "choices": list(choices),
         "answer": letters(len(choices))[int(r["answer_index"])],
     }
@@ -203,6 +210,7 @@ def _hle_row(r: dict[str, Any], i: int, config: str | None) -> dict[str, Any] | 
         "question": r["question"],
         "choices": None,
         "answer": str(r["answer"]).strip(),
+        "answer_type": r.get("answer_type") or "exactMatch",
     }
 
 
@@ -307,19 +315,43 @@ DATASETS: dict[str, Callable[..., list[Example]]] = {
 }
 
 
+SUBSET_RULES = ("fcjax", "paper")
+
+
+def paper_subset(n_rows: int, num_examples: int | None, seed: int = 42) -> list[int]:
+    """Row indices of the published question subset, in the published order.
+
+    The published loaders take ``DataFrame.sample(n=min(num_examples, n_rows),
+    random_state=seed)``: pandas draws ``numpy.random.RandomState(seed).permutation(n_rows)``
+    and keeps its first n, in that (shuffled) order, so even a subset as large as the set
+    comes back shuffled. ``num_examples`` None keeps every row (shuffled as well).
+    """
+    if n_rows < 0:
+        raise ValueError(f"paper_subset: n_rows must be >= 0, got {n_rows}")
+    n = n_rows if num_examples is None else min(num_examples, n_rows)
+    return [int(i) for i in np.random.RandomState(seed).permutation(n_rows)[:n]]
+
+
 def load_dataset(
     name: str | None = None,
     path: str | os.PathLike | None = None,
     num_examples: int | None = None,
     seed: int | None = 0,
+    subset_rule: str = "fcjax",
     **kw: Any,
 ) -> list[Example]:
     """Loads a named dataset or a JSONL file.
 
-    `num_examples` keeps a subset: a random sample drawn with `seed` (file order kept),
-    or the first rows when `seed` is None. For "arithmetic", `num_examples` is the number
-    generated (default 100), `seed` the generator seed, and `difficulty=1..5` a keyword.
+    `num_examples` keeps a subset. subset_rule="fcjax": a random sample drawn with `seed` (file
+    order kept), or the first rows when `seed` is None. subset_rule="paper": the published draw
+    (`paper_subset` with `seed`, the rows in its shuffled order, always shuffled). For
+    "arithmetic", `num_examples` is the number generated (default 100), `seed` the generator
+    seed, and `difficulty=1..5` a keyword (the subset rule does not apply).
     """
+    if subset_rule not in SUBSET_RULES:
+        raise ValueError(
+            f"load_dataset: subset_rule must be one of {SUBSET_RULES}, got {subset_rule!r}"
+        )
     if (name is None) == (path is None):
         raise ValueError("load_dataset: pass exactly one of name= or path=")
     if num_examples is not None and num_examples < 1:
@@ -332,13 +364,20 @@ def load_dataset(
         return DATASETS[name](num_examples=num_examples, seed=0 if seed is None else seed, **kw)
     else:
         examples = DATASETS[name](**kw)
-    return subset(examples, num_examples, seed)
+    return subset(examples, num_examples, seed, subset_rule)
 
 
-def subset(items: Sequence[T], num_examples: int | None, seed: int | None) -> list[T]:
-    """The ``num_examples`` a run keeps of a dataset's (or a trace file's) items: a random
-    sample drawn with ``seed``, file order kept; the first ones when ``seed`` is None; all
-    when ``num_examples`` is None or covers them."""
+def subset(
+    items: Sequence[T], num_examples: int | None, seed: int | None, rule: str = "fcjax"
+) -> list[T]:
+    """The ``num_examples`` a run keeps of a dataset's (or a trace file's) items. ``rule``
+    "fcjax": a random sample drawn with ``seed``, file order kept; the first ones when
+    ``seed`` is None; all when ``num_examples`` is None or covers them. "paper": the
+    published pandas ``sample`` (``paper_subset``, seed 42 when ``seed`` is None)."""
+    if rule == "paper":
+        return [
+            items[i] for i in paper_subset(len(items), num_examples, 42 if seed is None else seed)
+        ]
     if num_examples is None or num_examples >= len(items):
         return list(items)
     if seed is None:

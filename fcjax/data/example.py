@@ -15,7 +15,9 @@ class Example:
 
     `choices` is None for free-form answers; otherwise the options in order, labelled
     A, B, C, ... by position, and `answer` is the gold letter. `kind` says how a
-    prediction is scored: "numeric", "math", "letter" or "yesno".
+    prediction is scored: "numeric", "math", "letter" or "yesno". `answer_type` is HLE's
+    ("exactMatch" or "multipleChoice"; None elsewhere), which the published protocol's
+    prompt and scorer read.
     """
 
     id: str
@@ -24,6 +26,7 @@ class Example:
     answer: str
     kind: str
     source: str
+    answer_type: str | None = None
 
 
 def letters(n: int) -> str:

@@ -78,10 +78,92 @@ INTERVENTIONS: dict[str, str] = {
 }
 
 
-def get_intervention(name_or_path: str) -> str:
-    """The text of a named intervention, or the contents of a text file given by path."""
-    if name_or_path in INTERVENTIONS:
-        return INTERVENTIONS[name_or_path]
+# The published prompt lists the phrases in this order (CALIBRATED_PHRASES holds the values).
+PAPER_PHRASE_ORDER: tuple[str, ...] = (
+    "almost certain",
+    "highly likely",
+    "very good chance",
+    "probable",
+    "likely",
+    "we believe",
+    "probably",
+    "better than even",
+    "about even",
+    "we doubt",
+    "improbable",
+    "unlikely",
+    "probably not",
+    "little chance",
+    "almost no chance",
+    "highly unlikely",
+    "chances are slight",
+)
+
+
+def _paper_ms_hedge() -> str:
+    table = ", ".join(f'"{p}": {CALIBRATED_PHRASES[p]:.4f}' for p in PAPER_PHRASE_ORDER)
+    return (
+        "You are a language model with keen metacognitive sensitivity and an exact sense of "
+        "your own internal uncertainty. Every answer you give must use natural-language "
+        "expressions that honestly reflect your intrinsic confidence that your answer is "
+        "correct. Pick these expressions only from the set below; each one stands for a "
+        "specific confidence level:\n"
+        f"{{{table}}}.\n"
+        "Use these phrases explicitly whenever you express uncertainty in your responses."
+    )
+
+
+# --protocol=paper: the published instructions, one for one, in fcjax's words
+# (docs/PROTOCOL.md has the instruction-by-instruction table).
+PAPER_INTERVENTIONS: dict[str, str] = {
+    "blank": "",
+    "basic": (
+        "When a step of your thinking feels uncertain, express that uncertainty in words by "
+        "hedging that step precisely."
+    ),
+    "genuine": (
+        "Make your internal reasoning an honest mirror of your confidence. Inside your "
+        "steps, use hedging language to mark where your evidence is thin or where your "
+        "logic feels speculative."
+    ),
+    "human": (
+        "Work through this task the way a person would, letting natural expressions of "
+        "doubt or hesitation into your thinking whenever you reach a hard or ambiguous point."
+    ),
+    "perception": (
+        "Throughout your reasoning, put into words how confident or uncertain you are, "
+        "judged only by your OWN perception."
+    ),
+    "self_monitoring": (
+        "Track how your confidence changes at every step of your reasoning. Use words to "
+        "show where your certainty rises and where it falls, according to the evidence "
+        "you find."
+    ),
+    "self_correction": (
+        "Whenever you change your mind or fix an earlier step while thinking, say so. Mark "
+        "the point where your logic shifts with a short hedge such as 'Hold on, I should "
+        "rethink this'."
+    ),
+    "evidence_gap": (
+        "When you sense you lack a key piece of information needed to be fully sure, show "
+        "that in your reasoning. Point out the gaps in your knowledge with a hedge such as "
+        "'I would be surer if I knew X'."
+    ),
+    "ms_hedge": _paper_ms_hedge(),
+}
+# the study's combined condition: ms_hedge as the system prompt, perception in the user turn
+MSH_PERC = {"system_intervention": "ms_hedge", "intervention": "perception"}
+INTERVENTION_SETS = ("fcjax", "paper")
+
+
+def get_intervention(name_or_path: str, texts: str = "fcjax") -> str:
+    """The text of a named intervention (``texts``: "fcjax" for ``INTERVENTIONS``, "paper"
+    for ``PAPER_INTERVENTIONS``), or the contents of a text file given by path."""
+    if texts not in INTERVENTION_SETS:
+        raise ValueError(f"intervention texts must be one of {INTERVENTION_SETS}, got {texts!r}")
+    named = PAPER_INTERVENTIONS if texts == "paper" else INTERVENTIONS
+    if name_or_path in named:
+        return named[name_or_path]
     path = Path(name_or_path)
     if path.is_file():
         text = path.read_text(encoding="utf-8").strip()

@@ -1,8 +1,9 @@
 """Chat messages for a question under a prompt style, with optional interventions.
 
 Two styles (``PROMPT_STYLES``): "fcjax" (lettered choices, an answer-format instruction that
-`fcjax.text.extract_answer` reads) and "paper" (the published protocol: choices numbered
-1..n, the final answer in \\boxed{} after thinking, reasoning capped at 20-30 paragraphs).
+`fcjax.text.extract_answer` reads) and "paper" (the published prompts: choices numbered
+1..n, a per-dataset instruction, the answer in \\boxed{} after thinking, 20-30 paragraphs at
+most, "<think>" as literal text ending the user turn; the published intervention texts).
 In both, a user-turn intervention comes BEFORE the question, and a system-prompt
 intervention can be combined with it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from fcjax.data.example import Example, letters
 from fcjax.data.interventions import get_intervention
+from fcjax.text.answers import study_dataset
 
 PROMPT_STYLES = ("fcjax", "paper")
 
@@ -24,18 +26,48 @@ INSTRUCTIONS: dict[str, str] = {
     ),
 }
 
-# the paper style: think first, at most 20-30 paragraphs, then the answer boxed
-PAPER_LENGTH = "Keep your reasoning to no more than 20 to 30 paragraphs."
+# the paper style (the published prompts, in fcjax's words): the question, one instruction
+# chosen by dataset, the length cap, then "<think>" and a newline as literal user text
+PAPER_LENGTH = "Use no more than 20-30 steps (paragraphs)."
+PAPER_THINK = "<think>\n"
 PAPER_INSTRUCTIONS: dict[str, str] = {
-    "numeric": "Think the problem through, then give your final answer inside \\boxed{}.",
-    "math": "Think the problem through, then give your final answer inside \\boxed{}.",
-    "yesno": (
-        "Think the question through, then give your final answer, Yes or No, inside \\boxed{}."
+    "aime": (
+        "Solve it step by step. The answer is an integer from 0 to 999. Put your final "
+        "answer in \\boxed{}, after thinking."
     ),
-    "letter": (
-        "Think the question through, then give the number of the correct option inside \\boxed{}."
+    "options": (
+        "Give your answer as one of the answer options, 1-{n}. Put it in \\boxed{}, after thinking."
     ),
+    "yesno": "Reply Yes or No. Put your answer in \\boxed{}, after thinking.",
+    "hle_choice": (
+        "Reply with only the letter or number of the right option. Put just that one choice "
+        "in \\boxed{}, after thinking."
+    ),
+    "open": "Answer briefly. Put your answer in \\boxed{}, after thinking.",
 }
+
+
+def paper_user_text(example: Example) -> str:
+    """The published user prompt, before any intervention: the question (options numbered
+    1..n after one newline, two for MuSR), a newline and a space, the dataset's instruction
+    (``PAPER_INSTRUCTIONS``: AIME; numbered options; yes/no; HLE multiple choice; any other
+    open question), the length cap and ``PAPER_THINK``."""
+    dataset = study_dataset(example.source)
+    if dataset == "aime":
+        instruction = PAPER_INSTRUCTIONS["aime"]
+    elif example.choices:
+        instruction = PAPER_INSTRUCTIONS["options"].replace("{n}", str(len(example.choices)))
+    elif example.kind == "yesno":
+        instruction = PAPER_INSTRUCTIONS["yesno"]
+    elif example.answer_type == "multipleChoice":
+        instruction = PAPER_INSTRUCTIONS["hle_choice"]
+    else:
+        instruction = PAPER_INSTRUCTIONS["open"]
+    question = example.question
+    if example.choices:
+        options = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(example.choices))
+        question += ("\n\n" if dataset == "musr" else "\n") + options
+    return f"{question}\n {instruction} {PAPER_LENGTH} {PAPER_THINK}"
 
 
 def question_text(example: Example, style: str = "fcjax") -> str:
@@ -74,8 +106,9 @@ def build_messages(
         raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     if example.kind not in INSTRUCTIONS:
         raise ValueError(f"example {example.id}: unknown kind {example.kind!r}")
-    text = get_intervention(intervention)
-    system = get_intervention(system_intervention)
+    texts = "paper" if style == "paper" else "fcjax"
+    text = get_intervention(intervention, texts)
+    system = get_intervention(system_intervention, texts)
     if text and system and role == "system":
         raise ValueError(
             "two system prompts: --intervention_role=system and --system_intervention are both "
@@ -83,7 +116,7 @@ def build_messages(
         )
     parts = [text] if text and role == "user" else []
     if style == "paper":
-        parts += [question_text(example, style), PAPER_INSTRUCTIONS[example.kind], PAPER_LENGTH]
+        parts.append(paper_user_text(example))
     else:
         parts += [question_text(example, style), INSTRUCTIONS[example.kind]]
     if extra_text:

@@ -258,11 +258,14 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> tuple[TraceRecord, ...]
 
 
 def select_traces(
-    path: str | os.PathLike, num_examples: int | None = None, seed: int | None = 0
+    path: str | os.PathLike,
+    num_examples: int | None = None,
+    seed: int | None = 0,
+    rule: str = "fcjax",
 ) -> list[TraceRecord]:
-    """The records a run studies: ``fcjax.data.datasets.subset`` of the file, as a dataset's
-    examples are chosen."""
-    return subset(read_traces(path), num_examples, seed)
+    """The records a run studies: ``fcjax.data.datasets.subset`` of the file (by ``rule``),
+    as a dataset's examples are chosen."""
+    return subset(read_traces(path), num_examples, seed, rule)
 
 
 def traces_digest(path: str | os.PathLike) -> str:
@@ -303,10 +306,9 @@ def write_traces(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> 
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def trace_info(path: str | os.PathLike, num_examples: int | None, seed: int | None) -> dict:
+def trace_info(path: str | os.PathLike, chosen: Sequence[TraceRecord]) -> dict:
     """What a run records of its trace file: path, hash, sizes and the models the studied
-    records name (``model`` field)."""
-    chosen = select_traces(path, num_examples, seed)
+    records (``chosen``) name (``model`` field)."""
     return {
         "file": str(path),
         "sha256": traces_digest(path),

@@ -20,18 +20,20 @@ def chat_completer(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int = 32,
+    top_p: float = 1.0,
 ) -> Callable[[list[Messages]], list[str]]:
     """Returns ``complete(list of message lists) -> list of replies``.
 
     Each message list is formatted with ``lm.chat`` (the model's chat template) and all are
     generated in batches of ``batch_size``. The default is greedy decoding; with
     ``temperature > 0`` each row is seeded by its formatted prompt text, so a prompt gets the
-    same reply whatever else is in the call. Replies are stripped of surrounding whitespace.
+    same reply whatever else is in the call (``top_p`` < 1 samples from the nucleus).
+    Replies are stripped of surrounding whitespace.
     """
     if lm.tokenizer is None:
         raise ValueError(f"chat_completer: model {lm.name!r} has no tokenizer")
     params = SamplingParams(
-        temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, logprobs=0
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, logprobs=0
     )
 
     def complete(conversations: list[Messages]) -> list[str]:

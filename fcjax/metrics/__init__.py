@@ -8,9 +8,10 @@ from fcjax.metrics.bootstrap import (
     paired_differences,
 )
 from fcjax.metrics.calibration import auroc, brier, ece, prr, reliability_bins
+from fcjax.metrics.effect import effects_by_condition, intervention_effect
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.summary import summarize, trace_columns, trace_confidence
-from fcjax.metrics.trajectory import trajectory_bins
+from fcjax.metrics.trajectory import trajectory_bin, trajectory_bins
 
 __all__ = [
     "auroc",
@@ -20,6 +21,8 @@ __all__ = [
     "cmfg",
     "cmfg_star",
     "ece",
+    "effects_by_condition",
+    "intervention_effect",
     "kendall",
     "match_ids",
     "mfg",
@@ -33,5 +36,6 @@ __all__ = [
     "summarize",
     "trace_columns",
     "trace_confidence",
+    "trajectory_bin",
     "trajectory_bins",
 ]

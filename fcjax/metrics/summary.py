@@ -20,6 +20,7 @@ from fcjax.metrics.calibration import auroc, brier, ece
 from fcjax.metrics.faithfulness import cmfg, cmfg_star, mfg, step_faithfulness
 from fcjax.metrics.trajectory import trajectory_bins
 from fcjax.plain import to_python
+from fcjax.protocol import PROTOCOLS, get_protocol
 
 Reduce = Literal["mean", "last"]
 Table = Mapping[str, Any]
@@ -105,7 +106,9 @@ def summarize(
     seeded 95% intervals over ``bootstrap`` resamples of the questions and the AUROC
     permutation p (``bootstrap_intervals``). Then step-level agreement of D and every
     estimator (Spearman, Kendall), trajectories over step position, counts (plus the given
-    ``counts``), and the given ``protocol``, ``stage_wall_s`` and ``config``. ``not_scored``
+    ``counts``), and the given ``protocol``, ``stage_wall_s`` and ``config``. Under a
+    protocol with published scoring ("paper") accuracy is over the scorable traces only and
+    trajectories use its bins (``fcjax.protocol.Protocol.trajectory_closed``). ``not_scored``
     names estimators that legitimately produced no values, with the reason (recorded under
     ``counts.not_scored``). Missing values are ``None``.
     """
@@ -116,6 +119,8 @@ def summarize(
     correct = np.asarray(examples["correct"], float)
     # traces whose answer cannot be scored are left out of the estimator summaries
     scored = np.asarray(examples.get("scorable", np.ones(len(correct), bool)), bool)
+    proto = get_protocol(protocol) if protocol is not None else PROTOCOLS["fcjax"]
+    graded = scored if proto.scoring == "paper" else np.ones(len(correct), bool)
     per_estimator = {}
     for name in estimators:
         conf = np.asarray(steps[f"conf_{name}"], float)
@@ -151,13 +156,15 @@ def summarize(
     return to_python(
         {
             "n_examples": len(correct),
-            "accuracy": _f(np.mean(correct) if len(correct) else np.nan),
+            "accuracy": _f(np.mean(correct[graded]) if graded.any() else np.nan),
             "estimators": per_estimator,
             "agreement": pairwise_agreement({"decisiveness": d, **conf_steps})
             if estimators
             else {},
             "trajectory": trajectory_bins(
-                position, {"decisiveness": d, **conf_steps, **faith_steps}
+                position,
+                {"decisiveness": d, **conf_steps, **faith_steps},
+                closed=proto.trajectory_closed,
             ),
             "counts": {
                 "no_steps": int(np.sum(np.asarray(examples["n_steps"]) == 0)),

@@ -410,3 +410,144 @@ def is_scorable(
     if kind == "yesno":
         return _yesno_of(prediction) is not None
     return True
+
+
+# ----------------------------------------------------------------------------- published rules
+# Under --protocol=paper answers are read and scored as the published pipeline does, quirks
+# included (docs/PROTOCOL.md lists each one): the extraction order below, and one scorer
+# per study dataset that may return None ("cannot be scored"; left out of the accuracy).
+
+_PAPER_FINAL_LINE = re.compile(r"^\s*final\s*answer\s*[:\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_PAPER_ANSWER_LINE = re.compile(r"^\s*answer\s*[:\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_PAPER_BOXED = re.compile(r"\\boxed\{(.+?)\}")
+
+PAPER_DATASETS = ("aime", "hle", "supergpqa", "musr", "legalbench")
+HLE_ANSWER_TYPES = ("exactMatch", "multipleChoice")
+
+
+def study_dataset(source: str) -> str | None:
+    """Which of the study's datasets (``PAPER_DATASETS``) an example source or dataset name
+    is, by name ("aime_1983_2024.jsonl" and "aime" are "aime", "cais/hle" and "hle_text"
+    "hle", ...); None for the others (gsm8k, math500, ...)."""
+    low = source.lower()
+    return next((name for name in PAPER_DATASETS if name in low), None)
+
+
+def extract_answer_paper(text: str) -> str:
+    """The published answer rule, over the WHOLE text (think block included): the first
+    "Final answer:" (or "-") line, else the first "Answer:" line, else the first
+    ``\\boxed{...}`` (non-nested: it ends at the first "}"), else the last non-empty line,
+    else the stripped text (so "" rather than None). Case-insensitive; a line's leading
+    whitespace may include blank lines, so "Answer:" followed by "12" on the next line reads
+    "12"."""
+    for pattern in (_PAPER_FINAL_LINE, _PAPER_ANSWER_LINE, _PAPER_BOXED):
+        match = pattern.search(text)
+        if match:
+            return match.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else text.strip()
+
+
+def _digits_int(s: str) -> int | None:
+    digits = re.sub(r"[^0-9]", "", s.strip())
+    return int(digits) if digits else None
+
+
+def _score_aime(pred: str, gold: str) -> bool | None:
+    """Every digit of the prediction read as one integer ("1, 2" is 12); None without one."""
+    p, g = _digits_int(pred), _digits_int(gold)
+    return None if p is None or g is None else p == g
+
+
+def _option_number(gold: str) -> int:
+    g = gold.strip()
+    if g.isdigit():
+        return int(g)
+    if len(g) == 1 and g.isalpha():
+        return ord(g.upper()) - ord("A") + 1
+    raise ValueError(
+        f"score: multiple-choice gold {gold!r} is neither an option letter nor a number"
+    )
+
+
+def _score_option_number(pred: str, gold: str) -> bool | None:
+    """The first integer of the prediction against the gold option number (1-based; a gold
+    letter A, B, ... is converted); None when the prediction has no digit."""
+    match = re.search(r"\d+", pred)
+    return None if match is None else int(match.group()) == _option_number(gold)
+
+
+def _score_substring(pred: str, gold: str) -> bool:
+    """Case-insensitive containment either way (so an empty prediction matches any gold)."""
+    p, g = pred.lower().strip(), str(gold).lower().strip()
+    return g in p or p in g
+
+
+def _score_hle(pred: str, gold: str, answer_type: str | None) -> bool:
+    if answer_type == "multipleChoice":
+        first = re.compile(r"^\s*([A-Z0-9])\b")
+        p, g = pred.strip().upper(), gold.strip().upper()
+        mp, mg = first.match(p), first.match(g)
+        return (mp.group(1) if mp else p) == (mg.group(1) if mg else g)
+    return _score_substring(pred, gold)
+
+
+def _score_yes_no(pred: str, gold: str) -> bool:
+    """Yes or No as a whole word (exactly one of them), else the whole prediction compared
+    with the gold; never None."""
+    p, g = pred.strip().lower(), gold.strip().lower()
+    yes, no = re.search(r"\byes\b", p), re.search(r"\bno\b", p)
+    if yes and not no:
+        return g == "yes"
+    if no and not yes:
+        return g == "no"
+    return p == g
+
+
+def score(
+    prediction: str | None,
+    gold: str,
+    *,
+    dataset: str,
+    answer_type: str | None = None,
+    choices: list[str] | None = None,
+    numbered: bool = False,
+) -> bool | None:
+    """Whether ``prediction`` is right: True, False, or None when it cannot be scored.
+
+    ``dataset`` picks the scorer. The study's five (``PAPER_DATASETS``) score as the published
+    code: "aime" every digit as one integer; "hle" by ``answer_type`` ("multipleChoice": the
+    first letter or digit, upper-cased, else the whole answer; otherwise "exactMatch",
+    containment either way); "supergpqa" and "musr" the first integer against the gold option
+    number (a gold letter counts from A = 1); "legalbench" yes/no, never None. fcjax's own
+    kinds ("numeric", "math", "letter", "yesno") score with ``score_answer`` and are None
+    when ``is_scorable`` says so (``choices`` and ``numbered`` as there).
+    """
+    if dataset in ("numeric", "math", "letter", "yesno"):
+        if not is_scorable(prediction, dataset, choices, numbered):  # type: ignore[arg-type]
+            return None
+        return score_answer(prediction, gold, dataset, choices, numbered)  # type: ignore[arg-type]
+    if dataset not in PAPER_DATASETS:
+        raise ValueError(
+            f"score: unknown dataset {dataset!r}; valid: "
+            f"{', '.join(PAPER_DATASETS)}, numeric, math, letter, yesno"
+        )
+    if dataset == "hle" and answer_type not in (None, *HLE_ANSWER_TYPES):
+        raise ValueError(
+            f"score: HLE answer_type must be one of {HLE_ANSWER_TYPES}, got {answer_type!r}"
+        )
+    pred = "" if prediction is None else prediction
+    if dataset == "aime":
+        return _score_aime(pred, gold)
+    if dataset == "hle":
+        return _score_hle(pred, gold, answer_type)
+    if dataset == "legalbench":
+        return _score_yes_no(pred, gold)
+    return _score_option_number(pred, gold)
+
+
+def paper_accuracy(correct: list[bool | None]) -> tuple[float | None, int]:
+    """(accuracy, denominator) as published: correct over the scorable answers only (None
+    left out); accuracy None when none is scorable."""
+    scored = [c for c in correct if c is not None]
+    return (sum(scored) / len(scored) if scored else None), len(scored)

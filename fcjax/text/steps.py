@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import random
 import re
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 
-SplitMethod = Literal["paragraph", "cue", "tokens"]
+SplitMethod = Literal["paragraph", "cue", "tokens", "paper"]
 
 CUE_WORDS: tuple[str, ...] = (
     "wait",
@@ -150,7 +151,14 @@ def split_steps(
     tokens: fixed windows of `window` tokens over the tokens that overlap the reasoning block;
       needs `token_offsets` (char (start, end) per generated token, see `token_char_offsets`);
       token spans are filled in.
+    paper: the published segmentation (`paper_spans`), each step's span stripped.
     """
+    if method == "paper":
+        steps = []
+        for a, _, body in paper_spans(text):
+            a += text[a:].index(body)
+            steps.append(Step(len(steps), a, a + len(body), body))
+        return steps
     start, end = reasoning_span(text)
     if method == "paragraph":
         spans = _paragraph_spans(text, start, end)
@@ -164,6 +172,72 @@ def split_steps(
     else:
         raise ValueError(f"split_steps: unknown method {method!r}")
     return [Step(i, a, b, text[a:b]) for i, (a, b) in enumerate(spans)]
+
+
+_PAPER_BREAK = re.compile(r"\n\n+")
+
+
+def paper_block(text: str) -> tuple[int, int]:
+    """The published reasoning block: before the first ``</think>`` when no ``<think>``
+    precedes it; between the first ``<think>`` and the first ``</think>`` when both are there
+    in that order; otherwise the WHOLE text (a ``<think>`` that never closes stays in it)."""
+    close, open_ = text.find("</think>"), text.find("<think>")
+    if close >= 0 and (open_ < 0 or open_ > close):
+        return 0, close
+    if open_ >= 0 and close >= 0:
+        return open_ + len("<think>"), close
+    return 0, len(text)
+
+
+def paper_spans(text: str) -> list[tuple[int, int, str]]:
+    """The published steps: (start, end, stripped text) of each paragraph of ``paper_block``,
+    split at runs of two or more newlines only ("\n \n" does not split); [start, end) is
+    the unstripped paragraph and whitespace-only paragraphs are dropped."""
+    start, end = paper_block(text)
+    spans, cursor = [], start
+    for brk in [*_PAPER_BREAK.finditer(text, start, end), None]:
+        stop = end if brk is None else brk.start()
+        if text[cursor:stop].strip():
+            spans.append((cursor, stop, text[cursor:stop].strip()))
+        if brk is not None:
+            cursor = brk.end()
+    return spans
+
+
+def paper_step_draw(n_steps: Sequence[int], max_steps: int = 20, seed: int = 42) -> list[list[int]]:
+    """The published choice of steps for sampling consistency, for a whole run at once.
+
+    ONE ``random.Random(seed)`` serves every example in order: an example with at most
+    ``max_steps`` steps keeps them all (and draws nothing), a longer one keeps its first and
+    last step and ``max_steps - 2`` of the others drawn by ``sample`` (sorted). So an
+    example's choice depends on the examples before it: the run order must be the published
+    one (the subset order of ``paper_subset``).
+    """
+    if max_steps < 2:
+        raise ValueError(f"paper_step_draw: max_steps must be >= 2, got {max_steps}")
+    rng = random.Random(seed)
+    out = []
+    for n in n_steps:
+        if n < 0:
+            raise ValueError(f"paper_step_draw: n_steps must be >= 0, got {n}")
+        if n <= max_steps:
+            out.append(list(range(n)))
+        else:
+            middle = sorted(rng.sample(range(1, n - 1), max_steps - 2))
+            out.append([0, *middle, n - 1])
+    return out
+
+
+def paper_selection(
+    example_ids: Sequence[str], n_steps: Sequence[int], max_steps: int = 20, seed: int = 42
+) -> dict[str, list[int]]:
+    """``paper_step_draw`` keyed by example id (examples in run order)."""
+    if len(example_ids) != len(n_steps):
+        raise ValueError(
+            f"paper_selection: {len(example_ids)} example ids for {len(n_steps)} step counts"
+        )
+    drawn = paper_step_draw(n_steps, max_steps, seed)
+    return dict(zip(example_ids, drawn, strict=True))
 
 
 def _stable_key(key: str | int) -> int:
