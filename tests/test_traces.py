@@ -228,6 +228,7 @@ def test_write_read_round_trip_jsonl_and_parquet(tmp_path):
             "prompt": "user: Pick one",
         },
         {"id": "q3", "question": "Q?", "gold": "C", "text": "t", "dataset": "hle"},
+        {**GOOD, "id": "q4", "gold": "C", "dataset": "hle", "answer_type": "multipleChoice"},
     ]
     write_traces(tmp_path / "t.jsonl", rows)
     write_traces(tmp_path / "t.parquet", rows)
@@ -239,6 +240,8 @@ def test_write_read_round_trip_jsonl_and_parquet(tmp_path):
     assert a[1].finish_reason == "unknown" and a[0].finish_reason == "eos"
     assert a[2].kind == "math"  # hle without answer_type: inferred from the gold
     assert a[1].example.source == "musr" and a[0].example.source == "t.jsonl"
+    # HLE's answer type reaches the example (the paper protocol's prompt and scorer read it)
+    assert a[3].example.answer_type == "multipleChoice" and a[3].example.kind == "letter"
 
 
 def test_subset_is_the_datasets_rule(tmp_path):

@@ -84,7 +84,9 @@ class TraceRecord:
     def example(self) -> Example:
         """The question as a dataset example (its prompt and scoring read this)."""
         source = self.dataset or self.where.rsplit(" ", 2)[0]  # else the file's name
-        return Example(self.id, self.question, self.choices, self.gold, self.kind, source)
+        return Example(
+            self.id, self.question, self.choices, self.gold, self.kind, source, self.answer_type
+        )
 
 
 def scoring_kind(
