@@ -81,7 +81,7 @@ def _lowered_whiles(platform: str, reads: str) -> int:
         cache(8, 256), cache(8, 256), sd((4, 2), jnp.int32), sd((), jnp.int32),
     )  # fmt: skip
     fn = jax.jit(lambda *a: attention.decode_attention(*a, reads=reads))
-    lowered = profile.lower_for(fn.trace(*args), (platform,))
+    lowered = profile.lower_for(fn, (platform,), *args)
     return profile.lowered_ops(lowered.as_text()).whiles
 
 

@@ -11,6 +11,7 @@ import pytest
 from tiny_models import build_tiny
 
 import fcjax
+from fcjax.engine import profile
 from fcjax.models import attention, attention_pallas
 
 
@@ -132,9 +133,8 @@ def test_kernels_lower_to_triton_for_cuda(shape, dtype):
         sd((n_ctx, rows), jnp.int32), cache(n_ctx * rows, new), cache(n_ctx * rows, new),
         sd((n_ctx, rows), jnp.int32), sd((), jnp.int32),
     )  # fmt: skip
-    lowered = jax.jit(attention_pallas.decode_attention).trace(*args)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    lowered = profile.lower_for(jax.jit(attention_pallas.decode_attention), ("cuda",), *args)
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
 
 
 def test_a_head_dim_triton_cannot_tile_is_refused():
@@ -150,7 +150,6 @@ def test_a_whole_decode_step_with_the_kernels_lowers_for_cuda():
     """The engine's decode step of a qwen2-1.5b-shaped bf16 model (weights never allocated)
     with ``decode_attention='pallas'`` lowers for CUDA: two kernels per layer inside the
     step, with top-p sampling."""
-    from fcjax.engine import profile
     from fcjax.engine.sampling import Sampler
     from fcjax.models.presets import PRESETS
 
