@@ -37,6 +37,7 @@ def _inputs(seed, n_ctx, rows, heads, kv, hd, ctx_len, new, dtype=jnp.float32):
         (3, 4, 6, 2, 64, 128, 64, 5),  # branch-like: rows share a context; the ring wraps
         (5, 1, 9, 3, 32, 256, 128, 128),  # generate-like: 3 groups (not a power of two)
         (2, 24, 4, 1, 16, 64, 32, 17),  # more query rows than one tile (24 x 4 > 64)
+        (1, 2, 4, 2, 16, 512, 512, 100),  # 8 sequence splits of each part; the window wraps
     ],
 )
 def test_kernels_equal_the_xla_path(n_ctx, rows, heads, kv, hd, ctx_len, new, own_end):
@@ -45,6 +46,22 @@ def test_kernels_equal_the_xla_path(n_ctx, rows, heads, kv, hd, ctx_len, new, ow
     ref = attention.decode_attention(*args, end, precision=jax.lax.Precision.HIGHEST)
     got = attention_pallas.decode_attention(*args, end, interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_sequence_splits():
+    """Few programs split the sequence (a power of two dividing the tiles) until a part has
+    about ``PROGRAMS``; many do not split it."""
+    assert attention_pallas.splits(2, 8) == 8  # a 512-position cache of 64-key tiles
+    assert attention_pallas.splits(4, 64) == 64
+    assert attention_pallas.splits(64, 12) == 4  # 8 does not divide 12 tiles
+    assert attention_pallas.splits(100, 64) == 4  # 400 programs >= PROGRAMS
+    assert attention_pallas.splits(attention_pallas.PROGRAMS, 64) == 1
+
+
+def test_a_cache_length_the_tiles_cannot_cover_is_refused():
+    args = _inputs(0, 1, 1, 2, 1, 16, 96, 64)  # 96 context positions: 1.5 tiles
+    with pytest.raises(ValueError, match="multiples of 64 or powers of two below it, got 96"):
+        attention_pallas.decode_attention(*args, jnp.int32(0), interpret=True)
 
 
 def test_kernels_in_bfloat16():
