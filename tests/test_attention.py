@@ -132,3 +132,21 @@ def test_prefill_chunks_queries_of_any_length(monkeypatch, seq, chunk):
     shapes = _jaxpr_shapes(jax.make_jaxpr(fn)(q, k, v, lengths).jaxpr)
     square = [s for s in shapes if sum(d >= seq for d in s) >= 2]
     assert (square == []) == (seq > chunk), square
+
+
+@pytest.mark.parametrize("path", ["live", "full", "pallas_interpret"])
+def test_rows_that_attend_to_nothing_stay_finite(path):
+    """A step where no row is live (every length 0) reads nothing on the live paths: the
+    output is finite (no 0 / 0), so no NaN reaches the caches the next layers write."""
+    from fcjax.models import attention_pallas
+
+    q, ctx_k, ctx_v, _, own_k, own_v, _ = map(
+        jnp.asarray, _decode_inputs(3, 2, 2, 4, 2, 16, 128, 64)
+    )
+    none = jnp.zeros((2, 2), jnp.int32)
+    args = (q, ctx_k, ctx_v, none, own_k, own_v, none, jnp.int32(0))  # ring at a block start
+    if path == "pallas_interpret":
+        out = attention_pallas.decode_attention(*args, interpret=True)
+    else:
+        out = attention.decode_attention(*args, reads=path)
+    assert np.isfinite(np.asarray(out)).all()

@@ -184,5 +184,6 @@ def decode_attention(
         lambda pos: (own_end - 1 - pos) % new < own_valid[..., None],
         ("bkgh,bksh->bkgs", "bkgs,bksh->bkgh"),
     )  # fmt: skip
-    _, l, acc = carry
-    return (acc / l[..., None]).reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)
+    _, l, acc = carry  # l = 0 only where nothing was read (no live row): zeros, not 0 / 0
+    out = acc / jnp.maximum(l, jnp.finfo(f32).tiny)[..., None]
+    return out.reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)

@@ -255,5 +255,6 @@ def decode_attention(
     m, l, acc = (jnp.concatenate(x, axis=2) for x in zip(context, own, strict=True))
     top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - top)
-    out = jnp.sum(acc * w[..., None], axis=2) / jnp.sum(l * w, axis=2)[..., None]
+    total = jnp.maximum(jnp.sum(l * w, axis=2), jnp.finfo(jnp.float32).tiny)  # 0: none read
+    out = jnp.sum(acc * w[..., None], axis=2) / total[..., None]
     return out.reshape(n_ctx, rows, heads, hd).astype(own_v.dtype)
