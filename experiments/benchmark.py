@@ -707,13 +707,16 @@ def proxies() -> None:
                 compiled = profile.compile_step(full, layout, sampler)
                 b = profile.step_bytes(full, layout, sampler, compiled)
                 copies = profile.layout_copies(full, layout, compiled)
+                upcasts = profile.cpu_upcasts(full, compiled)
                 ratios.append(b.ratio)
                 print(
                     f"decode step {what} {contexts}x{rows} rows, {positions} context + "
                     f"{layout.new} own positions, {name}: HLO {b.hlo / 1e6:.1f} MB vs ideal "
                     f"{b.ideal / 1e6:.1f} MB (weights {b.weights / 1e6:.1f} + KV "
                     f"{b.kv / 1e6:.1f}) = {b.ratio:.3f}x; loops with a traced trip count "
-                    f"(counted once): {b.unscaled}; KV-sized copies/transposes or "
+                    f"(counted once): {b.unscaled}; of the HLO bytes, XLA:CPU's bf16-to-f32 "
+                    f"weight converts (a GPU has none): {upcasts / 1e6:.1f} MB; KV-sized "
+                    f"copies/transposes or "
                     f"weight-sized slices: {len(copies)}"
                 )
     whiles, top_k = [], []

@@ -101,6 +101,17 @@ def test_loop_bytes_count_every_iteration():
     assert unscaled == 1 and scaled == once_traced
 
 
+def test_cpu_upcasts_are_the_16_bit_weights_converted(tiny):
+    """XLA:CPU converts a bf16 weight to float32 for its dot (6 bytes an element); a float32
+    program has no such convert."""
+    sd = jax.ShapeDtypeStruct
+    w = next(x for x in jax.tree.leaves(tiny.state) if np.ndim(x) == 2)  # a weight shape
+    for dtype, want in ((jnp.bfloat16, 6 * w.size), (jnp.float32, 0)):
+        x, wt = sd((8, w.shape[0]), dtype), sd(w.shape, dtype)
+        compiled = jax.jit(lambda a, b: a @ b).lower(x, wt).compile()
+        assert profile.cpu_upcasts(tiny, compiled) == want, dtype
+
+
 def test_programs_per_call_and_no_implicit_transfers(tiny):
     params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=20, seed=4)
     prompts = [list(range(1, n)) for n in (70, 90, 100)]  # a bucket no other test uses

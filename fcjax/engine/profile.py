@@ -303,6 +303,23 @@ def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
     return found
 
 
+def cpu_upcasts(lm: LM, compiled) -> int:
+    """Bytes of the instructions of a step that convert a weight-sized 16-bit array to float32
+    (read 2 bytes, write 4 per element): XLA:CPU runs bf16 dots in float32, a GPU reads the
+    16-bit weights, so these bytes (and the dots' wider reads) are the CPU's, not the step's."""
+    weight_shapes = {_dims(np.shape(x)) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
+    text = compiled.as_text()
+    fused = set(re.findall(r"calls=%([\w.\-]+)", text))  # counted by their fusion instruction
+    total = 0
+    for comp, instrs in _computations(text).items():
+        for name, shape, op, _, _ in instrs if comp not in fused else ():
+            m = re.fullmatch(r"f32\[([\d,]*)\]\S*", shape)
+            if m and ("convert" in name or op == "convert"):
+                dims = [int(d) for d in m.group(1).split(",") if d]
+                total += int(np.prod(dims)) * 6 if _dims(dims) in weight_shapes else 0
+    return total
+
+
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
