@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -150,8 +151,9 @@ SEED = flags.DEFINE_integer("seed", 0, "prompt tokens and sampling", flag_values
 PROXIES = flags.DEFINE_bool(
     "proxies",
     False,
-    "print CPU-measurable proxies of decode efficiency (HLO bytes per decode step against "
-    "weights + KV, layout copies, programs compiled per call, row-step utilisation and context "
+    "print CPU-measurable proxies of decode efficiency (HLO bytes per bf16 decode step against "
+    "weights + KV at 1k and 4k context positions, layout copies, while loops and top_k of the "
+    "step lowered for CUDA, programs compiled per call, row-step utilisation and context "
     "padding on a long-tailed workload, host transfers per chunk) instead of timing",
     flag_values=BENCH_FLAGS,
 )
@@ -681,30 +683,59 @@ def chat_rows(notes: list[str]) -> list[Row]:
     return rows
 
 
+PROXY_LAYOUTS = {"generate": (32, 1), "branch": (8, 16)}
+PROXY_SAMPLERS = {"greedy": Sampler(0.0, 1.0, 0, 5), "T=0.8 top-p 0.95": Sampler(0.8, 0.95, 0, 5)}
+PROXY_POSITIONS = (1024, 4096)  # context cache positions of the decode-step bytes
+CUDA_POSITIONS = 2048  # ... and of the decode step lowered for CUDA
+
+
 def proxies() -> None:
     """``--proxies``: every figure from compiled programs and engine counters, no timing."""
     config = PRESETS.get(MODEL.value.removeprefix("random:"))
-    lm = (
-        fcjax.load(f"random:{config.name}")
-        if config is not None
-        else load_model(MODEL.value, "float32")
+    config = config if config is not None else load_model(MODEL.value, "float32").config
+    lm = profile.abstract_lm(config, jnp.bfloat16)  # shapes only: nothing allocated
+    full = lm.with_decode_attention("xla_full")  # the XLA program a GPU runs
+    print(
+        f"model: {config.name} in bfloat16; the decode step as a GPU runs it (XLA attention "
+        f"reading whole caches), compiled for this CPU; every loop iteration counted"
     )
-    print(f"model: {lm.name}, float32 (bytes are counted on float32; bf16 is emulated on CPU)")
     ratios = []
-    for contexts, rows, what in ((32, 1, "generate"), (8, 4, "branch")):
-        layout = profile.one_block_layout(contexts, rows)
-        for sampler in (Sampler(0.0, 1.0, 0, 5), Sampler(0.8, 0.95, 0, 5)):
-            compiled = profile.compile_step(lm, layout, sampler)
-            b = profile.step_bytes(lm, layout, sampler, compiled)
-            copies = profile.layout_copies(lm, layout, compiled)
-            ratios.append(b.ratio)
-            print(
-                f"decode step {what} {contexts}x{rows} rows, "
-                f"{'greedy' if sampler.temperature == 0 else 'T=0.8 top-p 0.95'}: HLO "
-                f"{b.hlo / 1e6:.1f} MB vs ideal {b.ideal / 1e6:.1f} MB (weights "
-                f"{b.weights / 1e6:.1f} + KV {b.kv / 1e6:.1f}) = {b.ratio:.3f}x; "
-                f"KV-sized copies/transposes or weight-sized slices: {len(copies)}"
-            )
+    for what, (contexts, rows) in PROXY_LAYOUTS.items():
+        for positions in PROXY_POSITIONS:
+            layout = profile.cache_layout(contexts, rows, positions)
+            for name, sampler in PROXY_SAMPLERS.items():
+                compiled = profile.compile_step(full, layout, sampler)
+                b = profile.step_bytes(full, layout, sampler, compiled)
+                copies = profile.layout_copies(full, layout, compiled)
+                upcasts = profile.cpu_upcasts(full, compiled)
+                ratios.append(b.ratio)
+                print(
+                    f"decode step {what} {contexts}x{rows} rows, {positions} context + "
+                    f"{layout.new} own positions, {name}: HLO {b.hlo / 1e6:.1f} MB vs ideal "
+                    f"{b.ideal / 1e6:.1f} MB (weights {b.weights / 1e6:.1f} + KV "
+                    f"{b.kv / 1e6:.1f}) = {b.ratio:.3f}x; loops with a traced trip count "
+                    f"(counted once): {b.unscaled}; of the HLO bytes, XLA:CPU's bf16-to-f32 "
+                    f"weight converts (a GPU has none): {upcasts / 1e6:.1f} MB; KV-sized "
+                    f"copies/transposes or "
+                    f"weight-sized slices: {len(copies)}"
+                )
+    whiles, top_k = [], []
+    paths = ["xla", "pallas"] if _pallas_tiles(config.head_dim) else ["xla"]
+    for attn in paths:
+        for what, (contexts, rows) in PROXY_LAYOUTS.items():
+            layout = profile.cache_layout(contexts, rows, CUDA_POSITIONS, CUDA_POSITIONS)
+            for name, sampler in PROXY_SAMPLERS.items():
+                ops = profile.cuda_step_ops(lm.with_decode_attention(attn), layout, sampler)
+                vocab_sorts = [x for x in ops.sorts if x and x[-1] >= config.vocab_size]
+                whiles.append(ops.whiles)
+                top_k += ops.top_k
+                print(
+                    f"decode step lowered for CUDA, {attn} attention, {what} {contexts}x{rows} "
+                    f"rows, {CUDA_POSITIONS} positions, {name}: while loops {ops.whiles}, "
+                    f"top_k k={list(ops.top_k)}, sorts of the vocabulary {len(vocab_sorts)}"
+                )
+    if len(paths) == 1:
+        print(f"(no Pallas kernels for head_dim {config.head_dim}: Triton tiles need 2^n >= 16)")
     tiny = load_model("random:tiny-llama", "float32")
     prompts = [list(range(1, n)) for n in (20, 33, 47)]
     params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=40, seed=1)
@@ -729,13 +760,18 @@ def proxies() -> None:
         f"{s.row_utilisation:.3f} (fixed batches: {work.static_utilisation:.3f}); row-steps "
         f"after the queue ran empty {s.tail_row_steps / s.row_steps:.1%} (the tail runs on "
         f"the live slots: {tailed.count} programs compiled by this call, the narrower "
-        f"chunks included); context KV read that is padding {s.ctx_padding:.1%} (XLA path; "
-        f"the Pallas kernels would read {s.ctx_padding_ragged:.1%})"
+        f"chunks included); context KV read that is padding {s.ctx_padding:.1%} (XLA path "
+        f"on CPU, live blocks; the Pallas kernels would read {s.ctx_padding_ragged:.1%})"
     )
     print(
         f"hlo_bytes_ratio={max(ratios):.3f} row_utilisation={s.row_utilisation:.3f} "
-        f"programs_per_call={first.count}"
+        f"programs_per_call={first.count} cuda_while_loops={max(whiles)} "
+        f"cuda_top_k_max={max(top_k, default=0)}"
     )
+
+
+def _pallas_tiles(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def main(argv):

@@ -11,6 +11,7 @@ import pytest
 from tiny_models import build_tiny
 
 import fcjax
+from fcjax.engine import profile
 from fcjax.models import attention, attention_pallas
 
 
@@ -36,6 +37,7 @@ def _inputs(seed, n_ctx, rows, heads, kv, hd, ctx_len, new, dtype=jnp.float32):
         (3, 4, 6, 2, 64, 128, 64, 5),  # branch-like: rows share a context; the ring wraps
         (5, 1, 9, 3, 32, 256, 128, 128),  # generate-like: 3 groups (not a power of two)
         (2, 24, 4, 1, 16, 64, 32, 17),  # more query rows than one tile (24 x 4 > 64)
+        (1, 2, 4, 2, 16, 512, 512, 100),  # 8 sequence splits of each part; the window wraps
     ],
 )
 def test_kernels_equal_the_xla_path(n_ctx, rows, heads, kv, hd, ctx_len, new, own_end):
@@ -44,6 +46,22 @@ def test_kernels_equal_the_xla_path(n_ctx, rows, heads, kv, hd, ctx_len, new, ow
     ref = attention.decode_attention(*args, end, precision=jax.lax.Precision.HIGHEST)
     got = attention_pallas.decode_attention(*args, end, interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_sequence_splits():
+    """Few programs split the sequence (a power of two dividing the tiles) until a part has
+    about ``PROGRAMS``; many do not split it."""
+    assert attention_pallas.splits(2, 8) == 8  # a 512-position cache of 64-key tiles
+    assert attention_pallas.splits(4, 64) == 64
+    assert attention_pallas.splits(64, 12) == 4  # 8 does not divide 12 tiles
+    assert attention_pallas.splits(100, 64) == 4  # 400 programs >= PROGRAMS
+    assert attention_pallas.splits(attention_pallas.PROGRAMS, 64) == 1
+
+
+def test_a_cache_length_the_tiles_cannot_cover_is_refused():
+    args = _inputs(0, 1, 1, 2, 1, 16, 96, 64)  # 96 context positions: 1.5 tiles
+    with pytest.raises(ValueError, match="multiples of 64 or powers of two below it, got 96"):
+        attention_pallas.decode_attention(*args, jnp.int32(0), interpret=True)
 
 
 def test_kernels_in_bfloat16():
@@ -132,9 +150,8 @@ def test_kernels_lower_to_triton_for_cuda(shape, dtype):
         sd((n_ctx, rows), jnp.int32), cache(n_ctx * rows, new), cache(n_ctx * rows, new),
         sd((n_ctx, rows), jnp.int32), sd((), jnp.int32),
     )  # fmt: skip
-    lowered = jax.jit(attention_pallas.decode_attention).trace(*args)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2
+    lowered = profile.lower_for(jax.jit(attention_pallas.decode_attention), ("cuda",), *args)
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
 
 
 def test_a_head_dim_triton_cannot_tile_is_refused():
@@ -150,7 +167,6 @@ def test_a_whole_decode_step_with_the_kernels_lowers_for_cuda():
     """The engine's decode step of a qwen2-1.5b-shaped bf16 model (weights never allocated)
     with ``decode_attention='pallas'`` lowers for CUDA: two kernels per layer inside the
     step, with top-p sampling."""
-    from fcjax.engine import profile
     from fcjax.engine.sampling import Sampler
     from fcjax.models.presets import PRESETS
 

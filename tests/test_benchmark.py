@@ -124,15 +124,29 @@ def test_proxies_print_their_figures_and_the_summary_line():
         "--proxy_prompts=24",
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    steps = [line for line in lines if line.startswith("decode step")]
-    assert len(steps) == 4 and all(line.endswith("slices: 0") for line in steps)
+    steps = [line for line in lines if line.startswith("decode step ") and "rows, " in line]
+    steps = [line for line in steps if "lowered for CUDA" not in line]
+    # 2 layouts x 1k and 4k positions x 2 samplers, in bf16, every loop's trip count known
+    assert len(steps) == 8 and all(line.endswith("slices: 0") for line in steps)
+    assert all("(counted once): 0;" in line for line in steps)
+    assert {line.split(" context")[0].split()[-1] for line in steps} == {"1024", "4096"}
+    cuda = [line for line in lines if line.startswith("decode step lowered for CUDA")]
+    assert len(cuda) == 8  # xla and pallas (head_dim 16) x 2 layouts x 2 samplers
+    loops = [int(line.split("while loops ")[1].split(",")[0]) for line in cuda]
     last = dict(kv.split("=") for kv in lines[-1].split())
-    assert set(last) == {"hlo_bytes_ratio", "row_utilisation", "programs_per_call"}
+    assert set(last) == {
+        "hlo_bytes_ratio",
+        "row_utilisation",
+        "programs_per_call",
+        "cuda_while_loops",
+        "cuda_top_k_max",
+    }
     ratios = [float(line.split(" = ")[1].split("x;")[0]) for line in steps]
     assert float(last["hlo_bytes_ratio"]) == pytest.approx(max(ratios), abs=1e-3)
+    assert int(last["cuda_while_loops"]) == max(loops) <= 2
     assert 0 < float(last["row_utilisation"]) <= 1
     assert int(last["programs_per_call"]) <= 3
 

@@ -63,6 +63,55 @@ def test_gather_counts_the_rows_it_reads():
     assert corrected(lambda e, i: jnp.take(e, i, axis=0) * 2 + e.sum()) >= nbytes
 
 
+def _bytes(fn, *args) -> tuple[float, float, int]:
+    """(XLA's cost analysis, the same with every loop iteration, loops not scaled)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
+    extra, unscaled = profile.loop_bytes(compiled.as_text())
+    return cost, cost + extra, unscaled
+
+
+def test_loop_bytes_count_every_iteration():
+    """A loop of known trip count moves what its unrolled program moves (XLA's cost
+    analysis counts the body once); nested loops multiply; a loop body that slices a big
+    operand counts the slices; a loop whose count is traced is reported, not scaled."""
+    sd = jax.ShapeDtypeStruct
+    x, w = sd((64, 256), jnp.float32), sd((256, 256), jnp.float32)
+
+    def loop(n, unroll=False):
+        return lambda x, w: jax.lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x, unroll=unroll)
+
+    once, scaled, unscaled = _bytes(loop(8), x, w)
+    unrolled, same, _ = _bytes(loop(8, True), x, w)
+    assert unrolled == same and unscaled == 0
+    assert scaled == pytest.approx(unrolled, rel=0.1) and once < unrolled / 4
+    nested = lambda x, w: jax.lax.fori_loop(0, 4, lambda j, c: loop(8)(c, w), x)  # noqa: E731
+    assert _bytes(nested, x, w)[1] == pytest.approx(4 * unrolled, rel=0.1)
+    big = sd((1024, 256), jnp.float32)
+
+    def slices(x, big):
+        body = lambda i, c: c + jax.lax.dynamic_slice_in_dim(big, i * 64, 64)  # noqa: E731
+        return jax.lax.fori_loop(0, 16, body, x)
+
+    _, scaled, _ = _bytes(slices, x, big)
+    assert scaled < 4 * 1024 * 256 * 4  # 16 x (slice + carry in and out) + one read of big
+    traced = lambda x, w, n: jax.lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)  # noqa: E731
+    once_traced, scaled, unscaled = _bytes(traced, x, w, sd((), jnp.int32))
+    assert unscaled == 1 and scaled == once_traced
+
+
+def test_cpu_upcasts_are_the_16_bit_weights_converted(tiny):
+    """XLA:CPU converts a bf16 weight to float32 for its dot (6 bytes an element); a float32
+    program has no such convert."""
+    sd = jax.ShapeDtypeStruct
+    w = next(x for x in jax.tree.leaves(tiny.state) if np.ndim(x) == 2)  # a weight shape
+    for dtype, want in ((jnp.bfloat16, 6 * w.size), (jnp.float32, 0)):
+        x, wt = sd((8, w.shape[0]), dtype), sd(w.shape, dtype)
+        compiled = jax.jit(lambda a, b: a @ b).lower(x, wt).compile()
+        assert profile.cpu_upcasts(tiny, compiled) == want, dtype
+
+
 def test_programs_per_call_and_no_implicit_transfers(tiny):
     params = fcjax.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=20, seed=4)
     prompts = [list(range(1, n)) for n in (70, 90, 100)]  # a bucket no other test uses

@@ -5,7 +5,7 @@ The pool has ``contexts x rows`` row slots. A context slot holds one shared pref
 for ``generate``; a whole trace that many branch rows read, for ``branch``); each of its row
 slots holds one continuation being sampled, which sees the first ``ctx_valid`` positions of
 its context and then its own tokens. Between chunks the host refills finished row slots (and
-context slots whose rows are all done) from its queue (``fcjax.engine.scheduler``), so a
+context slots whose rows are all done) from its queue (``fcjax.engine.generate``), so a
 batch never waits for its longest row.
 
 Per layer the caches are batch-first, ``ctx_k [contexts, kv_heads, ctx_len, head_dim]`` and
@@ -170,8 +170,8 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     n_own = pool.n_own + active.astype(jnp.int32)
     finished = active & (jnp.isin(tok, jnp.asarray(eos, jnp.int32)) | stopped | (n_own >= limit))
     slot = pool.t % pool.cache.own_k[0].shape[2]
-    # finished rows attend to nothing but their new token, so the block loops stop at the
-    # longest *live* prefix (idle slots keep stale lengths until they are refilled)
+    # finished rows attend to nothing but their new token, so reads that stop at the longest
+    # live prefix (the XLA path off GPU, the Pallas kernels) skip idle slots' stale lengths
     live_ctx, live_own = jnp.where(active, pool.ctx_valid, 0), jnp.where(active, pool.n_own, 0)
     out = model.decode(tok, pool.ctx_valid + pool.n_own, pool.cache, live_ctx, live_own, slot)
     cache = pool.cache._replace(own_k=out.own_k, own_v=out.own_v)

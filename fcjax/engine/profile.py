@@ -1,11 +1,15 @@
 """Proxies of decode efficiency that a CPU can measure (``experiments.benchmark --proxies``).
 
 - ``step_bytes``: the bytes XLA's cost analysis says one compiled decode step reads and
-  writes, against the ideal (every weight and the live KV once). The step is compiled for a
-  pool whose caches hold one attention block each, so every block loop runs exactly once and
-  the cost analysis (which counts a loop body once) covers the whole step.
+  writes, against the ideal (every weight and the live KV once). The cost analysis counts a
+  loop body once; ``loop_bytes`` adds the other iterations of every loop whose trip count is
+  known (the sampler's passes), and loops whose count is a traced value are reported (a
+  ``xla_full`` model has none: it is the program a GPU runs, every cache read whole).
 - ``layout_copies``: instructions of that program that copy, transpose or slice a KV-sized or
   weight-sized array: what a batch-first cache layout and per-layer weights exist to avoid.
+- ``lowered_ops``: ``while`` loops, ``top_k`` and sorts of a step lowered for a GPU
+  (``lower_step(..., platforms=("cuda",))``, no GPU needed): on a GPU each iteration of a
+  loop sends its predicate to the host, and XLA's GPU TopK sorts the whole row for k > 16.
 - ``CompileCounter``: XLA programs compiled during a call.
 - ``long_tailed``: row-step utilisation and context padding of continuous batching on a
   geometric length mix, against the same generations in fixed batches.
@@ -41,6 +45,11 @@ def one_block_layout(contexts: int, rows: int) -> Layout:
     return Layout(contexts=contexts, rows=rows, ctx_len=MIN_BLOCK, new=MIN_BLOCK, reads=1)
 
 
+def cache_layout(contexts: int, rows: int, positions: int, new: int = 256) -> Layout:
+    """A pool whose context caches hold ``positions`` positions and own rings ``new``."""
+    return Layout(contexts=contexts, rows=rows, ctx_len=positions, new=new, reads=1)
+
+
 def abstract_lm(config, dtype=jnp.float32) -> LM:
     """An LM of ``config``'s shape whose weights are shapes only (for compiling, not running:
     a large model's step can be analysed without allocating it)."""
@@ -55,6 +64,22 @@ def compile_step(lm: LM, layout: Layout, sampler: Sampler):
     return lower_step(lm, layout, sampler).compile()
 
 
+GPU_TARGET = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+
+
+def lower_for(jitted, platforms: tuple[str, ...], *args, **kwargs):
+    """``jitted(*args, **kwargs)`` traced and lowered for ``platforms`` (empty: this
+    backend). Lowering Pallas's Triton kernels for CUDA without a GPU needs a target GPU
+    from jax 0.11 on, which it reads from the abstract mesh's device of the trace:
+    ``GPU_TARGET``, set while tracing and lowering for CUDA."""
+    if "cuda" not in platforms:
+        traced = jitted.trace(*args, **kwargs)
+        return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+    target = jax.sharding.AbstractMesh((), (), abstract_device=GPU_TARGET)
+    with jax.sharding.use_abstract_mesh(target):
+        return jitted.trace(*args, **kwargs).lower(lowering_platforms=platforms)
+
+
 def lower_step(lm: LM, layout: Layout, sampler: Sampler, platforms: tuple[str, ...] = ()):
     """One decode step over a pool of ``layout``, lowered (for ``platforms``, e.g.
     ``("cuda",)``, which needs no such device; default: this backend)."""
@@ -66,8 +91,34 @@ def lower_step(lm: LM, layout: Layout, sampler: Sampler, platforms: tuple[str, .
         jax.ShapeDtypeStruct((vocab,), jnp.uint32),
     )
     limit = jax.ShapeDtypeStruct((), jnp.int32)
-    traced = _one_step.trace(lm.graphdef, lm.state, pool, stops, limit, sampler=sampler, eos=(-1,))
-    return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+    args = (lm.graphdef, lm.state, pool, stops, limit)
+    return lower_for(_one_step, platforms, *args, sampler=sampler, eos=(-1,))
+
+
+@dataclasses.dataclass
+class LoweredOps:
+    """Ops of a lowered (StableHLO) program that a GPU runs badly."""
+
+    whiles: int  # while loops (fori_loop, scan, while_loop), nested ones included
+    top_k: tuple[int, ...]  # k of every top_k
+    sorts: tuple[tuple[int, ...], ...]  # the shape of every sort's (first) operand
+
+
+def lowered_ops(text: str) -> LoweredOps:
+    """``LoweredOps`` of StableHLO text (``lowered.as_text()``)."""
+    sorts, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if '"stablehlo.sort"(' in line:  # the operand types close the sort's region
+            close = next(x for x in lines[i:] if re.match(r"^\s*\}\) : \(tensor<", x))
+            dims = re.search(r"tensor<((?:\d+x)*)[a-z]\w*>", close).group(1)
+            sorts.append(tuple(int(d) for d in dims.split("x") if d))
+    top_k = re.findall(r"chlo\.top_k\(.*?k = (\d+)", text)
+    return LoweredOps(text.count("stablehlo.while"), tuple(map(int, top_k)), tuple(sorts))
+
+
+def cuda_step_ops(lm: LM, layout: Layout, sampler: Sampler) -> LoweredOps:
+    """``LoweredOps`` of one decode step lowered for CUDA (on any machine)."""
+    return lowered_ops(lower_step(lm, layout, sampler, platforms=("cuda",)).as_text())
 
 
 def _nbytes(tree) -> int:
@@ -76,9 +127,10 @@ def _nbytes(tree) -> int:
 
 @dataclasses.dataclass
 class StepBytes:
-    hlo: float  # bytes accessed, from XLA's cost analysis
+    hlo: float  # bytes accessed: XLA's cost analysis, every loop iteration counted
     weights: int
     kv: int
+    unscaled: int = 0  # loops whose trip count is a traced value (their body counted once)
 
     @property
     def ideal(self) -> int:
@@ -93,13 +145,93 @@ def step_bytes(lm: LM, layout: Layout, sampler: Sampler, compiled=None) -> StepB
     """HLO bytes of one decode step against weights + KV, with every cache full (live).
 
     XLA's cost analysis counts a gather fusion (the token embedding lookup) as reading its
-    whole table; it is counted here as reading the rows it gathers."""
+    whole table; it is counted here as reading the rows it gathers. It counts a loop body
+    once; the other iterations of loops with a known trip count are added (``loop_bytes``)."""
     compiled = compiled or compile_step(lm, layout, sampler)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
-    hlo = float(cost["bytes accessed"]) - gather_overcount(compiled.as_text())
-    return StepBytes(hlo, _nbytes(lm.state), _nbytes(pool.cache))
+    text = compiled.as_text()
+    extra, unscaled = loop_bytes(text)
+    hlo = float(cost["bytes accessed"]) - gather_overcount(text) + extra
+    return StepBytes(hlo, _nbytes(lm.state), _nbytes(pool.cache), unscaled)
+
+
+_NOT_MOVED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
+_SLICING = {"dynamic-slice", "slice", "gather"}
+
+
+def _computations(text: str) -> dict[str, list[tuple[str, str, str, list[str], str]]]:
+    """Computation name -> its instructions (name, shape, op, operand names (a parameter:
+    its index), attributes)."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) \(", line)
+        if head:
+            current = comps.setdefault(head.group(1), [])
+            continue
+        m = re.match(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(.*)$", line)
+        if current is not None and m:
+            name, shape, op, operands, rest = m.groups()
+            names = [operands] if op == "parameter" else re.findall(r"%([\w.\-]+)", operands)
+            current.append((name, shape, op, names, rest))
+    return comps
+
+
+def _bytes_of(shape: str) -> int:
+    return sum(_shape_bytes(d, dims) for d, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape))
+
+
+def _fusion_bytes(comp, shapes: dict[str, str], operands: list[str], out: str) -> int:
+    """Bytes a fusion moves: its output, and each operand whole unless the fused computation
+    only slices it (then the slices): how XLA's cost analysis counts a fusion."""
+    params = {int(operands[0]): name for name, _, op, operands, _ in comp if op == "parameter"}
+    total = _bytes_of(out)
+    for index, operand in enumerate(operands):
+        users = [i for i in comp if params.get(index) in i[3]]
+        if users and all(u[2] in _SLICING and u[3][0] == params[index] for u in users):
+            total += sum(_bytes_of(u[1]) for u in users)
+        else:
+            total += _bytes_of(shapes.get(operand, ""))
+    return total
+
+
+def loop_bytes(text: str) -> tuple[float, int]:
+    """Bytes of the loop iterations after the first in compiled HLO ``text`` (XLA's cost
+    analysis counts each loop body once), from each while loop's known trip count and its
+    body's instructions (operands and outputs, fusions as XLA counts them); and how many
+    loops have no known trip count (counted once)."""
+    comps = _computations(text)
+    unknown = 0
+
+    def cost(name: str, scaled: bool) -> float:
+        nonlocal unknown
+        instrs = comps.get(name, [])
+        shapes = {i[0]: i[1] for i in instrs}
+        total = 0.0
+        for _, shape, op, operands, rest in instrs:
+            if op in _NOT_MOVED:
+                continue
+            if op == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                cond = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                unknown += scaled and trip is None
+                n = int(trip.group(1)) if scaled and trip else 1
+                total += n * (cost(body, scaled) + cost(cond, scaled))
+            elif op == "fusion":
+                fused = re.search(r"calls=%([\w.\-]+)", rest).group(1)
+                total += _fusion_bytes(comps.get(fused, []), shapes, operands, shape)
+            elif op == "call":
+                total += cost(re.search(r"to_apply=%([\w.\-]+)", rest).group(1), scaled)
+            else:
+                total += _bytes_of(shape) + sum(_bytes_of(shapes.get(o, "")) for o in operands)
+        return total
+
+    entry = next((m.group(1) for m in re.finditer(r"^ENTRY %(\S+) \(", text, re.M)), None)
+    if entry is None:
+        return 0.0, 0
+    return cost(entry, True) - cost(entry, False), unknown
 
 
 def _shape_bytes(dtype: str, dims: str) -> int:
@@ -169,6 +301,23 @@ def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
         if kind is not None and _dims(d for d in dims.split(",") if d) in shapes:
             found.append(f"{op} {name} {dtype}[{dims}]")
     return found
+
+
+def cpu_upcasts(lm: LM, compiled) -> int:
+    """Bytes of the instructions of a step that convert a weight-sized 16-bit array to float32
+    (read 2 bytes, write 4 per element): XLA:CPU runs bf16 dots in float32, a GPU reads the
+    16-bit weights, so these bytes (and the dots' wider reads) are the CPU's, not the step's."""
+    weight_shapes = {_dims(np.shape(x)) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
+    text = compiled.as_text()
+    fused = set(re.findall(r"calls=%([\w.\-]+)", text))  # counted by their fusion instruction
+    total = 0
+    for comp, instrs in _computations(text).items():
+        for name, shape, op, _, _ in instrs if comp not in fused else ():
+            m = re.fullmatch(r"f32\[([\d,]*)\]\S*", shape)
+            if m and ("convert" in name or op == "convert"):
+                dims = [int(d) for d in m.group(1).split(",") if d]
+                total += int(np.prod(dims)) * 6 if _dims(dims) in weight_shapes else 0
+    return total
 
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"

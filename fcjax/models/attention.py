@@ -2,15 +2,17 @@
 
 - ``prefill_attention``: causal self-attention over a right-padded block of tokens: on GPU in
   16-bit dtypes ``jax.nn.dot_product_attention`` with cuDNN's flash kernel and sequence
-  lengths; elsewhere (and as the tested reference) an XLA path chunked over queries, so a
-  long trace never holds [seq, seq] scores.
+  lengths; elsewhere (and as the tested reference) an XLA path over chunks of queries, the
+  sequence padded to whole chunks, so a long trace never holds [seq, seq] scores.
 - ``decode_attention``: one new token per row, rows grouped as [contexts, rows]. Every row
   attends to a prefix of its context's cache (a prompt, or a trace that many branch rows
-  share) and to its own cache of generated tokens (itself included). It is cascade attention with
-  an online softmax: each context block is read once for all rows of that context, the own
-  blocks once per row, and the parts merge by log-sum-exp. Blocks past the longest live
-  length are never read (the block loops run to the batch's longest prefix), and scores exist
-  only one block at a time.
+  share) and to its own cache of generated tokens (itself included). It is cascade attention
+  with an online softmax: each context block is read once for all rows of that context, the
+  own blocks once per row, and the parts merge by log-sum-exp. Two ways to read the caches
+  (``reads``): ``live`` loops over blocks up to the batch's longest live length (trip counts
+  are traced values: free on CPU, but on GPU every iteration sends its predicate to the host);
+  ``full`` reads every position once, masked, with static shapes and no loop. By default
+  (``auto``) a program lowered for a GPU reads ``full`` and any other reads ``live``.
 
 KV caches are laid out batch-first per layer, ``[contexts, kv_heads, seq, head_dim]`` and
 ``[contexts * rows, kv_heads, new, head_dim]``, so no step transposes them. Grouped-query
@@ -19,6 +21,8 @@ attention reshapes queries to [.., kv_heads, groups, head_dim]; K/V are never re
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -26,13 +30,15 @@ NEG_INF = -1e30
 PREFILL_QUERY_CHUNK = 512
 BLOCKS = 8  # a decode cache is read in about this many blocks ...
 MIN_BLOCK = 64  # ... of at least this many positions
-KEY_BLOCK = 16  # positions per block of the Pallas kernels (vLLM's default page size)
+KEY_BLOCK = 64  # keys per tile of the Pallas kernels (a power of two: Triton)
+READS = ("auto", "live", "full")
 
 
 def block_size(length: int) -> int:
-    """Positions per block of decode attention over a cache of ``length`` positions (the
-    engine's buckets: powers of two, then multiples of 1024): small enough that a short
-    prefix in a long cache reads little past its end, large enough to keep loops short."""
+    """Positions per block of the ``live`` decode attention over a cache of ``length``
+    positions (the engine's buckets: powers of two, then multiples of 1024): small enough
+    that a short prefix in a long cache reads little past its end, large enough to keep
+    loops short."""
     block = max(MIN_BLOCK, length // BLOCKS)
     return block if length % block == 0 else length
 
@@ -77,13 +83,15 @@ def prefill_attention(
         return jnp.einsum("bkgts,bskh->btkgh", weights, v, precision=precision)
 
     chunk = PREFILL_QUERY_CHUNK
-    if seq <= chunk or seq % chunk:
+    if seq <= chunk:
         out = attend(q, key_pos)
-    else:
-        n = seq // chunk
+    else:  # queries padded to whole chunks (the padding's rows are dropped)
+        n = -(-seq // chunk)
+        q = jnp.pad(q, ((0, 0), (0, n * chunk - seq)) + ((0, 0),) * 3)
         q_chunks = q.reshape(batch, n, chunk, *q.shape[2:]).swapaxes(0, 1)
-        out = jax.lax.map(lambda a: attend(*a), (q_chunks, key_pos.reshape(n, chunk)))
-        out = out.swapaxes(0, 1)
+        q_pos = jnp.arange(n * chunk).reshape(n, chunk)
+        out = jax.lax.map(lambda a: attend(*a), (q_chunks, q_pos))
+        out = out.swapaxes(0, 1).reshape(batch, n * chunk, *q.shape[2:])[:, :seq]
     return out.reshape(batch, seq, heads, head_dim)
 
 
@@ -98,13 +106,24 @@ def decode_attention(
     own_end: jnp.ndarray,  # [] ring slot after the newest token (mod new)
     *,
     precision=None,
+    reads: str = "auto",
 ) -> jnp.ndarray:
     """Returns [ctx, rows, heads, head_dim] (the value dtype).
 
     The own cache is a ring every row writes at the same slot each step (the caller writes
     the new token first), so a row's ``own_valid`` tokens are the slots just before
-    ``own_end`` (mod ``new``), and the blocks read are those of the longest row's window.
+    ``own_end`` (mod ``new``). ``reads`` (``READS``): ``live`` reads the blocks of the
+    longest row's window only, ``full`` every block; ``auto`` chooses by the platform the
+    program is lowered for.
     """
+    args = (q, ctx_k, ctx_v, ctx_valid, own_k, own_v, own_valid, own_end)
+    if reads == "auto":
+        path = functools.partial(decode_attention, precision=precision)
+        full, live = (functools.partial(path, reads=r) for r in ("full", "live"))
+        return jax.lax.platform_dependent(*args, cuda=full, rocm=full, default=live)
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
+    live = reads == "live"
     n_ctx, rows, heads, head_dim = q.shape
     kv_heads = ctx_k.shape[1]
     q = q.reshape(n_ctx, rows, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
@@ -123,8 +142,11 @@ def decode_attention(
     def blocks(carry, q, cache_k, cache_v, block, first, n_blocks, ok, specs):
         """Merges blocks first, first + 1, ... (mod the cache's blocks) of a cache whose
         positions are its axis -2; ``ok(positions)`` -> [..rows.., block] which positions
-        each row attends to."""
-        total = cache_k.shape[-2] // block
+        each row attends to. ``live``: ``n_blocks`` of them; else the whole cache at once."""
+        size = cache_k.shape[-2]
+        if not live:
+            block, first, n_blocks = size, 0, 1
+        total = size // block
 
         def body(i, carry):
             start = (first + i) % total * block
@@ -134,6 +156,8 @@ def decode_attention(
             s = jnp.where(ok(start + jnp.arange(block))[..., None, None, :], s, NEG_INF)
             return merge(carry, s, vb, specs[1])
 
+        if not live:
+            return body(0, carry)
         return jax.lax.fori_loop(0, jnp.minimum(n_blocks, total), body, carry)
 
     # the running softmax (max m, sum l, weighted values acc) over the context: positions
@@ -160,5 +184,6 @@ def decode_attention(
         lambda pos: (own_end - 1 - pos) % new < own_valid[..., None],
         ("bkgh,bksh->bkgs", "bkgs,bksh->bkgh"),
     )  # fmt: skip
-    _, l, acc = carry
-    return (acc / l[..., None]).reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)
+    _, l, acc = carry  # l = 0 only where nothing was read (no live row): zeros, not 0 / 0
+    out = acc / jnp.maximum(l, jnp.finfo(f32).tiny)[..., None]
+    return out.reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)

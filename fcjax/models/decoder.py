@@ -147,15 +147,17 @@ class DecodeOut(NamedTuple):
     own_v: tuple
 
 
-DECODE_ATTENTION = ("xla", "pallas", "pallas_interpret")
+DECODE_ATTENTION = ("xla", "xla_full", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     """Activation dtype, matmul precision (HIGHEST for float32 parity on GPU/TPU) and the
-    decode attention: ``xla`` (every backend; the reference), ``pallas`` (Triton kernels
-    for GPU, ``fcjax.models.attention_pallas``) or ``pallas_interpret`` (the same kernels
-    interpreted on any backend, for tests)."""
+    decode attention: ``xla`` (every backend; the reference: on GPU it reads whole caches
+    with static shapes, elsewhere the live blocks only), ``xla_full`` (whole caches on every
+    backend: what a GPU runs, for CPU proxies), ``pallas`` (Triton kernels for GPU,
+    ``fcjax.models.attention_pallas``) or ``pallas_interpret`` (the same kernels interpreted
+    on any backend, for tests)."""
 
     dtype: str = "float32"
     decode_attention: str = "xla"
@@ -173,8 +175,9 @@ class Numerics:
 
     def attend_decode(self, *args):
         """``decode_attention`` (args as in ``fcjax.models.attention``) by the chosen path."""
-        if self.decode_attention == "xla":
-            return decode_attention(*args, precision=self.precision)
+        if self.decode_attention in ("xla", "xla_full"):
+            reads = "full" if self.decode_attention == "xla_full" else "auto"
+            return decode_attention(*args, precision=self.precision, reads=reads)
         from fcjax.models import attention_pallas
 
         interpret = self.decode_attention == "pallas_interpret"
