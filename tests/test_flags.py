@@ -54,7 +54,7 @@ def parse():
         ),
         (
             "--segmenter=words",
-            r"--segmenter=words: value should be one of <paragraph\|cue\|tokens>",
+            r"--segmenter=words: value should be one of <paragraph\|cue\|tokens\|paper>",
         ),
         ("--probe_family=linear,tree", r"--probe_family: unknown 'tree'; valid: linear, mlp"),
         ("--layers=1,x", r"--layers must be a comma-separated list of integers"),
