@@ -19,7 +19,7 @@ import traceback
 from absl import app, flags, logging
 
 import fcjax
-from experiments import cluster
+from experiments import cluster, logs
 from experiments.config import FIELDS, STAGES, Settings
 from experiments.rundir import RunDir, RunError
 from experiments.stages import Pipeline
@@ -230,7 +230,8 @@ def _run(procs, settings, out, redo, mesh, stop_after) -> RunDir:
         procs.barrier("config saved")
         t0 = time.perf_counter()
         for stage in STAGES:
-            pipe.run_stage(stage)
+            with logs.Stage(stage, skipped=rd.done(stage)):
+                pipe.run_stage(stage)
             if stage == stop_after:
                 break
         logging.info("run finished in %.1fs: %s", time.perf_counter() - t0, rd.path)
@@ -283,6 +284,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.quiet()
     try:
         settings = settings_from_flags()
         rd = run(
