@@ -28,6 +28,7 @@ BAR_WIDTH = 20
 _quiet = False
 _stage: Stage | None = None
 _bar_shown = False
+_shown_at = 0.0  # when progress was last shown (quiet)
 
 
 def quiet(stream=None) -> bool:
@@ -154,12 +155,13 @@ def progress(p, tokens: str = "", final: bool = False) -> None:
             p.last = now
             logging.info("%s", _text(p, rate, eta, tokens))
         return
+    global _shown_at
     if _tty():
-        if now - p.last >= BAR_EVERY:
-            p.last = now
+        if not _bar_shown or now - _shown_at >= BAR_EVERY:
+            _shown_at = now
             _bar(_text(p, rate, eta, tokens, bar=True))
-    elif now - p.last >= QUIET_EVERY and not final:
-        p.last = now
+    elif now - max(_shown_at, p.start) >= QUIET_EVERY and not final:
+        _shown_at = now
         _line(_text(p, rate, eta, tokens))
 
 
