@@ -126,7 +126,7 @@ class Stage:
             _line(f"{self.name}: complete, skipped")
             return
         wall = time.perf_counter() - self.start
-        _line(f"{self.name}: {self.counts()}in {wall:.1f}s")
+        _line(f"{self.name}: {self.counts() or 'done '}in {wall:.1f}s")
 
     def counts(self) -> str:
         ps = self.progress

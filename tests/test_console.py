@@ -71,7 +71,7 @@ def test_quiet_by_default_one_line_per_stage_warnings_kept():
     assert stage_lines[0].startswith("generate: 3/3 examples (")
     assert stage_lines[0].endswith("s") and "/s) in " in stage_lines[0]
     assert stage_lines[1].startswith("estimators: deepconf 2/2, rcc 2/2 traces in ")
-    assert stage_lines[2].startswith("segment: in ")
+    assert stage_lines[2].startswith("segment: done in ")
     assert stage_lines[3] == "metrics: complete, skipped"
 
 
