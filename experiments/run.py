@@ -19,7 +19,7 @@ import traceback
 from absl import app, flags, logging
 
 import fcjax
-from experiments import cluster
+from experiments import cluster, logs
 from experiments.config import FIELDS, STAGES, Settings, bounds_text, field_error
 from experiments.rundir import RunDir, RunError
 from experiments.stages.pipeline import Pipeline
@@ -333,6 +333,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.quiet()
     try:
         settings = settings_from_flags()
         rd = run(

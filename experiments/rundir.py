@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 
+from experiments import logs
 from experiments.config import AFFECTS
 from experiments.stages import STAGES, part_owner, spec
 from fcjax.store.fs import Location, PathLike, location
@@ -267,7 +268,7 @@ def _norm(v):
 
 
 class Progress:
-    """Logs done/total with rate and ETA, at most every few seconds."""
+    """Counts done/total; ``experiments.logs`` shows them with rate and ETA."""
 
     def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0):
         self.stage, self.total, self.unit, self.every = stage, total, unit, every
@@ -276,40 +277,17 @@ class Progress:
 
     def tokens(self, rows: int) -> Callable[[int, int], None]:
         """A ``progress`` callback for ``fcjax.generate``/``branch`` (called with the tokens
-        generated so far and the call's budget, rows x max_new_tokens): logs the tokens of the
-        current call of ``rows`` rows, so a long call is not silent."""
+        generated so far and the call's budget, rows x max_new_tokens): shows the tokens of
+        the current call of ``rows`` rows, so a long call is not silent."""
         start = time.perf_counter()
 
         def report(tokens: int, budget: int) -> None:
-            now = time.perf_counter()
-            if now - self.last >= self.every and tokens < budget:
-                self.last = now
-                logging.info(
-                    "%s: %d/%d %s done, current call of %d rows: %d tokens (%.1f tokens/s)",
-                    self.stage,
-                    self.done,
-                    self.total,
-                    self.unit,
-                    rows,
-                    tokens,
-                    tokens / max(now - start, 1e-9),
-                )
+            if tokens < budget:
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                logs.progress(self, f"current call of {rows} rows: {tokens} tokens ({rate:.1f}/s)")
 
         return report
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            logging.info(
-                "%s: %d/%d %s (%.2f/s, ETA %.0fs)",
-                self.stage,
-                self.done,
-                self.total,
-                self.unit,
-                rate,
-                eta,
-            )
+        logs.progress(self, final=self.done >= self.total)

@@ -15,6 +15,18 @@ import fcjax
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``./dev test`` runs ``-n 2 --dist loadgroup``): each module's
+    tests stay on one worker, so module fixtures are built once, and the modules that read
+    the real SmolLM2 share one worker and its one load (``smollm2``)."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    real = {item.module for item in items if "smollm2" in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = "smollm2" if item.module in real else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def tiny_model_dir(request, tmp_path_factory):
     """An HF directory holding one tiny random model per family/config."""

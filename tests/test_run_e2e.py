@@ -286,6 +286,10 @@ def test_file_url_out_equals_a_plain_path(tiny_chat, finished, tmp_path):
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {url}/report.html" in done.stdout
+    # quiet console (experiments/logs.py): no INFO records, one line per stage, in order
+    assert not [line for line in done.stderr.splitlines() if line[:1] == "I"], done.stderr
+    heads = [line.split(":")[0] for line in done.stderr.splitlines()]
+    assert [h for h in heads if h in STAGES] == list(STAGES), done.stderr
     assert list(cwd.iterdir()) == []
     _assert_same_run(finished, out)
     assert_same_hidden(finished, out, atol=0)

@@ -6,6 +6,7 @@ import time
 
 from absl import logging
 
+from experiments import logs
 from experiments.cluster import Processes
 from experiments.config import Settings
 from experiments.rundir import RunDir
@@ -85,7 +86,9 @@ class Pipeline:
         procs.barrier(f"{stage}:done")
 
     def run_all(self, stop_after: str | None = None) -> None:
+        """Every stage in order (one console line each), up to ``stop_after``."""
         for st in REGISTRY:
-            self.run_stage(st.name)
+            with logs.Stage(st.name, skipped=self.ctx.run.done(st.name)):
+                self.run_stage(st.name)
             if st.name == stop_after:
                 break
