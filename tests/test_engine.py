@@ -254,7 +254,7 @@ def test_max_new_tokens_and_bad_input(lm):
 
 @pytest.mark.parametrize("branchless", [False, True])
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
-@pytest.mark.parametrize("shortlist", [64, 4096])
+@pytest.mark.parametrize("shortlist", [16, 64, 4096])
 def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
     """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
     one a float64 descending sort gives; flat rows differ from it by at most a boundary token
@@ -281,3 +281,10 @@ def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
             np.testing.assert_array_equal(keep, expected)
         else:
             assert keep[order[0]] and abs(int(keep.sum()) - int(expected.sum())) <= 1
+
+
+def test_example_keys_equal_in_their_low_31_bits_sample_differently(lm):
+    """Keys are 64 bits: two example ids that a 31-bit key would merge draw other tokens."""
+    p = dataclasses.replace(GREEDY, temperature=1.0)
+    gens = fcjax.generate(lm, [PROMPTS[0]] * 3, p, keys=[5, 2**31 + 5, 2**40 + 5])
+    assert len({tuple(g.token_ids) for g in gens}) == 3

@@ -7,13 +7,14 @@ index the ORIGINAL generation text, so `text[step.start:step.end] == step.text`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import re
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
+from fcjax.keys import stable_key
 
 SplitMethod = Literal["paragraph", "cue", "tokens"]
 
@@ -166,11 +167,6 @@ def split_steps(
     return [Step(i, a, b, text[a:b]) for i, (a, b) in enumerate(spans)]
 
 
-def _stable_key(key: str | int) -> int:
-    """64-bit hash of `key` that is the same in every process (unlike Python's hash())."""
-    return int.from_bytes(hashlib.sha256(str(key).encode("utf-8")).digest()[:8], "little")
-
-
 def select_steps(
     n_steps: int, max_steps: int = 20, seed: int = 0, key: str | int = ""
 ) -> list[int]:
@@ -188,6 +184,6 @@ def select_steps(
         return list(range(n_steps))
     if max_steps == 1:
         return [0]
-    rng = np.random.default_rng([seed, _stable_key(key)])
+    rng = np.random.default_rng([seed, stable_key(key)])
     middle = rng.choice(np.arange(1, n_steps - 1), size=max_steps - 2, replace=False)
     return sorted([0, n_steps - 1, *(int(i) for i in middle)])
