@@ -78,10 +78,10 @@ def test_batch_composition_does_not_change_outputs(lm):
             np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
-def test_tail_compaction_does_not_change_outputs(lm):
-    """Rows of many lengths in a pool large enough to shrink in its tail (live contexts move
-    to the first slots, chunks compute fewer) give the tokens each row gives alone; the
-    tail really shrank."""
+def test_compaction_once_drained_does_not_change_outputs(lm):
+    """Rows of many lengths in a pool large enough to shrink once the queue has drained
+    (chunks run on the live context slots only) give the tokens each row gives alone; the
+    pool really shrank."""
     from fcjax.engine.generate import CHUNK, COMPACT_FROM, EngineStats
 
     rng = np.random.default_rng(0)

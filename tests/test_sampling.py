@@ -137,3 +137,35 @@ def test_choice_block_divides_the_vocabulary_when_it_can():
     assert choice_block(49152) == 192  # SmolLM2: 256 blocks of 192
     assert 151936 % choice_block(151936) == 0  # Qwen2
     assert choice_block(601) == 256  # prime: padded
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [Sampler(0.8, 0.95, 0, 5), Sampler(0.8, 1.0, 40, 5), Sampler(0.6, 0.9, 300, 5)],
+    ids=["top_p", "top_k", "top_k_p"],
+)
+def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
+    """On GPU, XLA's TopK takes k <= 16 (it sorts the whole vocabulary past that) and a loop
+    or a branch reads its predicate on the host: the step lowered for CUDA (no GPU needed)
+    has neither; lowered for CPU, the same call keeps its 256-entry shortlist."""
+    import re
+
+    sd = jax.ShapeDtypeStruct
+
+    def lowered(sampler, platform):
+        args = sd((8, 151936), jnp.float32), sd((8, 2), jnp.uint32), sampler
+        traced = jax.jit(sample_step, static_argnums=(2,)).trace(*args)
+        return traced.lower(lowering_platforms=(platform,)).as_text()
+
+    def branches(text):  # platform_dependent's own selection is a case in every step
+        return text.count("stablehlo.case")
+
+    greedy = Sampler(0.0, 1.0, 0, 5)
+    cuda = lowered(sampler, "cuda")
+    ks = [int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cuda)]
+    assert ks and max(ks) <= SHORTLIST_GPU
+    assert "stablehlo.sort" not in cuda and "stablehlo.while" not in cuda
+    assert branches(cuda) == branches(lowered(greedy, "cuda"))  # no lax.cond
+    cpu = lowered(sampler, "cpu")
+    assert max(int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cpu)) >= 256
+    assert branches(cpu) > branches(lowered(greedy, "cpu"))  # the fallback's lax.cond

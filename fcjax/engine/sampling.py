@@ -186,15 +186,17 @@ def _shortlist_cut(s: _Scaled, sampler: Sampler):
     return threshold, reached & (top[:, -1:] < threshold)
 
 
-def _radix_search(measure, target, lo, hi) -> jnp.ndarray:
+def _radix_search(measure, target, lo, hi, unroll: bool) -> jnp.ndarray:
     """The largest threshold whose ``measure`` (non-increasing in it; thresholds [rows, j]
     -> [rows, j]) is at least ``target`` [rows, 1], searched over the float bit patterns in
     [``lo``, ``hi``] (sortable uint32 [rows, 1]; ``measure(lo) >= target``): each pass
     measures ``RADIX - 1`` evenly spaced thresholds in one read of the logits and keeps the
-    sixteenth of the interval that holds the answer, so 8 passes (unrolled: no loop) end at
-    one bit pattern."""
+    sixteenth of the interval that holds the answer, so 8 passes end at one bit pattern
+    (``unroll``: in straight-line code, no loop for the device to test)."""
     j = jnp.arange(1, RADIX, dtype=jnp.uint32)
-    for _ in range(PASSES):
+
+    def narrow(_, bounds):
+        lo, hi = bounds
         gap = hi - lo
         step = gap // RADIX + 1
         cand = lo + jnp.minimum(j * step, gap)  # [rows, RADIX - 1], non-decreasing
@@ -204,11 +206,18 @@ def _radix_search(measure, target, lo, hi) -> jnp.ndarray:
         above = jnp.take_along_axis(cand, jnp.minimum(n, RADIX - 2), axis=-1)
         new_lo = jnp.where(n > 0, below, lo)
         hi = jnp.where(n < RADIX - 1, jnp.maximum(above, new_lo + 1) - 1, hi)
-        lo = new_lo
-    return _from_sortable_bits(lo)
+        return new_lo, hi
+
+    bounds = (lo, hi)
+    if unroll:
+        for i in range(PASSES):
+            bounds = narrow(i, bounds)
+    else:
+        bounds = jax.lax.fori_loop(0, PASSES, narrow, bounds)
+    return _from_sortable_bits(bounds[0])
 
 
-def _full_cut(s: _Scaled, sampler: Sampler) -> jnp.ndarray:
+def _full_cut(s: _Scaled, sampler: Sampler, unroll: bool) -> jnp.ndarray:
     """The kept set's threshold over the whole vocabulary, with no sort: the top-k cut (from
     the shortlist, else the k-th largest logit by a radix search on counts), then for top-p
     the largest threshold whose mass (among the top-k set) reaches p, by a radix search on
@@ -229,7 +238,7 @@ def _full_cut(s: _Scaled, sampler: Sampler) -> jnp.ndarray:
         def count(thresholds):
             return jnp.sum(values() >= thresholds[:, None, :], axis=1, dtype=jnp.int32)
 
-        floor = _radix_search(count, top_k, lowest, highest)
+        floor = _radix_search(count, top_k, lowest, highest, unroll)
     if sampler.top_p >= 1.0:
         return floor
 
@@ -239,7 +248,7 @@ def _full_cut(s: _Scaled, sampler: Sampler) -> jnp.ndarray:
         return jnp.sum(kept, axis=1)
 
     total = mass(floor)
-    return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest)
+    return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest, unroll)
 
 
 def kept_cut(logits, sampler: Sampler, top=None, branchless: bool = False, log_norm=None):
@@ -251,7 +260,7 @@ def kept_cut(logits, sampler: Sampler, top=None, branchless: bool = False, log_n
     The cut is the one a descending sort gives. It comes from the shortlist where that holds
     the kept set (nearly every row of a trained model) and else from a radix search over the
     vocabulary (``_full_cut``): behind a ``lax.cond`` taken when some row needs it, or for
-    every row (``branchless``)."""
+    every row (``branchless``, with no loop either)."""
     vocab = logits.shape[-1]
     t = sampler.temperature
     if top is None:
@@ -260,7 +269,8 @@ def kept_cut(logits, sampler: Sampler, top=None, branchless: bool = False, log_n
         log_norm = _log_sum_exp(logits / t, top[:, :1] / t)
     s = _Scaled(logits, t, top / t, log_norm)
     short, ok = _shortlist_cut(s, sampler)
-    cut = _unless_all(ok, short, lambda: jnp.where(ok, short, _full_cut(s, sampler)), branchless)
+    full = lambda: jnp.where(ok, short, _full_cut(s, sampler, unroll=branchless))  # noqa: E731
+    cut = _unless_all(ok, short, full, branchless)
     return cut, ok
 
 
