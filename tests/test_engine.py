@@ -252,23 +252,24 @@ def test_max_new_tokens_and_bad_input(lm):
         fcjax.generate(lm, ["text needs a tokenizer"], GREEDY)
 
 
-@pytest.mark.parametrize("branchless", [False, True])
+@pytest.mark.parametrize("plan", ["default", "gpu"])
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
 @pytest.mark.parametrize("shortlist", [16, 64, 4096])
-def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
-    """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
-    one a float64 descending sort gives; flat rows differ from it by at most a boundary token
-    (float32 sums in another order). ``ok`` says which rows the shortlist held."""
+def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, plan):
+    """The nucleus from the top-k shortlist (peaked rows) or from the radix search (flat rows;
+    bisection on the CPU plan, 16-ary on the GPU's) is the one a float64 descending sort
+    gives; flat rows differ from it by at most a boundary token (float32 sums in another
+    order). ``ok`` says which rows the shortlist held."""
     import jax.numpy as jnp
 
-    from fcjax.engine.sampling import Sampler, kept_cut
+    from fcjax.engine.sampling import PLANS, Sampler, kept_cut
 
     rng = np.random.default_rng(int(scale * 10) + shortlist)
     logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
     logits[0, :7] = -np.inf  # rows already cut by top-k
     logits[1, :3] = logits[1, 3]  # ties
     top = jax.lax.top_k(jnp.asarray(logits), shortlist)[0]
-    cut, ok = kept_cut(jnp.asarray(logits), Sampler(1.0, 0.9, 0, 5), top, branchless)
+    cut, ok = kept_cut(jnp.asarray(logits), Sampler(1.0, 0.9, 0, 5), top, PLANS[plan])
     kept = logits >= np.asarray(cut)
     for row, keep, held in zip(logits.astype(np.float64), kept, np.asarray(ok)[:, 0], strict=True):
         order = np.argsort(-row, kind="stable")

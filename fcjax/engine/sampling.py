@@ -107,8 +107,6 @@ def _log_sum_exp(x: jnp.ndarray, x_max: jnp.ndarray) -> jnp.ndarray:
 
 SHORTLIST = 256  # CPU/TPU: the largest logits looked at before any full-vocabulary pass
 SHORTLIST_GPU = 16  # XLA's GPU TopK kernel takes k <= 16; a larger k sorts the vocabulary
-RADIX = 16  # thresholds per pass of the full-vocabulary search: 8 passes for 32 bits
-PASSES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +120,19 @@ class Plan:
     shortlist: int
     wide_top_k: bool
     branchless: bool
+    radix: int = 2  # intervals per pass of the full-vocabulary search (2: bisection)
+
+    @property
+    def passes(self) -> int:
+        """Passes of the search to pin one of 2**32 bit patterns."""
+        return -(-32 // (self.radix.bit_length() - 1))
 
 
+# CPU: bisection, 32 cheap passes (compute-bound there); GPU: 8 passes of 15 thresholds, each
+# one read of the logits (bandwidth-bound there)
 PLANS = {
-    "default": Plan(SHORTLIST, wide_top_k=True, branchless=False),
-    "gpu": Plan(SHORTLIST_GPU, wide_top_k=False, branchless=True),
+    "default": Plan(SHORTLIST, wide_top_k=True, branchless=False, radix=2),
+    "gpu": Plan(SHORTLIST_GPU, wide_top_k=False, branchless=True, radix=16),
 }
 
 
@@ -186,38 +192,39 @@ def _shortlist_cut(s: _Scaled, sampler: Sampler):
     return threshold, reached & (top[:, -1:] < threshold)
 
 
-def _radix_search(measure, target, lo, hi, unroll: bool) -> jnp.ndarray:
+def _radix_search(measure, target, lo, hi, plan: Plan) -> jnp.ndarray:
     """The largest threshold whose ``measure`` (non-increasing in it; thresholds [rows, j]
     -> [rows, j]) is at least ``target`` [rows, 1], searched over the float bit patterns in
     [``lo``, ``hi``] (sortable uint32 [rows, 1]; ``measure(lo) >= target``): each pass
-    measures ``RADIX - 1`` evenly spaced thresholds in one read of the logits and keeps the
-    sixteenth of the interval that holds the answer, so 8 passes end at one bit pattern
-    (``unroll``: in straight-line code, no loop for the device to test)."""
-    j = jnp.arange(1, RADIX, dtype=jnp.uint32)
+    measures ``plan.radix - 1`` evenly spaced thresholds in one read of the logits and keeps
+    the part of the interval that holds the answer, until one bit pattern is left (in
+    straight-line code where the plan is branchless: no loop for the device to test)."""
+    radix = plan.radix
+    j = jnp.arange(1, radix, dtype=jnp.uint32)
 
     def narrow(_, bounds):
         lo, hi = bounds
         gap = hi - lo
-        step = gap // RADIX + 1
-        cand = lo + jnp.minimum(j * step, gap)  # [rows, RADIX - 1], non-decreasing
+        step = gap // radix + 1
+        cand = lo + jnp.minimum(j * step, gap)  # [rows, radix - 1], non-decreasing
         ok = measure(_from_sortable_bits(cand)) >= target  # true on a prefix
         n = jnp.sum(ok, axis=-1, keepdims=True)
         below = jnp.take_along_axis(cand, jnp.maximum(n - 1, 0), axis=-1)
-        above = jnp.take_along_axis(cand, jnp.minimum(n, RADIX - 2), axis=-1)
+        above = jnp.take_along_axis(cand, jnp.minimum(n, radix - 2), axis=-1)
         new_lo = jnp.where(n > 0, below, lo)
-        hi = jnp.where(n < RADIX - 1, jnp.maximum(above, new_lo + 1) - 1, hi)
+        hi = jnp.where(n < radix - 1, jnp.maximum(above, new_lo + 1) - 1, hi)
         return new_lo, hi
 
     bounds = (lo, hi)
-    if unroll:
-        for i in range(PASSES):
+    if plan.branchless:
+        for i in range(plan.passes):
             bounds = narrow(i, bounds)
     else:
-        bounds = jax.lax.fori_loop(0, PASSES, narrow, bounds)
+        bounds = jax.lax.fori_loop(0, plan.passes, narrow, bounds)
     return _from_sortable_bits(bounds[0])
 
 
-def _full_cut(s: _Scaled, sampler: Sampler, unroll: bool) -> jnp.ndarray:
+def _full_cut(s: _Scaled, sampler: Sampler, plan: Plan) -> jnp.ndarray:
     """The kept set's threshold over the whole vocabulary, with no sort: the top-k cut (from
     the shortlist, else the k-th largest logit by a radix search on counts), then for top-p
     the largest threshold whose mass (among the top-k set) reaches p, by a radix search on
@@ -238,7 +245,7 @@ def _full_cut(s: _Scaled, sampler: Sampler, unroll: bool) -> jnp.ndarray:
         def count(thresholds):
             return jnp.sum(values() >= thresholds[:, None, :], axis=1, dtype=jnp.int32)
 
-        floor = _radix_search(count, top_k, lowest, highest, unroll)
+        floor = _radix_search(count, top_k, lowest, highest, plan)
     if sampler.top_p >= 1.0:
         return floor
 
@@ -248,10 +255,10 @@ def _full_cut(s: _Scaled, sampler: Sampler, unroll: bool) -> jnp.ndarray:
         return jnp.sum(kept, axis=1)
 
     total = mass(floor)
-    return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest, unroll)
+    return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest, plan)
 
 
-def kept_cut(logits, sampler: Sampler, top=None, branchless: bool = False, log_norm=None):
+def kept_cut(logits, sampler: Sampler, top=None, plan: Plan = PLANS["default"], log_norm=None):
     """The filter of ``sampler`` (top-k, then top-p, at its temperature) as a per-row
     threshold [rows, 1]: the scaled logits at or above it are kept; and ``ok``
     [rows, 1], whether the shortlist ``top`` (the largest logits, descending; default 256)
@@ -269,8 +276,8 @@ def kept_cut(logits, sampler: Sampler, top=None, branchless: bool = False, log_n
         log_norm = _log_sum_exp(logits / t, top[:, :1] / t)
     s = _Scaled(logits, t, top / t, log_norm)
     short, ok = _shortlist_cut(s, sampler)
-    full = lambda: jnp.where(ok, short, _full_cut(s, sampler, unroll=branchless))  # noqa: E731
-    cut = _unless_all(ok, short, full, branchless)
+    full = lambda: jnp.where(ok, short, _full_cut(s, sampler, plan))  # noqa: E731
+    cut = _unless_all(ok, short, full, plan.branchless)
     return cut, ok
 
 
@@ -360,7 +367,9 @@ def sample_step(
 
     def on(plan: Plan):
         if shortlist is not None:  # a top_k past 16 is cheap only where larger ones are
-            plan = Plan(shortlist, shortlist > SHORTLIST_GPU, plan.branchless)
+            plan = dataclasses.replace(
+                plan, shortlist=shortlist, wide_top_k=shortlist > SHORTLIST_GPU
+            )
         if branchless is not None:
             plan = dataclasses.replace(plan, branchless=branchless)
         return functools.partial(_sample_step, sampler=sampler, plan=plan)
@@ -396,7 +405,7 @@ def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
     if t == 0.0:
         tok = top_ids[:, 0]  # = argmax
     elif filtered:
-        cut, ok = kept_cut(logits, sampler, top, plan.branchless, nucleus_norm)
+        cut, ok = kept_cut(logits, sampler, top, plan, nucleus_norm)
         short = _shortlist_draw(top / t, top_ids, cut, keys)
 
         def full():
