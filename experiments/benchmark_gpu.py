@@ -48,7 +48,8 @@ from experiments.benchmark import (
     random_tokens,
     torch_peer,
 )
-from fcjax.models import attention
+from fcjax.models import attention, loading
+from fcjax.models.lm import LM
 
 H200_BW = 4.8e12  # bytes/s, when the device table has no entry
 
@@ -264,8 +265,12 @@ class Suite:
         return {"note": f"max abs error against XLA float32: {err:.3g}"}
 
     def smoke_paths(self) -> list[dict]:
-        """Each decode attention path on a 2-row greedy call against the XLA path."""
-        lm = self.model()
+        """Each decode attention path on a 2-row greedy call against the XLA path, on a
+        2-layer model of the suite's shape and dtype (the kernels are per layer; two layers
+        compile in seconds)."""
+        config = dataclasses.replace(self.model().config, num_layers=2)
+        decoder = loading.random_decoder(config, jnp.dtype(self.p.dtype).type, 0)
+        lm = LM.from_decoder(decoder, None, name="smoke", source="random")
         prompts = random_tokens(np.random.default_rng(1), lm.config.vocab_size, (2, 24)).tolist()
         params = fcjax.SamplingParams(temperature=0.0, max_new_tokens=8)
         ref = [g.token_ids for g in fcjax.generate(lm, prompts, params)]
