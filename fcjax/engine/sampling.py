@@ -161,10 +161,11 @@ def _active_top_k(sampler: Sampler, vocab: int) -> int:
 def _log_normalisers(logits, top_logit, temperature: float):
     """log-sum-exp [rows, 1] of the logits and of the logits / ``temperature``, given their
     maximum ``top_logit``: two sums of one read (XLA fuses sibling reductions)."""
-    x = logits - top_logit
-    ones = jnp.sum(jnp.exp(x), axis=-1, keepdims=True)
-    scaled = jnp.sum(jnp.exp(x / temperature), axis=-1, keepdims=True)
-    return top_logit + jnp.log(ones), top_logit / temperature + jnp.log(scaled)
+    # two expressions, no shared intermediate: XLA:CPU would store one [rows, vocab]
+    ones = jnp.sum(jnp.exp(logits - top_logit), axis=-1, keepdims=True)
+    top_scaled = top_logit / temperature
+    scaled = jnp.sum(jnp.exp(logits / temperature - top_scaled), axis=-1, keepdims=True)
+    return top_logit + jnp.log(ones), top_scaled + jnp.log(scaled)
 
 
 def _shortlist_cut(s: _Scaled, sampler: Sampler):
