@@ -77,9 +77,16 @@ SUITE = flags.DEFINE_enum(
     "suite",
     "none",
     ["none", "gpu"],
-    "a preset of the flags not given: gpu = qwen2-1.5b shape in bfloat16, generate at batch "
-    "1/32/128 (prompt 512, 256 new) and the branching workload (2000-token trace, 20 cuts x "
-    "k=10, 200 new) against transformers with a static cache, in one process",
+    "gpu: the accelerator suite (experiments.benchmark_gpu: qwen2-1.5b shape in bfloat16, "
+    "XLA and Pallas decode at batch 32 and 128, the branching shape, transformers once), "
+    "each case a line of --out=DIR/rows.jsonl as it finishes",
+    flag_values=BENCH_FLAGS,
+)
+PRESET = flags.DEFINE_enum(
+    "preset",
+    "full",
+    ["full", "tiny"],
+    "--suite=gpu sizes: full (the accelerator's) or tiny (the same cases on CPU in seconds)",
     flag_values=BENCH_FLAGS,
 )
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt", flag_values=BENCH_FLAGS)
@@ -164,38 +171,6 @@ PROXY_PROMPTS = flags.DEFINE_integer(
     flag_values=BENCH_FLAGS,
 )
 OUT = flags.DEFINE_string("out", "", "write the table as JSON here", flag_values=BENCH_FLAGS)
-
-SUITES = {
-    "gpu": dict(
-        model="random:qwen2-1.5b",
-        dtype="bfloat16",
-        workload="all",
-        batches=["1", "32", "128"],
-        prompt_len=512,
-        new_tokens=256,
-        trace_len=2000,
-        cuts=20,
-        k=10,
-        branch_new=200,
-        branch_batch=128,
-        peer_cache="static",
-        repeats=2,
-        decode_attention=["xla", "pallas"],
-    )
-}
-
-
-def apply_suite(name: str) -> list[str]:
-    """Sets the suite's values of the flags not given on the command line; returns them."""
-    if name == "none":
-        return []
-    applied = []
-    for flag, value in SUITES[name].items():
-        if not BENCH_FLAGS[flag].present:
-            BENCH_FLAGS[flag].value = value
-            applied.append(f"--{flag}={','.join(value) if isinstance(value, list) else value}")
-    return applied
-
 
 # Peak memory bandwidth (bytes/s) by device kind substring, most specific first.
 PEAK_BANDWIDTH = (
@@ -758,7 +733,7 @@ def proxies() -> None:
         f"long-tailed workload: {PROXY_PROMPTS.value} prompts, 32 rows, lengths mean "
         f"{np.mean(work.lengths):.0f} max {max(work.lengths)}: row-step utilisation "
         f"{s.row_utilisation:.3f} (fixed batches: {work.static_utilisation:.3f}); row-steps "
-        f"after the queue ran empty {s.tail_row_steps / s.row_steps:.1%} (the tail runs on "
+        f"after the queue ran empty {s.drain_row_steps / s.row_steps:.1%} (the tail runs on "
         f"the live slots: {tailed.count} programs compiled by this call, the narrower "
         f"chunks included); context KV read that is padding {s.ctx_padding:.1%} (XLA path "
         f"on CPU, live blocks; the Pallas kernels would read {s.ctx_padding_ragged:.1%})"
@@ -776,14 +751,16 @@ def _pallas_tiles(head_dim: int) -> bool:
 
 def main(argv):
     del argv
-    suite = apply_suite(SUITE.value)
+    if SUITE.value == "gpu":
+        from experiments import benchmark_gpu
+
+        benchmark_gpu.run(OUT.value, PRESET.value)
+        return
     if PROXIES.value:
         proxies()
         return
     device = jax.devices()[0]
     notes = [f"device: {device.platform} {device.device_kind} x{len(jax.devices())}"]
-    if suite:
-        notes.append(f"suite {SUITE.value}: {' '.join(suite)}")
     if device.platform == "cpu":
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         notes.append(f"host: {os.cpu_count()} CPUs, load average at start {load}")

@@ -78,10 +78,10 @@ def test_batch_composition_does_not_change_outputs(lm):
             np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
-def test_tail_compaction_does_not_change_outputs(lm):
-    """Rows of many lengths in a pool large enough to shrink in its tail (live contexts move
-    to the first slots, chunks compute fewer) give the tokens each row gives alone; the
-    tail really shrank."""
+def test_compaction_once_drained_does_not_change_outputs(lm):
+    """Rows of many lengths in a pool large enough to shrink once the queue has drained
+    (chunks run on the live context slots only) give the tokens each row gives alone; the
+    pool really shrank."""
     from fcjax.engine.generate import CHUNK, COMPACT_FROM, EngineStats
 
     rng = np.random.default_rng(0)
@@ -252,23 +252,24 @@ def test_max_new_tokens_and_bad_input(lm):
         fcjax.generate(lm, ["text needs a tokenizer"], GREEDY)
 
 
-@pytest.mark.parametrize("branchless", [False, True])
+@pytest.mark.parametrize("plan", ["default", "gpu"])
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
-@pytest.mark.parametrize("shortlist", [64, 4096])
-def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
-    """The nucleus from the top-k shortlist (peaked rows) or from bisection (flat rows) is the
-    one a float64 descending sort gives; flat rows differ from it by at most a boundary token
-    (float32 sums in another order). ``ok`` says which rows the shortlist held."""
+@pytest.mark.parametrize("shortlist", [16, 64, 4096])
+def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, plan):
+    """The nucleus from the top-k shortlist (peaked rows) or from the radix search (flat rows;
+    bisection on the CPU plan, 16-ary on the GPU's) is the one a float64 descending sort
+    gives; flat rows differ from it by at most a boundary token (float32 sums in another
+    order). ``ok`` says which rows the shortlist held."""
     import jax.numpy as jnp
 
-    from fcjax.engine.sampling import Sampler, kept_cut
+    from fcjax.engine.sampling import PLANS, Sampler, kept_cut
 
     rng = np.random.default_rng(int(scale * 10) + shortlist)
     logits = (rng.standard_normal((6, 5000)) * scale).astype(np.float32)
     logits[0, :7] = -np.inf  # rows already cut by top-k
     logits[1, :3] = logits[1, 3]  # ties
     top = jax.lax.top_k(jnp.asarray(logits), shortlist)[0]
-    cut, ok = kept_cut(jnp.asarray(logits), Sampler(1.0, 0.9, 0, 5), top, branchless)
+    cut, ok = kept_cut(jnp.asarray(logits), Sampler(1.0, 0.9, 0, 5), top, PLANS[plan])
     kept = logits >= np.asarray(cut)
     for row, keep, held in zip(logits.astype(np.float64), kept, np.asarray(ok)[:, 0], strict=True):
         order = np.argsort(-row, kind="stable")
@@ -281,3 +282,10 @@ def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, branchless):
             np.testing.assert_array_equal(keep, expected)
         else:
             assert keep[order[0]] and abs(int(keep.sum()) - int(expected.sum())) <= 1
+
+
+def test_example_keys_equal_in_their_low_31_bits_sample_differently(lm):
+    """Keys are 64 bits: two example ids that a 31-bit key would merge draw other tokens."""
+    p = dataclasses.replace(GREEDY, temperature=1.0)
+    gens = fcjax.generate(lm, [PROMPTS[0]] * 3, p, keys=[5, 2**31 + 5, 2**40 + 5])
+    assert len({tuple(g.token_ids) for g in gens}) == 3

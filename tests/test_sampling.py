@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fcjax.engine.sampling import Sampler, choice_block, gumbel_choice, sample_step
+from fcjax.engine.sampling import (
+    SHORTLIST_GPU,
+    Sampler,
+    choice_block,
+    gumbel_choice,
+    sample_step,
+)
 
 VOCAB = 601  # prime: the draw's blocks are padded (the engine's vocabularies divide evenly)
 DRAWS = 40_000
@@ -42,11 +48,11 @@ def _expected(logits: np.ndarray, sampler: Sampler) -> np.ndarray:
     return p / p.sum()
 
 
-def _draw(logits: np.ndarray, sampler: Sampler, seed: int, branchless=None) -> np.ndarray:
+def _draw(logits: np.ndarray, sampler: Sampler, seed: int, branchless=None, shortlist=None):
     keys = jax.random.split(jax.random.PRNGKey(seed), DRAWS)
     rows = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, VOCAB))
-    step = jax.jit(sample_step, static_argnums=(2, 3))
-    tok, chosen, top_lp, top_ids = step(rows, keys, sampler, branchless)
+    step = jax.jit(sample_step, static_argnums=(2, 3, 4))
+    tok, chosen, top_lp, top_ids = step(rows, keys, sampler, branchless, shortlist)
     lp = np.log(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
     np.testing.assert_allclose(np.asarray(chosen), lp[np.asarray(tok)], atol=1e-5)
     top5 = np.argsort(-logits, kind="stable")[:5]
@@ -55,21 +61,38 @@ def _draw(logits: np.ndarray, sampler: Sampler, seed: int, branchless=None) -> n
     return np.bincount(np.asarray(tok), minlength=VOCAB)
 
 
+GPU = (True, SHORTLIST_GPU)  # the GPU's plan: 16-entry shortlist, no branch
+
+
 @pytest.mark.parametrize(
-    "sampler, flat, branchless",
+    "sampler, flat, plan",
     [
-        (Sampler(1.0, 1.0, 0, 5), False, None),
-        (Sampler(0.7, 0.9, 0, 5), False, None),  # the nucleus is in the shortlist
-        (Sampler(1.3, 1.0, 20, 5), False, None),
-        (Sampler(1.0, 0.9, 0, 5), True, None),  # it is not: bisection over the vocabulary
-        (Sampler(1.0, 0.9, 300, 5), True, True),  # top-k past the shortlist, then top-p
+        (Sampler(1.0, 1.0, 0, 5), False, (None, None)),
+        (Sampler(0.7, 0.9, 0, 5), False, (None, None)),  # the nucleus is in the shortlist
+        (Sampler(1.3, 1.0, 20, 5), False, (None, None)),
+        (Sampler(1.0, 0.9, 0, 5), True, (None, None)),  # it is not: radix search
+        (Sampler(1.0, 0.9, 300, 5), True, (True, None)),  # top-k past the shortlist, top-p
+        (Sampler(0.7, 0.9, 0, 5), False, GPU),
+        (Sampler(1.0, 0.9, 0, 5), True, GPU),
+        (Sampler(1.3, 1.0, 20, 5), False, GPU),  # top-k past 16: the k-th by counts
+        (Sampler(1.0, 0.9, 300, 5), True, GPU),
     ],
-    ids=["plain", "top_p", "top_k", "top_p_flat", "top_k_p_flat_branchless"],
+    ids=[
+        "plain",
+        "top_p",
+        "top_k",
+        "top_p_flat",
+        "top_k_p_flat_branchless",
+        "gpu_top_p",
+        "gpu_top_p_flat",
+        "gpu_top_k",
+        "gpu_top_k_p_flat",
+    ],
 )
-def test_draws_follow_the_filtered_softmax(sampler, flat, branchless):
+def test_draws_follow_the_filtered_softmax(sampler, flat, plan):
     logits = _logits(1, flat)
     expected = _expected(logits, sampler)
-    counts = _draw(logits, sampler, seed=2, branchless=branchless)
+    counts = _draw(logits, sampler, 2, *plan)
     assert counts[expected == 0].sum() == 0  # nothing outside the kept set
     support = expected > 0
     # pool the rare tokens so every cell expects >= 5 draws (chi-square's validity)
@@ -101,15 +124,48 @@ def test_a_rows_token_does_not_depend_on_the_other_rows():
     sampler = Sampler(0.7, 0.9, 0, 5)
     peaked, flat = _logits(1), _logits(2, flat=True)
     keys = jax.random.split(jax.random.PRNGKey(3), 64)
-    step = jax.jit(sample_step, static_argnums=(2, 3))
-    alone = step(jnp.asarray(np.stack([peaked] * 64)), keys, sampler, None)[0]
+    step = jax.jit(sample_step, static_argnums=(2, 3, 4))
     mixed = np.stack([peaked] * 63 + [flat])
-    for branchless in (False, True):
-        tok = step(jnp.asarray(mixed), keys, sampler, branchless)[0]
-        np.testing.assert_array_equal(np.asarray(tok)[:63], np.asarray(alone)[:63])
+    for shortlist in (None, SHORTLIST_GPU):
+        alone = step(jnp.asarray(np.stack([peaked] * 64)), keys, sampler, None, shortlist)[0]
+        for branchless in (False, True):
+            tok = step(jnp.asarray(mixed), keys, sampler, branchless, shortlist)[0]
+            np.testing.assert_array_equal(np.asarray(tok)[:63], np.asarray(alone)[:63])
 
 
 def test_choice_block_divides_the_vocabulary_when_it_can():
     assert choice_block(49152) == 192  # SmolLM2: 256 blocks of 192
     assert 151936 % choice_block(151936) == 0  # Qwen2
     assert choice_block(601) == 256  # prime: padded
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [Sampler(0.8, 0.95, 0, 5), Sampler(0.8, 1.0, 40, 5), Sampler(0.6, 0.9, 300, 5)],
+    ids=["top_p", "top_k", "top_k_p"],
+)
+def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
+    """On GPU, XLA's TopK takes k <= 16 (it sorts the whole vocabulary past that) and a loop
+    or a branch reads its predicate on the host: the step lowered for CUDA (no GPU needed)
+    has neither; lowered for CPU, the same call keeps its 256-entry shortlist."""
+    import re
+
+    sd = jax.ShapeDtypeStruct
+
+    def lowered(sampler, platform):
+        args = sd((8, 151936), jnp.float32), sd((8, 2), jnp.uint32), sampler
+        traced = jax.jit(sample_step, static_argnums=(2,)).trace(*args)
+        return traced.lower(lowering_platforms=(platform,)).as_text()
+
+    def branches(text):  # platform_dependent's own selection is a case in every step
+        return text.count("stablehlo.case")
+
+    greedy = Sampler(0.0, 1.0, 0, 5)
+    cuda = lowered(sampler, "cuda")
+    ks = [int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cuda)]
+    assert ks and max(ks) <= SHORTLIST_GPU
+    assert "stablehlo.sort" not in cuda and "stablehlo.while" not in cuda
+    assert branches(cuda) == branches(lowered(greedy, "cuda"))  # no lax.cond
+    cpu = lowered(sampler, "cpu")
+    assert max(int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cpu)) >= 256
+    assert branches(cpu) > branches(lowered(greedy, "cpu"))  # the fallback's lax.cond

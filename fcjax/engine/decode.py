@@ -60,7 +60,7 @@ class Refill(NamedTuple):
     start: jnp.ndarray  # bool: this slot starts a new row
     read: jnp.ndarray  # int32: index into the context's read positions (its first token)
     ctx_valid: jnp.ndarray  # int32
-    ident: jnp.ndarray  # [contexts, rows, 3] uint32 (example key, cut, sample) of the row
+    ident: jnp.ndarray  # [contexts, rows, IDENT_WORDS] uint32 (``sampling.row_ident``)
 
 
 class StopTables(NamedTuple):
@@ -197,8 +197,8 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
 
 def _apply_refill(pool: Pool, refill: Refill, seed) -> Pool:
     start = refill.start
-    ident = refill.ident.reshape(-1, 3)
-    keys = row_keys(seed, ident[:, 0], ident[:, 1], ident[:, 2]).reshape(pool.keys.shape)
+    ident = refill.ident.reshape(-1, refill.ident.shape[-1])
+    keys = row_keys(seed, ident).reshape(pool.keys.shape)
     first = jnp.take_along_axis(pool.ctx_h, refill.read[..., None], axis=1)  # [ctx, rows, D]
     return pool._replace(
         normed=jnp.where(start[..., None], first, pool.normed),

@@ -8,8 +8,9 @@ slots (``fcjax.engine.decode``); the host fills free slots from the queue, dispa
 fixed-length decode chunk, and reads back the previous chunk's tokens while the next one runs,
 so no batch waits for its longest row and no step waits for the host. A call compiles three
 programs: the pool, a prefill into it and the decode chunk, and (one device, 8+ context
-slots) up to two narrower chunks the first time its tail shrinks; shapes are bucketed, so a
-later call with other lengths in the same buckets compiles none.
+slots) up to two narrower chunks the first time its live rows shrink after the queue has
+drained (``fcjax.engine.scheduler``); shapes are bucketed, so a later call with other lengths
+in the same buckets compiles none.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ import numpy as np
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
-from fcjax.engine.sampling import SamplingParams, stable_key
+from fcjax.engine.sampling import IDENT_WORDS, SamplingParams, row_ident
+from fcjax.engine.scheduler import Chunk, Context, Row, Scheduler
 from fcjax.engine.stops import stop_tables
+from fcjax.keys import stable_key
 from fcjax.models.attention import KEY_BLOCK, block_size
 from fcjax.models.lm import LM
 
 log = logging.getLogger("fcjax")
 
 CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks)
-COMPACT_FROM = 8  # pools of at least this many context slots shrink in the tail (one device)
+COMPACT_FROM = 8  # pools of at least this many context slots shrink once drained (one device)
 PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
 
 
@@ -64,7 +67,7 @@ class EngineStats:
     ctx_valid: int = 0  # of those, positions some live row of that context attends to
     ctx_read_ragged: int = 0  # what the Pallas kernels read: each context to its own longest
     host_reads: int = 0  # device-to-host transfers (one per chunk)
-    tail_row_steps: int = 0  # row_steps computed after the queue ran empty
+    drain_row_steps: int = 0  # row_steps computed after the queue drained
 
     @property
     def row_utilisation(self) -> float:
@@ -121,36 +124,9 @@ def _decode_text(lm: LM, ids: list[int]) -> str:
     return lm.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-# --- the work queue --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Row:
-    """One continuation: sampled from ``context.tokens[:ctx_valid]`` with its own key."""
-
-    out: int  # index of its result
-    read: int  # index of position ctx_valid - 1 in the context's read positions
-    ctx_valid: int
-    ident: tuple[int, int, int]  # (example key, cut, sample): the row's random stream
-    tokens: list = dataclasses.field(default_factory=list)
-    chosen: list = dataclasses.field(default_factory=list)
-    top_lp: list = dataclasses.field(default_factory=list)
-    top_ids: list = dataclasses.field(default_factory=list)
-    stopped: bool = False
-    finished: bool = False
-
-
-@dataclasses.dataclass
-class _Context:
-    tokens: list[int]
-    reads: list[int]  # positions whose next-token distribution starts a row
-    rows: collections.deque  # _Row not yet started
-    live: int = 0  # rows in slots, not yet known finished
-
-
 def _serve(
     lm: LM,
-    contexts: list[_Context],
+    contexts: list[Context],
     layout: Layout,
     params: SamplingParams,
     mesh,
@@ -158,10 +134,9 @@ def _serve(
     n_rows: int,
     progress: Callable[[int, int], None] | None,
     stats: EngineStats | None,
-) -> list[_Row]:
+) -> list[Row]:
     """Runs every row of every context through the slot pool; returns rows by ``out``."""
     stats = stats if stats is not None else EngineStats()
-    sampler = params.sampler
     n_ctx, n_slot = layout.contexts, layout.rows
     n_data = mesh_lib.data_size(mesh)
     weights = mesh_lib.replicate(lm.state, mesh)
@@ -169,18 +144,10 @@ def _serve(
     stops = jax.device_put(stop_tables(lm, params.stop), mesh_lib.replicated(mesh))
     scalars = np.int32(params.max_new_tokens), np.uint32(params.seed)
     limit, seed = jax.device_put(scalars, mesh_lib.replicated(mesh))
-    eos = tuple(lm.eos_token_ids)
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
     prefill_axis = 0 if row_axis == 0 and group % n_data == 0 else None
-
-    queue = collections.deque(range(len(contexts)))
-    ctx_of: list[int | None] = [None] * n_ctx
-    slot_row: list[list[_Row | None]] = [[None] * n_slot for _ in range(n_ctx)]
-    results: list[_Row | None] = [None] * n_rows
-    inflight = None
-    generated = 0
-    # once nothing is left to start, a chunk runs on the live context slots only, padded to
+    # once the queue has drained, a chunk runs on the live context slots only, padded to
     # half or a quarter of the pool (one more program each, compiled when first needed):
     # finished rows cost the XLA attention their blocks and every matmul its rows. Not with
     # the Pallas kernels (finished rows read nothing there) nor over several devices (the
@@ -188,16 +155,15 @@ def _serve(
     narrower = ()
     if n_data == 1 and n_ctx >= COMPACT_FROM and lm.decode_attention == "xla":
         narrower = (n_ctx // 2, n_ctx // 4)
+    sched = Scheduler(contexts, n_ctx, n_slot, n_rows, IDENT_WORDS, narrower)
 
-    def prefill(new: list[tuple[int, int]]) -> None:
-        nonlocal pool
-        for start in range(0, len(new), group):
-            part = new[start : start + group]
+    def prefill(pool, new: list[tuple[int, int]]):
+        for begin in range(0, len(new), group):
             tokens = np.zeros((group, layout.ctx_len), np.int32)
             lengths = np.ones((group,), np.int32)
             reads = np.zeros((group, layout.reads), np.int32)
             slots = np.full((group,), n_ctx, np.int32)  # out of range: dropped
-            for i, (c, j) in enumerate(part):
+            for i, (c, j) in enumerate(new[begin : begin + group]):
                 ctx = contexts[j]
                 tokens[i, : len(ctx.tokens)] = ctx.tokens
                 lengths[i] = len(ctx.tokens)
@@ -208,67 +174,19 @@ def _serve(
                 lm.graphdef, weights, pool, put(tokens), put(lengths), put(reads), put(slots)
             )
             stats.prefills += 1
+        return pool
 
-    def finish(c: int, r: int, row: _Row, stopped: bool) -> None:
-        row.finished, row.stopped = True, stopped
-        results[row.out] = row
-        if slot_row[c][r] is row:
-            slot_row[c][r] = None
-            contexts[ctx_of[c]].live -= 1
-
-    def read_back(out, snapshot) -> None:
-        nonlocal generated
-        out = jax.device_get(out)
-        stats.host_reads += 1
-        for c, r, row in snapshot:
-            if row.finished:
-                continue
-            emitted = out.emitted[c, r]
-            n = int(emitted.sum())
-            if n:
-                row.tokens += out.tokens[c, r, :n].tolist()
-                row.chosen.append(out.chosen[c, r, :n])
-                row.top_lp.append(out.top_lp[c, r, :n])
-                row.top_ids.append(out.top_ids[c, r, :n])
-                generated += n
-            if out.done[c, r]:
-                finish(c, r, row, bool(out.stopped[c, r]))
-        stats.useful_row_steps += int(out.emitted.sum())
-
+    inflight = None
     while True:
-        # context slots whose rows are all finished take the next contexts of the queue
-        new = []
-        for c in range(n_ctx):
-            j = ctx_of[c]
-            if j is not None and not contexts[j].rows and contexts[j].live == 0:
-                ctx_of[c] = j = None
-            if j is None and queue:
-                ctx_of[c] = queue.popleft()
-                new.append((c, ctx_of[c]))
+        new = sched.admit()
         if new:
-            prefill(new)
-        # free row slots take their context's next rows
-        start = np.zeros((n_ctx, n_slot), bool)
-        read = np.zeros((n_ctx, n_slot), np.int32)
-        valid = np.ones((n_ctx, n_slot), np.int32)
-        ident = np.zeros((n_ctx, n_slot, 3), np.uint32)
-        for c in range(n_ctx):
-            if ctx_of[c] is None:
-                continue
-            ctx = contexts[ctx_of[c]]
-            for r in range(n_slot):
-                if slot_row[c][r] is None and ctx.rows:
-                    row = slot_row[c][r] = ctx.rows.popleft()
-                    ctx.live += 1
-                    start[c, r], read[c, r], valid[c, r] = True, row.read, row.ctx_valid
-                    ident[c, r] = row.ident
-        snapshot = [(c, r, row) for c in range(n_ctx) for r, row in enumerate(slot_row[c]) if row]
+            pool = prefill(pool, new)
+        chunk = sched.dispatch(sched.refill())
         launched = None
-        if snapshot:
-            tail = not queue and not any(contexts[j].rows for j in ctx_of if j is not None)
-            slots = _tail_slots(slot_row, narrower) if tail and not start.any() else None
+        if chunk is not None:
             put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731
-            refill = Refill(put(start), put(read), put(valid), put(ident))
+            refill = Refill(put(chunk.start), put(chunk.read), put(chunk.valid), put(chunk.ident))
+            slots = None if chunk.slots is None else mesh_lib.put(chunk.slots, mesh, None)
             pool, out = decode_chunk(
                 lm.graphdef,
                 weights,
@@ -277,58 +195,46 @@ def _serve(
                 stops,
                 limit,
                 seed,
-                None if slots is None else mesh_lib.put(slots, mesh, None),
-                sampler=sampler,
-                eos=eos,
+                slots,
+                sampler=params.sampler,
+                eos=tuple(lm.eos_token_ids),
                 steps=CHUNK,
             )
-            launched = (out, snapshot)
-            n_run = n_ctx if slots is None else len(slots)
-            stats.chunks += 1
-            stats.row_steps += CHUNK * n_run * n_slot
-            if tail:
-                stats.tail_row_steps += CHUNK * n_run * n_slot
-            _count_context_reads(stats, layout, n_run, contexts, ctx_of, slot_row)
-        if inflight is not None:
-            read_back(*inflight)  # the previous chunk, while this one runs
+            launched = (out, chunk.snapshot)
+            _count_chunk(stats, layout, chunk, sched.needed_context())
+        if inflight is not None:  # the previous chunk, read while this one runs
+            emitted = sched.emitted_row_steps
+            sched.collect(jax.device_get(inflight[0]), inflight[1])
+            stats.host_reads += 1
+            stats.useful_row_steps += sched.emitted_row_steps - emitted
             if progress is not None:
-                progress(generated, n_rows * params.max_new_tokens)
+                progress(sched.generated, n_rows * params.max_new_tokens)
         elif launched is None:
             break
         inflight = launched
-    return results  # type: ignore[return-value]
+    return sched.results  # type: ignore[return-value]
 
 
-def _tail_slots(slot_row, narrower: tuple[int, ...]) -> np.ndarray | None:
-    """The context slots a tail chunk runs on: every slot with a live row, padded with idle
-    ones to the smallest width of ``narrower`` that holds them (None: the whole pool)."""
-    live = [c for c, rows in enumerate(slot_row) if any(rows)]
-    fits = [m for m in narrower if m >= len(live)]
-    if not fits:
-        return None
-    idle = [c for c, rows in enumerate(slot_row) if not any(rows)]
-    return np.asarray(sorted(live + idle[: min(fits) - len(live)]), np.int32)
-
-
-def _count_context_reads(stats, layout, n_read, contexts, ctx_of, slot_row) -> None:
-    """Context positions one decode step reads (``n_read`` context slots, in blocks up to
-    the longest live row) against those the live rows need, times the chunk's steps."""
-    needed = []
-    for c, j in enumerate(ctx_of):
-        rows = [row.ctx_valid for row in slot_row[c] if row is not None]
-        if j is not None and rows:
-            needed.append(max(rows))
+def _count_chunk(stats: EngineStats, layout: Layout, chunk: Chunk, needed: list[int]) -> None:
+    """A launched chunk's row-steps, and the context positions its decode steps read
+    (context slots run, in blocks up to the longest live row) against those the live rows
+    need (``needed``: per live context slot)."""
+    n_run = layout.contexts if chunk.slots is None else len(chunk.slots)
+    stats.chunks += 1
+    stats.row_steps += CHUNK * n_run * layout.rows
+    if chunk.drained:
+        stats.drain_row_steps += CHUNK * n_run * layout.rows
     if not needed:
         return
     blk = block_size(layout.ctx_len)
     read = math.ceil(max(needed) / blk) * blk
-    stats.ctx_read += CHUNK * n_read * read
+    stats.ctx_read += CHUNK * n_run * read
     stats.ctx_valid += CHUNK * sum(needed)
     kblk = min(KEY_BLOCK, layout.ctx_len)
     stats.ctx_read_ragged += CHUNK * sum(math.ceil(n / kblk) * kblk for n in needed)
 
 
-def _result(lm: LM, row: _Row, params: SamplingParams, prompt_ids) -> Generation:
+def _result(lm: LM, row: Row, params: SamplingParams, prompt_ids) -> Generation:
     ids = row.tokens
     k = params.logprobs
     cat = lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt)  # noqa: E731
@@ -387,10 +293,10 @@ def generate(
     # similar lengths decode side by side (rows are seeded by key, not position)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     contexts = [
-        _Context(
+        Context(
             ids[i],
             [len(ids[i]) - 1],
-            collections.deque([_Row(i, 0, len(ids[i]), (stable_key(keys[i]), 0, 0))]),
+            collections.deque([Row(i, 0, len(ids[i]), row_ident(stable_key(keys[i]), 0, 0))]),
         )
         for i in order
     ]
@@ -475,14 +381,14 @@ def branch_many(
         if not cuts:
             continue
         reads = sorted(set(cuts))
-        ctx = _Context(seqs[i], [c - 1 for c in reads], collections.deque())
+        ctx = Context(seqs[i], [c - 1 for c in reads], collections.deque())
         contexts.append(ctx)
         of_context.append(i)
     by_trace = dict(zip(of_context, contexts, strict=True))
     for out, (i, j, s) in enumerate(specs):
         ctx, cut = by_trace[i], cut_lists[i][j]
-        ident = (stable_key(keys[i]), cut, s)
-        ctx.rows.append(_Row(out, ctx.reads.index(cut - 1), cut, ident))
+        ident = row_ident(stable_key(keys[i]), cut, s)
+        ctx.rows.append(Row(out, ctx.reads.index(cut - 1), cut, ident))
     n_data = mesh_lib.data_size(mesh)
     most = max(len(c.rows) for c in contexts)
     rows = max(1, min(row_bucket(most, 1), max_rows))

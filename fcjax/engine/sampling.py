@@ -8,12 +8,13 @@ composition or device count.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from fcjax.keys import key_words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,25 +60,29 @@ class Sampler:
     logprobs: int
 
 
-def stable_key(x) -> int:
-    """A 31-bit integer from any example id, identical across processes and runs."""
-    if isinstance(x, (int, np.integer)) and 0 <= int(x) < 2**31:
-        return int(x)
-    digest = hashlib.sha256(str(x).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+IDENT_WORDS = 4  # a row's identity: (example key low, example key high, cut, sample)
 
 
-def row_keys(seed, example_keys, cuts, samples) -> jnp.ndarray:
-    """Keys [rows, 2] from per-row (example key, cut, sample index); traceable."""
-    ex = jnp.asarray(example_keys, jnp.uint32)
-    cut = jnp.asarray(cuts, jnp.uint32)
-    smp = jnp.asarray(samples, jnp.uint32)
+def row_ident(example_key: int, cut: int, sample: int) -> tuple[int, int, int, int]:
+    """The uint32 words [IDENT_WORDS] naming a row's random stream: its example's 64-bit
+    ``fcjax.keys.stable_key`` (two words), the cut and the sample index."""
+    return (*key_words(example_key), cut, sample)
+
+
+def row_keys(seed, idents) -> jnp.ndarray:
+    """PRNG keys [rows, 2] from the seed and per-row idents [rows, IDENT_WORDS] (``row_ident``),
+    every word folded in, so rows whose example keys differ in any of their 64 bits get
+    different streams; traceable."""
+    idents = jnp.asarray(idents, jnp.uint32)
     base = jax.random.PRNGKey(seed)
 
-    def one(e, c, s):
-        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, e), c), s)
+    def one(words):
+        key = base
+        for i in range(IDENT_WORDS):
+            key = jax.random.fold_in(key, words[i])
+        return key
 
-    return jax.vmap(one)(ex, cut, smp)
+    return jax.vmap(one)(idents)
 
 
 def _sortable_bits(x: jnp.ndarray) -> jnp.ndarray:
@@ -100,16 +105,46 @@ def _log_sum_exp(x: jnp.ndarray, x_max: jnp.ndarray) -> jnp.ndarray:
     return x_max + jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
 
 
-SHORTLIST = 256  # largest logits looked at for top-k / top-p before any full-vocabulary pass
+SHORTLIST = 256  # CPU/TPU: the largest logits looked at before any full-vocabulary pass
+SHORTLIST_GPU = 16  # XLA's GPU TopK kernel takes k <= 16; a larger k sorts the vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a backend runs the sampler: the shortlist's size, whether a ``top_k`` larger than
+    it is cheap (then a top-k filter's set is always in the shortlist), and whether rows that
+    need the full vocabulary are served by a branch on the device (``lax.cond``: CPU, TPU) or
+    by computing that path for every row (``branchless``: on GPU a branch reads its predicate
+    on the host)."""
+
+    shortlist: int
+    wide_top_k: bool
+    branchless: bool
+    radix: int = 2  # intervals per pass of the full-vocabulary search (2: bisection)
+
+    @property
+    def passes(self) -> int:
+        """Passes of the search to pin one of 2**32 bit patterns."""
+        return -(-32 // (self.radix.bit_length() - 1))
+
+
+# CPU: bisection, 32 cheap passes (compute-bound there); GPU: 8 passes of 15 thresholds, each
+# one read of the logits (bandwidth-bound there)
+PLANS = {
+    "default": Plan(SHORTLIST, wide_top_k=True, branchless=False, radix=2),
+    "gpu": Plan(SHORTLIST_GPU, wide_top_k=False, branchless=True, radix=16),
+}
 
 
 class _Scaled(NamedTuple):
     """Logits [rows, vocab] at a temperature, computed where they are read (never stored),
-    and their maximum [rows, 1] (the first logit of the descending shortlist)."""
+    the n largest of them, descending [rows, n], and (top-p over the whole vocabulary) their
+    log-sum-exp [rows, 1]."""
 
     logits: jnp.ndarray
     temperature: float
-    top: jnp.ndarray  # [rows, n] the n largest scaled logits, descending
+    top: jnp.ndarray
+    log_norm: jnp.ndarray | None = None
 
     def values(self) -> jnp.ndarray:
         return self.logits / self.temperature
@@ -119,22 +154,37 @@ class _Scaled(NamedTuple):
         return self.top[:, :1]
 
 
+def _active_top_k(sampler: Sampler, vocab: int) -> int:
+    return sampler.top_k if 0 < sampler.top_k < vocab else 0
+
+
+def _log_normalisers(logits, top_logit, temperature: float):
+    """log-sum-exp [rows, 1] of the logits and of the logits / ``temperature``, given their
+    maximum ``top_logit``: two sums of one read (XLA fuses sibling reductions)."""
+    # two expressions, no shared intermediate: XLA:CPU would store one [rows, vocab]
+    ones = jnp.sum(jnp.exp(logits - top_logit), axis=-1, keepdims=True)
+    top_scaled = top_logit / temperature
+    scaled = jnp.sum(jnp.exp(logits / temperature - top_scaled), axis=-1, keepdims=True)
+    return top_logit + jnp.log(ones), top_scaled + jnp.log(scaled)
+
+
 def _shortlist_cut(s: _Scaled, sampler: Sampler):
     """The kept set's threshold [rows, 1] (keep the scaled logits at or above it) found in
     the shortlist alone, and ``ok`` [rows, 1]: the shortlist holds the whole kept set (the
     nucleus is reached and the shortlist's smallest logit is below the threshold)."""
-    vocab = s.logits.shape[-1]
     top = s.top
+    n = top.shape[-1]
+    top_k = _active_top_k(sampler, s.logits.shape[-1])
     threshold = jnp.full(s.max.shape, -jnp.inf, top.dtype)
+    if top_k > n:  # the top-k set is not in the shortlist: every row takes the full path
+        return threshold, jnp.zeros(s.max.shape, bool)
     reached = jnp.ones(s.max.shape, bool)
-    if 0 < sampler.top_k < vocab:
-        threshold = top[:, sampler.top_k - 1 : sampler.top_k]
+    if top_k:
+        threshold = top[:, top_k - 1 : top_k]
     if sampler.top_p < 1.0:
         in_k = top >= threshold
-        if 0 < sampler.top_k < vocab:  # renormalised over the top-k set
-            log_norm = _log_sum_exp(jnp.where(in_k, top, -jnp.inf), s.max)
-        else:  # over the whole vocabulary: one pass, the scaled logits are not stored
-            log_norm = _log_sum_exp(s.values(), s.max)
+        # renormalised over the top-k set, else over the whole vocabulary
+        log_norm = _log_sum_exp(jnp.where(in_k, top, -jnp.inf), s.max) if top_k else s.log_norm
         probs = jnp.where(in_k, jnp.exp(top - log_norm), 0.0)
         before = jnp.cumsum(probs, axis=-1) - probs
         nucleus = in_k & (before < sampler.top_p)
@@ -143,59 +193,98 @@ def _shortlist_cut(s: _Scaled, sampler: Sampler):
     return threshold, reached & (top[:, -1:] < threshold)
 
 
-def _bisect_cut(s: _Scaled, sampler: Sampler) -> jnp.ndarray:
-    """The kept set's threshold over the whole vocabulary: the top-k cut, then for top-p the
-    largest threshold whose mass (among the top-k set) reaches p, by bisection over the float
-    bit patterns: 32 passes that each read the logits alone and no sort."""
+def _radix_search(measure, target, lo, hi, plan: Plan) -> jnp.ndarray:
+    """The largest threshold whose ``measure`` (non-increasing in it; thresholds [rows, j]
+    -> [rows, j]) is at least ``target`` [rows, 1], searched over the float bit patterns in
+    [``lo``, ``hi``] (sortable uint32 [rows, 1]; ``measure(lo) >= target``): each pass
+    measures ``plan.radix - 1`` evenly spaced thresholds in one read of the logits and keeps
+    the part of the interval that holds the answer, until one bit pattern is left (in
+    straight-line code where the plan is branchless: no loop for the device to test)."""
+    radix = plan.radix
+    j = jnp.arange(1, radix, dtype=jnp.uint32)
+
+    def narrow(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        step = gap // radix + 1
+        cand = lo + jnp.minimum(j * step, gap)  # [rows, radix - 1], non-decreasing
+        ok = measure(_from_sortable_bits(cand)) >= target  # true on a prefix
+        n = jnp.sum(ok, axis=-1, keepdims=True)
+        below = jnp.take_along_axis(cand, jnp.maximum(n - 1, 0), axis=-1)
+        above = jnp.take_along_axis(cand, jnp.minimum(n, radix - 2), axis=-1)
+        new_lo = jnp.where(n > 0, below, lo)
+        hi = jnp.where(n < radix - 1, jnp.maximum(above, new_lo + 1) - 1, hi)
+        return new_lo, hi
+
+    bounds = (lo, hi)
+    if plan.branchless:
+        for i in range(plan.passes):
+            bounds = narrow(i, bounds)
+    else:
+        bounds = jax.lax.fori_loop(0, plan.passes, narrow, bounds)
+    return _from_sortable_bits(bounds[0])
+
+
+def _full_cut(s: _Scaled, sampler: Sampler, plan: Plan) -> jnp.ndarray:
+    """The kept set's threshold over the whole vocabulary, with no sort: the top-k cut (from
+    the shortlist, else the k-th largest logit by a radix search on counts), then for top-p
+    the largest threshold whose mass (among the top-k set) reaches p, by a radix search on
+    masses."""
     vocab = s.logits.shape[-1]
+    top_k = _active_top_k(sampler, vocab)
+    lowest = _sortable_bits(jnp.full(s.max.shape, -jnp.inf, jnp.float32))
+    highest = _sortable_bits(s.max)
+
+    def values():
+        return s.values()[:, :, None]  # [rows, vocab, 1] against thresholds [rows, 1, j]
+
     floor = jnp.full(s.max.shape, -jnp.inf, s.max.dtype)
-    if 0 < sampler.top_k < vocab:
-        floor = s.top[:, sampler.top_k - 1 : sampler.top_k]
+    if top_k and top_k <= s.top.shape[-1]:
+        floor = s.top[:, top_k - 1 : top_k]
+    elif top_k:
+
+        def count(thresholds):
+            return jnp.sum(values() >= thresholds[:, None, :], axis=1, dtype=jnp.int32)
+
+        floor = _radix_search(count, top_k, lowest, highest, plan)
     if sampler.top_p >= 1.0:
         return floor
 
-    def mass(key):
-        x = s.values()
-        kept = jnp.where(x >= _from_sortable_bits(key), jnp.exp(x - s.max), 0.0)
-        return jnp.sum(kept, axis=-1, keepdims=True)
+    def mass(thresholds):
+        x = values()
+        kept = jnp.where(x >= thresholds[:, None, :], jnp.exp(x - s.max[:, :, None]), 0.0)
+        return jnp.sum(kept, axis=1)
 
-    floor = _sortable_bits(floor)
     total = mass(floor)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        gap = hi - lo
-        mid = lo + gap // 2 + gap % 2
-        ok = mass(mid) >= sampler.top_p * total
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (floor, _sortable_bits(s.max)))
-    return _from_sortable_bits(lo)
+    return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest, plan)
 
 
-def kept_cut(logits, sampler: Sampler, top=None, branchless: bool | None = None):
+def kept_cut(logits, sampler: Sampler, top=None, plan: Plan = PLANS["default"], log_norm=None):
     """The filter of ``sampler`` (top-k, then top-p, at its temperature) as a per-row
     threshold [rows, 1]: the scaled logits at or above it are kept; and ``ok``
-    [rows, 1], whether the shortlist ``top`` (the largest logits, descending) held it.
+    [rows, 1], whether the shortlist ``top`` (the largest logits, descending; default 256)
+    held it. ``log_norm``: the log-sum-exp of the scaled logits, when the caller has it.
 
     The cut is the one a descending sort gives. It comes from the shortlist where that holds
-    the kept set (nearly every row of a trained model) and else from bisection;
-    ``branchless`` (default: on GPU) computes both instead of branching on the device."""
+    the kept set (nearly every row of a trained model) and else from a radix search over the
+    vocabulary (``_full_cut``): behind a ``lax.cond`` taken when some row needs it, or for
+    every row (``branchless``, with no loop either)."""
     vocab = logits.shape[-1]
+    t = sampler.temperature
     if top is None:
         top = jax.lax.top_k(logits, min(SHORTLIST, vocab))[0]
-    s = _Scaled(logits, sampler.temperature, top / sampler.temperature)
+    if log_norm is None and sampler.top_p < 1.0:
+        log_norm = _log_sum_exp(logits / t, top[:, :1] / t)
+    s = _Scaled(logits, t, top / t, log_norm)
     short, ok = _shortlist_cut(s, sampler)
-    cut = _unless_all(ok, short, lambda: jnp.where(ok, short, _bisect_cut(s, sampler)), branchless)
+    full = lambda: jnp.where(ok, short, _full_cut(s, sampler, plan))  # noqa: E731
+    cut = _unless_all(ok, short, full, plan.branchless)
     return cut, ok
 
 
-def _unless_all(ok, cheap, full, branchless: bool | None):
+def _unless_all(ok, cheap, full, branchless: bool):
     """``cheap`` when every row is ``ok``, else ``full()`` (which keeps ``cheap`` for the ok
-    rows): a ``lax.cond`` on the device that runs the step (CPU, TPU), or ``full()`` always
-    (``branchless``, the default on GPU: no predicate goes back to the host)."""
-    if branchless is None:
-        branchless = jax.default_backend() == "gpu"
+    rows): a ``lax.cond`` on the device, or ``full()`` always (``branchless``)."""
     return full() if branchless else jax.lax.cond(jnp.all(ok), lambda: cheap, full)
 
 
@@ -254,7 +343,13 @@ def _shortlist_draw(top, top_ids, cut, keys) -> jnp.ndarray:
     return jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
 
 
-def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler, branchless=None):
+def sample_step(
+    logits: jnp.ndarray,
+    keys: jnp.ndarray,
+    sampler: Sampler,
+    branchless: bool | None = None,
+    shortlist: int | None = None,
+):
     """One step of the sampler over the logits float32 [rows, vocab] with keys [rows, 2] ->
     (tokens [rows] int32, chosen log-probability [rows], top-k log-probabilities [rows, k] and
     ids).
@@ -265,31 +360,59 @@ def sample_step(logits: jnp.ndarray, keys: jnp.ndarray, sampler: Sampler, branch
     then a Gumbel-max over the shortlist, else (per row: a row's token depends only on its
     logits and key) a two-stage Gumbel-max over the filtered vocabulary (``gumbel_choice``).
     No scaled or filtered copy of the logits is stored.
+
+    The plan is the lowering platform's (``PLANS``: a 16-entry shortlist and no branch on GPU,
+    256 entries and a ``lax.cond`` elsewhere), chosen where the step is lowered, so a step
+    lowered for CUDA on a CPU host is the GPU's; ``branchless`` and ``shortlist`` override it.
     """
+
+    def on(plan: Plan):
+        if shortlist is not None:  # a top_k past 16 is cheap only where larger ones are
+            plan = dataclasses.replace(
+                plan, shortlist=shortlist, wide_top_k=shortlist > SHORTLIST_GPU
+            )
+        if branchless is not None:
+            plan = dataclasses.replace(plan, branchless=branchless)
+        return functools.partial(_sample_step, sampler=sampler, plan=plan)
+
+    if branchless is not None and shortlist is not None:  # nothing left to the platform
+        return on(PLANS["default"])(logits, keys)
+    return jax.lax.platform_dependent(
+        logits, keys, cuda=on(PLANS["gpu"]), rocm=on(PLANS["gpu"]), default=on(PLANS["default"])
+    )
+
+
+def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
+    """``sample_step`` by one ``plan``."""
     vocab = logits.shape[-1]
     k = sampler.logprobs
-    filtered = sampler.temperature > 0 and (0 < sampler.top_k < vocab or sampler.top_p < 1.0)
+    t = sampler.temperature
+    top_k = _active_top_k(sampler, vocab)
+    filtered = t > 0 and (top_k > 0 or sampler.top_p < 1.0)
     n_top = max(k, 1)
-    if filtered:  # one past top_k, so that a tie at the k-th logit is seen
-        n_top = max(n_top, min(SHORTLIST, vocab), min(sampler.top_k + 1, vocab))
+    if filtered:  # one past top_k where that is cheap, so that a tie at the k-th is seen
+        n_top = max(n_top, min(plan.shortlist, vocab))
+        if plan.wide_top_k and top_k:
+            n_top = max(n_top, min(top_k + 1, vocab))
     # descending; ties: lower id first. The barrier keeps later slices of the result from
     # being merged into the sort XLA lowers top_k to, which would stop XLA:CPU from
     # rewriting it into its TopK kernel (a full-vocabulary sort costs ~100x more)
     top, top_ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, n_top))
-    log_norm = _log_sum_exp(logits, top[:, :1])
-    t = sampler.temperature
+    nucleus_norm = None
+    if filtered and sampler.top_p < 1.0 and not top_k:  # top-p over the whole vocabulary
+        log_norm, nucleus_norm = _log_normalisers(logits, top[:, :1], t)
+    else:
+        log_norm = _log_sum_exp(logits, top[:, :1])
     if t == 0.0:
         tok = top_ids[:, 0]  # = argmax
     elif filtered:
-        s = _Scaled(logits, t, top / t)
-        short_cut, ok = _shortlist_cut(s, sampler)
-        short = _shortlist_draw(s.top, top_ids, short_cut, keys)
+        cut, ok = kept_cut(logits, sampler, top, plan, nucleus_norm)
+        short = _shortlist_draw(top / t, top_ids, cut, keys)
 
         def full():
-            cut = jnp.where(ok, short_cut, _bisect_cut(s, sampler))
-            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, s.max))
+            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, top[:, :1] / t))
 
-        tok = _unless_all(ok, short, full, branchless)
+        tok = _unless_all(ok, short, full, plan.branchless)
     else:
         tok = gumbel_choice(logits, keys, t, shift=top[:, :1] / t)
     tok = tok.astype(jnp.int32)

@@ -7,7 +7,6 @@ index the ORIGINAL generation text, so `text[step.start:step.end] == step.text`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import random
 import re
@@ -15,6 +14,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
+from fcjax.keys import stable_key
 
 SplitMethod = Literal["paragraph", "cue", "tokens", "paper"]
 
@@ -240,11 +241,6 @@ def paper_selection(
     return dict(zip(example_ids, drawn, strict=True))
 
 
-def _stable_key(key: str | int) -> int:
-    """64-bit hash of `key` that is the same in every process (unlike Python's hash())."""
-    return int.from_bytes(hashlib.sha256(str(key).encode("utf-8")).digest()[:8], "little")
-
-
 def select_steps(
     n_steps: int, max_steps: int = 20, seed: int = 0, key: str | int = ""
 ) -> list[int]:
@@ -262,6 +258,6 @@ def select_steps(
         return list(range(n_steps))
     if max_steps == 1:
         return [0]
-    rng = np.random.default_rng([seed, _stable_key(key)])
+    rng = np.random.default_rng([seed, stable_key(key)])
     middle = rng.choice(np.arange(1, n_steps - 1), size=max_steps - 2, replace=False)
     return sorted([0, n_steps - 1, *(int(i) for i in middle)])
