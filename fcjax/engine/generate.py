@@ -148,7 +148,13 @@ class _Context:
     live: int = 0  # rows in slots, not yet known finished
 
 
-def _serve(
+def _serve(lm: LM, contexts, layout: Layout, params, mesh, *args) -> list[_Row]:
+    """Runs every row of every context through the slot pool; returns rows by ``out``."""
+    with mesh_lib.active(mesh):  # the programs trace on the mesh (``fcjax.models.sharding``)
+        return _serve_on(lm, contexts, layout, params, mesh, *args)
+
+
+def _serve_on(
     lm: LM,
     contexts: list[_Context],
     layout: Layout,
@@ -159,7 +165,6 @@ def _serve(
     progress: Callable[[int, int], None] | None,
     stats: EngineStats | None,
 ) -> list[_Row]:
-    """Runs every row of every context through the slot pool; returns rows by ``out``."""
     stats = stats if stats is not None else EngineStats()
     sampler = params.sampler
     n_ctx, n_slot = layout.contexts, layout.rows
