@@ -45,17 +45,15 @@ def main(spec: str) -> dict:
     mesh = mesh_lib.make_mesh(None if spec == "one" else spec, devices=devices)
     prompts = [[5, 6, 7, 8, 9], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26], [3, 4]]
     keys = [f"ex-{i}" for i in range(len(prompts))]
-    greedy = fcjax.SamplingParams(temperature=0.0, max_new_tokens=6)
     sampled = fcjax.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=11)
     out = {"mesh": dict(mesh.shape), "devices": mesh.size}
     lm = lm_of(FULL, 0)
     for impl in ("xla", "pallas_interpret"):
         model = lm.with_decode_attention(impl)
-        for name, params in (("greedy", greedy), ("sampled", sampled)):
-            gens = fcjax.generate(model, prompts, params, keys=keys, mesh=mesh)
-            out[f"{impl}/{name}"] = [g.token_ids for g in gens]
-            out[f"{impl}/{name}_logprobs"] = [g.token_logprobs.tolist() for g in gens]
-        trace = prompts[0] + out[f"{impl}/greedy"][0]
+        gens = fcjax.generate(model, prompts, sampled, keys=keys, mesh=mesh)
+        out[f"{impl}/generate"] = [g.token_ids for g in gens]
+        out[f"{impl}/generate_logprobs"] = [g.token_logprobs.tolist() for g in gens]
+        trace = prompts[0] + out[f"{impl}/generate"][0]
         branches = fcjax.branch(model, trace, [3, 7, 10], 3, sampled, key="ex-0", mesh=mesh)
         out[f"{impl}/branch"] = [[g.token_ids for g in cut] for cut in branches]
         out[f"{impl}/branch_logprobs"] = [

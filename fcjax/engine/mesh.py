@@ -24,17 +24,24 @@ class MeshError(ValueError):
     """A mesh spec that does not fit the visible devices."""
 
 
-def parse_mesh(spec: str | None, n: int) -> tuple[int, int]:
-    """(data, model) sizes of a spec such as ``"data:8"``, ``"data:4,model:2"``,
-    ``"data:-1,model:2"`` (-1: the rest) or None (all ``n`` devices on data)."""
-    if not spec:
-        return n, 1
+def mesh_sizes(spec: str) -> dict[str, int]:
+    """{"data": D, "model": M} of a spec such as ``"data:8"`` or ``"data:4,model:2"`` (an
+    axis left out is 1; D may be -1: the rest of the devices)."""
     sizes = {DATA: 1, MODEL: 1}
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(data|model)\s*:\s*(-?\d+)\s*", part)
         if not m:
             raise MeshError(f"bad mesh spec {spec!r}: expected e.g. 'data:8' or 'data:4,model:2'")
         sizes[m.group(1)] = int(m.group(2))
+    return sizes
+
+
+def parse_mesh(spec: str | None, n: int) -> tuple[int, int]:
+    """(data, model) sizes of a spec (``mesh_sizes``; None: all ``n`` devices on data) for
+    ``n`` devices."""
+    if not spec:
+        return n, 1
+    sizes = mesh_sizes(spec)
     if sizes[DATA] == -1:
         sizes[DATA] = n // max(sizes[MODEL], 1)
     if sizes[DATA] < 1 or sizes[MODEL] < 1 or sizes[DATA] * sizes[MODEL] != n:

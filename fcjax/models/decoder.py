@@ -216,7 +216,8 @@ class Decoder(nnx.Module):
         else:
             spec, head = "...d,dv->...v", self.lm_head[...]
         logits = jnp.einsum(spec, normed, head, precision=prec, preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32)
+        # the whole vocabulary on every model shard: the sampler's top-k reads all of it
+        return constrain(logits.astype(jnp.float32), (None,), self.config)
 
     def _embed(self, tokens):
         return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)

@@ -123,13 +123,16 @@ def _rules(config, mesh_shape: tuple) -> dict[str, str | None]:
 
 
 def constrain(x, axes: tuple[str | None, ...], config):
-    """``with_sharding_constraint`` on x's trailing axes (logical names; the leading ones,
-    rows, stay as the engine placed them), when a mesh with a ``model`` axis is set."""
+    """``with_sharding_constraint`` on x's trailing axes (logical names; the leading ones
+    are rows), when a mesh with a ``model`` axis is set."""
     mesh = _context_mesh()
     if mesh is None or mesh.shape[MODEL] == 1:
         return x
     rules = _rules(config, tuple(mesh.shape.items()))
-    lead = (P.UNCONSTRAINED,) * (x.ndim - len(axes))
+    # rows are split over ``data`` along contexts or row slots (the engine's choice), so
+    # they stay unconstrained there; without a data axis they are whole on every device
+    rows = P.UNCONSTRAINED if mesh.shape.get(DATA, 1) > 1 else None
+    lead = (rows,) * (x.ndim - len(axes))
     return jax.lax.with_sharding_constraint(x, P(*lead, *spec(axes, rules)))
 
 
