@@ -82,5 +82,32 @@ def main(spec: str) -> dict:
     return out
 
 
+# weights and KV dominate the decode step's arguments (every split axis divides 4)
+WIDE = ModelConfig(
+    family="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
+    num_heads=8, num_kv_heads=8, head_dim=16, qkv_bias=True, name="tp-wide",
+)  # fmt: skip
+
+
+def memory() -> dict:
+    """The compiled decode step's memory_analysis and the planner's figures per mesh."""
+    from fcjax.engine import plan as plan_lib
+
+    layout = Layout(contexts=8, rows=1, ctx_len=256, new=256, reads=1)
+    sampler = fcjax.SamplingParams(temperature=1.0, top_p=0.9).sampler
+    out = {}
+    for spec, n in (("data:1,model:1", 1), ("data:1,model:4", 4), ("data:2,model:4", 8)):
+        mesh = mesh_lib.make_mesh(spec, devices=jax.devices()[:n])
+        ma = plan_lib.compiled_step_memory(WIDE, layout, np.float32, mesh, sampler)
+        p = plan_lib.plan(WIDE, dict(mesh.shape), 8, 256, 256, 1, "float32")
+        out[spec] = {
+            "argument": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
+            "weights": p.weights, "kv_pool": p.kv_pool, "pool_state": p.pool_state,
+            "decode_transient": p.decode_activations + p.logits + p.sampler,
+        }  # fmt: skip
+    return out
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1])))
+    result = memory() if sys.argv[1] == "memory" else main(sys.argv[1])
+    print("RESULT " + json.dumps(result))
