@@ -58,7 +58,7 @@ def test_param_and_pool_specs():
     }
     assert specs["cache.ctx_k.0"] == P("data", "model", None, None)
     assert specs["cache.own_v.0"] == P("data", "model", None, None)
-    assert specs["normed"] == P("data", None)
+    assert specs["normed"] == P("data", None, None)
     row_split = mesh_lib.pool_spec(config, shape, 1, pool_path(pool, "ctx_k"), 4)
     assert row_split == P(None, "model", None, None)  # contexts whole when rows are split
 
@@ -218,9 +218,9 @@ def test_compiled_step_memory_divides_by_model():
     vocab, c, r = 1024, 8, 1
     for spec, m in mem.items():
         d = int(spec.split(",")[0].split(":")[1])
-        small = (
-            3 * vocab + 2 * 4 * vocab + 8 + (c * r * (1 + 4 + 4 + 12)) // d
-        )  # stops, scalars, refill
+        # the step's other inputs: stop tables (bool, uint32, uint32 per vocabulary entry),
+        # limit and seed, the refill (bool, int32, int32, 3 x uint32 per row slot)
+        small = vocab * (1 + 4 + 4) + 8 + c * r * (1 + 4 + 4 + 12) // d
         assert m["argument"] == m["weights"] + m["kv_pool"] + m["pool_state"] + small, spec
     one, four = mem["data:1,model:1"], mem["data:1,model:4"]
     big_one = one["weights"] + one["kv_pool"]

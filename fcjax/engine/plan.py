@@ -165,7 +165,7 @@ def plan(
     row_axis = 0 if contexts % d == 0 else 1
     if row_axis == 1 and rows_per_context % d:
         raise PlanError(f"neither contexts ({contexts}) nor rows per context divide data={d}")
-    dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(DTYPES.get(str(dtype), dtype))
     size = dtype.itemsize
     rules = resolve(config_sizes(config), {DATA: d, MODEL: m})
     split = {k: (m if v == MODEL else 1) for k, v in rules.items()}
