@@ -76,6 +76,8 @@ def main(argv):
         if p.attention_split
         else "REPLICATED over model (kv heads do not divide it)"
     )
+    if mesh["model"] == 1:
+        split = "whole (model=1)"
     print(f"mesh data={mesh['data']} model={mesh['model']} ({n_dev} devices); attention {split}")
     print(
         f"pool: {ROWS.value} rows ({ROWS_PER_CONTEXT.value} per context) x "
