@@ -79,9 +79,10 @@ def capture(
             lengths[row] = len(seqs[i])
             where[row, : len(pos[i])] = pos[i]
         put = lambda x: mesh_lib.put(x, mesh, 0)  # noqa: E731
-        last, captured = jax.device_get(
-            _capture(lm.graphdef, params, put(tokens), put(lengths), put(where))
-        )
+        with mesh_lib.active(mesh):
+            last, captured = jax.device_get(
+                _capture(lm.graphdef, params, put(tokens), put(lengths), put(where))
+            )
         for row, i in enumerate(members):
             states = np.asarray(captured[pick, row, : len(pos[i])], np.float32)
             out[i] = Capture(

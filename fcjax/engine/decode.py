@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcjax.engine.mesh import pool_sharding
 from fcjax.engine.sampling import Sampler, row_keys, sample_step
 from fcjax.models.decoder import KVCache
 
@@ -108,23 +109,12 @@ def zeros_pool(config, layout: Layout, dtype) -> Pool:
 
 def pool_shardings(config, layout: Layout, dtype, mesh, row_axis: int):
     """Shardings of a pool: the ``data`` mesh axis over contexts (``row_axis`` 0) or over the
-    row slots of each context (1, when a few long contexts carry many rows each)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
+    row slots of each context (1, when a few long contexts carry many rows each); the
+    caches' KV heads over ``model`` (``fcjax.engine.mesh.pool_sharding``)."""
     shapes = jax.eval_shape(lambda: zeros_pool(config, layout, dtype))
-
-    def spec(path, x):
-        names = [getattr(p, "name", None) for p in path]
-        if x.ndim == 0:
-            return NamedSharding(mesh, P())
-        if "ctx_k" in names or "ctx_v" in names or "ctx_h" in names:
-            return NamedSharding(mesh, P("data") if row_axis == 0 else P())
-        axes = [None] * x.ndim
-        axes[0 if "own_k" in names or "own_v" in names else row_axis] = "data"  # [c * r, ..]
-        return NamedSharding(mesh, P(*axes))
-
-    return jax.tree_util.tree_map_with_path(spec, shapes)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: pool_sharding(config, mesh, row_axis, path, x), shapes
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -124,7 +124,13 @@ def _decode_text(lm: LM, ids: list[int]) -> str:
     return lm.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _serve(
+def _serve(lm: LM, contexts, layout: Layout, params, mesh, *args) -> list[Row]:
+    """Runs every row of every context through the slot pool; returns rows by ``out``."""
+    with mesh_lib.active(mesh):  # the programs trace on the mesh (``fcjax.models.sharding``)
+        return _serve_on(lm, contexts, layout, params, mesh, *args)
+
+
+def _serve_on(
     lm: LM,
     contexts: list[Context],
     layout: Layout,
@@ -135,7 +141,6 @@ def _serve(
     progress: Callable[[int, int], None] | None,
     stats: EngineStats | None,
 ) -> list[Row]:
-    """Runs every row of every context through the slot pool; returns rows by ``out``."""
     stats = stats if stats is not None else EngineStats()
     n_ctx, n_slot = layout.contexts, layout.rows
     n_data = mesh_lib.data_size(mesh)

@@ -396,8 +396,10 @@ def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
             n_top = max(n_top, min(top_k + 1, vocab))
     # descending; ties: lower id first. The barrier keeps later slices of the result from
     # being merged into the sort XLA lowers top_k to, which would stop XLA:CPU from
-    # rewriting it into its TopK kernel (a full-vocabulary sort costs ~100x more)
-    top, top_ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, n_top))
+    # rewriting it into its TopK kernel (a full-vocabulary sort costs ~100x more). One
+    # barrier per output: XLA's SPMD partitioner aborts on a barrier over top_k's tuple
+    # when a mesh has a model axis and no data axis (data:1,model:M)
+    top, top_ids = map(jax.lax.optimization_barrier, jax.lax.top_k(logits, n_top))
     nucleus_norm = None
     if filtered and sampler.top_p < 1.0 and not top_k:  # top-p over the whole vocabulary
         log_norm, nucleus_norm = _log_normalisers(logits, top[:, :1], t)

@@ -20,6 +20,7 @@ gate/up ``[embed, mlp]``, down ``[mlp, embed]``, embedding ``[vocab, embed]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ from flax import nnx
 from fcjax.models.attention import decode_attention, prefill_attention
 from fcjax.models.config import ModelConfig
 from fcjax.models.rope import apply_rope, rope_tables
+from fcjax.models.sharding import constrain, shard_decode
 
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -78,12 +80,16 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(q, ("heads", "head_dim"), self.config)
+        k = constrain(k, ("kv_heads", "head_dim"), self.config)
+        v = constrain(v, ("kv_heads", "head_dim"), self.config)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def output(self, attn, precision=None):
         """attn [..., heads, hd] -> [..., embed]; heads x hd flattened on both sides (free
         reshapes), so no backend transposes the weight to match the activation's layout."""
         o = self.o[...]
+        attn = constrain(attn, ("heads", "head_dim"), self.config)
         flat = attn.reshape(*attn.shape[:-2], -1)
         out = jnp.einsum("...f,fd->...d", flat, o.reshape(-1, o.shape[-1]), precision=precision)
         return out + self.o_bias[...] if self.config.o_bias else out
@@ -97,13 +103,13 @@ class MLP(nnx.Module):
         self.gate = _init(rngs, (d, f), dtype)
         self.up = _init(rngs, (d, f), dtype)
         self.down = _init(rngs, (f, d), dtype)
+        self.config = config
 
     def __call__(self, x, precision=None):
         gate = jnp.einsum("...d,df->...f", x, self.gate[...], precision=precision)
         up = jnp.einsum("...d,df->...f", x, self.up[...], precision=precision)
-        return jnp.einsum(
-            "...f,fd->...d", jax.nn.silu(gate) * up, self.down[...], precision=precision
-        )
+        hidden = constrain(jax.nn.silu(gate) * up, ("mlp",), self.config)
+        return jnp.einsum("...f,fd->...d", hidden, self.down[...], precision=precision)
 
 
 class Block(nnx.Module):
@@ -119,8 +125,9 @@ class Block(nnx.Module):
         """x float32 [..., embed] -> (x after the layer, this layer's new k, v)."""
         q, k, v = self.attn.project(self.attn_norm(x), cos, sin, precision)
         y = x + self.attn.output(attend(q, k, v), precision).astype(jnp.float32)
+        y = constrain(y, ("embed",), self.attn.config)  # whole on every model shard
         y = y + self.mlp(self.mlp_norm(y), precision).astype(jnp.float32)
-        return y, k, v
+        return constrain(y, ("embed",), self.attn.config), k, v
 
 
 class KVCache(NamedTuple):
@@ -173,15 +180,18 @@ class Numerics:
     def precision(self):
         return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
 
-    def attend_decode(self, *args):
-        """``decode_attention`` (args as in ``fcjax.models.attention``) by the chosen path."""
+    def attend_decode(self, *args, config=None):
+        """``decode_attention`` (args as in ``fcjax.models.attention``) by the chosen path;
+        the Pallas kernels under ``shard_map`` on a multi-device mesh (``config`` says
+        whether heads are split)."""
         if self.decode_attention in ("xla", "xla_full"):
             reads = "full" if self.decode_attention == "xla_full" else "auto"
             return decode_attention(*args, precision=self.precision, reads=reads)
         from fcjax.models import attention_pallas
 
         interpret = self.decode_attention == "pallas_interpret"
-        return attention_pallas.decode_attention(*args, interpret=interpret)
+        kernel = functools.partial(attention_pallas.decode_attention, interpret=interpret)
+        return shard_decode(kernel, config, *args)
 
 
 class Decoder(nnx.Module):
@@ -209,7 +219,8 @@ class Decoder(nnx.Module):
         else:
             spec, head = "...d,dv->...v", self.lm_head[...]
         logits = jnp.einsum(spec, normed, head, precision=prec, preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32)
+        # the whole vocabulary on every model shard: the sampler's top-k reads all of it
+        return constrain(logits.astype(jnp.float32), (None,), self.config)
 
     def _embed(self, tokens):
         return jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
@@ -284,6 +295,7 @@ class Decoder(nnx.Module):
                     own_v,
                     own_valid + 1,
                     slot + 1,
+                    config=self.config,
                 )
 
             x, _, _ = block(x, cos, sin, attend, prec)
