@@ -181,4 +181,3 @@ def summarize(
             "config": dict(config or {}),
         }
     )
-
