@@ -150,12 +150,14 @@ def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
     has neither; lowered for CPU, the same call keeps its 256-entry shortlist."""
     import re
 
+    from fcjax.engine.profile import lower_for
+
     sd = jax.ShapeDtypeStruct
 
     def lowered(sampler, platform):
         args = sd((8, 151936), jnp.float32), sd((8, 2), jnp.uint32), sampler
-        traced = jax.jit(sample_step, static_argnums=(2,)).trace(*args)
-        return traced.lower(lowering_platforms=(platform,)).as_text()
+        jitted = jax.jit(sample_step, static_argnums=(2,))
+        return lower_for(jitted, (platform,), *args).as_text()  # jax >= 0.11 as well
 
     def branches(text):  # platform_dependent's own selection is a case in every step
         return text.count("stablehlo.case")

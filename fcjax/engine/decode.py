@@ -242,7 +242,7 @@ def decode_chunk(
 
     ``slots`` (int32 [m], distinct; a program per m): the steps run on these context slots
     only, taken out of the pool and put back after (the host passes the live ones when the
-    queue has run dry, so a shrinking tail computes fewer rows); the others emit nothing."""
+    queue has run dry, so a drained pool computes fewer rows); the others emit nothing."""
     model = nnx.merge(graphdef, params)
     pool = _apply_refill(pool, refill, seed)
     eos = eos if eos else (-1,)
