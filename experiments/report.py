@@ -21,13 +21,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments.config import STAGES
-from experiments.report_html import (
-    compare_figures,
-    compare_page,
-    run_data,
-    run_figure_list,
-    run_page,
-)
+from experiments.report_figures import compare_figures, run_figure_list
+from experiments.report_html import compare_page, run_data, run_page
 from fcjax import plots
 from fcjax.metrics import match_ids, paired_differences
 from fcjax.metrics.bootstrap import REPS

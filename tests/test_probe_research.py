@@ -275,7 +275,7 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
     assert out["by_family"]["mlp"]["final_layer"] == 5
     assert load_probe(run / "probes" / "ckpt_mlp").family == "mlp"
     assert np.isfinite(read_table(run / "steps.parquet")["conf_probe"]).all()
-    from experiments.report_html import probe_layer_panel
+    from experiments.report_figures import probe_layer_panel
 
     panel = probe_layer_panel(run / "probes" / "layers.parquet")
     assert "linear probe by layer" in panel and panel.count("layer 5: auroc") == 1

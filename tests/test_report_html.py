@@ -142,7 +142,8 @@ def test_png_plots_are_the_pages_figures(runs, tmp_path):
     import shutil
 
     from experiments.report import run_plots
-    from experiments.report_html import run_data, run_figure_list
+    from experiments.report_figures import run_figure_list
+    from experiments.report_html import run_data
     from fcjax.store.fs import location
 
     run = tmp_path / "run"
