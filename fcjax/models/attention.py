@@ -43,8 +43,22 @@ def block_size(length: int) -> int:
     return block if length % block == 0 else length
 
 
+# prefill through cuDNN's fused attention on a GPU in half precision (``disable_cudnn_prefill``
+# turns it off for the process, e.g. after a failed smoke test)
+_CUDNN_PREFILL = {"enabled": True}
+
+
+def disable_cudnn_prefill() -> None:
+    """Prefill with the XLA attention from now on, in this process."""
+    _CUDNN_PREFILL["enabled"] = False
+
+
 def _use_cudnn(q: jnp.ndarray) -> bool:
-    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (
+        _CUDNN_PREFILL["enabled"]
+        and jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+    )
 
 
 def prefill_attention(
