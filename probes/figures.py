@@ -67,7 +67,7 @@ def layer_panel(table: dict, title: str | None = None, chosen: int | None = None
         series = [("auroc", colour, False)] + ([("ece", plots.colour(1), True)] if f == 0 else [])
         for key, stroke, dash in series:
             values = np.asarray(t[key], float).tolist()
-            label = key if len(families) == 1 else f"{family} {key}"
+            label = key if f == 0 else f"{family} {key}"
             p.line(layers.tolist(), values, stroke, dash=dash, tip=label)
             tips = [
                 f"layer {int(x)}: {label} {_fmt(v)}" for x, v in zip(layers, values, strict=True)

@@ -277,7 +277,7 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
     assert np.isfinite(read_table(run / "steps.parquet")["conf_probe"]).all()
     from experiments.report_figures import probe_layer_panel
 
-    panel = probe_layer_panel(run / "probes" / "layers.parquet")
+    panel = probe_layer_panel(run / "probes" / "layers.parquet").svg()
     assert "linear probe by layer" in panel and panel.count("layer 5: auroc") == 1
     assert "null band" in panel and "; 95% interval " in panel
     soft = run_probe_stage(run, folds=2, label="c_samp", epochs=30, reps=0)
@@ -286,7 +286,7 @@ def test_probe_stage_writes_both_families_with_intervals_and_null_band(tmp_path)
         assert np.isnan(table[col]).all(), col
     for col in ("auroc_ci_absent", "null_band_absent"):
         assert set(table[col]) == {"bootstrap off (0 resamples)"}, col
-    panel = probe_layer_panel(run / "probes" / "layers.parquet")  # the report says why
+    panel = probe_layer_panel(run / "probes" / "layers.parquet").svg()  # the report says why
     assert "no 95% interval: bootstrap off (0 resamples)" in panel
     # C_samp takes two values here (0.2, 0.8): a rank correlation near its ceiling, and
     # probabilities near the values themselves
