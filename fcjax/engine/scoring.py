@@ -112,17 +112,7 @@ def force_many(
         seq = bucket(max(len(pre[i]) + len(out_ids[i]) for i in rows))
         width = bucket(max(len(out_ids[i]) for i in rows), minimum=8)
         block = min(width, FORCE_BLOCK)  # both powers of two up to 1024, then multiples
-        tokens = np.zeros((n_rows, seq), np.int32)
-        lengths = np.ones((n_rows,), np.int32)
-        positions = np.zeros((n_rows, width), np.int32)
-        targets = np.zeros((n_rows, width), np.int32)
-        for r, i in enumerate(rows):
-            full = pre[i] + out_ids[i]
-            tokens[r, : len(full)] = full
-            lengths[r] = len(full)
-            m = len(out_ids[i])
-            positions[r, :m] = np.arange(len(pre[i]) - 1, len(pre[i]) - 1 + m)
-            targets[r, :m] = out_ids[i]
+        tokens, lengths, positions, targets = _forced_batch(pre, out_ids, rows, n_rows, seq, width)
         got = jax.device_get(
             _forced(
                 lm.graphdef,
@@ -217,18 +207,7 @@ def score_continuations(
         n_rows = _rows_bucket(len(rows), batch_size)
         seq = bucket(max(len(pre[i]) + len(cont[i]) for i in rows))
         width = bucket(max(len(cont[i]) for i in rows), minimum=8)
-        tokens = np.zeros((n_rows, seq), np.int32)
-        lengths = np.ones((n_rows,), np.int32)
-        positions = np.zeros((n_rows, width), np.int32)
-        targets = np.zeros((n_rows, width), np.int32)
-        for r, i in enumerate(rows):
-            full = pre[i] + cont[i]
-            tokens[r, : len(full)] = full
-            lengths[r] = len(full)
-            m = len(cont[i])
-            # the logits at position len(prefix) + j - 1 predict continuation token j
-            positions[r, :m] = np.arange(len(pre[i]) - 1, len(pre[i]) - 1 + m)
-            targets[r, :m] = cont[i]
+        tokens, lengths, positions, targets = _forced_batch(pre, cont, rows, n_rows, seq, width)
         logp = np.asarray(
             _continuation_logprobs(
                 lm.graphdef,
@@ -242,3 +221,21 @@ def score_continuations(
         for r, i in enumerate(rows):
             out[i] = logp[r, : len(cont[i])].astype(np.float32)
     return out
+
+
+def _forced_batch(pre, cont, rows, n_rows: int, seq: int, width: int):
+    """One teacher-forced batch: tokens [n_rows, seq] (prefix + continuation), lengths, and
+    per continuation token the position whose logits predict it (len(prefix) + j - 1) and
+    the token itself ([n_rows, width]); padding rows hold one token."""
+    tokens = np.zeros((n_rows, seq), np.int32)
+    lengths = np.ones((n_rows,), np.int32)
+    positions = np.zeros((n_rows, width), np.int32)
+    targets = np.zeros((n_rows, width), np.int32)
+    for r, i in enumerate(rows):
+        full = pre[i] + cont[i]
+        tokens[r, : len(full)] = full
+        lengths[r] = len(full)
+        m = len(cont[i])
+        positions[r, :m] = np.arange(len(pre[i]) - 1, len(pre[i]) - 1 + m)
+        targets[r, :m] = cont[i]
+    return tokens, lengths, positions, targets
