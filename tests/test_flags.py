@@ -16,6 +16,7 @@ from absl import flags
 from experiments import run as run_cli
 from experiments.config import FIELDS, Settings
 from experiments.rundir import RunError
+from fcjax.models.decoder import DECODE_ATTENTION
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELD = {f.name: f for f in FIELDS}
@@ -46,7 +47,9 @@ def parse():
         ("--dtype=float64", r"--dtype=float64: value should be one of <float32\|bfloat16>"),
         (
             "--decode_attention=cuda",
-            r"--decode_attention=cuda: value should be one of <xla\|pallas\|pallas_interpret>",
+            "--decode_attention=cuda: value should be one of <"
+            + r"\|".join(DECODE_ATTENTION)
+            + ">",
         ),
         (
             "--hidden_dtype=int8",

@@ -179,6 +179,21 @@ def _close(a, b, key):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5, err_msg=key)
 
 
+def _same_greedy(tp, one, key, tie=1e-4):
+    """Greedy tokens identical up to a step where one device's top two log-probabilities are
+    within ``tie`` (a split matmul may break that tie the other way; the row ends there), and
+    the log-probabilities equal over the tokens both share. At most one row may end early."""
+    early = 0
+    for row, (a, b) in enumerate(zip(tp[key], one[key], strict=True)):
+        same = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        if same < len(b):
+            gap = one[f"{key}_gap"][row][same]
+            assert gap < tie, f"{key} row {row} differs at {same} (top-2 gap {gap:.2e}): {a} {b}"
+            early += 1
+        _close([tp[f"{key}_logprobs"][row][:same]], [one[f"{key}_logprobs"][row][:same]], key)
+    assert early <= 1, f"{key}: {early} rows broke a tie"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", MESHES)
 def test_mesh_matches_one_device(runs, spec):
@@ -187,8 +202,12 @@ def test_mesh_matches_one_device(runs, spec):
     one, tp = runs["one"], runs[spec]
     assert tp["devices"] == 8 and one["devices"] == 1
     for key in one:
-        if key.endswith(("generate", "branch")) or key in ("gqa/xla", "gqa/pallas_interpret"):
+        if key.endswith(("generate", "branch")):
             assert tp[key] == one[key], key
+        elif key in ("gqa/xla", "gqa/pallas_interpret"):
+            _same_greedy(tp, one, key)
+        elif key.startswith("gqa/"):
+            continue  # compared by _same_greedy, over the tokens both runs share
         elif key.endswith("logprobs"):
             _close(_rows(key, tp[key]), _rows(key, one[key]), key)
         elif key in ("hidden", "last_hidden"):

@@ -62,11 +62,14 @@ def main(spec: str) -> dict:
     caps = fcjax.capture(lm, [prompts[2], prompts[0]], [[0, 3, 6], [1, 4]], mesh=mesh)
     out["hidden"] = [c.states.tolist() for c in caps]
     out["last_hidden"] = [c.last_hidden.tolist() for c in caps]
-    gqa = lm_of(GQA, 1)
+    # greedy, with each step's top-2 gap: a near-tie may break either way under another
+    # summation order (test_tensor_parallel allows that, and only that)
+    gqa, greedy = lm_of(GQA, 1), fcjax.SamplingParams(temperature=0.0, max_new_tokens=6)
     for impl in ("xla", "pallas_interpret"):
-        gens = fcjax.generate(gqa.with_decode_attention(impl), prompts, sampled, mesh=mesh)
+        gens = fcjax.generate(gqa.with_decode_attention(impl), prompts, greedy, mesh=mesh)
         out[f"gqa/{impl}"] = [g.token_ids for g in gens]
         out[f"gqa/{impl}_logprobs"] = [g.token_logprobs.tolist() for g in gens]
+        out[f"gqa/{impl}_gap"] = [(g.top_logprobs[:, 0] - g.top_logprobs[:, 1]).tolist() for g in gens]
     # where the arrays live: per-device shard shapes of weights and of a KV pool
     weights = mesh_lib.replicate(lm.state, mesh)
     attn, mlp = weights["blocks"][0]["attn"], weights["blocks"][0]["mlp"]
