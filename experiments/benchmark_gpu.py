@@ -40,18 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import fcjax
-from experiments.benchmark import (
-    load_model,
-    peak_bandwidth,
-    peer_batches,
-    peer_generate_fn,
-    random_tokens,
-    torch_peer,
-)
+from experiments.bench_peer import peer_batches, peer_generate_fn, torch_peak_gb, torch_peer
+from experiments.bench_table import jax_peak_gb, peak_bandwidth, step_bytes
+from experiments.bench_workloads import branch_cuts, load_model, random_tokens
 from fcjax.models import attention, loading
 from fcjax.models.lm import LM
 
-H200_BW = 4.8e12  # bytes/s, when the device table has no entry
+FALLBACK_KIND = "H200"  # whose peak bandwidth a GPU missing from the device table gets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,24 +149,6 @@ class Writer:
         print(json.dumps(full), flush=True)
 
 
-def peak_gb() -> float | None:
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # not every backend keeps memory statistics
-        return None
-    return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
-
-
-def step_bytes(config, itemsize: int, kv_tokens: float) -> float:
-    """Weights (an untied embedding is gathered, not read) and ``kv_tokens`` positions of
-    K and V, each read once per decode step."""
-    weights = config.param_count()
-    if not config.tie_embeddings:
-        weights -= config.vocab_size * config.hidden_size
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_tokens
-    return float((weights + kv) * itemsize)
-
-
 def timed(call: Callable[[int], object], new: int, short: int) -> dict:
     """First call (compiles), then the timed call at ``new`` and at ``short`` tokens (the
     same bucket: the same programs): wall times and the per-step difference."""
@@ -197,7 +174,9 @@ class Suite:
         self.lm = None
         device = jax.devices()[0]
         self.peak_bw = (
-            peak_bandwidth(device.device_kind) or H200_BW if device.platform == "gpu" else None
+            peak_bandwidth(device.device_kind) or peak_bandwidth(FALLBACK_KIND)
+            if device.platform == "gpu"
+            else None
         )
 
     def run(self, name: str, fn: Callable[[], list[dict] | dict], system: str = "") -> None:
@@ -230,13 +209,13 @@ class Suite:
             "new_tokens": rows * new,
             "tokens_per_s": rows * new / t["full"],
             "compile_s": max(t["first"] - t["full"], 0.0),
-            "peak_mem_gb": peak_gb(),
+            "peak_mem_gb": jax_peak_gb(),
             "note": f"prefill {self.prefill}",
         }
         if t["step_s"] is not None:
             out["ms_per_step"] = t["step_s"] * 1e3
             if self.peak_bw is not None:
-                nbytes = step_bytes(self.model().config, self.itemsize(), kv_tokens)
+                nbytes = step_bytes(self.model().config, self.itemsize(), 1, kv_tokens)
                 out["roofline"] = nbytes / t["step_s"] / self.peak_bw
         return out
 
@@ -296,47 +275,45 @@ class Suite:
                 rows.append({"system": f"fcjax[{path}]", "error": self.paths_ok[path]})
         return rows
 
+    def batch_case(self, batch: int, make_call: Callable[[list], Callable[[int], object]]):
+        """A generate-shaped case: ``batch`` random prompts of ``prompt_len`` tokens (seeded by
+        the batch, so every system gets the same ones), ``make_call(prompts)`` timed at
+        ``new`` and ``new_short`` tokens; the row's batch and figures."""
+        lm = self.model()
+        prompts = random_tokens(
+            np.random.default_rng(batch), lm.config.vocab_size, (batch, self.p.prompt_len)
+        ).tolist()
+        t = timed(make_call(prompts), self.p.new, self.p.new_short)
+        kv = batch * (self.p.prompt_len + (self.p.new - 1) / 2)
+        return {"batch": batch} | self.figures(t, batch, self.p.new, kv)
+
     def generate(self, path: str, batch: int) -> dict:
         if self.paths_ok.get(path):
             return {"batch": batch, "error": f"smoke test failed: {self.paths_ok[path]}"}
         lm = self.model().with_decode_attention(path)
-        prompts = random_tokens(
-            np.random.default_rng(batch), lm.config.vocab_size, (batch, self.p.prompt_len)
-        ).tolist()
 
-        def call(new: int):
-            params = fcjax.SamplingParams(temperature=0.0, max_new_tokens=new)
-            gens = fcjax.generate(lm, prompts, params, batch_size=batch)
-            if any(len(g.token_ids) != new for g in gens):
-                raise RuntimeError(f"expected {new} tokens per row")
+        def make_call(prompts):
+            def call(new: int):
+                params = fcjax.SamplingParams(temperature=0.0, max_new_tokens=new)
+                gens = fcjax.generate(lm, prompts, params, batch_size=batch)
+                if any(len(g.token_ids) != new for g in gens):
+                    raise RuntimeError(f"expected {new} tokens per row")
 
-        t = timed(call, self.p.new, self.p.new_short)
-        kv = batch * (self.p.prompt_len + (self.p.new - 1) / 2)
-        return (
-            {"batch": batch}
-            | self.figures(t, batch, self.p.new, kv)
-            | {"note": f"greedy, prefill {self.prefill}"}
-        )
+            return call
+
+        return self.batch_case(batch, make_call) | {"note": f"greedy, prefill {self.prefill}"}
 
     def peer(self) -> dict:
-        lm = self.model()
         batch = self.p.peer_batch
-        model = torch_peer(lm, self.p.dtype)
-        prompts = random_tokens(
-            np.random.default_rng(batch), lm.config.vocab_size, (batch, self.p.prompt_len)
-        ).tolist()
-        batches = peer_batches(model, prompts, batch)
+        model = torch_peer(self.model(), self.p.dtype)
 
-        def call(new: int):
-            peer_generate_fn(model, batches, new, 0.0, "dynamic")()
+        def make_call(prompts):
+            batches = peer_batches(model, prompts, batch)
+            return lambda new: peer_generate_fn(model, batches, new, 0.0, "dynamic")()
 
-        t = timed(call, self.p.new, self.p.new_short)
-        kv = batch * (self.p.prompt_len + (self.p.new - 1) / 2)
-        row = {"batch": batch} | self.figures(t, batch, self.p.new, kv)
-        import torch
-
-        if torch.cuda.is_available():
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row = self.batch_case(batch, make_call)
+        if (torch_gb := torch_peak_gb()) is not None:  # the peer's own device memory
+            row["peak_mem_gb"] = torch_gb
         row["note"] = f"transformers on {model.device}, dynamic cache, greedy"
         return row
 
@@ -344,9 +321,7 @@ class Suite:
         lm = self.model()
         trace = random_tokens(np.random.default_rng(7), lm.config.vocab_size, (self.p.trace_len,))
         trace = trace.tolist()
-        cuts = sorted(
-            {max(1, round(self.p.trace_len * (i + 1) / self.p.cuts)) for i in range(self.p.cuts)}
-        )
+        cuts = branch_cuts(self.p.trace_len, self.p.cuts)
         rows = len(cuts) * self.p.k
 
         def call(new: int):

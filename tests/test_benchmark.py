@@ -1,5 +1,6 @@
-"""experiments.benchmark: a tiny end-to-end run (exit status, table rows, JSON) and its
-arithmetic (bytes per decode step, cuts, roofline, weight layouts). Never a speed."""
+"""experiments.benchmark (and its bench_* modules): a tiny end-to-end run (exit status,
+table rows, JSON) and its arithmetic (bytes per decode step, cuts, roofline, weight layouts).
+Never a speed."""
 
 import itertools
 import json
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import benchmark
+from experiments.bench_table import peak_bandwidth, step_bytes
+from experiments.bench_workloads import branch_cuts
 from fcjax.models.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +79,7 @@ def test_json_counts_tokens_and_derives_columns(run):
     # tokens/s is tokens over the fastest timed call
     assert gen["tokens_per_s"] == pytest.approx(gen["new_tokens"] / min(gen["times_s"]))
     # roofline = bytes per step / step time / peak, for generate rows with a step time
-    nbytes = benchmark.step_bytes(
+    nbytes = step_bytes(
         PRESETS["tiny-llama"], 4, TINY["batch"], TINY["prompt_len"] + (TINY["new_tokens"] - 1) / 2
     )
     for row in (gen, peer):
@@ -98,19 +100,19 @@ def test_step_bytes_by_hand():
     weights = 2 * layer + 256 * 64 + 64  # the untied embedding is gathered, not read whole
     kv = 2 * 2 * 2 * 16 * 3 * 10.5  # K and V, 2 layers, 2 kv heads x 16, 3 rows x 10.5 positions
     config = PRESETS["tiny-llama"]
-    assert benchmark.step_bytes(config, 2, 3, 10.5) == pytest.approx((weights + kv) * 2)
+    assert step_bytes(config, 2, 3, 10.5) == pytest.approx((weights + kv) * 2)
     tied = PRESETS["smollm2-135m"]  # tied: the unembedding reads the whole table
-    assert benchmark.step_bytes(tied, 4, 1, 0) == pytest.approx(tied.param_count() * 4)
+    assert step_bytes(tied, 4, 1, 0) == pytest.approx(tied.param_count() * 4)
 
 
 def test_cuts_and_bandwidth_table():
-    assert benchmark.branch_cuts(64, 3) == [21, 43, 64]
-    assert benchmark.branch_cuts(2000, 20)[:2] == [100, 200]
-    assert benchmark.branch_cuts(5, 10) == [1, 2, 3, 4, 5]  # duplicates dropped
-    assert benchmark.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
-    assert benchmark.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
-    assert benchmark.peak_bandwidth("NVIDIA H200") == 4.8e12
-    assert benchmark.peak_bandwidth("cpu") is None
+    assert branch_cuts(64, 3) == [21, 43, 64]
+    assert branch_cuts(2000, 20)[:2] == [100, 200]
+    assert branch_cuts(5, 10) == [1, 2, 3, 4, 5]  # duplicates dropped
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert peak_bandwidth("cpu") is None
 
 
 def test_proxies_print_their_figures_and_the_summary_line():
