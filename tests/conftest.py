@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import TINY_CONFIGS, build_tiny
+from tiny_models import TINY_CONFIGS, build_tiny, build_tiny_chat
 
 import fcjax
 
@@ -31,6 +31,13 @@ def pytest_collection_modifyitems(config, items):
 def tiny_model_dir(request, tmp_path_factory):
     """An HF directory holding one tiny random model per family/config."""
     return build_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (``build_tiny_chat``),
+    built once per test module."""
+    return build_tiny_chat(tmp_path_factory.mktemp("tinychat"))
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,20 @@ def test_missing_field(tmp_path, field):
         load_jsonl(path)
 
 
+@pytest.mark.parametrize("field", ["id", "question", "answer"])
+def test_null_field_is_missing(tmp_path, field):
+    path = write(tmp_path, [row(id="a"), json.dumps({**GOOD, "id": "b", field: None})])
+    with pytest.raises(DataError, match=rf"^set\.jsonl line 2: missing field '{field}'$"):
+        load_jsonl(path)
+
+
+def test_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b'\xff\xfe{"id": "a"}\n')
+    with pytest.raises(DataError, match=r"binary\.jsonl: not UTF-8 text"):
+        load_jsonl(path)
+
+
 def test_empty_question(tmp_path):
     path = write(tmp_path, [row(question="  \n")])
     with pytest.raises(DataError, match=r"set\.jsonl line 1: field 'question' is empty"):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny_chat, cli_flags
+from tiny_models import cli_flags
 
 import fcjax
 from experiments.run import run
@@ -131,11 +131,6 @@ def assert_same_run(a: Path, b: Path, rtol: float = 0.0, ignore_config=()) -> No
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_chat(tmp_path_factory.mktemp("tinychat"))
-
-
-@pytest.fixture(scope="module")
 def jax_cache() -> Path:
     """The session's persistent compilation cache (tests/conftest.py), shared by the
     subprocesses so that they compile each program once across sessions."""
@@ -143,13 +138,13 @@ def jax_cache() -> Path:
 
 
 @pytest.fixture(scope="module")
-def nan_model(tiny, tmp_path_factory) -> Path:
+def nan_model(tiny_chat, tmp_path_factory) -> Path:
     """The tiny model with one NaN embedding row: tied to the output layer, it makes every
     next-token distribution NaN."""
     from safetensors.numpy import load_file, save_file
 
     out = tmp_path_factory.mktemp("nanmodel")
-    shutil.copytree(tiny, out, dirs_exist_ok=True)
+    shutil.copytree(tiny_chat, out, dirs_exist_ok=True)
     weights = load_file(out / "model.safetensors")
     weights["model.embed_tokens.weight"][7] = np.nan
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
@@ -173,7 +168,7 @@ def background(request, tmp_path_factory):
     if not any(wanted.values()):
         yield jobs
         return
-    tiny = request.getfixturevalue("tiny")
+    tiny = request.getfixturevalue("tiny_chat")
     cache = request.getfixturevalue("jax_cache")
     pool = ThreadPoolExecutor(3)
     if wanted["cli"]:
@@ -191,18 +186,18 @@ def background(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny, tmp_path_factory) -> Path:
+def baseline(tiny_chat, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("baseline")
-    run(make_settings(tiny), str(out))
+    run(make_settings(tiny_chat), str(out))
     return out
 
 
 # ----------------------------------------------------------------------------- 2. no template
 
 
-def test_tokenizer_without_chat_template_falls_back(tiny, tmp_path, caplog):
+def test_tokenizer_without_chat_template_falls_back(tiny_chat, tmp_path, caplog):
     model = tmp_path / "model"
-    shutil.copytree(tiny, model)
+    shutil.copytree(tiny_chat, model)
     (model / "chat_template.jinja").unlink(missing_ok=True)
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
@@ -224,7 +219,7 @@ def test_tokenizer_without_chat_template_falls_back(tiny, tmp_path, caplog):
 # ----------------------------------------------------------------------------- 3. behaviour
 
 
-def test_model_behaviour_is_recorded_not_fatal(tiny, tmp_path, monkeypatch):
+def test_model_behaviour_is_recorded_not_fatal(tiny_chat, tmp_path, monkeypatch):
     """An empty trace (no steps, no answer), truncated traces and unparsable judge replies
     are counted in the summary; the run completes."""
     real = fcjax.generate
@@ -249,7 +244,7 @@ def test_model_behaviour_is_recorded_not_fatal(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcjax, "generate", generate)
     out = tmp_path / "out"
-    run(make_settings(tiny, estimators=("deepconf",)), str(out))
+    run(make_settings(tiny_chat, estimators=("deepconf",)), str(out))
     ex = read_table(out / "examples.parquet")
     st_ = read_table(out / "steps.parquet")
     summary = json.loads((out / "summary.json").read_text())
@@ -270,7 +265,7 @@ def test_model_behaviour_is_recorded_not_fatal(tiny, tmp_path, monkeypatch):
     assert n_replies == int(np.ceil(per_trace / 4).sum()) >= 1  # batches of judge_batch=4
     assert counts["decisiveness_fallback"] == info["judge_fallback_batches"]
     assert counts["decisiveness_failed"] == info["judge_failed_batches"]
-    assert counts["decisiveness_judge"] == str(tiny)
+    assert counts["decisiveness_judge"] == str(tiny_chat)
     assert summary["n_examples"] == 4
 
 
@@ -286,7 +281,7 @@ def _oom(n: int):
 
 
 def test_out_of_memory_batch_is_halved_and_results_unchanged(
-    tiny, baseline, tmp_path, monkeypatch, caplog
+    tiny_chat, baseline, tmp_path, monkeypatch, caplog
 ):
     real, sizes = fcjax.generate, []
 
@@ -299,7 +294,7 @@ def test_out_of_memory_batch_is_halved_and_results_unchanged(
     monkeypatch.setattr(fcjax, "generate", generate)
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
-        run(make_settings(tiny, batch_size=4), str(out), stop_after="segment")
+        run(make_settings(tiny_chat, batch_size=4), str(out), stop_after="segment")
     assert sizes == [4, 2, 2]  # the whole chunk failed once, then two halves
     messages = [r.getMessage() for r in caplog.records]
     assert "out of device memory at batch 4; retrying with 2" in messages
@@ -312,13 +307,13 @@ def test_out_of_memory_batch_is_halved_and_results_unchanged(
         assert list(map(str, ea[k])) == list(map(str, eb[k])), k
 
 
-def test_out_of_memory_at_batch_one_is_a_clear_error(tiny, tmp_path, monkeypatch, caplog):
+def test_out_of_memory_at_batch_one_is_a_clear_error(tiny_chat, tmp_path, monkeypatch, caplog):
     def generate(lm, prompts, params, **kw):
         raise _oom(1 << 40)
 
     monkeypatch.setattr(fcjax, "generate", generate)
     with caplog.at_level("WARNING"), pytest.raises(ResourceError) as err:
-        run(make_settings(tiny), str(tmp_path))
+        run(make_settings(tiny_chat), str(tmp_path))
     first = load_dataset(name="arithmetic", num_examples=4, seed=1)[0].id
     assert str(err.value).startswith(
         f"out of device memory even at batch 1 (example {first!r}, --max_new_tokens=24): "
@@ -329,7 +324,7 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(tiny, tmp_path, monkeypatch
     assert not RunDir(tmp_path).done("generate")
 
 
-def test_other_runtime_errors_are_not_retried(tiny, tmp_path, monkeypatch):
+def test_other_runtime_errors_are_not_retried(tiny_chat, tmp_path, monkeypatch):
     import jax
 
     calls = []
@@ -340,15 +335,15 @@ def test_other_runtime_errors_are_not_retried(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcjax, "generate", generate)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        run(make_settings(tiny), str(tmp_path))
+        run(make_settings(tiny_chat), str(tmp_path))
     assert calls == [2]
 
 
 # ----------------------------------------------------------------------------- 6. batch size
 
 
-def test_batch_size_does_not_change_results(tiny, baseline, tmp_path):
-    run(make_settings(tiny, batch_size=8), str(tmp_path))
+def test_batch_size_does_not_change_results(tiny_chat, baseline, tmp_path):
+    run(make_settings(tiny_chat, batch_size=8), str(tmp_path))
     assert_same_run(baseline, tmp_path, ignore_config=("batch_size",))
 
 
@@ -513,11 +508,11 @@ def test_cli_user_error(background, case):
 
 
 @pytest.fixture(scope="module")
-def finished_cases(tiny, nan_model, baseline, jax_cache, tmp_path_factory) -> dict:
+def finished_cases(tiny_chat, nan_model, baseline, jax_cache, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("finished")
-    _data_and_models(tiny, nan_model, root)
+    _data_and_models(tiny_chat, nan_model, root)
     return run_cases(
-        FINISHED_CASES, tiny, root, jax_cache, setup=lambda out: shutil.copytree(baseline, out)
+        FINISHED_CASES, tiny_chat, root, jax_cache, setup=lambda out: shutil.copytree(baseline, out)
     )
 
 

@@ -10,40 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import build_tiny_chat, cli_flags
+from tiny_models import TINY_RUN_ESTIMATORS, cli_flags, tiny_run_settings
 
 from experiments.config import STAGES
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
-from experiments.stages import Settings
 from fcjax.metrics import bootstrap_intervals
 from fcjax.store.tables import read_table
 
-ESTIMATORS = ("deepconf", "rcc", "sampling", "forcing", "probe")
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory):
-    return build_tiny_chat(tmp_path_factory.mktemp("tinychat"))
-
-
-def settings(model, **kw):
-    base = dict(
-        model=str(model),
-        judge_model=str(model),
-        num_examples=6,
-        max_new_tokens=40,
-        temperature=1.0,
-        estimators=ESTIMATORS,
-        k=2,
-        max_steps=2,
-        branch_new_tokens=8,
-        folds=2,
-        decisiveness="lexicon",
-        batch_size=4,
-        seed=1,
-    )
-    return Settings(**{**base, **kw})
+ESTIMATORS = TINY_RUN_ESTIMATORS
+settings = tiny_run_settings
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny, build_tiny_chat
+from tiny_models import build_tiny, tiny_run_settings
 
 import fcjax
-from experiments.config import Settings
 from experiments.export import export, export_rows
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
@@ -291,29 +290,8 @@ def test_traces_flag_checked_at_start_up(tmp_path):
 # --- --traces end to end ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory):
-    return build_tiny_chat(tmp_path_factory.mktemp("tinychat"))
-
-
 def settings(model, **kw):
-    base = dict(
-        model=str(model),
-        judge_model=str(model),
-        num_examples=6,
-        max_new_tokens=40,
-        temperature=1.0,
-        estimators=ESTIMATORS,
-        k=2,
-        max_steps=2,
-        branch_new_tokens=8,
-        folds=2,
-        decisiveness="lexicon",
-        batch_size=4,
-        bootstrap=20,
-        seed=1,
-    )
-    return Settings(**{**base, **kw})
+    return tiny_run_settings(model, **{"estimators": ESTIMATORS, "bootstrap": 20, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,33 @@ def build_tiny_chat(out: Path, seed: int = 0) -> Path:
     return out
 
 
+TINY_RUN_ESTIMATORS = ("deepconf", "rcc", "sampling", "forcing", "probe")
+
+
+def tiny_run_settings(model: Path, **kw):
+    """The small whole run the end-to-end tests make of ``build_tiny_chat``'s model (six
+    questions, every estimator, lexicon decisiveness): an ``experiments.stages.Settings``,
+    ``kw`` overriding its fields."""
+    from experiments.stages import Settings
+
+    base = dict(
+        model=str(model),
+        judge_model=str(model),
+        num_examples=6,
+        max_new_tokens=40,
+        temperature=1.0,
+        estimators=TINY_RUN_ESTIMATORS,
+        k=2,
+        max_steps=2,
+        branch_new_tokens=8,
+        folds=2,
+        decisiveness="lexicon",
+        batch_size=4,
+        seed=1,
+    )
+    return Settings(**{**base, **kw})
+
+
 def cli_flags(settings) -> list[str]:
     """``experiments.run`` flags that reproduce ``settings`` (an ``experiments.stages.Settings``),
     judge models included (their default would download a registry model)."""

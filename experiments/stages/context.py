@@ -16,7 +16,7 @@ from fcjax.confidence.consistency_judge import PAPER_PROMPT as CONSISTENCY_PAPER
 from fcjax.confidence.consistency_judge import PROMPT as CONSISTENCY_PROMPT
 from fcjax.confidence.consistency_judge import REQUIRED as CONSISTENCY_REQUIRED
 from fcjax.confidence.trace import Trace, build_trace
-from fcjax.data import DataError, Example, build_messages, load_dataset
+from fcjax.data import Example, build_messages, load_dataset
 from fcjax.data.traces import select_traces
 from fcjax.decisiveness.judge import PAPER_PROMPT as DECISIVENESS_PAPER
 from fcjax.decisiveness.judge import PROMPT as DECISIVENESS_PROMPT
@@ -90,12 +90,9 @@ class Context:
             if s.traces:
                 self._examples = [r.example for r in self.trace_records()]
             elif s.data_path:
-                try:
-                    self._examples = load_dataset(
-                        path=s.data_path, num_examples=s.num_examples, **self._subset()
-                    )
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{s.data_path}: not UTF-8 text ({e})") from None
+                self._examples = load_dataset(
+                    path=s.data_path, num_examples=s.num_examples, **self._subset()
+                )
             else:
                 kw = {"difficulty": s.difficulty} if s.dataset == "arithmetic" else {}
                 self._examples = load_dataset(

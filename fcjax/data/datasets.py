@@ -7,9 +7,7 @@ Every loader returns `list[Example]`. Bad files raise `DataError` naming the fil
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +16,21 @@ import numpy as np
 
 from fcjax.data import arithmetic
 from fcjax.data.example import DataError, Example, letters
+from fcjax.data.rows import (
+    answer_field,
+    check_answer_form,
+    check_one_of,
+    choices_field,
+    existing_file,
+    id_field,
+    jsonl_rows,
+    require,
+    str_field,
+)
 from fcjax.text.answers import HLE_ANSWER_TYPES, infer_kind
 
 KINDS = ("numeric", "math", "letter", "yesno")
 T = TypeVar("T")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -30,34 +38,12 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: str) -> Example:
     """Validates one parsed JSON object; `where` is "file line N" for messages."""
-    for field in ("id", "question", "answer"):
-        if field not in row:
-            raise DataError(f"{where}: missing field {field!r}")
-    ex_id, question, answer = row["id"], row["question"], row["answer"]
-    if not isinstance(ex_id, str | int) or isinstance(ex_id, bool) or str(ex_id).strip() == "":
-        raise DataError(f"{where}: field 'id' must be a non-empty string, got {ex_id!r}")
-    if not isinstance(question, str):
-        raise DataError(
-            f"{where}: field 'question' must be a string, got {type(question).__name__}"
-        )
-    if not question.strip():
-        raise DataError(f"{where}: field 'question' is empty")
-    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-        raise DataError(f"{where}: field 'answer' must be a string or number, got {answer!r}")
-    answer = str(answer).strip()
-    if not answer:
-        raise DataError(f"{where}: field 'answer' is empty")
-
-    choices = row.get("choices")
+    require(row, ("id", "question", "answer"), where)
+    ex_id = id_field(row, where)
+    question = str_field(row, "question", where)
+    answer = answer_field(row, "answer", where)
+    choices = choices_field(row, where)
     if choices is not None:
-        if not isinstance(choices, list) or not choices:
-            raise DataError(f"{where}: field 'choices' must be a non-empty list or null")
-        if len(choices) > 26:
-            raise DataError(f"{where}: field 'choices' has {len(choices)} options (at most 26)")
-        for j, c in enumerate(choices):
-            if not isinstance(c, str) or not c.strip():
-                raise DataError(f"{where}: field 'choices' option {j} is not a non-empty string")
-        choices = tuple(choices)
         valid = letters(len(choices))
         if len(answer) != 1 or answer.upper() not in valid:
             raise DataError(
@@ -72,13 +58,10 @@ def _row_to_example(row: dict[str, Any], where: str, kind: str | None, source: s
         _check_kind(answer, choices, kind, where)
     row_source = row.get("source")
     answer_type = row.get("answer_type")
-    if answer_type is not None and answer_type not in HLE_ANSWER_TYPES:
-        raise DataError(
-            f"{where}: field 'answer_type' must be one of {', '.join(HLE_ANSWER_TYPES)} or "
-            f"null, got {answer_type!r}"
-        )
+    if answer_type is not None:
+        check_one_of(answer_type, HLE_ANSWER_TYPES, "answer_type", where)
     return Example(
-        id=str(ex_id),
+        id=ex_id,
         question=question,
         choices=choices,
         answer=answer,
@@ -96,10 +79,7 @@ def _check_kind(answer: str, choices: tuple[str, ...] | None, kind: str, where: 
         raise DataError(f"{where}: field 'choices' is null but the dataset is multiple choice")
     if kind != "letter" and choices is not None:
         raise DataError(f"{where}: field 'choices' is set but the dataset kind is {kind!r}")
-    if kind == "numeric" and not _NUMBER.fullmatch(answer):
-        raise DataError(f"{where}: field 'answer' {answer!r} is not a number")
-    if kind == "yesno" and answer.lower() not in ("yes", "no"):
-        raise DataError(f"{where}: field 'answer' {answer!r} is not Yes or No")
+    check_answer_form(answer, kind, "answer", where)
 
 
 def load_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[Example]:
@@ -108,24 +88,11 @@ def load_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[Example
     Blank lines are skipped. `kind` forces every row's kind (checked against the row);
     None infers it per row with `fcjax.text.answers.infer_kind`.
     """
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    path = existing_file(path)
     examples: list[Example] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{name} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        ex = _row_to_example(row, where, kind, source=name)
+    for lineno, where, row in jsonl_rows(path):
+        ex = _row_to_example(row, where, kind, source=path.name)
         if ex.id in first_line:
             raise DataError(f"{where}: field 'id' {ex.id!r} duplicates line {first_line[ex.id]}")
         first_line[ex.id] = lineno

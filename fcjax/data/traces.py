@@ -26,13 +26,23 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fcjax.data.datasets import KINDS, subset
 from fcjax.data.example import DataError, Example, letters
+from fcjax.data.rows import (
+    answer_field,
+    check_answer_form,
+    check_one_of,
+    choices_field,
+    existing_file,
+    id_field,
+    jsonl_rows,
+    require,
+    str_field,
+)
 from fcjax.text.answers import infer_kind
 
 log = logging.getLogger("fcjax")
@@ -59,7 +69,6 @@ DATASET_KINDS: dict[str, str | None] = {
 }
 HLE_ANSWER_TYPES = {"multipleChoice": "letter", "exactMatch": None}
 FINISH_REASONS = ("eos", "stop", "length", "unknown")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,59 +109,26 @@ def scoring_kind(
     return kind or infer_kind(gold, list(choices) if choices else None)
 
 
-def _string(row: Mapping[str, Any], field: str, where: str, *, empty: bool = False) -> str:
-    value = row[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    if not empty and not value.strip():
-        raise DataError(f"{where}: field {field!r} is empty")
-    return value
-
-
 def to_record(row: Mapping[str, Any], where: str) -> TraceRecord:
     """Validates one record (a JSON object or a parquet row)."""
-    for field in REQUIRED:
-        if row.get(field) is None:
-            raise DataError(f"{where}: missing field {field!r}")
-    rid = row["id"]
-    if isinstance(rid, bool) or not isinstance(rid, str | int) or not str(rid).strip():
-        raise DataError(f"{where}: field 'id' must be a non-empty string, got {rid!r}")
-    question = _string(row, "question", where)
-    text = _string(row, "text", where, empty=True)
-    gold = row["gold"]
-    if isinstance(gold, bool) or not isinstance(gold, str | int | float):
-        raise DataError(f"{where}: field 'gold' must be a string or number, got {gold!r}")
-    gold = str(gold).strip()
-    if not gold:
-        raise DataError(f"{where}: field 'gold' is empty")
+    require(row, REQUIRED, where)
+    rid = id_field(row, where)
+    question = str_field(row, "question", where)
+    text = str_field(row, "text", where, empty=True)
+    gold = answer_field(row, "gold", where)
     dataset, answer_type = row.get("dataset"), row.get("answer_type")
-    if dataset is not None and dataset not in DATASET_KINDS:
-        raise DataError(
-            f"{where}: field 'dataset' {dataset!r} unknown; valid: {', '.join(DATASET_KINDS)}"
-        )
+    if dataset is not None:
+        check_one_of(dataset, DATASET_KINDS, "dataset", where)
     if answer_type is not None:
         if dataset != "hle":
             raise DataError(f"{where}: field 'answer_type' is read for dataset 'hle' only")
-        if answer_type not in HLE_ANSWER_TYPES:
-            raise DataError(
-                f"{where}: field 'answer_type' {answer_type!r} unknown; valid: "
-                f"{', '.join(HLE_ANSWER_TYPES)}"
-            )
-    choices = row.get("choices")
-    if choices is not None:
-        if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
-            raise DataError(f"{where}: field 'choices' must be a non-empty list or null")
-        if len(choices) > 26:
-            raise DataError(f"{where}: field 'choices' has {len(choices)} options (at most 26)")
-        for j, c in enumerate(choices):
-            if not isinstance(c, str) or not c.strip():
-                raise DataError(f"{where}: field 'choices' option {j} is not a non-empty string")
-        choices = tuple(choices)
+        check_one_of(answer_type, HLE_ANSWER_TYPES, "answer_type", where)
+    choices = choices_field(row, where)
     kind = scoring_kind(dataset, answer_type, gold, choices)
     gold = _check_gold(gold, kind, choices, where)
     for field in ("prompt", "model"):
         if row.get(field) is not None:
-            _string(row, field, where, empty=field == "model")
+            str_field(row, field, where, empty=field == "model")
     ids = row.get("output_ids")
     if ids is not None:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
@@ -164,12 +140,9 @@ def to_record(row: Mapping[str, Any], where: str) -> TraceRecord:
                 )
         ids = tuple(int(t) for t in ids)
     finish = row.get("finish_reason") or "unknown"
-    if finish not in FINISH_REASONS:
-        raise DataError(
-            f"{where}: field 'finish_reason' {finish!r} unknown; valid: {', '.join(FINISH_REASONS)}"
-        )
+    check_one_of(finish, FINISH_REASONS, "finish_reason", where)
     return TraceRecord(
-        id=str(rid),
+        id=rid,
         question=question,
         gold=gold,
         text=text,
@@ -196,10 +169,7 @@ def _check_gold(gold: str, kind: str, choices: tuple[str, ...] | None, where: st
         return gold.upper()
     if choices is not None:
         raise DataError(f"{where}: field 'choices' is set but the record is scored as {kind!r}")
-    if kind == "numeric" and not _NUMBER.fullmatch(gold):
-        raise DataError(f"{where}: field 'gold' {gold!r} is not a number")
-    if kind == "yesno" and gold.lower() not in ("yes", "no"):
-        raise DataError(f"{where}: field 'gold' {gold!r} is not Yes or No")
+    check_answer_form(gold, kind, "gold", where)
     return gold
 
 
@@ -213,27 +183,12 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
         except Exception as e:  # a truncated or foreign file: one clear message
             raise DataError(f"{path}: not a readable parquet table ({e})") from None
         return [(f"{path.name} row {i}", r) for i, r in enumerate(rows, start=1)]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {lineno}"
-        try:
-            out.append((where, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e})") from None
-    return out
+    return [(where, row) for _, where, row in jsonl_rows(path)]
 
 
 def read_traces(path: str | os.PathLike) -> list[TraceRecord]:
     """Every record of a JSONL file (``.parquet``: a parquet table), validated, in order."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    path = existing_file(path)
     stat = path.stat()
     return list(_read_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
 
@@ -244,8 +199,6 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> tuple[TraceRecord, ...]
     first: dict[str, str] = {}
     ignored: set[str] = set()
     for where, row in _rows(Path(path)):
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         ignored |= set(row) - set(REQUIRED) - set(OPTIONAL)
         rec = to_record(row, where)
         if rec.id in first:
@@ -272,9 +225,7 @@ def select_traces(
 
 def traces_digest(path: str | os.PathLike) -> str:
     """sha256 of the file's bytes (recorded in config.json, so another file is a change)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    path = existing_file(path)
     stat = path.stat()
     return _digest_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 

@@ -103,28 +103,9 @@ def force_many(
     chosen = [np.zeros(0, np.float32) for _ in pre]
     top = [np.zeros((0, k), np.float32) for _ in pre]
     top_ids = [np.zeros((0, k), np.int32) for _ in pre]
-    todo = sorted((i for i in range(n) if out_ids[i]), key=lambda i: len(pre[i]) + len(out_ids[i]))
-    mesh = mesh or mesh_lib.default_mesh()
-    params = mesh_lib.replicate(lm.state, mesh)
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        n_rows = _rows_bucket(len(rows), batch_size)
-        seq = bucket(max(len(pre[i]) + len(out_ids[i]) for i in rows))
-        width = bucket(max(len(out_ids[i]) for i in rows), minimum=8)
+    for rows, width, params, batch in _forced_batches(lm, pre, out_ids, batch_size, mesh):
         block = min(width, FORCE_BLOCK)  # both powers of two up to 1024, then multiples
-        tokens, lengths, positions, targets = _forced_batch(pre, out_ids, rows, n_rows, seq, width)
-        got = jax.device_get(
-            _forced(
-                lm.graphdef,
-                params,
-                jnp.asarray(tokens),
-                jnp.asarray(lengths),
-                jnp.asarray(positions),
-                jnp.asarray(targets),
-                k,
-                block,
-            )
-        )
+        got = jax.device_get(_forced(lm.graphdef, params, *batch, k, block))
         for r, i in enumerate(rows):
             m = len(out_ids[i])
             chosen[i] = np.asarray(got[0][r, :m], np.float32)
@@ -199,6 +180,17 @@ def score_continuations(
                 f"score_continuations: {which} has token ids outside 0..{vocab - 1}: {bad[:5]}"
             )
     out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in pre]
+    for rows, _, params, batch in _forced_batches(lm, pre, cont, batch_size, mesh):
+        logp = np.asarray(_continuation_logprobs(lm.graphdef, params, *batch))
+        for r, i in enumerate(rows):
+            out[i] = logp[r, : len(cont[i])].astype(np.float32)
+    return out
+
+
+def _forced_batches(lm: LM, pre, cont, batch_size: int, mesh):
+    """The teacher-forced batches of the pairs with a non-empty continuation, grouped by
+    length (fewer padded tokens): per batch (rows, width, replicated params, (tokens,
+    lengths, positions, targets) on device), shapes bucketed as the module says."""
     todo = sorted((i for i in range(len(pre)) if cont[i]), key=lambda i: len(pre[i]) + len(cont[i]))
     mesh = mesh or mesh_lib.default_mesh()
     params = mesh_lib.replicate(lm.state, mesh)
@@ -207,20 +199,8 @@ def score_continuations(
         n_rows = _rows_bucket(len(rows), batch_size)
         seq = bucket(max(len(pre[i]) + len(cont[i]) for i in rows))
         width = bucket(max(len(cont[i]) for i in rows), minimum=8)
-        tokens, lengths, positions, targets = _forced_batch(pre, cont, rows, n_rows, seq, width)
-        logp = np.asarray(
-            _continuation_logprobs(
-                lm.graphdef,
-                params,
-                jnp.asarray(tokens),
-                jnp.asarray(lengths),
-                jnp.asarray(positions),
-                jnp.asarray(targets),
-            )
-        )
-        for r, i in enumerate(rows):
-            out[i] = logp[r, : len(cont[i])].astype(np.float32)
-    return out
+        batch = _forced_batch(pre, cont, rows, n_rows, seq, width)
+        yield rows, width, params, tuple(jnp.asarray(a) for a in batch)
 
 
 def _forced_batch(pre, cont, rows, n_rows: int, seq: int, width: int):

@@ -9,124 +9,50 @@ out (a random-weight model has no tokenizer).
 
 from __future__ import annotations
 
+import dataclasses
+
 from fcjax.models.config import ModelConfig, RopeConfig
 
-PRESETS: dict[str, ModelConfig] = {
-    "tiny-llama": ModelConfig(  # for smoke tests of the benchmark and memory planning
-        family="llama",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=10000.0),
-        max_position_embeddings=2048,
-        name="tiny-llama",
-    ),
-    "smollm2-135m": ModelConfig(
-        family="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=100000.0),
-        max_position_embeddings=8192,
-        tie_embeddings=True,
-        name="smollm2-135m",
-    ),
-    "qwen2-1.5b": ModelConfig(
-        family="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_layers=28,
-        num_heads=12,
-        num_kv_heads=2,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope=RopeConfig(theta=1000000.0),
-        max_position_embeddings=32768,
-        tie_embeddings=True,
-        qkv_bias=True,
-        name="qwen2-1.5b",
-    ),
-    "qwen2-7b": ModelConfig(
-        family="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope=RopeConfig(theta=1000000.0),
-        max_position_embeddings=32768,
-        qkv_bias=True,
-        name="qwen2-7b",
-    ),
-    "llama-8b": ModelConfig(
-        family="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(
-            theta=500000.0,
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-        max_position_embeddings=131072,
-        name="llama-8b",
-    ),
-    "qwen3-8b": ModelConfig(
-        family="qwen3",
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_layers=36,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope=RopeConfig(theta=1000000.0),
-        max_position_embeddings=40960,
-        qk_norm=True,
-        name="qwen3-8b",
-    ),
+# Llama-3.1's rope scaling (also DeepSeek-R1-Distill-Llama-8B's)
+_LLAMA3_ROPE = RopeConfig(
+    theta=500000.0,
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+# the switches every model of a family has
+_FAMILY_SWITCHES = {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
+_TIED = ("smollm2-135m", "qwen2-1.5b")  # input and output embeddings tied
+
+# name: (family, vocab, hidden, mlp, layers, heads, kv heads, RMSNorm eps, rope theta or
+# RopeConfig, context length), or the name of the preset whose shape it has; every preset's
+# head_dim is hidden // heads.
+_TABLE: dict[str, tuple | str] = {
+    # for smoke tests of the benchmark and memory planning
+    "tiny-llama": ("llama", 256, 64, 128, 2, 4, 2, 1e-5, 10000.0, 2048),
+    "smollm2-135m": ("llama", 49152, 576, 1536, 30, 9, 3, 1e-5, 100000.0, 8192),
+    "qwen2-1.5b": ("qwen2", 151936, 1536, 8960, 28, 12, 2, 1e-6, 1000000.0, 32768),
+    "qwen2-7b": ("qwen2", 152064, 3584, 18944, 28, 28, 4, 1e-6, 1000000.0, 32768),
+    "llama-8b": ("llama", 128256, 4096, 14336, 32, 32, 8, 1e-5, _LLAMA3_ROPE, 131072),
+    "qwen3-8b": ("qwen3", 151936, 4096, 12288, 36, 32, 8, 1e-6, 1000000.0, 40960),
+    # The study's models. QwQ-32B's card suggests yarn (factor 4 over 32768) for inputs past
+    # 32768 tokens; its config.json has none, and neither has this preset.
+    "r1-distill-llama-8b": "llama-8b",  # a Llama-3.1-8B fine-tune
+    # Qwen2.5-Math-7B based: rope theta 10000 (not Qwen2.5's 1e6)
+    "r1-distill-qwen-7b": ("qwen2", 152064, 3584, 18944, 28, 28, 4, 1e-6, 10000.0, 131072),
+    "r1-distill-qwen-14b": ("qwen2", 152064, 5120, 13824, 48, 40, 8, 1e-5, 1000000.0, 131072),
+    "r1-distill-qwen-32b": ("qwen2", 152064, 5120, 27648, 64, 40, 8, 1e-5, 1000000.0, 131072),
+    "qwq-32b": ("qwen2", 152064, 5120, 27648, 64, 40, 8, 1e-5, 1000000.0, 40960),
 }
 
 
-def _llama3_rope() -> RopeConfig:
-    """Llama-3.1's rope scaling (also DeepSeek-R1-Distill-Llama-8B's)."""
-    return RopeConfig(
-        theta=500000.0,
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-
-
-def _qwen2(name: str, hidden, mlp, layers, heads, kv, theta, eps, max_pos) -> ModelConfig:
+def _preset(name: str, row: tuple) -> ModelConfig:
+    family, vocab, hidden, mlp, layers, heads, kv, eps, rope, context = row
     return ModelConfig(
-        family="qwen2",
-        vocab_size=152064,
+        family=family,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=mlp,
         num_layers=layers,
@@ -134,39 +60,21 @@ def _qwen2(name: str, hidden, mlp, layers, heads, kv, theta, eps, max_pos) -> Mo
         num_kv_heads=kv,
         head_dim=hidden // heads,
         rms_norm_eps=eps,
-        rope=RopeConfig(theta=theta),
-        max_position_embeddings=max_pos,
-        qkv_bias=True,
+        rope=rope if isinstance(rope, RopeConfig) else RopeConfig(theta=rope),
+        max_position_embeddings=context,
+        tie_embeddings=name in _TIED,
         name=name,
+        **_FAMILY_SWITCHES[family],
     )
 
 
-# The study's models. QwQ-32B's card suggests yarn (factor 4 over 32768) for inputs past
-# 32768 tokens; its config.json has none, and neither has this preset.
-PRESETS |= {
-    "r1-distill-llama-8b": ModelConfig(
-        family="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope=_llama3_rope(),
-        max_position_embeddings=131072,
-        name="r1-distill-llama-8b",
-    ),
-    # Qwen2.5-Math-7B based: rope theta 10000 (not Qwen2.5's 1e6)
-    "r1-distill-qwen-7b": _qwen2(
-        "r1-distill-qwen-7b", 3584, 18944, 28, 28, 4, 10000.0, 1e-6, 131072
-    ),
-    "r1-distill-qwen-14b": _qwen2(
-        "r1-distill-qwen-14b", 5120, 13824, 48, 40, 8, 1000000.0, 1e-5, 131072
-    ),
-    "r1-distill-qwen-32b": _qwen2(
-        "r1-distill-qwen-32b", 5120, 27648, 64, 40, 8, 1000000.0, 1e-5, 131072
-    ),
-    "qwq-32b": _qwen2("qwq-32b", 5120, 27648, 64, 40, 8, 1000000.0, 1e-5, 40960),
-}
+def _presets() -> dict[str, ModelConfig]:
+    out: dict[str, ModelConfig] = {}
+    for name, row in _TABLE.items():
+        out[name] = (
+            dataclasses.replace(out[row], name=name) if isinstance(row, str) else _preset(name, row)
+        )
+    return out
+
+
+PRESETS: dict[str, ModelConfig] = _presets()
