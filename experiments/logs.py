@@ -2,10 +2,11 @@
 
 Quiet (``quiet()`` called by a CLI's ``main`` when ``--verbosity`` was not given): log
 records below WARNING are off (orbax's, absl's, JAX's "Unable to initialize backend",
-matplotlib's font cache), except the ``fcjax`` logger's (a model download says so); warnings
-still show. Each stage prints one line when it ends, with its counts, rate and wall time;
-while it runs, a bar with counts, rate and ETA is redrawn in place where stderr is a
-terminal, and elsewhere a progress line is printed every ``QUIET_EVERY`` seconds of a long
+matplotlib's font cache), except the ``fcjax`` logger's (a model download says so), and so
+are transformers' advisory warnings; other warnings still show. Each stage prints one line
+when it ends, with its counts, rate and wall time; while it runs, a bar with counts, rate
+and ETA is redrawn in place where stderr is a terminal, and elsewhere a progress line is
+printed every ``QUIET_EVERY`` seconds of a long
 stage. With ``--verbosity=N`` (or outside a CLI): absl's levels as given, every library's
 records included, and progress as INFO records every few seconds.
 """
@@ -13,6 +14,7 @@ records included, and progress as INFO records every few seconds.
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 import time
 from typing import Any
@@ -39,6 +41,7 @@ def quiet(stream=None) -> bool:
     if flags.FLAGS["verbosity"].present:
         return False
     _quiet = True
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # e.g. "PyTorch was not found"
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("fcjax").setLevel(std_logging.INFO)
     std_logging.getLogger("matplotlib.font_manager").setLevel(std_logging.ERROR)
