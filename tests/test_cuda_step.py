@@ -38,9 +38,14 @@ CASES = [
 ]
 
 
+@functools.cache  # one abstract model per attention path, for all its cases
+def _lm(attn: str):
+    return profile.abstract_lm(CONFIG, jnp.bfloat16).with_decode_attention(attn)
+
+
 @functools.cache  # both tests check the same lowering of a case
 def _ops(attn: str, layout: str, sampler: str) -> profile.LoweredOps:
-    lm = profile.abstract_lm(CONFIG, jnp.bfloat16).with_decode_attention(attn)
+    lm = _lm(attn)
     pool = profile.cache_layout(*LAYOUTS[layout], positions=2048, new=2048)
     return profile.cuda_step_ops(lm, pool, SAMPLERS[sampler])
 
