@@ -1,14 +1,16 @@
-"""The engine's decode step as a GPU would run it, checked on CPU: a qwen2-1.5b-shaped bf16
-model (weights never allocated) lowered for CUDA, both attention paths, generate 32x1 and
-branch 8x16 with caches of 2k positions, greedy and T=0.8 top-p 0.95.
+"""The engine's decode step as a GPU would run it, checked on CPU: a bf16 model of
+qwen2-1.5b's widths, vocabulary and heads (weights never allocated) lowered for CUDA, both
+attention paths, generate 32x1 and branch 8x16 with caches of 2k positions, greedy and T=0.8
+top-p 0.95. Its depth is 3 layers, not 28 (see ``CONFIG``).
 
 On a GPU every iteration of a ``while`` loop sends its predicate to the host and blocks (and
 breaks CUDA-graph capture), and XLA's GPU TopK handles k <= 16 only: a larger k sorts the
 whole vocabulary. The two checks are separate tests (the loop count is the attention's and
-the step's; the TopK one is the sampler's)."""
+the step's; the TopK one is the sampler's), checked on one lowering of each case."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,7 +21,13 @@ from fcjax.engine import profile
 from fcjax.engine.sampling import Sampler
 from fcjax.models.presets import PRESETS
 
-CONFIG = PRESETS["qwen2-1.5b"]
+# qwen2-1.5b's widths, vocabulary, heads and dtype, at 3 of its 28 layers: the decoder's
+# layers are a Python loop of identical layers, so each adds the same ops to the step and
+# lowering time grows with depth (~18 s at 28 layers, ~2 s at 3). Loops, TopKs and sorts
+# counted are those of one layer times the depth plus the step's own: a loop in every layer
+# shows as >= 3 while loops, over the limit of 2, as it would at 28; the sampler's TopK and
+# sorts do not depend on depth at all.
+CONFIG = dataclasses.replace(PRESETS["qwen2-1.5b"], num_layers=3)
 LAYOUTS = {"generate": (32, 1), "branch": (8, 16)}
 SAMPLERS = {"greedy": Sampler(0.0, 1.0, 0, 5), "top_p": Sampler(0.8, 0.95, 0, 5)}
 CASES = [
@@ -30,9 +38,14 @@ CASES = [
 ]
 
 
-@functools.cache
+@functools.cache  # one abstract model per attention path, for all its cases
+def _lm(attn: str):
+    return profile.abstract_lm(CONFIG, jnp.bfloat16).with_decode_attention(attn)
+
+
+@functools.cache  # both tests check the same lowering of a case
 def _ops(attn: str, layout: str, sampler: str) -> profile.LoweredOps:
-    lm = profile.abstract_lm(CONFIG, jnp.bfloat16).with_decode_attention(attn)
+    lm = _lm(attn)
     pool = profile.cache_layout(*LAYOUTS[layout], positions=2048, new=2048)
     return profile.cuda_step_ops(lm, pool, SAMPLERS[sampler])
 
