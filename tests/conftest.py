@@ -15,16 +15,32 @@ import fcjax
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``./dev test`` runs ``-n 2 --dist loadgroup``): each module's
     tests stay on one worker, so module fixtures are built once, and the modules that read
-    the real SmolLM2 share one worker and its one load (``smollm2``)."""
-    if not getattr(config.option, "numprocesses", None):
-        return
+    the real SmolLM2 share one worker and its one load (``smollm2``).
+
+    Collection runs on the workers, where xdist sets ``loadgroup`` (and ``numprocesses`` to
+    None). xdist 3.8 appends the group to ``item._nodeid``, which pytest 9 no longer reads
+    (it keeps ``item._id``): where the node id came back without its group, it is added
+    here, else every test would be scheduled alone and module fixtures built per worker."""
+    if not getattr(config.option, "loadgroup", False):
+        return (yield)
     real = {item.module for item in items if "smollm2" in getattr(item, "fixturenames", ())}
+    groups = {}
     for item in items:
         group = "smollm2" if item.module in real else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = group
+    result = yield  # xdist's own hook (and -k/-m deselection) run here
+    for item in items:
+        suffix = f"@{groups[item]}"
+        if hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(item.nodeid + suffix)
+    return result
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))

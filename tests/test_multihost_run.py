@@ -1,5 +1,6 @@
 """``experiments.run`` over several jax.distributed processes: the work split, the set-up
-errors, and (slow) two processes of a real model equal one, also after a killed process."""
+errors, and (slow) two processes of two devices each equal one, also after a killed
+process."""
 
 import json
 import os
@@ -125,11 +126,13 @@ def test_unreachable_coordinator(tmp_path):
     assert f"coordinator 127.0.0.1:{port} unreachable after 2s" in text, text[-3000:]
 
 
-# --- two processes of a real model (SmolLM2-135M) against one -----------------------------
+# --- two processes against one, every estimator --------------------------------------------
 
-REAL = [
-    "--model=smollm2-135m-instruct",
-    "--judge_model=smollm2-135m-instruct",
+# The model is the tiny random Llama with SmolLM2's tokenizer (``tiny_chat``), not the real
+# SmolLM2-135M: what is checked (the work split over processes and devices, the per-process
+# parts, the merge, the resume after a kill) does not depend on the weights, and the
+# 2-layer model compiles in a fraction of the 30-layer one's time.
+RUN_FLAGS = [
     "--num_examples=4",
     "--max_new_tokens=24",
     "--temperature=1.0",
@@ -147,12 +150,17 @@ TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 SPLIT = ("generate", "estimators", "hidden")  # the model stages of this configuration
 
 
-def run_two(out, env_1=None, kill_0_after_1=False):
+def model_flags(model):
+    return [f"--model={model}", f"--judge_model={model}"]
+
+
+def run_two(model, out, env_1=None, kill_0_after_1=False):
     """Both processes, each with two host devices; returns their (rc, log). With
     ``kill_0_after_1``, process 0 is killed as soon as process 1 has ended."""
     port = free_port()
-    p0 = start([f"--out={out}", *REAL], 0, 2, port, env_extra=TWO_DEVICES)
-    p1 = start([f"--out={out}", *REAL], 1, 2, port, env_extra={**TWO_DEVICES, **(env_1 or {})})
+    args = [f"--out={out}", *model_flags(model), *RUN_FLAGS]
+    p0 = start(args, 0, 2, port, env_extra=TWO_DEVICES)
+    p1 = start(args, 1, 2, port, env_extra={**TWO_DEVICES, **(env_1 or {})})
     if kill_0_after_1:
         out1, _ = p1.communicate(timeout=1500)
         p0.kill()
@@ -162,13 +170,20 @@ def run_two(out, env_1=None, kill_0_after_1=False):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tiny_chat, tmp_path_factory):
     """The one-process run every multi-process run must equal."""
     out = tmp_path_factory.mktemp("one") / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu")
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.run", f"--out={out}", *REAL],
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            f"--out={out}",
+            *model_flags(tiny_chat),
+            *RUN_FLAGS,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -183,10 +198,9 @@ def _marker(out, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.real
-def test_two_processes_equal_one(reference, tmp_path):
+def test_two_processes_equal_one(tiny_chat, reference, tmp_path):
     out = tmp_path / "run"
-    for rc, log in run_two(out):
+    for rc, log in run_two(tiny_chat, out):
         assert rc == 0, log[-3000:]
     assert_same_run(reference, out)
     n_traces = len(read_table(out / "examples.parquet", ["example_id"])["example_id"])
@@ -201,21 +215,20 @@ def test_two_processes_equal_one(reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.real
-def test_killed_process_then_rerun_equals_one(reference, tmp_path):
+def test_killed_process_then_rerun_equals_one(tiny_chat, reference, tmp_path):
     """Process 1 dies right after its first part of the sampling estimator (process 0 is then
     stopped too, as the coordination service would); rerunning both redoes only what is
     missing and gives the one-process result."""
     out = tmp_path / "run"
     _, (rc1, log1) = run_two(
-        out, env_1={"FCJAX_TEST_CRASH": "estimators_sampling:1:1"}, kill_0_after_1=True
+        tiny_chat, out, env_1={"FCJAX_TEST_CRASH": "estimators_sampling:1:1"}, kill_0_after_1=True
     )
     assert rc1 == 13, log1[-3000:]
     stages = out / "stages"
     assert (stages / "generate.done").exists() and not (stages / "estimators.done").exists()
     parts = {p: p.stat().st_mtime_ns for p in stages.glob("estimators_*/part-*.parquet")}
     assert any("estimators_sampling" in str(p) for p in parts)
-    for rc, log in run_two(out):
+    for rc, log in run_two(tiny_chat, out):
         assert rc == 0, log[-3000:]
     assert_same_run(reference, out)
     for p, mtime in parts.items():  # finished parts were kept, not recomputed
