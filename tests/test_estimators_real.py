@@ -39,7 +39,14 @@ def scored(smollm2):
     gens = fcjax.generate(lm, prompts, params, keys=[e.id for e in examples])
     traces = [build_trace(lm, e, g) for e, g in zip(examples, gens, strict=True)]
     ctx = EstimatorContext(
-        lm, chat_completer(lm, max_new_tokens=16), k=K, max_steps=MAX_STEPS, max_new_tokens=16
+        lm,
+        # the judge's up to K x MAX_STEPS x 2 prompts in batches of 4: a pool under
+        # COMPACT_FROM slots compiles no narrower decode chunks (test_engine checks that
+        # batching does not change outputs; nothing here depends on it)
+        chat_completer(lm, max_new_tokens=16, batch_size=4),
+        k=K,
+        max_steps=MAX_STEPS,
+        max_new_tokens=16,
     )
     return lm, traces, run_estimators(traces, NAMES, ctx)
 

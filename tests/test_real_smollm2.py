@@ -127,9 +127,12 @@ def test_greedy_generate_matches_transformers(lm32, reference):
 
 
 def test_stop_strings_end_rows_independently(lm32):
+    # three prompts, as many as CHATS: the same decode layout (4 context slots, 64-token
+    # prompt and output buckets) as test_greedy_generate_matches_transformers, so this test
+    # reuses its compiled programs; stop strings are matched on the host, not in the program
     prompts = [
         lm32.chat([{"role": "user", "content": c}])
-        for c in ["Count from 1 to 20, one number per line.", "Say hello."]
+        for c in ["Count from 1 to 20, one number per line.", "Say hello.", "What is 2 + 3?"]
     ]
     free = fcjax.generate(lm32, prompts, fcjax.SamplingParams(temperature=0.0, max_new_tokens=48))
     stopped = fcjax.generate(
