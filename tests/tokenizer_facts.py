@@ -14,8 +14,13 @@ def tokenizer_facts(tokenizer) -> dict:
         "class": type(tokenizer).__name__,
         "ids": [tokenizer(t, add_special_tokens=True)["input_ids"] for t in TEXTS],
         "decoded": [tokenizer.decode(tokenizer(t)["input_ids"]) for t in TEXTS],
-        "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
-                    tokenizer.unk_token, tokenizer.eos_token_id],  # fmt: skip
+        "special": [
+            tokenizer.bos_token,
+            tokenizer.eos_token,
+            tokenizer.pad_token,
+            tokenizer.unk_token,
+            tokenizer.eos_token_id,
+        ],
         "chat": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         if tokenizer.chat_template
         else None,

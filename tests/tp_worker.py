@@ -69,7 +69,9 @@ def main(spec: str) -> dict:
         gens = fcjax.generate(gqa.with_decode_attention(impl), prompts, greedy, mesh=mesh)
         out[f"gqa/{impl}"] = [g.token_ids for g in gens]
         out[f"gqa/{impl}_logprobs"] = [g.token_logprobs.tolist() for g in gens]
-        out[f"gqa/{impl}_gap"] = [(g.top_logprobs[:, 0] - g.top_logprobs[:, 1]).tolist() for g in gens]
+        out[f"gqa/{impl}_gap"] = [
+            (g.top_logprobs[:, 0] - g.top_logprobs[:, 1]).tolist() for g in gens
+        ]
     # where the arrays live: per-device shard shapes of weights and of a KV pool
     weights = mesh_lib.replicate(lm.state, mesh)
     attn, mlp = weights["blocks"][0]["attn"], weights["blocks"][0]["mlp"]
