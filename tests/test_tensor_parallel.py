@@ -185,8 +185,10 @@ def _same_greedy(tp, one, key, tie=1e-4):
     the log-probabilities equal over the tokens both share. At most one row may end early."""
     early = 0
     for row, (a, b) in enumerate(zip(tp[key], one[key], strict=True)):
-        same = next((t for t, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(b))
-        if same < len(b):
+        short = min(len(a), len(b))  # a row may end earlier at EOS after a broken tie
+        same = next((t for t in range(short) if a[t] != b[t]), short)
+        if a != b:
+            assert same < len(b), f"{key} row {row}: {a} runs past the reference {b}"
             gap = one[f"{key}_gap"][row][same]
             assert gap < tie, f"{key} row {row} differs at {same} (top-2 gap {gap:.2e}): {a} {b}"
             early += 1

@@ -18,7 +18,7 @@ from fcjax.models import loading, registry
 from fcjax.models.config import ModelConfig
 from fcjax.models.decoder import Decoder
 from fcjax.models.presets import PRESETS
-from fcjax.text.chat import apply_chat, load_tokenizer
+from fcjax.text.chat import apply_chat, gguf_tokenizer, load_tokenizer
 
 log = logging.getLogger("fcjax")
 
@@ -170,11 +170,12 @@ def _load_gguf(path: Path, dtype, name: str, tokenizer_cache: Path | None = None
 
 def _gguf_tokenizer(path: Path):
     """The GGUF's tokenizer, or None (with a warning) when the file carries no vocabulary
-    (checked first: transformers' GGUF reader would otherwise parse the file again)."""
-    if "tokenizer.ggml.tokens" not in loading.gguf_reader(path).fields:
+    (the metadata is read once, for the check and the tokenizer)."""
+    fields = loading.gguf_reader(path).fields
+    if "tokenizer.ggml.tokens" not in fields:
         log.warning("%s has no tokenizer metadata; the model takes token ids only", path)
         return None
-    return load_tokenizer(path.parent, gguf_file=path.name)
+    return gguf_tokenizer(path, fields)
 
 
 def _dir_tokenizer(path: Path):

@@ -34,11 +34,12 @@ _GGUF_SPECIAL = {
 }
 
 
-def gguf_tokenizer(path: str | Path):
+def gguf_tokenizer(path: str | Path, fields=None):
     """The tokenizer a GGUF's metadata describes, built with transformers' own GGUF converter
     as ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds it (same class, vocabulary,
     merges, special tokens and chat template), but read with the ``gguf`` package: transformers'
-    GGUF reader imports torch, which fcjax does not need to run."""
+    GGUF reader imports torch, which fcjax does not need to run. ``fields``: the file's
+    ``GGUFReader(path).fields`` when the caller has already read them."""
     import gguf
 
     try:  # transformers 5's converter (4.x: its own reader, with torch)
@@ -56,7 +57,8 @@ def gguf_tokenizer(path: str | Path):
 
         return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
 
-    fields = gguf.GGUFReader(str(path)).fields
+    if fields is None:
+        fields = gguf.GGUFReader(str(path)).fields
 
     def value(key):
         return fields[key].contents() if key in fields else None
