@@ -1,6 +1,7 @@
 """Engine: cached decoding, generate, branch, batching, EOS, buckets (tiny random models)."""
 
 import dataclasses
+import importlib
 
 import jax
 import numpy as np
@@ -78,11 +79,16 @@ def test_batch_composition_does_not_change_outputs(lm):
             np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
-def test_compaction_once_drained_does_not_change_outputs(lm):
+def test_compaction_once_drained_does_not_change_outputs(lm, monkeypatch):
     """Rows of many lengths in a pool large enough to shrink once the queue has drained
     (chunks run on the live context slots only) give the tokens each row gives alone; the
-    pool really shrank."""
-    from fcjax.engine.generate import CHUNK, COMPACT_FROM, EngineStats
+    pool really shrank. Pools of 8 slots compact here (the threshold is a cost choice; the
+    tokens must not depend on it)."""
+    generate_lib = importlib.import_module("fcjax.engine.generate")  # the module
+    from fcjax.engine.generate import CHUNK, EngineStats
+
+    compact_from = 8
+    monkeypatch.setattr(generate_lib, "COMPACT_FROM", compact_from)
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(20)]
@@ -91,7 +97,7 @@ def test_compaction_once_drained_does_not_change_outputs(lm):
     lm_eos = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=eos))
     params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=60, seed=2)
     stats = EngineStats()
-    pooled = fcjax.generate(lm_eos, prompts, params, batch_size=COMPACT_FROM * 2, stats=stats)
+    pooled = fcjax.generate(lm_eos, prompts, params, batch_size=compact_from * 2, stats=stats)
     lengths = [len(g.token_ids) for g in pooled]
     assert max(lengths) > 4 * min(lengths)  # rows end at very different steps
     assert stats.row_steps < 16 * CHUNK * stats.chunks  # some chunks ran on fewer slots
