@@ -29,9 +29,10 @@ from fcjax.confidence import (
 from fcjax.confidence.forcing import PLAIN_CUE
 from fcjax.confidence.rcc import rcc_steps, smooth, step_q
 from fcjax.data import Example
+from fcjax.engine import scoring
 from fcjax.engine.complete import chat_completer
 from fcjax.engine.generate import Generation
-from fcjax.engine.scoring import score_continuations
+from fcjax.engine.scoring import score_after_cuts
 from fcjax.text import Step
 
 
@@ -278,20 +279,36 @@ def test_trace_confidence_reductions():
 # ----------------------------------------------------------------------------- scoring
 
 
-def test_score_continuations_matches_full_logits(tiny_lm):
-    prefixes = [[5, 6, 7], [9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [30, 31], [40, 41]]
-    conts = [[8, 9, 10], [3, 4, 5, 6, 7, 8, 9, 10], [21], [], [42, 43]]
-    got = score_continuations(tiny_lm, prefixes, conts, batch_size=2)
-    seqs = [p + c for p, c in zip(prefixes, conts, strict=True)]
-    logp = _log_softmax(_padded_logits(tiny_lm, seqs))
-    for row, (pre, cont, lp) in enumerate(zip(prefixes, conts, got, strict=True)):
-        assert lp.shape == (len(cont),)
+@pytest.mark.parametrize("cut_rows", [256, 2])  # 2: a sequence's cuts over several calls
+def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows):
+    """Continuations teacher-forced against one prefill of the shared sequence (decode steps
+    over its cache up to each cut) equal the logits of prefix + continuation as one causal
+    forward, for cuts anywhere (1, mid, the end), continuations of different lengths (one
+    empty), sequences of different lengths."""
+    monkeypatch.setattr(scoring, "CUT_ROWS", cut_rows)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 120, n).tolist() for n in (23, 5, 40)]
+    branches = [
+        [(1, [7, 8, 9]), (12, [3]), (23, [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]), (12, [])],
+        [(5, [2, 2])],
+        [(c, rng.integers(1, 120, 1 + c % 5).tolist()) for c in (3, 9, 17, 30, 38, 40)],
+    ]
+    got = score_after_cuts(tiny_lm, sequences, branches)
+    pairs = [
+        (seq[:cut], cont) for seq, b in zip(sequences, branches, strict=True) for cut, cont in b
+    ]
+    logp = _log_softmax(_padded_logits(tiny_lm, [p + c for p, c in pairs]))
+    flat = [lp for per_seq in got for lp in per_seq]
+    assert [len(x) for x in flat] == [len(c) for _, c in pairs]
+    for row, ((pre, cont), lp) in enumerate(zip(pairs, flat, strict=True)):
         want = [logp[row, len(pre) + j - 1, tok] for j, tok in enumerate(cont)]
         np.testing.assert_allclose(lp, want, atol=1e-5)
-    with pytest.raises(ValueError, match="prefix 0 is empty"):
-        score_continuations(tiny_lm, [[]], [[1]])
-    with pytest.raises(ValueError, match="outside"):
-        score_continuations(tiny_lm, [[1]], [[500]])
+    with pytest.raises(ValueError, match=r"sequence 0 branch 1: cut 6 outside 1\.\.5"):
+        score_after_cuts(tiny_lm, [[1, 2, 3, 4, 5]], [[(5, [1]), (6, [1])]])
+    with pytest.raises(ValueError, match="cut 0 outside"):
+        score_after_cuts(tiny_lm, [[1, 2]], [[(0, [1])]])
+    with pytest.raises(ValueError, match=r"sequence 0 branch 0 has token ids outside 0\.\.127"):
+        score_after_cuts(tiny_lm, [[1, 2]], [[(1, [500])]])
 
 
 # ----------------------------------------------------------------------------- tiny-model plumbing

@@ -27,7 +27,7 @@ import numpy as np
 
 from fcjax.confidence.base import Columns, Estimator, EstimatorContext, nan_columns, register
 from fcjax.confidence.trace import Trace
-from fcjax.engine.scoring import score_continuations
+from fcjax.engine.scoring import score_after_cuts
 
 PLAIN_CUE = "\n\nFinal answer: "
 THINK_CUE = "\n</think>\n\nFinal answer: "
@@ -59,26 +59,30 @@ class AnswerForcing(Estimator):
 
     name = "forcing"
     trace_reduce = "last"
-    batch_size: int = 8
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
         results = [nan_columns(t.n_steps, "conf_forcing", "forcing_logprob") for t in traces]
-        prefixes, answers, where = [], [], []
+        sequences, branches, cues, where = [], [], [], []
         for n, trace in enumerate(traces):
             if trace.answer is None or not trace.answer.strip() or trace.n_steps == 0:
                 continue
             cue_ids, ans_ids = cue_and_answer_ids(ctx.lm, answer_cue(ctx.lm, trace), trace.answer)
             if not ans_ids:
                 continue
-            for i, step in enumerate(trace.steps):
-                prefixes.append([*trace.prompt_ids, *trace.output_ids[: step.token_end], *cue_ids])
-                answers.append(ans_ids)
-                where.append((n, i))
-        logps = score_continuations(ctx.lm, prefixes, answers, batch_size=self.batch_size)
-        for (n, i), lp in zip(where, logps, strict=True):
-            total = float(np.sum(lp, dtype=np.float64))
-            results[n]["forcing_logprob"][i] = total
-            results[n]["conf_forcing"][i] = float(np.exp(total / len(lp)))
+            # the trace once; after each step, the cue and the answer read its prefix
+            sequences.append([*trace.prompt_ids, *trace.output_ids])
+            branches.append(
+                [(trace.prompt_len + step.token_end, cue_ids + ans_ids) for step in trace.steps]
+            )
+            cues.append(len(cue_ids))
+            where.append(n)
+        logps = score_after_cuts(ctx.lm, sequences, branches)
+        for n, cue, per_step in zip(where, cues, logps, strict=True):
+            for i, lp in enumerate(per_step):
+                answer = lp[cue:]  # log p of the answer tokens after the cue
+                total = float(np.sum(answer, dtype=np.float64))
+                results[n]["forcing_logprob"][i] = total
+                results[n]["conf_forcing"][i] = float(np.exp(total / len(answer)))
         for n in range(len(traces)):
             ctx.report(self.name, n + 1, len(traces))
         return results

@@ -5,11 +5,12 @@
 chosen-token and top-k log-probabilities at temperature 1, from one prefill per trace, the
 vocabulary projected a block of positions at a time.
 
-``score_continuations`` runs one jitted prefill over a right-padded batch of prefix +
-continuation sequences and gathers, on device, only the log-probabilities of the
-continuation tokens: logits are formed only at the positions that predict them
-([batch, cont, vocab], never [batch, seq, vocab]) and only [batch, cont] floats reach the
-host. Shapes are bucketed (sequence length, continuation length, rows) so a run compiles a
+``score_after_cuts`` scores continuations after cuts of a shared sequence (a cue and an
+answer after every step of a trace): one prefill of the sequence, then each continuation
+teacher-forced a token a step against the sequence's cache up to its cut, so n cuts cost one
+prefill, not n. Logits are formed only for the continuation tokens ([rows, vocab] a step)
+and only [rows, cont] floats reach the host.
+Shapes are bucketed (sequence length, rows, continuation length) so a run compiles a
 bounded number of programs.
 """
 
@@ -24,18 +25,9 @@ import numpy as np
 from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
-from fcjax.engine.generate import Generation, bucket
+from fcjax.engine.generate import PREFILL_TOKENS, Generation, bucket
+from fcjax.models.decoder import KVCache
 from fcjax.models.lm import LM
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _continuation_logprobs(graphdef, state, tokens, lengths, positions, targets):
-    """tokens [B, S] right padded, lengths [B], positions/targets [B, C] -> logp [B, C]."""
-    model = nnx.merge(graphdef, state)
-    normed = model.prefill(tokens, lengths, return_kv=False).normed  # [B, S, D]
-    h = jnp.take_along_axis(normed, positions[..., None], axis=1)  # [B, C, D]
-    logp = jax.nn.log_softmax(model.unembed(h), axis=-1)  # [B, C, V]
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
@@ -149,42 +141,110 @@ def _rows_bucket(n: int, batch_size: int) -> int:
     return min(1 << (n - 1).bit_length(), batch_size)
 
 
-def score_continuations(
+CUT_ROWS = 256  # continuations scored together from one sequence (more: the sequence again)
+
+
+def score_after_cuts(
     lm: LM,
-    prefixes: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    batch_size: int = 8,
+    sequences: Sequence[Sequence[int]],
+    branches: Sequence[Sequence[tuple[int, Sequence[int]]]],
     *,
     mesh=None,
-) -> list[np.ndarray]:
-    """Per pair, float32 [len(continuation)]: log p(cont[j] | prefix + cont[:j]) at
-    temperature 1. Prefixes must be non-empty; an empty continuation gives an empty array.
-    Pairs are grouped by length (fewer padded tokens) and returned in the input order."""
-    if len(prefixes) != len(continuations):
-        raise ValueError(
-            f"score_continuations: {len(prefixes)} prefixes for {len(continuations)} continuations"
-        )
-    if batch_size < 1:
-        raise ValueError(f"score_continuations: batch_size must be >= 1, got {batch_size}")
-    pre = [[int(t) for t in p] for p in prefixes]
-    cont = [[int(t) for t in c] for c in continuations]
-    for i, p in enumerate(pre):
-        if not p:
-            raise ValueError(f"score_continuations: prefix {i} is empty")
+) -> list[list[np.ndarray]]:
+    """Per sequence, per (cut, continuation) of its branches: float32 [len(continuation)],
+    log p(cont[j] | sequence[:cut] + cont[:j]) at temperature 1.
+
+    Each sequence is prefilled ONCE and every continuation is teacher-forced one token a
+    step against its cache, reading positions [0, cut) (``Decoder.decode``, as the engine's
+    branch rows do): scoring a continuation after each of n steps of a trace of L tokens
+    costs one prefill of L, not n prefills of up to L. Cuts lie in 1..len(sequence); an
+    empty continuation gives an empty array. Sequences are grouped by length (about
+    ``PREFILL_TOKENS`` positions a call) and shapes bucketed, so a run compiles few programs."""
+    if len(sequences) != len(branches):
+        raise ValueError(f"score_after_cuts: {len(sequences)} sequences, {len(branches)} lists")
+    seqs = [[int(t) for t in s] for s in sequences]
+    items = []  # (sequence index, [(branch index, cut, continuation)]) of at most CUT_ROWS
     vocab = lm.config.vocab_size
-    for i, seq in enumerate(pre + cont):
-        bad = [t for t in seq if not 0 <= t < vocab]
-        if bad:
-            which = f"prefix {i}" if i < len(pre) else f"continuation {i - len(pre)}"
-            raise ValueError(
-                f"score_continuations: {which} has token ids outside 0..{vocab - 1}: {bad[:5]}"
-            )
-    out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in pre]
-    for rows, _, params, batch in _forced_batches(lm, pre, cont, batch_size, mesh):
-        logp = np.asarray(_continuation_logprobs(lm.graphdef, params, *batch))
-        for r, i in enumerate(rows):
-            out[i] = logp[r, : len(cont[i])].astype(np.float32)
+    for i, (seq, cuts) in enumerate(zip(seqs, branches, strict=True)):
+        todo = []
+        for b, (cut, cont) in enumerate(cuts):
+            cont = [int(t) for t in cont]
+            if not 1 <= cut <= len(seq):
+                raise ValueError(
+                    f"score_after_cuts: sequence {i} branch {b}: cut {cut} outside "
+                    f"1..{len(seq)} (the sequence has {len(seq)} tokens)"
+                )
+            bad = [t for t in seq + cont if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"score_after_cuts: sequence {i} branch {b} has token ids outside "
+                    f"0..{vocab - 1}: {bad[:5]}"
+                )
+            if cont:
+                todo.append((b, int(cut), cont))
+        items += [(i, todo[j : j + CUT_ROWS]) for j in range(0, len(todo), CUT_ROWS)]
+    out = [[np.zeros(0, np.float32) for _ in cuts] for cuts in branches]
+    if not items:
+        return out
+    mesh = mesh or mesh_lib.default_mesh()
+    params = mesh_lib.replicate(lm.state, mesh)
+    items.sort(key=lambda item: len(seqs[item[0]]))
+    start = 0
+    while start < len(items):
+        seq_len = bucket(len(seqs[items[start][0]]))
+        group = max(1, PREFILL_TOKENS // seq_len)
+        group = 1 << (group.bit_length() - 1)
+        part = items[start : start + group]
+        seq_len = bucket(max(len(seqs[i]) for i, _ in part))
+        rows = _rows_bucket(max(len(todo) for _, todo in part), CUT_ROWS)
+        width = bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=8)
+        n = _rows_bucket(len(part), group)
+        tokens = np.zeros((n, seq_len), np.int32)
+        lengths = np.ones((n,), np.int32)
+        cuts = np.ones((n, rows), np.int32)
+        conts = np.zeros((n, rows, width), np.int32)
+        for t, (i, todo) in enumerate(part):
+            tokens[t, : len(seqs[i])] = seqs[i]
+            lengths[t] = len(seqs[i])
+            for r, (_, cut, cont) in enumerate(todo):
+                cuts[t, r] = cut
+                conts[t, r, : len(cont)] = cont
+        arrays = (jnp.asarray(a) for a in (tokens, lengths, cuts, conts))
+        logp = np.asarray(_logprobs_after_cuts(lm.graphdef, params, *arrays))
+        for t, (i, todo) in enumerate(part):
+            for r, (b, _, cont) in enumerate(todo):
+                out[i][b] = logp[t, r, : len(cont)].astype(np.float32)
+        start += len(part)
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts):
+    """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C] -> logp
+    [T, R, C]: the first continuation token from the prefill's output at cut - 1, every
+    later one from a decode step of the previous one over the sequence's cache up to the cut
+    and the continuation's own cache."""
+    model = nnx.merge(graphdef, state)
+    pre = model.prefill(tokens, lengths)
+    n, rows, width = conts.shape
+
+    def logp_of(normed, targets):  # normed [T, R, D], targets [T, R] -> [T, R]
+        logp = jax.nn.log_softmax(model.unembed(normed), axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    first = jnp.take_along_axis(pre.normed, (cuts - 1)[..., None], axis=1)  # [T, R, D]
+    own_shape = (n * rows, pre.k[0].shape[1], width, pre.k[0].shape[3])
+    own = tuple(jnp.zeros(own_shape, k.dtype) for k in pre.k)
+
+    def step(carry, j):
+        own_k, own_v = carry
+        cache = KVCache(pre.k, pre.v, own_k, own_v)
+        own_valid = jnp.broadcast_to(j, cuts.shape)
+        out = model.decode(conts[:, :, j], cuts + j, cache, cuts, own_valid, j)
+        return (out.own_k, out.own_v), logp_of(out.normed, conts[:, :, j + 1])
+
+    _, rest = jax.lax.scan(step, (own, own), jnp.arange(width - 1))  # [C - 1, T, R]
+    return jnp.concatenate([logp_of(first, conts[:, :, 0])[None], rest]).transpose(1, 2, 0)
 
 
 def _forced_batches(lm: LM, pre, cont, batch_size: int, mesh):

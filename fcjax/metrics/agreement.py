@@ -1,6 +1,8 @@
 """Agreement between confidence estimators on the same steps (METHOD.md section 5).
 
 Spearman's rho and Kendall's tau-b (tie-aware) from ``scipy.stats`` over finite pairs.
+``scipy.stats`` is imported on first use: it takes about a second, and every run process
+imports this module (through the estimator registry) long before it reports.
 """
 
 from __future__ import annotations
@@ -8,13 +10,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
 
 from fcjax.metrics._arrays import finite_pairs
 
 
 def rankdata(values: object) -> np.ndarray:
     """Ranks 1..n of a 1-D array, ties given their average rank."""
+    from scipy import stats
+
     return stats.rankdata(np.asarray(values, dtype=np.float64).ravel(), method="average")
 
 
@@ -30,6 +33,8 @@ def spearman(x: object, y: object) -> float:
     x_arr, y_arr = finite_pairs(x, y, "spearman")
     if x_arr.size < 2 or _constant(x_arr) or _constant(y_arr):
         return float("nan")
+    from scipy import stats
+
     return float(stats.spearmanr(x_arr, y_arr).statistic)
 
 
@@ -41,6 +46,8 @@ def kendall(x: object, y: object) -> float:
     x_arr, y_arr = finite_pairs(x, y, "kendall")
     if x_arr.size < 2 or _constant(x_arr) or _constant(y_arr):
         return float("nan")
+    from scipy import stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(stats.kendalltau(x_arr, y_arr, variant="b").statistic)
