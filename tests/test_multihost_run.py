@@ -1,6 +1,6 @@
 """``experiments.run`` over several jax.distributed processes: the work split, the set-up
 errors, and (slow) two processes of two devices each equal one, also after a killed
-process."""
+process and with the run given as a file:// URL."""
 
 import json
 import os
@@ -260,6 +260,7 @@ def test_unsupported_out_refused_clearly(monkeypatch):
         run(Settings(), "gs://bucket/run")  # the default estimators include the probe
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_file_url_equal_one(tmp_path):
     """Two processes given the run as a file:// URL (shared token, lock, per-process parts,
     the hidden array's row ranges and process 0's merge all through fcjax.store.fs) give
