@@ -168,7 +168,7 @@ def paired_table(
     ]
     for name in names:
         a, b = _trace_columns(other, name), _trace_columns(base, name)
-        ia, ib = match_ids(a["id"], b["id"])
+        ib, ia = match_ids(b["id"], a["id"])  # the base run's example order
         res = paired_differences(
             {k: a[k][ia] for k in ("f", "c", "correct")},
             {k: b[k][ib] for k in ("f", "c", "correct")},

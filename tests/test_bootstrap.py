@@ -184,7 +184,7 @@ def test_paired_differences() -> None:
 
 def test_match_ids() -> None:
     ia, ib = match_ids(["q3", "q1", "q2"], ["q2", "q9", "q3"])
-    assert ia.tolist() == [2, 0] and ib.tolist() == [0, 2]  # q2, q3
+    assert ia.tolist() == [0, 2] and ib.tolist() == [2, 0]  # q3, q2: the first list's order
 
 
 def test_bootstrap_is_fast_for_200_questions_and_5_estimators() -> None:

@@ -13,9 +13,11 @@ import pytest
 from tiny_models import TINY_RUN_ESTIMATORS, cli_flags, tiny_run_settings
 
 from experiments.config import STAGES
+from experiments.report import PAIRED
 from experiments.run import run
 from experiments.rundir import RunDir, RunError
 from fcjax.metrics import bootstrap_intervals
+from fcjax.metrics.bootstrap import FAITHFULNESS
 from fcjax.store.tables import read_table
 
 ESTIMATORS = TINY_RUN_ESTIMATORS
@@ -411,7 +413,7 @@ def test_paired_differences_table(finished, tmp_path):
         for cells in (
             [c.strip() for c in line.strip("|").split("|")]
             for line in table.splitlines()
-            if line.startswith("| deepconf")
+            if line.startswith("| ") and not line.startswith("| estimator")
         )
     }
     n, base, shifted, diff, ci = rows[("deepconf", "MFG")]
@@ -421,6 +423,17 @@ def test_paired_differences_table(finished, tmp_path):
     assert diff == "-0.250*" and ci == "[-0.250, -0.250]"
     assert float(base) == pytest.approx(np.nanmean(f), abs=5e-4)
     assert rows[("deepconf", "Brier")][3] == "+0.000"
+    # each run's column is its summary's value, cMFG* included: traces of tied confidence
+    # (sampling's K + 1 values) keep the run's example order, as in the summary
+    summary = json.loads((finished / "summary.json").read_text())["estimators"]
+    keys = {label: key for key, label in PAIRED if key in FAITHFULNESS}
+    checked = 0
+    for name, label in rows:
+        if name != "deepconf" and label in keys and name in summary:
+            want = summary[name][keys[label]]
+            assert rows[(name, label)][1:3] == [f"{want:.3f}"] * 2, (name, label)
+            checked += 1
+    assert checked >= 3
     # an unscorable trace in either run leaves its question out, as in the summaries
     scorable = np.asarray(ex["scorable"], bool)
     first = int(np.flatnonzero(scorable & np.isfinite(f))[0])

@@ -214,13 +214,16 @@ def bootstrap_intervals(
 
 
 def match_ids(ids_a: Sequence[str], ids_b: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in ``ids_a`` and ``ids_b`` of the ids both hold, in sorted id order."""
-    pos_a = {str(x): i for i, x in enumerate(ids_a)}
+    """Positions in ``ids_a`` and ``ids_b`` of the ids both hold, in ``ids_a``'s order.
+
+    The order matters: cMFG* cuts traces sorted by confidence into equal-count bins, and
+    traces of tied confidence (sampling confidence takes K + 1 values) stay in the order
+    given, so a run scored in its own example order gives its own summary's value."""
     pos_b = {str(x): i for i, x in enumerate(ids_b)}
-    shared = sorted(pos_a.keys() & pos_b.keys())
+    pairs = [(i, pos_b[str(x)]) for i, x in enumerate(ids_a) if str(x) in pos_b]
     return (
-        np.array([pos_a[k] for k in shared], np.int64),
-        np.array([pos_b[k] for k in shared], np.int64),
+        np.array([i for i, _ in pairs], np.int64),
+        np.array([j for _, j in pairs], np.int64),
     )
 
 
