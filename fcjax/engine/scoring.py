@@ -26,7 +26,6 @@ from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.generate import PREFILL_TOKENS, Generation, bucket
-from fcjax.models.decoder import KVCache
 from fcjax.models.lm import LM
 
 
@@ -142,6 +141,7 @@ def _rows_bucket(n: int, batch_size: int) -> int:
 
 
 CUT_ROWS = 256  # continuations scored together from one sequence (more: the sequence again)
+SCORES = 1 << 24  # rows x continuation x context positions a call attends over, per head
 
 
 def score_after_cuts(
@@ -154,12 +154,13 @@ def score_after_cuts(
     """Per sequence, per (cut, continuation) of its branches: float32 [len(continuation)],
     log p(cont[j] | sequence[:cut] + cont[:j]) at temperature 1.
 
-    Each sequence is prefilled ONCE and every continuation is teacher-forced one token a
-    step against its cache, reading positions [0, cut) (``Decoder.decode``, as the engine's
-    branch rows do): scoring a continuation after each of n steps of a trace of L tokens
-    costs one prefill of L, not n prefills of up to L. Cuts lie in 1..len(sequence); an
-    empty continuation gives an empty array. Sequences are grouped by length (about
-    ``PREFILL_TOKENS`` positions a call) and shapes bucketed, so a run compiles few programs."""
+    Each sequence is prefilled ONCE and all its continuations then run in one pass against
+    its cache, each reading positions [0, cut) (``Decoder.extend``): scoring a continuation
+    after each of n steps of a trace of L tokens costs one prefill of L, not n prefills of
+    up to L. Cuts lie in 1..len(sequence); an empty continuation gives an empty array.
+    Sequences are grouped by length (about ``PREFILL_TOKENS`` positions, and at most
+    ``SCORES`` attention scores per head, a call) and shapes bucketed, so a run compiles few
+    programs."""
     if len(sequences) != len(branches):
         raise ValueError(f"score_after_cuts: {len(sequences)} sequences, {len(branches)} lists")
     seqs = [[int(t) for t in s] for s in sequences]
@@ -188,17 +189,18 @@ def score_after_cuts(
         return out
     mesh = mesh or mesh_lib.default_mesh()
     params = mesh_lib.replicate(lm.state, mesh)
-    items.sort(key=lambda item: len(seqs[item[0]]))
+    # a call's continuations are padded to its longest: group by that width, then length
+    items.sort(key=lambda item: (_call_shape(seqs, [item])[3], len(seqs[item[0]])))
     start = 0
     while start < len(items):
-        seq_len = bucket(len(seqs[items[start][0]]))
-        group = max(1, PREFILL_TOKENS // seq_len)
-        group = 1 << (group.bit_length() - 1)
-        part = items[start : start + group]
-        seq_len = bucket(max(len(seqs[i]) for i, _ in part))
-        rows = _rows_bucket(max(len(todo) for _, todo in part), CUT_ROWS)
-        width = bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=8)
-        n = _rows_bucket(len(part), group)
+        part = items[start : start + 1]
+        for item in items[start + 1 :]:  # one width, within both budgets
+            wider = _call_shape(seqs, [*part, item])
+            too_big = wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider) > SCORES
+            if too_big or wider[3] != _call_shape(seqs, part)[3]:
+                break
+            part.append(item)
+        n, seq_len, rows, width = _call_shape(seqs, part)
         tokens = np.zeros((n, seq_len), np.int32)
         lengths = np.ones((n,), np.int32)
         cuts = np.ones((n, rows), np.int32)
@@ -218,33 +220,41 @@ def score_after_cuts(
     return out
 
 
+def _call_shape(seqs, part) -> tuple[int, int, int, int]:
+    """(sequences, length, rows, continuation width) of one call over ``part``, bucketed."""
+    return (
+        _rows_bucket(len(part), 1 << 30),
+        bucket(max(len(seqs[i]) for i, _ in part)),
+        _rows_bucket(max(len(todo) for _, todo in part), CUT_ROWS),
+        bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=8),
+    )
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts):
-    """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C] -> logp
-    [T, R, C]: the first continuation token from the prefill's output at cut - 1, every
-    later one from a decode step of the previous one over the sequence's cache up to the cut
-    and the continuation's own cache."""
+    """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C] (C a multiple
+    of 8) -> logp [T, R, C]: the first continuation token from the prefill's output at
+    cut - 1, every later one from ``Decoder.extend`` of the continuation over the
+    sequence's cache up to the cut; logits formed for 8 positions at a time."""
     model = nnx.merge(graphdef, state)
     pre = model.prefill(tokens, lengths)
     n, rows, width = conts.shape
-
-    def logp_of(normed, targets):  # normed [T, R, D], targets [T, R] -> [T, R]
-        logp = jax.nn.log_softmax(model.unembed(normed), axis=-1)
-        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
     first = jnp.take_along_axis(pre.normed, (cuts - 1)[..., None], axis=1)  # [T, R, D]
-    own_shape = (n * rows, pre.k[0].shape[1], width, pre.k[0].shape[3])
-    own = tuple(jnp.zeros(own_shape, k.dtype) for k in pre.k)
+    positions = cuts[..., None] + jnp.arange(width)
+    after = model.extend(conts, positions, pre.k, pre.v, cuts)  # [T, R, C, D]
+    # position j predicts token j + 1: the prefill's cut - 1 then the first C - 1 of extend
+    h = jnp.concatenate([first[:, :, None], after[:, :, :-1]], axis=2)
+    h = h.reshape(n, rows, width // 8, 8, -1).transpose(2, 0, 1, 3, 4)  # [C / 8, T, R, 8, D]
+    t = conts.reshape(n, rows, width // 8, 8).transpose(2, 0, 1, 3)
 
-    def step(carry, j):
-        own_k, own_v = carry
-        cache = KVCache(pre.k, pre.v, own_k, own_v)
-        own_valid = jnp.broadcast_to(j, cuts.shape)
-        out = model.decode(conts[:, :, j], cuts + j, cache, cuts, own_valid, j)
-        return (out.own_k, out.own_v), logp_of(out.normed, conts[:, :, j + 1])
+    def block(args):
+        hb, tb = args
+        logits = model.unembed(hb)  # [T, R, 8, V] float32
+        norm = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, tb[..., None], axis=-1)[..., 0] - norm
 
-    _, rest = jax.lax.scan(step, (own, own), jnp.arange(width - 1))  # [C - 1, T, R]
-    return jnp.concatenate([logp_of(first, conts[:, :, 0])[None], rest]).transpose(1, 2, 0)
+    logp = jax.lax.map(block, (h, t))  # [C / 8, T, R, 8]
+    return logp.transpose(1, 2, 0, 3).reshape(n, rows, width)
 
 
 def _forced_batches(lm: LM, pre, cont, batch_size: int, mesh):

@@ -14,6 +14,9 @@
   ``full`` reads every position once, masked, with static shapes and no loop. By default
   (``auto``) a program lowered for a GPU reads ``full`` and any other reads ``live``.
 
+- ``extend_attention``: several new tokens per row at once (teacher forcing after a cut):
+  each row's tokens attend to a prefix of its context's cache and causally to each other.
+
 KV caches are laid out batch-first per layer, ``[contexts, kv_heads, seq, head_dim]`` and
 ``[contexts * rows, kv_heads, new, head_dim]``, so no step transposes them. Grouped-query
 attention reshapes queries to [.., kv_heads, groups, head_dim]; K/V are never repeated.
@@ -201,3 +204,37 @@ def decode_attention(
     _, l, acc = carry  # l = 0 only where nothing was read (no live row): zeros, not 0 / 0
     out = acc / jnp.maximum(l, jnp.finfo(f32).tiny)[..., None]
     return out.reshape(n_ctx, rows, heads, head_dim).astype(own_v.dtype)
+
+
+def extend_attention(
+    q: jnp.ndarray,  # [ctx, rows, new, heads, head_dim] the rows' new tokens
+    ctx_k: jnp.ndarray,  # [ctx, kv_heads, ctx_len, head_dim] shared by the ctx's rows
+    ctx_v: jnp.ndarray,
+    ctx_valid: jnp.ndarray,  # [ctx, rows] how many context positions each row sees
+    k: jnp.ndarray,  # [ctx, rows, new, kv_heads, head_dim] the new tokens' own K/V
+    v: jnp.ndarray,
+    *,
+    precision=None,
+) -> jnp.ndarray:
+    """Returns [ctx, rows, new, heads, head_dim] (the value dtype): token j of a row attends
+    to context positions [0, ctx_valid) and to the row's new tokens 0..j, one softmax over
+    both. Scores are [.., new, ctx_len]: meant for a few new tokens per row."""
+    n_ctx, rows, new, heads, head_dim = q.shape
+    kv_heads, ctx_len = ctx_k.shape[1], ctx_k.shape[2]
+    q = q.reshape(n_ctx, rows, new, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
+    f32 = jnp.float32
+    s_ctx = jnp.einsum(
+        "crnkgh,cksh->crkgns", q, ctx_k, precision=precision, preferred_element_type=f32
+    )
+    seen = jnp.arange(ctx_len) < ctx_valid[..., None]  # [ctx, rows, ctx_len]
+    s_ctx = jnp.where(seen[:, :, None, None, None, :], s_ctx, NEG_INF)
+    s_own = jnp.einsum(
+        "crnkgh,crmkh->crkgnm", q, k, precision=precision, preferred_element_type=f32
+    )
+    causal = jnp.arange(new)[:, None] >= jnp.arange(new)[None, :]  # [new, new]
+    s_own = jnp.where(causal, s_own, NEG_INF)
+    weights = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], axis=-1), axis=-1).astype(v.dtype)
+    out = jnp.einsum(
+        "crkgns,cksh->crnkgh", weights[..., :ctx_len], ctx_v, precision=precision
+    ) + jnp.einsum("crkgnm,crmkh->crnkgh", weights[..., ctx_len:], v, precision=precision)
+    return out.reshape(n_ctx, rows, new, heads, head_dim).astype(v.dtype)

@@ -3,12 +3,14 @@
 Each layer owns its parameters (``blocks`` is a list) and the forward pass is a Python loop
 over them, as in flax's gemma example: a decode step reads every weight in place, where a
 scan over layer-stacked weights copies each layer's slice out per step on backends that cannot
-fuse the slice into the matmul. Two entry points cover all uses:
+fuse the slice into the matmul. Three entry points cover all uses:
 
 - ``prefill``: a right-padded block of tokens -> final hidden states, per-layer K/V (to seed
   a cache) and, optionally, hidden states of every layer at chosen positions.
 - ``decode``: one token per row against a shared context cache plus each row's own cache
   (``KVCache``; layouts in ``fcjax.models.attention``).
+- ``extend``: several given tokens per row at once against a prefix of the shared context
+  cache (teacher forcing after each of many cuts of one prefilled trace).
 
 The residual stream is kept in float32 (matmuls run in the weight dtype), which keeps
 bfloat16 models closer to their float32 logits at negligible cost.
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcjax.models.attention import decode_attention, prefill_attention
+from fcjax.models.attention import decode_attention, extend_attention, prefill_attention
 from fcjax.models.config import ModelConfig
 from fcjax.models.rope import apply_rope, rope_tables
 from fcjax.models.sharding import constrain, shard_decode
@@ -300,6 +302,30 @@ class Decoder(nnx.Module):
 
             x, _, _ = block(x, cos, sin, attend, prec)
         return DecodeOut(self.final_norm(x), x, tuple(ks), tuple(vs))
+
+    def extend(
+        self,
+        tokens: jnp.ndarray,  # [ctx, rows, new] int32
+        positions: jnp.ndarray,  # [ctx, rows, new]
+        ctx_k: tuple,  # per layer [ctx, kv_heads, ctx_len, head_dim] (``prefill``'s k)
+        ctx_v: tuple,
+        ctx_valid: jnp.ndarray,  # [ctx, rows] context positions each row sees
+    ) -> jnp.ndarray:
+        """The rows' tokens after their context prefixes in one pass: returns the final
+        normed hidden states [ctx, rows, new, embed] (``unembed`` gives the next-token
+        logits). Nothing is cached."""
+        prec = self.numerics.precision
+        cos, sin = rope_tables(self.config, positions)
+        x = self._embed(tokens)
+        for layer, block in enumerate(self.blocks):
+
+            def attend(q, k, v, layer=layer):
+                return extend_attention(
+                    q, ctx_k[layer], ctx_v[layer], ctx_valid, k, v, precision=prec
+                )
+
+            x, _, _ = block(x, cos, sin, attend, prec)
+        return self.final_norm(x)
 
 
 def _write_slot(buf: jnp.ndarray, value: jnp.ndarray, slot) -> jnp.ndarray:
