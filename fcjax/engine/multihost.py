@@ -174,13 +174,18 @@ def fail(message: str) -> None:
 
 
 LEFT = "fcjax/left"
+# how long process 0 keeps the service up after the last process said it leaves: that
+# process's ``key_value_set`` must get its reply, and it must reach ``os._exit``, before the
+# service goes (else its coordination agent aborts the process, seen once on a loaded CI CPU)
+LEAVE_GRACE_S = 2.0
 
 
 def leave(timeout_s: float = 60) -> None:
     """Call before this process exits on an error (without jax.distributed's shutdown, which
     would wait for processes that may never get there): says so, and process 0, which hosts
     the coordination service, waits up to ``timeout_s`` for the others to leave too, so they
-    can still read the errors and failures it published."""
+    can still read the errors and failures it published, then ``LEAVE_GRACE_S`` more so the
+    last of them is gone before the service."""
     if not is_distributed():
         return
     client = _client()
@@ -190,6 +195,7 @@ def leave(timeout_s: float = 60) -> None:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if len(client.key_value_dir_get(f"{LEFT}/")) >= process_count():
+                    time.sleep(LEAVE_GRACE_S)
                     return
                 time.sleep(POLL_S)
 
