@@ -282,10 +282,10 @@ def test_trace_confidence_reductions():
 # (256, 2**24): every sequence in one call; (2, 1): a call per sequence and per 2 cuts
 @pytest.mark.parametrize(("cut_rows", "scores"), [(256, 1 << 24), (2, 1)])
 def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, scores):
-    """Continuations teacher-forced against one prefill of the shared sequence (decode steps
-    over its cache up to each cut) equal the logits of prefix + continuation as one causal
-    forward, for cuts anywhere (1, mid, the end), continuations of different lengths (one
-    empty), sequences of different lengths."""
+    """Continuations teacher-forced against one prefill of the shared sequence (one
+    ``Decoder.extend`` pass over its cache up to each cut) equal the logits of prefix +
+    continuation as one causal forward, for cuts anywhere (1, mid, the end), continuations
+    of different lengths (one empty), sequences of different lengths."""
     monkeypatch.setattr(scoring, "CUT_ROWS", cut_rows)
     monkeypatch.setattr(scoring, "SCORES", scores)
     rng = np.random.default_rng(0)

@@ -424,7 +424,7 @@ def test_paired_differences_table(finished, tmp_path):
     assert float(base) == pytest.approx(np.nanmean(f), abs=5e-4)
     assert rows[("deepconf", "Brier")][3] == "+0.000"
     # each run's column is its summary's value, cMFG* included: traces of tied confidence
-    # (sampling's K + 1 values) keep the run's example order, as in the summary
+    # (sampling's at most 2K + 1 values) keep the run's example order, as in the summary
     summary = json.loads((finished / "summary.json").read_text())["estimators"]
     keys = {label: key for key, label in PAIRED if key in FAITHFULNESS}
     checked = 0

@@ -6,12 +6,11 @@ chosen-token and top-k log-probabilities at temperature 1, from one prefill per 
 vocabulary projected a block of positions at a time.
 
 ``score_after_cuts`` scores continuations after cuts of a shared sequence (a cue and an
-answer after every step of a trace): one prefill of the sequence, then each continuation
-teacher-forced a token a step against the sequence's cache up to its cut, so n cuts cost one
-prefill, not n. Logits are formed only for the continuation tokens ([rows, vocab] a step)
-and only [rows, cont] floats reach the host.
-Shapes are bucketed (sequence length, rows, continuation length) so a run compiles a
-bounded number of programs.
+answer after every step of a trace): one prefill of the sequence, then every continuation in
+one ``Decoder.extend`` pass against the sequence's cache up to its cut, so n cuts cost one
+prefill, not n. Logits are formed for 8 continuation positions at a time and only
+[rows, cont] floats reach the host. Shapes are bucketed (sequences, sequence length, rows,
+continuation length) so a run compiles a bounded number of programs.
 """
 
 from __future__ import annotations

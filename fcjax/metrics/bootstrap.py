@@ -217,7 +217,7 @@ def match_ids(ids_a: Sequence[str], ids_b: Sequence[str]) -> tuple[np.ndarray, n
     """Positions in ``ids_a`` and ``ids_b`` of the ids both hold, in ``ids_a``'s order.
 
     The order matters: cMFG* cuts traces sorted by confidence into equal-count bins, and
-    traces of tied confidence (sampling confidence takes K + 1 values) stay in the order
+    traces of tied confidence (sampling confidence takes at most 2K + 1 values) stay in the order
     given, so a run scored in its own example order gives its own summary's value."""
     pos_b = {str(x): i for i, x in enumerate(ids_b)}
     pairs = [(i, pos_b[str(x)]) for i, x in enumerate(ids_a) if str(x) in pos_b]
