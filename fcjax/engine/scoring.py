@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
-from fcjax.engine.generate import PREFILL_TOKENS, Generation, bucket
+from fcjax.engine.generate import PREFILL_TOKENS, Generation, bucket, row_bucket
 from fcjax.models.lm import LM
 
 
@@ -193,10 +193,10 @@ def score_after_cuts(
     start = 0
     while start < len(items):
         part = items[start : start + 1]
+        width = _call_shape(seqs, part)[3]
         for item in items[start + 1 :]:  # one width, within both budgets
             wider = _call_shape(seqs, [*part, item])
-            too_big = wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider) > SCORES
-            if too_big or wider[3] != _call_shape(seqs, part)[3]:
+            if wider[3] != width or wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider) > SCORES:
                 break
             part.append(item)
         n, seq_len, rows, width = _call_shape(seqs, part)
@@ -222,9 +222,9 @@ def score_after_cuts(
 def _call_shape(seqs, part) -> tuple[int, int, int, int]:
     """(sequences, length, rows, continuation width) of one call over ``part``, bucketed."""
     return (
-        _rows_bucket(len(part), 1 << 30),
+        row_bucket(len(part), 1),
         bucket(max(len(seqs[i]) for i, _ in part)),
-        _rows_bucket(max(len(todo) for _, todo in part), CUT_ROWS),
+        row_bucket(max(len(todo) for _, todo in part), 1),  # <= CUT_ROWS, a power of two
         bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=8),
     )
 
