@@ -154,3 +154,37 @@ def test_png_plots_are_the_pages_figures(runs, tmp_path):
     assert names == [f"{f.name}.png" for f in figures]
     for name in names:
         assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_table_scores_tied_confidences_in_the_base_runs_order(tmp_path):
+    """cMFG* of tied confidences depends on the traces' order; the paired table scores both
+    runs in the base run's example order, so each column is cMFG* over the run as it stands
+    (here that differs from the value in sorted-id order, the old behaviour)."""
+    import shutil
+
+    from experiments.report import paired_table
+    from fcjax.store.tables import update_columns
+
+    base = write_synthetic_run(tmp_path / "base", n_examples=20)
+    ex = read_table(base / "examples.parquet")
+    rng = np.random.default_rng(3)
+    c = rng.choice([0.25, 0.5, 0.75], size=20)  # K = 2 sampling: few distinct values
+    f = rng.uniform(size=20)
+    ids = np.array([f"x{19 - i:02d}" for i in range(20)])  # sorted ids: the reverse order
+    update_columns(
+        base / "examples.parquet", {"conf_sampling": c, "faith_sampling": f, "example_id": ids}
+    )
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    scored = np.asarray(ex.get("scorable", np.ones(20, bool)), bool)
+    keep = scored & np.isfinite(f)
+    want = cmfg_star(f[keep], c[keep])
+    by_id = np.argsort(ids[keep], kind="stable")
+    assert abs(want - cmfg_star(f[keep][by_id], c[keep][by_id])) > 1e-3  # order matters here
+    line = next(
+        ln
+        for ln in paired_table(base, other, reps=20).splitlines()
+        if ln.startswith("| sampling | cMFG* |")
+    )
+    cells = [x.strip() for x in line.strip("|").split("|")]
+    assert cells[3] == cells[4] == f"{want:.3f}" and cells[5] == "+0.000"
