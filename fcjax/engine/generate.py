@@ -40,7 +40,7 @@ CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks
 # pools of at least this many context slots shrink once drained (one device). Below it a
 # decode step is bound by reading the weights, so dropping finished rows saves little, and
 # each narrower width is one more program to compile (~10 s for SmolLM2's 30 layers on a
-# 2-core CPU: the demo's pools of 4-16 slots spent ~40 s compiling widths it barely used)
+# 2-core CPU: the demo's 8-slot generate compiled two of them, 40 s with the CPU shared)
 COMPACT_FROM = 32
 PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
 
