@@ -7,6 +7,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from child_env import COMPILE_FAST
+
+# before JAX starts its CPU backend; flags the caller set come after, so they win
+os.environ["XLA_FLAGS"] = f"{COMPILE_FAST} {os.environ.get('XLA_FLAGS', '')}".strip()
+
 from tiny_models import TINY_CONFIGS, build_tiny, build_tiny_chat
 
 import fcjax

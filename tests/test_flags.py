@@ -4,7 +4,6 @@ command line is parsed, errors naming the flag and what it allows, before any wo
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import typing
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
+from child_env import child_env
 
 from experiments import run as run_cli
 from experiments.config import FIELDS, Settings
@@ -136,7 +136,7 @@ def test_bad_branch_top_p_fails_before_generation_writes_anything(tmp_path):
     """Otherwise good flags: without the check, generation would run and write its parts,
     and the bad value would surface when the estimators stage starts."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     args = ["--model=random:tiny", "--num_examples=2", "--max_new_tokens=4"]
     args += ["--estimators=deepconf,sampling", "--decisiveness=lexicon", "--branch_top_p=0"]

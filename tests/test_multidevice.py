@@ -1,7 +1,6 @@
 """Same outputs on 1 device, 8 (forced host) devices, and two jax.distributed processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import child_env
 from tiny_models import build_tiny
 
 WORKER = Path(__file__).parent / "engine_worker.py"
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(env_extra or {})
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
@@ -35,7 +35,7 @@ def _result(proc, timeout=600):
     return json.loads(lines[0][7:]) if lines else None
 
 
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT = {"XLA_FLAGS": child_env(devices=8)["XLA_FLAGS"]}
 
 
 @pytest.fixture(scope="module")

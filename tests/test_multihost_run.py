@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from child_env import child_env
 from rundir_compare import assert_same_run
 
 from experiments.cluster import Processes
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 def start(args, process_id, num_processes, port, cwd=None, env_extra=None):
     """One process of a multi-process ``experiments.run`` on a localhost coordinator."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root, **(env_extra or {}))
     cmd = [sys.executable, "-m", "experiments.run", *args]
@@ -146,7 +147,7 @@ RUN_FLAGS = [
     "--seed=1",
     "--bootstrap=0",
 ]
-TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TWO_DEVICES = {"XLA_FLAGS": child_env(devices=2)["XLA_FLAGS"]}
 SPLIT = ("generate", "estimators", "hidden")  # the model stages of this configuration
 
 
@@ -173,7 +174,7 @@ def run_two(model, out, env_1=None, kill_0_after_1=False):
 def reference(tiny_chat, tmp_path_factory):
     """The one-process run every multi-process run must equal."""
     out = tmp_path_factory.mktemp("one") / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu")
     done = subprocess.run(
         [
@@ -329,7 +330,7 @@ def test_failure_reaches_the_waiting_process():
     """A process that reports a failure releases the others from their barrier at once
     (instead of waiting for the coordination service's heartbeat)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env["JAX_PLATFORMS"] = "cpu"
     procs = [
         subprocess.Popen(

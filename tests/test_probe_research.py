@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from child_env import child_env
 from scipy.optimize import minimize
 from scipy.stats import spearmanr
 
@@ -381,7 +382,7 @@ def test_batch_sharded_over_four_devices_matches_one(tmp_path):
     code = _SHARDED.format(tests=str(Path(__file__).parent), out=str(out))
     root = str(Path(__file__).parents[1])
     path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = child_env(devices=4)
     env["PYTHONPATH"] = path
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

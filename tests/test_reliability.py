@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import child_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import cli_flags
@@ -59,7 +60,7 @@ def make_settings(model, **kw) -> Settings:
 def subprocess_env(cache: Path, **extra: str) -> dict[str, str]:
     """The test's environment on one device, with a persistent compilation cache shared by
     this module's subprocesses (each would otherwise compile the same programs again)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -178,7 +179,7 @@ def background(request, tmp_path_factory):
         jobs["crash"] = pool.submit(crash_sequence, tiny, cache, tmp_path_factory.mktemp("crash"))
     if wanted["devices"]:
         out = tmp_path_factory.mktemp("devices")
-        env = subprocess_env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env = subprocess_env(cache, XLA_FLAGS=child_env(devices=8)["XLA_FLAGS"])
         args = [f"--out={out}", *cli_flags(make_settings(tiny))]
         jobs["devices"] = pool.submit(lambda: (run_cli(args, env), out))
     yield jobs

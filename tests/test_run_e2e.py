@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import child_env
 from tiny_models import TINY_RUN_ESTIMATORS, cli_flags, tiny_run_settings
 
 from experiments.config import STAGES
@@ -229,7 +230,7 @@ def test_resume_between_stages_equals_uninterrupted(tiny_chat, finished, tmp_pat
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tiny_chat, finished, tmp_path):
     cmd = [sys.executable, "-m", "experiments.run", f"--out={tmp_path}"]
     cmd += cli_flags(settings(tiny_chat))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait until generation has written its first part, then kill mid-generation
     deadline = time.time() + 300
@@ -257,7 +258,7 @@ def test_file_url_out_equals_a_plain_path(tiny_chat, finished, tmp_path):
     out = tmp_path / "run dir"  # quoted as %20 in the URL
     url, cwd = out.as_uri(), tmp_path / "cwd"
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     cmd = [sys.executable, "-m", "experiments.run", f"--out={url}"]
     cmd += cli_flags(settings(tiny_chat))

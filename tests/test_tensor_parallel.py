@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from child_env import child_env
 from jax.sharding import PartitionSpec as P
 
 from fcjax.engine import mesh as mesh_lib
@@ -143,7 +144,7 @@ def test_plan_cli(tmp_path):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     return env
 
