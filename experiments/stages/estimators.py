@@ -72,7 +72,9 @@ def work(ctx: Context) -> int:
             cost=lambda t: (
                 len(t.output_ids) + min(t.n_steps, s.max_steps) * s.k * s.branch_new_tokens
             ),
-            size=max(1, s.batch_size // 4),
+            # a part per batch of forward passes, or per quarter batch of sampling traces
+            # (K continuations from each step): fewer, larger calls compile fewer shapes
+            size=max(1, s.batch_size // 4) if estimator.samples else s.batch_size,
         )
         progress = Progress(f"estimator {name}", sum(len(c) for _, c in mine), "traces")
         for index, chunk in mine:

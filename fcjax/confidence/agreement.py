@@ -77,6 +77,7 @@ class AnswerAgreement(Estimator):
 
     name = "agreement"
     trace_reduce = "mean"
+    samples = True
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
         results = []

@@ -98,6 +98,9 @@ class Estimator(abc.ABC):
     name: ClassVar[str]
     trace_reduce: ClassVar[Reduce] = "mean"
     needs_judge: ClassVar[bool] = False  # reads ``ctx.judge_complete``
+    # samples K continuations from each scored step: a trace costs K x steps generations,
+    # not one forward pass, so runners hand it fewer traces at a time
+    samples: ClassVar[bool] = False
 
     @property
     def column(self) -> str:

@@ -96,6 +96,7 @@ class SamplingConsistency(Estimator):
     name = "sampling"
     trace_reduce = "mean"
     needs_judge = True
+    samples = True
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
         if ctx.judge_complete is None:
