@@ -4,9 +4,9 @@ import os
 
 # XLA's CPU compiler at optimisation level 0 and without the MLIR fusion emitters: the tests'
 # many small programs compile about 3x faster (the engine's compaction, batch and cache tests:
-# 59 s of backend compilation with XLA's defaults, 18 s with these). What a program computes
-# is unchanged, and every comparison keeps its tolerance; runs and benchmarks keep XLA's
-# defaults, which execute faster (the demo's estimators took 96 s, 126 s with these flags).
+# 59 s of backend compilation with XLA's defaults, 18 s with these). The programs are the
+# same; floating-point results can differ in the last bits, within every test's tolerance,
+# and runs a test compares share these flags. Runs and benchmarks keep XLA's defaults.
 COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
