@@ -11,6 +11,11 @@ from child_env import COMPILE_FAST
 
 # before JAX starts its CPU backend; flags the caller set come after, so they win
 os.environ["XLA_FLAGS"] = f"{COMPILE_FAST} {os.environ.get('XLA_FLAGS', '')}".strip()
+# before JAX is imported (it reads these then): every program goes to the persistent cache, so
+# the processes tests start reuse this one's (at level 0 most compile in under the 0.1 s a
+# run's cache requires: test_run_e2e stored 1 program, and 74 with this)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from tiny_models import TINY_CONFIGS, build_tiny, build_tiny_chat
 
