@@ -58,16 +58,9 @@ def make_settings(model, **kw) -> Settings:
 
 
 def subprocess_env(cache: Path, **extra: str) -> dict[str, str]:
-    """The test's environment on one device, with a persistent compilation cache shared by
-    this module's subprocesses (each would otherwise compile the same programs again)."""
-    env = child_env()
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-        **extra,
-    )
-    return env
+    """The test's environment on one device, with the persistent compilation cache ``cache``
+    (every program stored: tests/conftest.py), so the subprocesses compile each program once."""
+    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache), **extra)
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600):
