@@ -10,10 +10,13 @@ import os
 COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
+def xla_flags(devices: int | None = None) -> str:
+    """The tests' XLA flags, on ``devices`` forced host devices where given."""
+    forced = f" --xla_force_host_platform_device_count={devices}" if devices else ""
+    return COMPILE_FAST + forced
+
+
 def child_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment with the tests' XLA flags, on ``devices`` forced host
-    devices where given (none of the caller's own XLA flags carry over)."""
-    flags = COMPILE_FAST
-    if devices:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "XLA_FLAGS": flags, **extra}
+    """This process's environment with ``xla_flags(devices)`` (none of the caller's own XLA
+    flags carry over) and ``extra``."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), **extra}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from child_env import child_env
+from child_env import child_env, xla_flags
 from tiny_models import build_tiny
 
 WORKER = Path(__file__).parent / "engine_worker.py"
@@ -35,7 +35,7 @@ def _result(proc, timeout=600):
     return json.loads(lines[0][7:]) if lines else None
 
 
-EIGHT = {"XLA_FLAGS": child_env(devices=8)["XLA_FLAGS"]}
+EIGHT = {"XLA_FLAGS": xla_flags(devices=8)}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from child_env import child_env
+from child_env import child_env, xla_flags
 from rundir_compare import assert_same_run
 
 from experiments.cluster import Processes
@@ -147,7 +147,7 @@ RUN_FLAGS = [
     "--seed=1",
     "--bootstrap=0",
 ]
-TWO_DEVICES = {"XLA_FLAGS": child_env(devices=2)["XLA_FLAGS"]}
+TWO_DEVICES = {"XLA_FLAGS": xla_flags(devices=2)}
 SPLIT = ("generate", "estimators", "hidden")  # the model stages of this configuration
 
 

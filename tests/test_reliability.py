@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from child_env import child_env
+from child_env import child_env, xla_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import cli_flags
@@ -172,7 +172,7 @@ def background(request, tmp_path_factory):
         jobs["crash"] = pool.submit(crash_sequence, tiny, cache, tmp_path_factory.mktemp("crash"))
     if wanted["devices"]:
         out = tmp_path_factory.mktemp("devices")
-        env = subprocess_env(cache, XLA_FLAGS=child_env(devices=8)["XLA_FLAGS"])
+        env = subprocess_env(cache, XLA_FLAGS=xla_flags(devices=8))
         args = [f"--out={out}", *cli_flags(make_settings(tiny))]
         jobs["devices"] = pool.submit(lambda: (run_cli(args, env), out))
     yield jobs
