@@ -101,16 +101,19 @@ class RCC(Estimator):
             raise EstimatorError(f"rcc: delta must be in (0, 1], got {self.delta}")
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
-        out = []
-        for n, trace in enumerate(traces):
+        for trace in traces:
             if trace.top_logprobs.shape[1] == 0:
                 raise EstimatorError(
                     f"rcc: trace {trace.example_id!r} has no top log-probabilities"
                 )
+        # one batched capture for the part (a forward per trace would compile a program
+        # per length bucket and run batch-1 passes)
+        ensure_hidden(ctx.lm, [t for t in traces if t.n_steps])
+        out = []
+        for n, trace in enumerate(traces):
             if trace.n_steps == 0:
                 out.append({"conf_rcc": np.zeros(0), "rcc_q": np.zeros(0)})
             else:
-                ensure_hidden(ctx.lm, [trace])
                 q, p = rcc_steps(trace.last_hidden, trace, self.mu, self.delta)
                 out.append({"conf_rcc": np.clip(p, 0.0, 1.0), "rcc_q": q})
             ctx.report(self.name, n + 1, len(traces))
