@@ -11,6 +11,7 @@ from tiny_models import build_tiny
 
 import fcjax
 import fcjax.confidence.agreement as agreement_mod
+import fcjax.confidence.rcc as rcc_mod
 import fcjax.confidence.sampling as sampling_mod
 from fcjax.confidence import (
     REGISTRY,
@@ -313,6 +314,28 @@ def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, sc
         score_after_cuts(tiny_lm, [[1, 2]], [[(1, [500])]])
 
 
+def test_score_after_cuts_short_continuations_share_one_call(tiny_lm, monkeypatch):
+    """Continuations of 2 to 13 tokens (an answer cue and an answer) are padded to one
+    width: one call, so one program, not one per width bucket of 8."""
+    widths = []
+    real = scoring._logprobs_after_cuts
+
+    def spy(graphdef, state, tokens, lengths, cuts, conts):
+        widths.append(conts.shape[-1])
+        return real(graphdef, state, tokens, lengths, cuts, conts)
+
+    monkeypatch.setattr(scoring, "_logprobs_after_cuts", spy)
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(1, 120, n).tolist() for n in (30, 28)]
+    branches = [
+        [(c, rng.integers(1, 120, n).tolist()) for c, n in ((10, 6), (20, 13))],
+        [(5, [3, 4])],
+    ]
+    got = score_after_cuts(tiny_lm, sequences, branches)
+    assert widths == [scoring.CONT_WIDTH] and scoring.CONT_WIDTH >= 13
+    assert [[len(x) for x in per_seq] for per_seq in got] == [[6, 13], [2]]
+
+
 # ----------------------------------------------------------------------------- tiny-model plumbing
 
 TEXT = "First, 2 + 3 = 5.\n\nSo the total is 5.\n\nFinal answer: \\boxed{5}"
@@ -362,6 +385,31 @@ def test_forcing_equals_independent_logprobs(tiny_lm):
     none = dataclasses.replace(trace, answer=None)
     cols = get_estimator("forcing").score([none], EstimatorContext(lm=tiny_lm))[0]
     assert np.isnan(cols["conf_forcing"]).all() and np.isnan(cols["forcing_logprob"]).all()
+
+
+def test_rcc_captures_a_part_in_one_forward(tiny_lm, monkeypatch):
+    """The part's traces go through one batched capture (not a forward per trace, each its
+    own program per length bucket), with the columns each trace gets when scored alone."""
+    long = TEXT.replace("So the total", "Counting again, two plus three gives five. " * 4 + "So")
+    texts = [TEXT, long]  # 94 and 256 tokens with the prompt: two length buckets
+    calls = []
+    real = rcc_mod.capture
+
+    def spy(lm, sequences, *args, **kwargs):
+        calls.append(len(sequences))
+        return real(lm, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(rcc_mod, "capture", spy)
+    rcc = get_estimator("rcc")
+    ctx = EstimatorContext(lm=tiny_lm)
+    together = rcc.score([_trace(tiny_lm, t) for t in texts], ctx)
+    assert calls == [2]
+    alone = [rcc.score([_trace(tiny_lm, t)], ctx)[0] for t in texts]
+    assert calls == [2, 1, 1]
+    for a, b in zip(together, alone, strict=True):
+        assert len(a["conf_rcc"]) >= 2
+        for column in ("conf_rcc", "rcc_q"):
+            np.testing.assert_allclose(a[column], b[column], atol=1e-6)
 
 
 def test_sampling_plumbing_with_fake_judge(tiny_lm, monkeypatch):

@@ -141,6 +141,10 @@ def _rows_bucket(n: int, batch_size: int) -> int:
 
 CUT_ROWS = 256  # continuations scored together from one sequence (more: the sequence again)
 SCORES = 1 << 24  # rows x continuation x context positions a call attends over, per head
+# continuations are padded to at least this many tokens, so answer forcing's cue + answer
+# (SmolLM2's tokenizer: 6 tokens for the plain cue and "yes", 14 for the think cue and
+# "1234") share one width and one program, for a few padded extend tokens
+CONT_WIDTH = 16
 
 
 def score_after_cuts(
@@ -225,7 +229,7 @@ def _call_shape(seqs, part) -> tuple[int, int, int, int]:
         row_bucket(len(part), 1),
         bucket(max(len(seqs[i]) for i, _ in part)),
         row_bucket(max(len(todo) for _, todo in part), 1),  # <= CUT_ROWS, a power of two
-        bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=8),
+        bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=CONT_WIDTH),
     )
 
 
