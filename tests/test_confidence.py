@@ -5,6 +5,7 @@ weights; the judge is a unit-test fake)."""
 import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 from tiny_models import build_tiny
@@ -314,25 +315,29 @@ def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, sc
         score_after_cuts(tiny_lm, [[1, 2]], [[(1, [500])]])
 
 
-def test_score_after_cuts_short_continuations_share_one_call(tiny_lm, monkeypatch):
+def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
     """Continuations of 2 to 13 tokens (an answer cue and an answer) are padded to one
-    width: one call, so one program, not one per width bucket of 8."""
-    widths = []
-    real = scoring._logprobs_after_cuts
+    width: one program traced, not one per width bucket of 8 (sequences of 190-200 tokens,
+    a length bucket no other test here scores)."""
+    traced, listening = [], [True]
 
-    def spy(graphdef, state, tokens, lengths, cuts, conts):
-        widths.append(conts.shape[-1])
-        return real(graphdef, state, tokens, lengths, cuts, conts)
+    def listen(event, duration, **kwargs):
+        name = str(kwargs.get("fun_name", ""))
+        if listening[0] and event.endswith("jaxpr_trace_duration") and "after_cuts" in name:
+            traced.append(name)
 
-    monkeypatch.setattr(scoring, "_logprobs_after_cuts", spy)
+    jax.monitoring.register_event_duration_secs_listener(listen)
     rng = np.random.default_rng(1)
-    sequences = [rng.integers(1, 120, n).tolist() for n in (30, 28)]
+    sequences = [rng.integers(1, 120, n).tolist() for n in (200, 190)]
     branches = [
-        [(c, rng.integers(1, 120, n).tolist()) for c, n in ((10, 6), (20, 13))],
-        [(5, [3, 4])],
+        [(c, rng.integers(1, 120, n).tolist()) for c, n in ((100, 6), (150, 13))],
+        [(50, [3, 4])],
     ]
-    got = score_after_cuts(tiny_lm, sequences, branches)
-    assert widths == [scoring.CONT_WIDTH] and scoring.CONT_WIDTH >= 13
+    try:
+        got = score_after_cuts(tiny_lm, sequences, branches)
+    finally:
+        listening[0] = False
+    assert len(traced) == 1 and scoring.CONT_WIDTH >= 13
     assert [[len(x) for x in per_seq] for per_seq in got] == [[6, 13], [2]]
 
 
