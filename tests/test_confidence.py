@@ -319,11 +319,11 @@ def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
     """Continuations of 2 to 13 tokens (an answer cue and an answer) are padded to one
     width: one program traced, not one per width bucket of 8 (sequences of 190-200 tokens,
     a length bucket no other test here scores)."""
-    traced, listening = [], [True]
+    traced = []
 
     def listen(event, duration, **kwargs):
         name = str(kwargs.get("fun_name", ""))
-        if listening[0] and event.endswith("jaxpr_trace_duration") and "after_cuts" in name:
+        if event.endswith("jaxpr_trace_duration") and "after_cuts" in name:
             traced.append(name)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -336,7 +336,7 @@ def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
     try:
         got = score_after_cuts(tiny_lm, sequences, branches)
     finally:
-        listening[0] = False
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert len(traced) == 1 and scoring.CONT_WIDTH >= 13
     assert [[len(x) for x in per_seq] for per_seq in got] == [[6, 13], [2]]
 

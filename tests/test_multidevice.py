@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, env_extra=None):
-    env = child_env()
-    env.update(env_extra or {})
+    env = child_env(**(env_extra or {}))
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
         env=env,
