@@ -191,11 +191,15 @@ def test_generate_batches_by_length_and_returns_input_order(lm):
 
 
 def test_eos_stops_rows_independently(lm):
+    """Each row ends at its own first EOS; the EOS set is data, so another set reuses the
+    programs the model without EOS compiled."""
     free = fcjax.generate(lm, PROMPTS, GREEDY)
     eos = free[0].token_ids[4]  # a token the first row emits at step 5
     cfg = dataclasses.replace(lm.config, eos_token_ids=(eos,))
     lm_eos = dataclasses.replace(lm, config=cfg)
+    before = _programs()
     outs = fcjax.generate(lm_eos, PROMPTS, GREEDY)
+    assert _programs() == before
     first = free[0].token_ids.index(eos)
     assert outs[0].finish_reason == "eos"
     assert outs[0].token_ids == free[0].token_ids[:first]
@@ -207,6 +211,23 @@ def test_eos_stops_rows_independently(lm):
 
 def _programs():
     return decode_lib.prefill_into._cache_size() + decode_lib.decode_chunk._cache_size()
+
+
+def test_sampler_values_are_data_one_program_per_structure(lm):
+    """Temperatures and top-p values are data: after the first call of a structure (sampled,
+    with or without top-p), other values compile nothing, and still change the draws."""
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    structures = {"plain": (0.7, 1.3), "nucleus": (0.7, 1.3)}  # temperatures
+    for name, temperatures in structures.items():
+        top_p = (0.9, 0.97) if name == "nucleus" else (1.0, 1.0)
+        runs = []
+        for i, (t, p) in enumerate(zip(temperatures, top_p, strict=True)):
+            params = fcjax.SamplingParams(temperature=t, top_p=p, max_new_tokens=24, seed=1)
+            before = _programs()
+            runs.append([g.token_ids for g in fcjax.generate(lm, prompts, params)])
+            if i:
+                assert _programs() == before, name
+        assert runs[0] != runs[1], name
 
 
 def test_prompt_lengths_compile_once_per_bucket(lm):

@@ -240,9 +240,10 @@ def test_compiled_step_memory_divides_by_model():
     vocab, c, r = 1024, 8, 1
     for spec, m in mem.items():
         d = int(spec.split(",")[0].split(":")[1])
-        # the step's other inputs: stop tables (bool, uint32, uint32 per vocabulary entry),
-        # limit and seed, the refill (bool, int32, int32, 3 x uint32 per row slot)
-        small = vocab * (1 + 4 + 4) + 8 + c * r * (1 + 4 + 4 + 12) // d
+        # the step's other inputs: stop tables (EOS bool, bool, uint32, uint32 per vocabulary
+        # entry), limit, seed, temperature and top-p, the refill (bool, int32, int32,
+        # 3 x uint32 per row slot)
+        small = vocab * (1 + 1 + 4 + 4) + 16 + c * r * (1 + 4 + 4 + 12) // d
         assert m["argument"] == m["weights"] + m["kv_pool"] + m["pool_state"] + small, spec
     one, four = mem["data:1,model:1"], mem["data:1,model:4"]
     big_one = one["weights"] + one["kv_pool"]

@@ -65,13 +65,18 @@ class Refill(NamedTuple):
 
 
 class StopTables(NamedTuple):
-    """Token-level stop-string detection (``fcjax.engine.stops``): a token contains a stop
-    string, or the previous token ends with a stop's first j characters (bit j of ``tail``)
-    and this one starts with its remaining characters (bit j of ``head``)."""
+    """Token-level end detection (``fcjax.engine.stops``): the token is an end-of-sequence
+    id (``eos``), or it contains a stop string, or the previous token ends with a stop's
+    first j characters (bit j of ``tail``) and this one starts with its remaining characters
+    (bit j of ``head``). Data, not constants: every EOS set and stop list shares a program."""
 
+    eos: jnp.ndarray  # [vocab] bool
     contains: jnp.ndarray  # [vocab] bool
     head: jnp.ndarray  # [vocab] uint32
     tail: jnp.ndarray  # [vocab] uint32
+
+
+STOP_DTYPES = StopTables(bool, bool, jnp.uint32, jnp.uint32)  # each table's dtype
 
 
 class ChunkOut(NamedTuple):
@@ -147,7 +152,7 @@ def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots)
     return pool._replace(cache=cache, ctx_h=put(pool.ctx_h, h))
 
 
-def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, eos):
+def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler):
     """Samples one token for every unfinished row and advances it; returns the new pool and
     the step's (token, chosen, top_lp, top_ids, emitted, stopped)."""
     n_ctx, rows = pool.n_own.shape
@@ -158,7 +163,7 @@ def decode_step(model, pool: Pool, stops: StopTables, limit, sampler: Sampler, e
     tok = jnp.where(active, tok.reshape(n_ctx, rows), 0)
     stopped = active & (stops.contains[tok] | ((pool.tail & stops.head[tok]) != 0))
     n_own = pool.n_own + active.astype(jnp.int32)
-    finished = active & (jnp.isin(tok, jnp.asarray(eos, jnp.int32)) | stopped | (n_own >= limit))
+    finished = active & (stops.eos[tok] | stopped | (n_own >= limit))
     slot = pool.t % pool.cache.own_k[0].shape[2]
     # finished rows attend to nothing but their new token, so reads that stop at the longest
     # live prefix (the XLA path off GPU, the Pallas kernels) skip idle slots' stale lengths
@@ -219,7 +224,7 @@ def _per_slot(fn, pool: Pool, *more: Pool) -> Pool:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "sampler", "eos", "steps"),
+    static_argnames=("graphdef", "steps"),
     donate_argnames=("pool",),
 )
 def decode_chunk(
@@ -233,22 +238,19 @@ def decode_chunk(
     slots=None,
     *,
     sampler,
-    eos,
     steps: int,
 ) -> tuple[Pool, ChunkOut]:
     """Starts the refilled rows (their keys from ``seed`` and each row's ident), then runs
-    ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens). ``eos`` is a
-    tuple of token ids.
+    ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens: ``stops``).
 
     ``slots`` (int32 [m], distinct; a program per m): the steps run on these context slots
     only, taken out of the pool and put back after (the host passes the live ones when the
     queue has run dry, so a drained pool computes fewer rows); the others emit nothing."""
     model = nnx.merge(graphdef, params)
     pool = _apply_refill(pool, refill, seed)
-    eos = eos if eos else (-1,)
 
     def body(pool, _):
-        return decode_step(model, pool, stops, limit, sampler, eos)
+        return decode_step(model, pool, stops, limit, sampler)
 
     if slots is None:
         pool, outs = jax.lax.scan(body, pool, None, length=steps)

@@ -153,6 +153,7 @@ def _serve_on(
     stops = jax.device_put(stop_tables(lm, params.stop), mesh_lib.replicated(mesh))
     scalars = np.int32(params.max_new_tokens), np.uint32(params.seed)
     limit, seed = jax.device_put(scalars, mesh_lib.replicated(mesh))
+    sampler = jax.device_put(params.sampler, mesh_lib.replicated(mesh))  # values are data
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
     prefill_axis = 0 if row_axis == 0 and group % n_data == 0 else None
@@ -205,8 +206,7 @@ def _serve_on(
                 limit,
                 seed,
                 slots,
-                sampler=params.sampler,
-                eos=tuple(lm.eos_token_ids),
+                sampler=sampler,
                 steps=CHUNK,
             )
             launched = (out, chunk.snapshot)

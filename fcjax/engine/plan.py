@@ -248,7 +248,7 @@ def compiled_step_memory(config, layout: Layout, dtype, mesh, sampler, row_axis:
     a program the SPMD partitioner rejects on CPU) compiled for
     ``mesh``, weights and pool placed as the engine places them (abstract: nothing is
     allocated)."""
-    from fcjax.engine.decode import Refill, StopTables, decode_chunk, pool_shardings
+    from fcjax.engine.decode import STOP_DTYPES, Refill, StopTables, decode_chunk, pool_shardings
     from fcjax.engine.profile import abstract_lm
 
     lm = abstract_lm(config, dtype)
@@ -269,14 +269,12 @@ def compiled_step_memory(config, layout: Layout, dtype, mesh, sampler, row_axis:
         jax.ShapeDtypeStruct((c, r, 3), jnp.uint32, sharding=rows),
     )
     vocab = config.vocab_size
-    stops = StopTables(
-        *(jax.ShapeDtypeStruct((vocab,), t, sharding=rep) for t in (bool, jnp.uint32, jnp.uint32))
-    )
+    stops = StopTables(*(jax.ShapeDtypeStruct((vocab,), t, sharding=rep) for t in STOP_DTYPES))
     limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=rep)
     with mesh_lib.active(mesh):
         traced = decode_chunk.trace(
             lm.graphdef, weights, pool, refill, stops, limit, seed,
-            sampler=sampler, eos=(-1,), steps=2,
+            sampler=sampler, steps=2,
         )  # fmt: skip
         return traced.lower().compile().memory_analysis()

@@ -26,18 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcjax.engine.decode import Layout, Pool, StopTables, decode_step, zeros_pool
+from fcjax.engine.decode import STOP_DTYPES, Layout, Pool, StopTables, decode_step, zeros_pool
 from fcjax.engine.generate import EngineStats, generate
 from fcjax.engine.sampling import Sampler, SamplingParams
 from fcjax.models.attention import MIN_BLOCK
 from fcjax.models.lm import LM
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampler", "eos"), donate_argnames=("pool",)
-)
-def _one_step(graphdef, params, pool: Pool, stops: StopTables, limit, *, sampler, eos):
-    return decode_step(nnx.merge(graphdef, params), pool, stops, limit, sampler, eos)
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pool",))
+def _one_step(graphdef, params, pool: Pool, stops: StopTables, limit, *, sampler):
+    return decode_step(nnx.merge(graphdef, params), pool, stops, limit, sampler)
 
 
 def one_block_layout(contexts: int, rows: int) -> Layout:
@@ -94,14 +92,10 @@ def lower_step(lm: LM, layout: Layout, sampler: Sampler, platforms: tuple[str, .
     ``("cuda",)``, which needs no such device; default: this backend)."""
     pool = jax.eval_shape(lambda: zeros_pool(lm.config, layout, lm.dtype))
     vocab = lm.config.vocab_size
-    stops = StopTables(
-        jax.ShapeDtypeStruct((vocab,), bool),
-        jax.ShapeDtypeStruct((vocab,), jnp.uint32),
-        jax.ShapeDtypeStruct((vocab,), jnp.uint32),
-    )
+    stops = StopTables(*(jax.ShapeDtypeStruct((vocab,), t) for t in STOP_DTYPES))
     limit = jax.ShapeDtypeStruct((), jnp.int32)
     args = (lm.graphdef, lm.state, pool, stops, limit)
-    return lower_for(_one_step, platforms, *args, sampler=sampler, eos=(-1,))
+    return lower_for(_one_step, platforms, *args, sampler=sampler)
 
 
 @dataclasses.dataclass

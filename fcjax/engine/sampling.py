@@ -45,19 +45,37 @@ class SamplingParams:
 
     @property
     def sampler(self) -> Sampler:
+        if self.temperature == 0:  # greedy: the filters change nothing
+            return Sampler(0.0, 1.0, 0, int(self.logprobs))
         return Sampler(
             float(self.temperature), float(self.top_p), int(self.top_k), int(self.logprobs)
         )
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["temperature", "top_p"],
+    meta_fields=["top_k", "logprobs", "greedy", "nucleus"],
+)
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """The static (compile-time) part of SamplingParams."""
+    """SamplingParams as the decode step takes them, a pytree: the temperature and top-p are
+    data (one compiled program serves every value of them); the rest is the program's
+    structure: ``top_k`` and ``logprobs`` (shapes), ``greedy`` (temperature 0) and
+    ``nucleus`` (top-p below 1), derived from the values when not given."""
 
-    temperature: float
-    top_p: float
+    temperature: float | jax.Array
+    top_p: float | jax.Array
     top_k: int
     logprobs: int
+    greedy: bool | None = None
+    nucleus: bool | None = None
+
+    def __post_init__(self):
+        if self.greedy is None:
+            object.__setattr__(self, "greedy", float(self.temperature) == 0.0)
+        if self.nucleus is None:
+            object.__setattr__(self, "nucleus", float(self.top_p) < 1.0)
 
 
 IDENT_WORDS = 4  # a row's identity: (example key low, example key high, cut, sample)
@@ -142,7 +160,7 @@ class _Scaled(NamedTuple):
     log-sum-exp [rows, 1]."""
 
     logits: jnp.ndarray
-    temperature: float
+    temperature: float | jax.Array
     top: jnp.ndarray
     log_norm: jnp.ndarray | None = None
 
@@ -158,7 +176,7 @@ def _active_top_k(sampler: Sampler, vocab: int) -> int:
     return sampler.top_k if 0 < sampler.top_k < vocab else 0
 
 
-def _log_normalisers(logits, top_logit, temperature: float):
+def _log_normalisers(logits, top_logit, temperature):
     """log-sum-exp [rows, 1] of the logits and of the logits / ``temperature``, given their
     maximum ``top_logit``: two sums of one read (XLA fuses sibling reductions)."""
     # two expressions, no shared intermediate: XLA:CPU would store one [rows, vocab]
@@ -181,7 +199,7 @@ def _shortlist_cut(s: _Scaled, sampler: Sampler):
     reached = jnp.ones(s.max.shape, bool)
     if top_k:
         threshold = top[:, top_k - 1 : top_k]
-    if sampler.top_p < 1.0:
+    if sampler.nucleus:
         in_k = top >= threshold
         # renormalised over the top-k set, else over the whole vocabulary
         log_norm = _log_sum_exp(jnp.where(in_k, top, -jnp.inf), s.max) if top_k else s.log_norm
@@ -247,7 +265,7 @@ def _full_cut(s: _Scaled, sampler: Sampler, plan: Plan) -> jnp.ndarray:
             return jnp.sum(values() >= thresholds[:, None, :], axis=1, dtype=jnp.int32)
 
         floor = _radix_search(count, top_k, lowest, highest, plan)
-    if sampler.top_p >= 1.0:
+    if not sampler.nucleus:
         return floor
 
     def mass(thresholds):
@@ -273,7 +291,7 @@ def kept_cut(logits, sampler: Sampler, top=None, plan: Plan = PLANS["default"], 
     t = sampler.temperature
     if top is None:
         top = jax.lax.top_k(logits, min(SHORTLIST, vocab))[0]
-    if log_norm is None and sampler.top_p < 1.0:
+    if log_norm is None and sampler.nucleus:
         log_norm = _log_sum_exp(logits / t, top[:, :1] / t)
     s = _Scaled(logits, t, top / t, log_norm)
     short, ok = _shortlist_cut(s, sampler)
@@ -296,7 +314,7 @@ def choice_block(vocab: int) -> int:
     return min(divisors, key=lambda b: vocab // b + b) if divisors else 256
 
 
-def gumbel_choice(logits, keys, temperature: float = 1.0, cut=None, shift=None) -> jnp.ndarray:
+def gumbel_choice(logits, keys, temperature=1.0, cut=None, shift=None) -> jnp.ndarray:
     """One draw per row from softmax(``logits`` / ``temperature``) [rows, vocab], restricted to
     the scaled logits at or above ``cut`` [rows, 1] (all when None; -inf
     logits are never drawn), with keys [rows, 2] -> token ids [rows] int32. ``shift``
@@ -388,7 +406,7 @@ def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
     k = sampler.logprobs
     t = sampler.temperature
     top_k = _active_top_k(sampler, vocab)
-    filtered = t > 0 and (top_k > 0 or sampler.top_p < 1.0)
+    filtered = not sampler.greedy and (top_k > 0 or sampler.nucleus)
     n_top = max(k, 1)
     if filtered:  # one past top_k where that is cheap, so that a tie at the k-th is seen
         n_top = max(n_top, min(plan.shortlist, vocab))
@@ -401,11 +419,11 @@ def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
     # when a mesh has a model axis and no data axis (data:1,model:M)
     top, top_ids = map(jax.lax.optimization_barrier, jax.lax.top_k(logits, n_top))
     nucleus_norm = None
-    if filtered and sampler.top_p < 1.0 and not top_k:  # top-p over the whole vocabulary
+    if filtered and sampler.nucleus and not top_k:  # top-p over the whole vocabulary
         log_norm, nucleus_norm = _log_normalisers(logits, top[:, :1], t)
     else:
         log_norm = _log_sum_exp(logits, top[:, :1])
-    if t == 0.0:
+    if sampler.greedy:
         tok = top_ids[:, 0]  # = argmax
     elif filtered:
         cut, ok = kept_cut(logits, sampler, top, plan, nucleus_norm)

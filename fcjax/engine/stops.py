@@ -43,6 +43,17 @@ def _tables(tokenizer, vocab: int, stops: tuple[str, ...]) -> tuple[np.ndarray, 
     return contains, head, tail
 
 
+def eos_table(eos_token_ids, vocab: int) -> np.ndarray:
+    """[vocab] bool: which tokens end a row (ids outside the vocabulary are never sampled)."""
+    table = np.zeros(vocab, bool)
+    table[[t for t in eos_token_ids if 0 <= t < vocab]] = True
+    return table
+
+
 def stop_tables(lm, stops: tuple[str, ...]) -> StopTables:
-    """The device tables for ``stops`` (all zero when there are none or no tokenizer)."""
-    return StopTables(*_tables(lm.tokenizer, lm.config.vocab_size, tuple(stops)))
+    """The device tables for ``lm``'s EOS ids and ``stops`` (the stop tables all zero when
+    there are none or no tokenizer)."""
+    vocab = lm.config.vocab_size
+    return StopTables(
+        eos_table(lm.eos_token_ids, vocab), *_tables(lm.tokenizer, vocab, tuple(stops))
+    )
