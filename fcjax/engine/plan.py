@@ -76,11 +76,11 @@ def weight_bytes(config: ModelConfig, dtype, mesh_shape) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=32)
 def _weight_bytes(config: ModelConfig, dtype, mesh: tuple) -> tuple[int, int]:
-    from fcjax.models.decoder import Decoder
+    from fcjax.models.decoder import shaped
 
     mesh_shape = dict(mesh)
 
-    _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
+    _, state = nnx.split(shaped(config, dtype))
     specs = mesh_lib.param_specs(state, mesh_shape)
     leaves = jax.tree.leaves(state)
     local = [mesh_lib.local_shape(x.shape, s, mesh_shape) for x, s in zip(

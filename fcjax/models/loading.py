@@ -25,7 +25,7 @@ from flax import nnx
 
 from fcjax.models import gguf_file
 from fcjax.models.config import ConfigError, ModelConfig, from_hf_config
-from fcjax.models.decoder import Decoder
+from fcjax.models.decoder import Decoder, shaped
 
 
 class WeightError(ValueError):
@@ -120,8 +120,7 @@ def iter_hf_tensors(config: ModelConfig, state) -> Iterator[tuple[str, np.ndarra
 
 def abstract_decoder(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, dict]:
     """GraphDef and {path: ShapeDtypeStruct} of a decoder, without allocating it."""
-    model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype))
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(shaped(config, dtype))
     return graphdef, {path: var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
@@ -138,7 +137,7 @@ def assemble(
     A tensor the decoder has no place for is refused by name."""
     dtype = jnp.dtype(dtype)
     np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype.name)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype)))
+    graphdef, state = nnx.split(shaped(config, dtype))
     flat = nnx.to_flat_state(state)
     shapes = {path: var.get_value() for path, var in flat}
     placed: dict[tuple, jax.Array] = {}
