@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from child_env import OPTIMIZED
 from scipy import stats
 
 from fcjax.engine.sampling import (
@@ -51,7 +52,7 @@ def _expected(logits: np.ndarray, sampler: Sampler) -> np.ndarray:
 def _draw(logits: np.ndarray, sampler: Sampler, seed: int, branchless=None, shortlist=None):
     keys = jax.random.split(jax.random.PRNGKey(seed), DRAWS)
     rows = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, VOCAB))
-    step = jax.jit(sample_step, static_argnums=(2, 3, 4))
+    step = jax.jit(sample_step, static_argnums=(2, 3, 4), compiler_options=OPTIMIZED)
     tok, chosen, top_lp, top_ids = step(rows, keys, sampler, branchless, shortlist)
     lp = np.log(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
     np.testing.assert_allclose(np.asarray(chosen), lp[np.asarray(tok)], atol=1e-5)
