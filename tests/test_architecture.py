@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from absl import flags
 
 import experiments.run  # noqa: F401  (defines the flags)
@@ -102,6 +103,7 @@ def test_every_setting_has_a_stage_and_a_flag():
     )
 
 
+@pytest.mark.integration
 def test_compilation_cache_stores_programs_for_the_next_process(tmp_path):
     code = (
         "import sys, jax, jax.numpy as jnp, fcjax\n"

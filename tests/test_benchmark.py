@@ -41,6 +41,7 @@ def run(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.integration
 def test_exits_cleanly_and_prints_every_row(run):
     proc, _ = run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +61,7 @@ def test_exits_cleanly_and_prints_every_row(run):
     assert math.isfinite(value) and value > 0
 
 
+@pytest.mark.integration
 def test_json_counts_tokens_and_derives_columns(run):
     proc, out = run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,6 +117,7 @@ def test_cuts_and_bandwidth_table():
     assert peak_bandwidth("cpu") is None
 
 
+@pytest.mark.integration
 def test_proxies_print_their_figures_and_the_summary_line():
     """``--proxies`` on a tiny shape: every proxy line, then the summary line whose values
     agree with the lines above it."""
@@ -154,6 +157,7 @@ def test_proxies_print_their_figures_and_the_summary_line():
     assert int(last["programs_per_call"]) <= 3
 
 
+@pytest.mark.integration
 def test_gpu_suite_tiny_preset_writes_each_case_as_it_finishes(tmp_path):
     """``--suite=gpu --preset=tiny`` on CPU: versions first, then every case one JSON line of
     rows.jsonl with every field, each written before the next case started; the Pallas path

@@ -132,6 +132,7 @@ def test_library_run_refuses_bad_settings_before_touching_out(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_bad_branch_top_p_fails_before_generation_writes_anything(tmp_path):
     """Otherwise good flags: without the check, generation would run and write its parts,
     and the bad value would surface when the estimators stage starts."""

@@ -20,6 +20,8 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from test_gguf import write_gguf
 
+pytestmark = pytest.mark.integration
+
 CHILD = r"""
 import json, sys
 

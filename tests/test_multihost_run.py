@@ -72,6 +72,7 @@ def test_single_process_share_is_everything():
     assert procs.exchange("x", {"a": 1}) == [{"a": 1}]
 
 
+@pytest.mark.integration
 def test_different_flags_listed(tmp_path):
     port = free_port()
     out = f"--out={tmp_path / 'run'}"
@@ -90,6 +91,7 @@ def test_different_flags_listed(tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_disagreeing_process_counts(tmp_path):
     port = free_port()
     out = f"--out={tmp_path / 'run'}"
@@ -101,6 +103,7 @@ def test_disagreeing_process_counts(tmp_path):
         assert ": 2, process" in text or ": 3, process" in text, text[-3000:]
 
 
+@pytest.mark.integration
 def test_out_not_shared(tmp_path):
     """The same relative --out in two working directories: two directories, not one."""
     port = free_port()
@@ -118,6 +121,7 @@ def test_out_not_shared(tmp_path):
         assert "process 1:" in text  # every process reports which process failed
 
 
+@pytest.mark.integration
 def test_unreachable_coordinator(tmp_path):
     port = free_port()  # nobody listens there
     ((rc, text),) = finish(
@@ -326,6 +330,7 @@ else:
 """
 
 
+@pytest.mark.integration
 def test_failure_reaches_the_waiting_process():
     """A process that reports a failure releases the others from their barrier at once
     (instead of waiting for the coordination service's heartbeat)."""
@@ -358,6 +363,7 @@ class _Pretend(Processes):
         return [payload] * self.count
 
 
+@pytest.mark.integration
 def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
     """The multi-process hidden stage, its processes run in turn: each fills its own row
     range of one array, process 0 merges, the states equal the one-process store; a rerun
@@ -409,6 +415,7 @@ def test_hidden_rows_of_two_processes_equal_one_and_resume(tmp_path):
     assert_same_hidden(one, two)
 
 
+@pytest.mark.integration
 def test_coordinator_alone_says_why_before_jax_aborts(tmp_path):
     """Process 0 whose peers never come: before jax aborts it, it names the coordinator and
     the likely causes."""

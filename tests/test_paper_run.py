@@ -14,6 +14,8 @@ from fcjax.metrics.trajectory import trajectory_bin
 from fcjax.store.tables import read_table
 from fcjax.text.steps import paper_selection
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):

@@ -189,6 +189,7 @@ def baseline(tiny_chat, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- 2. no template
 
 
+@pytest.mark.integration
 def test_tokenizer_without_chat_template_falls_back(tiny_chat, tmp_path, caplog):
     model = tmp_path / "model"
     shutil.copytree(tiny_chat, model)
@@ -213,6 +214,7 @@ def test_tokenizer_without_chat_template_falls_back(tiny_chat, tmp_path, caplog)
 # ----------------------------------------------------------------------------- 3. behaviour
 
 
+@pytest.mark.integration
 def test_model_behaviour_is_recorded_not_fatal(tiny_chat, tmp_path, monkeypatch):
     """An empty trace (no steps, no answer), truncated traces and unparsable judge replies
     are counted in the summary; the run completes."""
@@ -274,6 +276,7 @@ def _oom(n: int):
     )
 
 
+@pytest.mark.integration
 def test_out_of_memory_batch_is_halved_and_results_unchanged(
     tiny_chat, baseline, tmp_path, monkeypatch, caplog
 ):
@@ -336,6 +339,7 @@ def test_other_runtime_errors_are_not_retried(tiny_chat, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 6. batch size
 
 
+@pytest.mark.integration
 def test_batch_size_does_not_change_results(tiny_chat, baseline, tmp_path):
     run(make_settings(tiny_chat, batch_size=8), str(tmp_path))
     assert_same_run(baseline, tmp_path, ignore_config=("batch_size",))
@@ -490,6 +494,7 @@ def cli_cases(tiny: Path, nan_model: Path, cache: Path, root: Path) -> dict:
     return run_cases(CASES, tiny, root, cache)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(FLAG_ERRORS))
 def test_cli_user_error(background, case):
     pattern = FLAG_ERRORS[case][1] if case in FLAG_ERRORS else CASES[case][1]
@@ -510,6 +515,7 @@ def finished_cases(tiny_chat, nan_model, baseline, jax_cache, tmp_path_factory) 
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(FINISHED_CASES))
 def test_cli_user_error_keeps_finished_run(finished_cases, case):
     proc, before, after = finished_cases[case]

@@ -21,6 +21,8 @@ from fcjax.metrics import bootstrap_intervals
 from fcjax.metrics.bootstrap import FAITHFULNESS
 from fcjax.store.tables import read_table
 
+pytestmark = pytest.mark.integration
+
 ESTIMATORS = TINY_RUN_ESTIMATORS
 settings = tiny_run_settings
 

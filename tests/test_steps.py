@@ -155,6 +155,7 @@ def test_select_steps_deterministic_and_keyed() -> None:
         select_steps(10, max_steps=0)
 
 
+@pytest.mark.integration
 def test_select_steps_is_stable_across_processes() -> None:
     # Python's str hash is salted per process; the draw must not depend on it.
     code = "from fcjax.text import select_steps; print(select_steps(100, key='abc'))"

@@ -195,6 +195,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_two_processes_write_disjoint_halves(tmp_path):
     root = tmp_path / "h"
     total = 64

@@ -118,6 +118,7 @@ def test_largest_rows_is_the_boundary():
     assert plan_lib.plan(c, mesh, rows + 2, 8192, 2048).total > budget
 
 
+@pytest.mark.integration
 def test_plan_cli(tmp_path):
     cfg = {
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 5120, "intermediate_size": 27648,

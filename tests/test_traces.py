@@ -308,6 +308,7 @@ def exported(original, tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_export_writes_the_runs_traces(original, exported):
     ex = read_table(original / "examples.parquet")
     records = read_traces(exported)
@@ -327,6 +328,7 @@ def test_export_writes_the_runs_traces(original, exported):
     assert strip(read_traces(parquet)) == strip(records)
 
 
+@pytest.mark.integration
 def test_import_of_an_export_reproduces_the_run(tiny_chat, original, exported, tmp_path):
     """Per-step teacher-forced numbers to 1e-5, scoring and segmentation exactly."""
     out = tmp_path / "imported"
@@ -370,6 +372,7 @@ def test_import_of_an_export_reproduces_the_run(tiny_chat, original, exported, t
     assert summary_a["n_examples"] == summary_b["n_examples"]
 
 
+@pytest.mark.integration
 def test_text_only_records_are_tokenized_with_the_model_and_prompted_by_the_run(
     tiny_chat, original, exported, tmp_path
 ):
@@ -425,6 +428,7 @@ def test_each_record_is_scored_by_its_dataset(tiny_chat, tmp_path):
     assert list(st["example_id"]).count("r0") == 2  # "Add them." / "So \boxed{42}."
 
 
+@pytest.mark.integration
 def test_bad_tokens_refused_before_anything_is_written(tiny_chat, original, tmp_path):
     rows = export_rows(original)
     rows[2]["output_ids"] = [*rows[2]["output_ids"], 10**6]
