@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # each test runs a CLI's console in another process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # a CLI's main: flags parsed, the console set up, then what a run logs and its progress

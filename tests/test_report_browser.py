@@ -24,6 +24,8 @@ from synthetic_run import ESTIMATORS, write_synthetic_run
 from experiments.report import compare, write_report
 from fcjax.store.tables import read_table
 
+pytestmark = pytest.mark.integration  # a real browser, in another process
+
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
