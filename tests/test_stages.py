@@ -141,6 +141,7 @@ def _settings(model, data, **kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
+@pytest.mark.integration
 def test_redo_generate_with_another_seed_equals_a_fresh_run(tmp_path):
     """--probe_features=mean, then --redo=generate with another seed: the step means in
     hidden_mean/ and the probe layer table are those of a fresh run with that seed (the
