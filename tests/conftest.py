@@ -1,5 +1,6 @@
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,36 @@ import fcjax
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
 
 
+# the test groups that take longest (``./dev test --all --durations``), scheduled first in
+# this order, the others after them by their number of tests: the two workers then finish
+# together (a cost hint: it orders work, never selects it)
+LONGEST_FIRST = (
+    "smollm2",
+    "test_engine",
+    "test_reliability",
+    "test_run_e2e",
+    "test_benchmark",
+    "test_multihost_run",
+    "test_traces",
+    "test_sampling",
+    "test_engine_proxies",
+    "test_attention_pallas",
+    "test_probe_research",
+    "test_probes",
+)
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", None) == "loadgroup":
+        config.option.loadscopereorder = False  # the order is set below
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``./dev test`` runs ``-n 2 --dist loadgroup``): each module's
     tests stay on one worker, so module fixtures are built once, and the modules that read
-    the real SmolLM2 share one worker and its one load (``smollm2``).
+    the real SmolLM2 share one worker and its one load (``smollm2``). Groups are scheduled
+    in the order of ``LONGEST_FIRST``, then by their number of tests.
 
     Collection runs on the workers, where xdist sets ``loadgroup`` (and ``numprocesses`` to
     None). xdist 3.8 appends the group to ``item._nodeid``, which pytest 9 no longer reads
@@ -50,6 +76,17 @@ def pytest_collection_modifyitems(config, items):
             from _pytest.nodeid import NodeId
 
             item._id = NodeId.parse(item.nodeid + suffix)
+    sizes = Counter(groups[item] for item in items)
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    order = {item: i for i, item in enumerate(items)}
+    items.sort(
+        key=lambda item: (
+            rank.get(groups[item], len(rank)),
+            -sizes[groups[item]],
+            groups[item],
+            order[item],
+        )
+    )
     return result
 
 
