@@ -45,6 +45,12 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_itemcollected(item):
+    """A test that reads real weights is an integration test (pyproject.toml's markers)."""
+    if item.get_closest_marker("real"):
+        item.add_marker(pytest.mark.integration)
+
+
 def pytest_configure(config):
     if getattr(config.option, "dist", None) == "loadgroup":
         config.option.loadscopereorder = False  # the order is set below

@@ -17,7 +17,7 @@ from fcjax.data import build_messages, load_dataset
 from fcjax.engine.complete import chat_completer
 from fcjax.text import select_steps
 
-pytestmark = [pytest.mark.real, pytest.mark.integration]
+pytestmark = pytest.mark.real
 
 NAMES = ["deepconf", "rcc", "forcing", "sampling", "agreement"]
 COLUMNS = {

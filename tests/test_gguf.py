@@ -425,7 +425,6 @@ def _check_dequantize(tensor, rows: int | None = None):
     assert np.isfinite(got).all() and got.std() > 0
 
 
-@pytest.mark.integration
 @pytest.mark.real
 def test_dequantize_smollm2_tensors():
     reader = loading.gguf_reader(registry.fetch("smollm2-135m-instruct"))

@@ -9,7 +9,7 @@ import torch
 import fcjax
 from fcjax.models import registry
 
-pytestmark = [pytest.mark.real, pytest.mark.integration]
+pytestmark = pytest.mark.real
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Natalia sold clips to 48 of her friends in "
