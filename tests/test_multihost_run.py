@@ -1,6 +1,6 @@
 """``experiments.run`` over several jax.distributed processes: the work split, the set-up
-errors, and (slow) two processes of two devices each equal one, also after a killed
-process and with the run given as a file:// URL."""
+errors, and (slow) two processes of two devices each, given the run as a file:// URL, equal
+one, also after a killed process."""
 
 import json
 import os
@@ -10,9 +10,10 @@ import sys
 
 import pytest
 from child_env import child_env, xla_flags
-from rundir_compare import assert_same_run
+from rundir_compare import assert_same_run, assert_same_tables
 
 from experiments.cluster import Processes
+from experiments.stages import REGISTRY
 from fcjax.engine.multihost import assign
 from fcjax.store.tables import read_table
 
@@ -146,13 +147,14 @@ RUN_FLAGS = [
     "--max_steps=1",
     "--branch_new_tokens=4",
     "--folds=2",
-    "--decisiveness=lexicon",
+    "--judge_batch=2",
     "--batch_size=2",
     "--seed=1",
     "--bootstrap=0",
 ]
 TWO_DEVICES = {"XLA_FLAGS": xla_flags(devices=2)}
-SPLIT = ("generate", "estimators", "hidden")  # the model stages of this configuration
+# the model stages, split over the processes (decisiveness: the default LLM judge)
+SPLIT = ("generate", "estimators", "hidden", "decisiveness")
 
 
 def model_flags(model):
@@ -203,11 +205,17 @@ def _marker(out, stage):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tiny_chat, reference, tmp_path):
+def test_two_processes_on_a_file_url_equal_one(tiny_chat, reference, tmp_path):
+    """Two processes given the run as a file:// URL (shared token, lock, per-process parts,
+    the hidden array's row ranges and process 0's merge all through fcjax.store.fs) give the
+    one-process run into a plain path; each process does part of every model stage (the
+    markers record its share)."""
     out = tmp_path / "run"
-    for rc, log in run_two(tiny_chat, out):
+    for rc, log in run_two(tiny_chat, out.as_uri()):
         assert rc == 0, log[-3000:]
     assert_same_run(reference, out)
+    assert_same_tables(reference, out, "sampling_samples.parquet", atol=0)
+    assert [st.name for st in REGISTRY if st.split] == list(SPLIT)
     n_traces = len(read_table(out / "examples.parquet", ["example_id"])["example_id"])
     for stage in SPLIT:
         shares = _marker(out, stage)["processes"]
@@ -216,7 +224,8 @@ def test_two_processes_equal_one(tiny_chat, reference, tmp_path):
         if stage == "generate":
             assert sum(s["examples"] for s in shares.values()) == n_traces
     assert _marker(reference, "generate")["processes"]["0"]["examples"] == n_traces
-    assert (out / "hidden" / "plan.json").exists()  # written as one array by two processes
+    # the hidden array was written by two processes; the shared token lives in the run
+    assert (out / "hidden" / "plan.json").exists() and (out / ".fcjax-shared").exists()
 
 
 @pytest.mark.slow
@@ -263,54 +272,6 @@ def test_unsupported_out_refused_clearly(monkeypatch):
     )
     with pytest.raises(RunError, match=r"--out=gs://bucket/run: .*needs the gcsfs package"):
         run(Settings(), "gs://bucket/run")  # the default estimators include the probe
-
-
-@pytest.mark.slow
-def test_two_processes_on_a_file_url_equal_one(tmp_path):
-    """Two processes given the run as a file:// URL (shared token, lock, per-process parts,
-    the hidden array's row ranges and process 0's merge all through fcjax.store.fs) give
-    the one-process run into a plain path. 6 examples with the default --batch_size (16):
-    the examples are split over the processes before batching, so every process does part
-    of every model stage (the markers record each process's share)."""
-    from rundir_compare import assert_same_tables
-    from tiny_models import build_tiny_chat, cli_flags
-
-    from experiments.run import run
-    from experiments.stages import REGISTRY, Settings
-
-    model = build_tiny_chat(tmp_path / "model")
-    s = Settings(
-        model=str(model),
-        judge_model=str(model),
-        num_examples=6,
-        max_new_tokens=24,
-        temperature=1.0,
-        estimators=("deepconf", "sampling", "probe"),
-        k=2,
-        max_steps=1,
-        branch_new_tokens=4,
-        folds=2,
-        judge_batch=2,
-        seed=1,
-        bootstrap=0,
-    )
-    assert s.batch_size >= s.num_examples and s.decisiveness == "judge"  # the defaults
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(s, str(one))
-    port = free_port()
-    procs = [start([f"--out={two.as_uri()}", *cli_flags(s)], i, 2, port) for i in range(2)]
-    for rc, log in finish(procs, timeout=1200):
-        assert rc == 0, log[-3000:]
-    assert_same_run(one, two)
-    assert_same_tables(one, two, "sampling_samples.parquet", atol=0)
-    model_stages = [st.name for st in REGISTRY if st.split]
-    assert model_stages == ["generate", "estimators", "hidden", "decisiveness"]
-    for stage in model_stages:
-        shares = _marker(two, stage)["processes"]
-        assert sorted(shares) == ["0", "1"] and all(v["examples"] > 0 for v in shares.values())
-    generated = _marker(two, "generate")["processes"]
-    assert sum(v["examples"] for v in generated.values()) == 6
-    assert (two / "hidden" / "plan.json").exists() and (two / ".fcjax-shared").exists()
 
 
 FAIL_SCRIPT = """
