@@ -87,17 +87,26 @@ def prefill_attention(
         )
     heads, head_dim = q.shape[2:]
     kv_heads = k.shape[2]
-    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    groups = heads // kv_heads
+    q = q.reshape(batch, seq, kv_heads, groups, head_dim)
+    # batch axes (row, KV head) first, a chunk's groups x queries one axis: one batched
+    # matrix product per (row, KV head), which XLA:CPU runs in about 60% of the time of
+    # the products with the KV head between other axes
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv, seq, hd]
     key_pos = jnp.arange(seq)
     key_ok = key_pos[None, :] < lengths[:, None]  # [batch, seq]
 
     def attend(q_chunk, q_pos):  # q_chunk [batch, chunk, kv, groups, hd]; q_pos [chunk]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_chunk, k, precision=precision)
-        scores = scores * head_dim**-0.5
+        t = q_chunk.shape[1]
+        qm = q_chunk.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * t, head_dim)
+        scores = jnp.einsum("bkmh,bksh->bkms", qm, k, precision=precision)
+        scores = scores.reshape(batch, kv_heads, groups, t, seq) * head_dim**-0.5
         mask = (key_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]  # [b, t, s]
         scores = jnp.where(mask[:, None, None], scores, NEG_INF).astype(jnp.float32)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgts,bskh->btkgh", weights, v, precision=precision)
+        weights = weights.reshape(batch, kv_heads, groups * t, seq)
+        out = jnp.einsum("bkms,bksh->bkmh", weights, v, precision=precision)
+        return out.reshape(batch, kv_heads, groups, t, head_dim).transpose(0, 3, 1, 2, 4)
 
     chunk = PREFILL_QUERY_CHUNK
     if seq <= chunk:
@@ -143,7 +152,8 @@ def decode_attention(
     live = reads == "live"
     n_ctx, rows, heads, head_dim = q.shape
     kv_heads = ctx_k.shape[1]
-    q = q.reshape(n_ctx, rows, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
+    groups = heads // kv_heads
+    q = q.reshape(n_ctx, rows, kv_heads, groups, head_dim) * head_dim**-0.5
     f32 = jnp.float32
 
     def merge(carry, s, values, spec):
@@ -156,10 +166,10 @@ def decode_attention(
         )
         return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
 
-    def blocks(carry, q, cache_k, cache_v, block, first, n_blocks, ok, specs):
+    def blocks(carry, q, cache_k, cache_v, block, first, n_blocks, mask, specs):
         """Merges blocks first, first + 1, ... (mod the cache's blocks) of a cache whose
-        positions are its axis -2; ``ok(positions)`` -> [..rows.., block] which positions
-        each row attends to. ``live``: ``n_blocks`` of them; else the whole cache at once."""
+        positions are its axis -2; ``mask(s, positions)`` keeps each query's positions of
+        the block's scores s. ``live``: ``n_blocks`` of them; else the whole cache at once."""
         size = cache_k.shape[-2]
         if not live:
             block, first, n_blocks = size, 0, 1
@@ -170,35 +180,53 @@ def decode_attention(
             kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, cache_k.ndim - 2)
             vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, cache_v.ndim - 2)
             s = jnp.einsum(specs[0], q, kb, precision=precision, preferred_element_type=f32)
-            s = jnp.where(ok(start + jnp.arange(block))[..., None, None, :], s, NEG_INF)
-            return merge(carry, s, vb, specs[1])
+            return merge(carry, mask(s, start + jnp.arange(block)), vb, specs[1])
 
         if not live:
             return body(0, carry)
         return jax.lax.fori_loop(0, jnp.minimum(n_blocks, total), body, carry)
 
     # the running softmax (max m, sum l, weighted values acc) over the context: positions
-    # [0, ctx_valid) of the row's context, in blocks up to the longest row's
-    m = jnp.full(q.shape[:-1], NEG_INF, f32)
-    carry = (m, jnp.zeros_like(m), jnp.zeros(q.shape, f32))
+    # [0, ctx_valid) of the row's context, in blocks up to the longest row's. A context's
+    # rows and query groups are one axis (m = rows x groups) behind the batch axes (context,
+    # KV head), so every block is one batched matrix product per (context, KV head): XLA:CPU
+    # runs that at about twice the speed of one with the rows between the batch axes
+    qc = q.transpose(0, 2, 1, 3, 4).reshape(n_ctx, kv_heads, rows * groups, head_dim)
+
+    def ctx_mask(s, pos):  # s [c, k, rows x groups, block]
+        ok = pos < ctx_valid[..., None]  # [c, rows, block]
+        s = s.reshape(n_ctx, kv_heads, rows, groups, -1)
+        return jnp.where(ok[:, None, :, None], s, NEG_INF).reshape((*qc.shape[:-1], -1))
+
+    m = jnp.full(qc.shape[:-1], NEG_INF, f32)
+    carry = (m, jnp.zeros_like(m), jnp.zeros(qc.shape, f32))
     ctx_len, new = ctx_k.shape[2], own_k.shape[2]
     blk = block_size(ctx_len)
     carry = blocks(
-        carry, q, ctx_k, ctx_v, blk, 0, (jnp.max(ctx_valid) + blk - 1) // blk,
-        lambda pos: pos < ctx_valid[..., None],
-        ("crkgh,cksh->crkgs", "crkgs,cksh->crkgh"),
+        carry, qc, ctx_k, ctx_v, blk, 0, (jnp.max(ctx_valid) + blk - 1) // blk, ctx_mask,
+        ("ckmh,cksh->ckms", "ckms,cksh->ckmh"),
     )  # fmt: skip
-    # then over the own ring, rows flattened: the window of the longest row ends at own_end
+    # then over the own ring, rows flattened (batch axes: row, KV head): the window of the
+    # longest row ends at own_end
     flat = n_ctx * rows
-    carry = tuple(x.reshape(flat, *x.shape[2:]) for x in carry)
+
+    def per_row(x):  # [c, k, rows x groups, ...] -> [c x rows, k, groups, ...]
+        x = x.reshape(n_ctx, kv_heads, rows, groups, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 1).reshape(flat, kv_heads, groups, *x.shape[4:])
+
+    carry = tuple(map(per_row, carry))
     own_valid = own_valid.reshape(flat)
     blk = block_size(new)
     longest = jnp.max(own_valid)
     start = (own_end - longest) % new
+
+    def own_mask(s, pos):  # s [c x rows, k, groups, block]
+        ok = (own_end - 1 - pos) % new < own_valid[..., None]
+        return jnp.where(ok[:, None, None], s, NEG_INF)
+
     carry = blocks(
-        carry, q.reshape(flat, *q.shape[2:]), own_k, own_v, blk, start // blk,
-        (start % blk + longest + blk - 1) // blk,
-        lambda pos: (own_end - 1 - pos) % new < own_valid[..., None],
+        carry, q.reshape(flat, kv_heads, groups, head_dim), own_k, own_v, blk, start // blk,
+        (start % blk + longest + blk - 1) // blk, own_mask,
         ("bkgh,bksh->bkgs", "bkgs,bksh->bkgh"),
     )  # fmt: skip
     _, l, acc = carry  # l = 0 only where nothing was read (no live row): zeros, not 0 / 0
