@@ -19,7 +19,8 @@
 
 KV caches are laid out batch-first per layer, ``[contexts, kv_heads, seq, head_dim]`` and
 ``[contexts * rows, kv_heads, new, head_dim]``, so no step transposes them. Grouped-query
-attention reshapes queries to [.., kv_heads, groups, head_dim]; K/V are never repeated.
+attention groups the queries by KV head, batch axes first ([.., kv_heads, queries x groups,
+head_dim]: one batched product per KV head); K/V are never repeated.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def prefill_attention(
     groups = heads // kv_heads
     q = q.reshape(batch, seq, kv_heads, groups, head_dim)
     # batch axes (row, KV head) first, a chunk's groups x queries one axis: one batched
-    # matrix product per (row, KV head), which XLA:CPU runs in about 60% of the time of
-    # the products with the KV head between other axes
+    # matrix product per (row, KV head); on XLA:CPU this attention takes about 64% of the
+    # time it took with the KV head between other axes (8 x 512 tokens, SmolLM2's heads)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv, seq, hd]
     key_pos = jnp.arange(seq)
     key_ok = key_pos[None, :] < lengths[:, None]  # [batch, seq]
@@ -190,7 +191,7 @@ def decode_attention(
     # [0, ctx_valid) of the row's context, in blocks up to the longest row's. A context's
     # rows and query groups are one axis (m = rows x groups) behind the batch axes (context,
     # KV head), so every block is one batched matrix product per (context, KV head): XLA:CPU
-    # runs that at about twice the speed of one with the rows between the batch axes
+    # runs that product about twice as fast as one with the rows between the batch axes
     qc = q.transpose(0, 2, 1, 3, 4).reshape(n_ctx, kv_heads, rows * groups, head_dim)
 
     def ctx_mask(s, pos):  # s [c, k, rows x groups, block]
