@@ -277,7 +277,7 @@ def test_max_new_tokens_and_bad_input(lm):
         fcjax.generate(lm, ["text needs a tokenizer"], GREEDY)
 
 
-@pytest.mark.parametrize("plan", ["default", "gpu"])
+@pytest.mark.parametrize("plan", ["cpu", "default", "gpu"])
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
 @pytest.mark.parametrize("shortlist", [16, 64, 4096])
 def test_top_p_keeps_the_sorted_nucleus(scale, shortlist, plan):

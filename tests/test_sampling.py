@@ -134,6 +134,29 @@ def test_a_rows_token_does_not_depend_on_the_other_rows():
             np.testing.assert_array_equal(np.asarray(tok)[:63], np.asarray(alone)[:63])
 
 
+def test_the_cpu_plan_serves_the_rows_the_shortlist_misses_one_chunk_at_a_time():
+    """CPU gathers the rows that need the full vocabulary and serves them ``row_chunk`` at a
+    time (five rows here: a whole chunk, then a last one that overlaps it): cuts and tokens
+    equal the plan that computes the full path for every row of the batch."""
+    from fcjax.engine.sampling import PLANS, kept_cut
+
+    sampler = Sampler(0.9, 0.9, 0, 5)
+    flat_at = {0, 3, 4, 7, 10}
+    assert PLANS["cpu"].row_chunk < len(flat_at) < 2 * PLANS["cpu"].row_chunk
+    logits = jnp.asarray(np.stack([_logits(i, flat=i in flat_at) for i in range(11)]))
+    keys = jax.random.split(jax.random.PRNGKey(4), 11)
+    cuts = {}
+    for plan in ("cpu", "default"):
+        cut, ok = kept_cut(logits, sampler, plan=PLANS[plan])
+        assert sorted(np.flatnonzero(~np.asarray(ok)[:, 0])) == sorted(flat_at)
+        cuts[plan] = np.asarray(cut)
+    np.testing.assert_array_equal(cuts["cpu"], cuts["default"])
+    step = jax.jit(sample_step, static_argnums=(2, 3, 4))
+    on_cpu = step(logits, keys, sampler, False, None)[0]  # the platform's plan: "cpu"
+    every_row = step(logits, keys, sampler, False, 256)[0]  # "default": lax.cond, all rows
+    np.testing.assert_array_equal(np.asarray(on_cpu), np.asarray(every_row))
+
+
 def test_choice_block_divides_the_vocabulary_when_it_can():
     assert choice_block(49152) == 192  # SmolLM2: 256 blocks of 192
     assert 151936 % choice_block(151936) == 0  # Qwen2
@@ -148,7 +171,8 @@ def test_choice_block_divides_the_vocabulary_when_it_can():
 def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
     """On GPU, XLA's TopK takes k <= 16 (it sorts the whole vocabulary past that) and a loop
     or a branch reads its predicate on the host: the step lowered for CUDA (no GPU needed)
-    has neither; lowered for CPU, the same call keeps its 256-entry shortlist."""
+    has neither; lowered for CPU, the same call keeps its 256-entry shortlist and serves the
+    rows it does not hold in a loop."""
     import re
 
     from fcjax.engine.profile import lower_for
@@ -171,4 +195,6 @@ def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
     assert branches(cuda) == branches(lowered(greedy, "cuda"))  # no lax.cond
     cpu = lowered(sampler, "cpu")
     assert max(int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cpu)) >= 256
-    assert branches(cpu) > branches(lowered(greedy, "cpu"))  # the fallback's lax.cond
+    # the fallback: a loop over the rows that need the vocabulary (CPU's plan), no lax.cond
+    assert "stablehlo.while" in cpu and "stablehlo.while" not in lowered(greedy, "cpu")
+    assert branches(cpu) == branches(lowered(greedy, "cpu"))

@@ -131,14 +131,18 @@ SHORTLIST_GPU = 16  # XLA's GPU TopK kernel takes k <= 16; a larger k sorts the 
 class Plan:
     """How a backend runs the sampler: the shortlist's size, whether a ``top_k`` larger than
     it is cheap (then a top-k filter's set is always in the shortlist), and whether rows that
-    need the full vocabulary are served by a branch on the device (``lax.cond``: CPU, TPU) or
-    by computing that path for every row (``branchless``: on GPU a branch reads its predicate
-    on the host)."""
+    need the full vocabulary are served by a branch on the device (``lax.cond``: TPU) or by
+    computing that path for every row (``branchless``: on GPU a branch reads its predicate on
+    the host). ``row_chunk``: the rows that need the full vocabulary are gathered and served
+    that many at a time in a loop on the device (CPU, where a third of a flat model's rows may
+    need it at T=0.8 and each costs 32 passes over the vocabulary), instead of every row of the
+    batch behind one ``lax.cond`` (TPU: rows are sharded, a gather would move logits)."""
 
     shortlist: int
     wide_top_k: bool
     branchless: bool
     radix: int = 2  # intervals per pass of the full-vocabulary search (2: bisection)
+    row_chunk: int = 0  # > 0: serve only the rows that need the full vocabulary, so many a pass
 
     @property
     def passes(self) -> int:
@@ -146,9 +150,10 @@ class Plan:
         return -(-32 // (self.radix.bit_length() - 1))
 
 
-# CPU: bisection, 32 cheap passes (compute-bound there); GPU: 8 passes of 15 thresholds, each
-# one read of the logits (bandwidth-bound there)
+# CPU, TPU: bisection, 32 cheap passes (compute-bound there); GPU: 8 passes of 15
+# thresholds, each one read of the logits (bandwidth-bound there)
 PLANS = {
+    "cpu": Plan(SHORTLIST, wide_top_k=True, branchless=False, radix=2, row_chunk=4),
     "default": Plan(SHORTLIST, wide_top_k=True, branchless=False, radix=2),
     "gpu": Plan(SHORTLIST_GPU, wide_top_k=False, branchless=True, radix=16),
 }
@@ -268,10 +273,13 @@ def _full_cut(s: _Scaled, sampler: Sampler, plan: Plan) -> jnp.ndarray:
     if not sampler.nucleus:
         return floor
 
+    # stored once where rows are few (CPU's gathered rows), else computed where read
+    stored = None if plan.branchless else jnp.exp(values() - s.max[:, :, None])
+
     def mass(thresholds):
         x = values()
-        kept = jnp.where(x >= thresholds[:, None, :], jnp.exp(x - s.max[:, :, None]), 0.0)
-        return jnp.sum(kept, axis=1)
+        weights = jnp.exp(x - s.max[:, :, None]) if stored is None else stored
+        return jnp.sum(jnp.where(x >= thresholds[:, None, :], weights, 0.0), axis=1)
 
     total = mass(floor)
     return _radix_search(mass, sampler.top_p * total, _sortable_bits(floor), highest, plan)
@@ -284,26 +292,51 @@ def kept_cut(logits, sampler: Sampler, top=None, plan: Plan = PLANS["default"], 
     held it. ``log_norm``: the log-sum-exp of the scaled logits, when the caller has it.
 
     The cut is the one a descending sort gives. It comes from the shortlist where that holds
-    the kept set (nearly every row of a trained model) and else from a radix search over the
-    vocabulary (``_full_cut``): behind a ``lax.cond`` taken when some row needs it, or for
-    every row (``branchless``, with no loop either)."""
+    the kept set (most rows of a trained model: two thirds of SmolLM2-135M's chat rows at
+    T=0.8, top-p 0.95) and else from a radix search over the vocabulary (``_full_cut``), run
+    as the plan says (``_unless_all``)."""
     vocab = logits.shape[-1]
     t = sampler.temperature
     if top is None:
         top = jax.lax.top_k(logits, min(SHORTLIST, vocab))[0]
     if log_norm is None and sampler.nucleus:
         log_norm = _log_sum_exp(logits / t, top[:, :1] / t)
-    s = _Scaled(logits, t, top / t, log_norm)
-    short, ok = _shortlist_cut(s, sampler)
-    full = lambda: jnp.where(ok, short, _full_cut(s, sampler, plan))  # noqa: E731
-    cut = _unless_all(ok, short, full, plan.branchless)
-    return cut, ok
+    short, ok = _shortlist_cut(_Scaled(logits, t, top / t, log_norm), sampler)
+
+    def full(logits, top, log_norm):
+        return _full_cut(_Scaled(logits, t, top / t, log_norm), sampler, plan)
+
+    return _unless_all(ok, short, full, (logits, top, log_norm), plan), ok
 
 
-def _unless_all(ok, cheap, full, branchless: bool):
-    """``cheap`` when every row is ``ok``, else ``full()`` (which keeps ``cheap`` for the ok
-    rows): a ``lax.cond`` on the device, or ``full()`` always (``branchless``)."""
-    return full() if branchless else jax.lax.cond(jnp.all(ok), lambda: cheap, full)
+def _unless_all(ok, cheap, full, args, plan: Plan):
+    """``cheap`` [rows, ...] with the rows that are not ``ok`` [rows, 1] taken from
+    ``full(*args)``, a function of each row alone (arrays [rows, ...], or None): computed
+    for every row (``branchless``), for every row behind a ``lax.cond`` taken when some row
+    needs it, or (``row_chunk``) for the rows that need it only, gathered ``row_chunk`` at a
+    time in a loop on the device that makes no pass when none does."""
+    need = ~ok[:, 0]
+    if plan.branchless:
+        return _where_rows(need, full(*args), cheap)
+    if not plan.row_chunk:
+        every = lambda: _where_rows(need, full(*args), cheap)  # noqa: E731
+        return jax.lax.cond(jnp.any(need), every, lambda: cheap)
+    rows = need.shape[0]
+    chunk = min(plan.row_chunk, rows)
+    order = jnp.argsort(~need, stable=True)  # the rows that need it first
+    count = jnp.sum(need, dtype=jnp.int32)
+
+    def serve(i, out):  # the last chunk overlaps the one before rather than run past the rows
+        idx = jax.lax.dynamic_slice_in_dim(order, jnp.minimum(i * chunk, rows - chunk), chunk)
+        got = full(*jax.tree.map(lambda a: a[idx], args))
+        return out.at[idx].set(_where_rows(need[idx], got, out[idx]))
+
+    return jax.lax.fori_loop(0, (count + chunk - 1) // chunk, serve, cheap)
+
+
+def _where_rows(need, full, cheap):
+    """``full`` on the rows that ``need`` [rows] it, else ``cheap``."""
+    return jnp.where(need.reshape(need.shape + (1,) * (cheap.ndim - 1)), full, cheap)
 
 
 def choice_block(vocab: int) -> int:
@@ -379,8 +412,9 @@ def sample_step(
     logits and key) a two-stage Gumbel-max over the filtered vocabulary (``gumbel_choice``).
     No scaled or filtered copy of the logits is stored.
 
-    The plan is the lowering platform's (``PLANS``: a 16-entry shortlist and no branch on GPU,
-    256 entries and a ``lax.cond`` elsewhere), chosen where the step is lowered, so a step
+    The plan is the lowering platform's (``PLANS``: a 16-entry shortlist and no branch on GPU;
+    256 entries elsewhere, the rows that need more served by a loop over them alone on CPU and
+    behind a ``lax.cond`` on TPU), chosen where the step is lowered, so a step
     lowered for CUDA on a CPU host is the GPU's; ``branchless`` and ``shortlist`` override it.
     """
 
@@ -396,7 +430,12 @@ def sample_step(
     if branchless is not None and shortlist is not None:  # nothing left to the platform
         return on(PLANS["default"])(logits, keys)
     return jax.lax.platform_dependent(
-        logits, keys, cuda=on(PLANS["gpu"]), rocm=on(PLANS["gpu"]), default=on(PLANS["default"])
+        logits,
+        keys,
+        cpu=on(PLANS["cpu"]),
+        cuda=on(PLANS["gpu"]),
+        rocm=on(PLANS["gpu"]),
+        default=on(PLANS["default"]),
     )
 
 
@@ -429,10 +468,10 @@ def _sample_step(logits, keys, sampler: Sampler, plan: Plan):
         cut, ok = kept_cut(logits, sampler, top, plan, nucleus_norm)
         short = _shortlist_draw(top / t, top_ids, cut, keys)
 
-        def full():
-            return jnp.where(ok[:, 0], short, gumbel_choice(logits, keys, t, cut, top[:, :1] / t))
+        def full(logits, keys, cut, top_logit):
+            return gumbel_choice(logits, keys, t, cut, top_logit / t)
 
-        tok = _unless_all(ok, short, full, plan.branchless)
+        tok = _unless_all(ok, short, full, (logits, keys, cut, top[:, :1]), plan)
     else:
         tok = gumbel_choice(logits, keys, t, shift=top[:, :1] / t)
     tok = tok.astype(jnp.int32)
