@@ -195,6 +195,6 @@ def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
     assert branches(cuda) == branches(lowered(greedy, "cuda"))  # no lax.cond
     cpu = lowered(sampler, "cpu")
     assert max(int(k) for k in re.findall(r"top_k\(.*k = (\d+)", cpu)) >= 256
-    # the fallback: a loop over the rows that need the vocabulary (CPU's plan), no lax.cond
+    # the fallback: a loop over chunks of the rows, each served when it needs the vocabulary
     assert "stablehlo.while" in cpu and "stablehlo.while" not in lowered(greedy, "cpu")
-    assert branches(cpu) == branches(lowered(greedy, "cpu"))
+    assert branches(cpu) > branches(lowered(greedy, "cpu"))

@@ -314,7 +314,8 @@ def _unless_all(ok, cheap, full, args, plan: Plan):
     ``full(*args)``, a function of each row alone (arrays [rows, ...], or None): computed
     for every row (``branchless``), for every row behind a ``lax.cond`` taken when some row
     needs it, or (``row_chunk``) for the rows that need it only, gathered ``row_chunk`` at a
-    time in a loop on the device that makes no pass when none does."""
+    time in a loop on the device over every chunk of the batch whose iterations past the rows
+    that need it do nothing (a static trip count, which the HLO byte proxies can scale)."""
     need = ~ok[:, 0]
     if plan.branchless:
         return _where_rows(need, full(*args), cheap)
@@ -328,10 +329,14 @@ def _unless_all(ok, cheap, full, args, plan: Plan):
 
     def serve(i, out):  # the last chunk overlaps the one before rather than run past the rows
         idx = jax.lax.dynamic_slice_in_dim(order, jnp.minimum(i * chunk, rows - chunk), chunk)
-        got = full(*jax.tree.map(lambda a: a[idx], args))
-        return out.at[idx].set(_where_rows(need[idx], got, out[idx]))
 
-    return jax.lax.fori_loop(0, (count + chunk - 1) // chunk, serve, cheap)
+        def run(out):
+            got = full(*jax.tree.map(lambda a: a[idx], args))
+            return out.at[idx].set(_where_rows(need[idx], got, out[idx]))
+
+        return jax.lax.cond(i * chunk < count, run, lambda out: out, out)
+
+    return jax.lax.fori_loop(0, -(-rows // chunk), serve, cheap)
 
 
 def _where_rows(need, full, cheap):
