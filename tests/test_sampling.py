@@ -134,15 +134,20 @@ def test_a_rows_token_does_not_depend_on_the_other_rows():
             np.testing.assert_array_equal(np.asarray(tok)[:63], np.asarray(alone)[:63])
 
 
-def test_the_cpu_plan_serves_the_rows_the_shortlist_misses_one_chunk_at_a_time():
+@pytest.mark.parametrize(
+    "flat_at",
+    [{0, 3, 4, 7, 10}, {0, 1, 2, 4, 5, 6, 8, 9, 10}],
+    ids=["a_chunk_and_part_of_one", "last_chunk_overlaps"],
+)
+def test_the_cpu_plan_serves_the_rows_the_shortlist_misses_one_chunk_at_a_time(flat_at):
     """CPU gathers the rows that need the full vocabulary and serves them ``row_chunk`` at a
-    time (five rows here: a whole chunk, then a last one that overlaps it): cuts and tokens
-    equal the plan that computes the full path for every row of the batch."""
+    time (of 11 rows, chunks of 4: 5 rows fill one chunk and part of the next; 9 need a third,
+    which starts at row 7 of the gathered order so as not to run past the batch): cuts and
+    tokens equal the plan that computes the full path for every row of the batch."""
     from fcjax.engine.sampling import PLANS, kept_cut
 
     sampler = Sampler(0.9, 0.9, 0, 5)
-    flat_at = {0, 3, 4, 7, 10}
-    assert PLANS["cpu"].row_chunk < len(flat_at) < 2 * PLANS["cpu"].row_chunk
+    assert PLANS["cpu"].row_chunk == 4
     logits = jnp.asarray(np.stack([_logits(i, flat=i in flat_at) for i in range(11)]))
     keys = jax.random.split(jax.random.PRNGKey(4), 11)
     cuts = {}
