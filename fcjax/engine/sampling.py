@@ -273,8 +273,9 @@ def _full_cut(s: _Scaled, sampler: Sampler, plan: Plan) -> jnp.ndarray:
     if not sampler.nucleus:
         return floor
 
-    # stored once where rows are few (CPU's gathered rows), else computed where read
-    stored = None if plan.branchless else jnp.exp(values() - s.max[:, :, None])
+    # stored once for a few gathered rows (``row_chunk``), else computed where read: a
+    # [rows, vocab] copy of a whole batch is what the GPU and TPU plans avoid
+    stored = jnp.exp(values() - s.max[:, :, None]) if plan.row_chunk else None
 
     def mass(thresholds):
         x = values()
