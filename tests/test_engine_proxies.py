@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import fcjax
 from fcjax.engine import profile
@@ -111,6 +112,23 @@ def test_cpu_upcasts_are_the_16_bit_weights_converted(tiny):
         x, wt = sd((8, w.shape[0]), dtype), sd(w.shape, dtype)
         compiled = jax.jit(lambda a, b: a @ b).lower(x, wt).compile()
         assert profile.cpu_upcasts(tiny, compiled) == want, dtype
+
+
+def test_a_bfloat16_model_converts_no_weight_to_float32():
+    """The decoder's products take bf16 operands and accumulate in float32 (``dot``): XLA:CPU
+    reads the 16-bit weights as they are, where a bf16-out product first converts each weight
+    to float32 (SmolLM2's prefill of 4 x 64 tokens: 478 MB of converts). Prefill and a
+    decode step, generate and branch layouts."""
+    lm = profile.abstract_lm(PRESETS["tiny-llama"], jnp.bfloat16)
+    sd = jax.ShapeDtypeStruct
+    prefill = jax.jit(lambda state, t, n: nnx.merge(lm.graphdef, state).prefill(t, n).normed)
+    tokens, lengths = sd((4, 64), jnp.int32), sd((4,), jnp.int32)
+    compiled = [prefill.lower(lm.state, tokens, lengths).compile()]
+    compiled += [
+        profile.compile_step(lm, profile.one_block_layout(c, r), NUCLEUS)
+        for c, r in ((4, 1), (2, 4))
+    ]
+    assert [profile.cpu_upcasts(lm, c) for c in compiled] == [0, 0, 0]
 
 
 def test_programs_per_call_and_no_implicit_transfers(tiny):

@@ -71,13 +71,24 @@ def test_float32_logits_match_transformers(lm32, reference):
 
 
 def test_bfloat16_argmax_agreement(lm32, reference):
+    """bfloat16 picks the float32 reference's token wherever the reference is not at a near
+    tie: at every position whose top logit leads the second by more than 0.25, and at 98% of
+    all positions; logits within 0.1 on average. (Rounding to bfloat16 moves SmolLM2's logits
+    by up to ~1; the argmax flips measured on four 300-token texts, 3-7 each, all sat within
+    0.075 of a tie, so a share of all positions alone passed or failed on one near tie.)"""
     lm16 = fcjax.load("smollm2-135m-instruct", dtype="bfloat16")
     ids = lm32.encode(TEXT)[:300]
     assert len(ids) >= 250
     with torch.no_grad():
-        ref = reference(torch.tensor([ids])).logits.numpy()
-    agree = (lm16.logits([ids]).argmax(-1) == ref.argmax(-1)).mean()
-    assert agree > 0.99, agree
+        ref = reference(torch.tensor([ids])).logits.numpy()[0]
+    ours = lm16.logits([ids])[0]
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 0.25
+    same = ours.argmax(-1) == ref.argmax(-1)
+    assert decisive.mean() > 0.5  # the first check covers most positions
+    assert same[decisive].all(), np.flatnonzero(decisive & ~same)
+    assert same.mean() >= 0.98, same.mean()
+    assert np.abs(ours - ref).mean() < 0.1
 
 
 def test_chat_template_and_token_offsets(lm32):

@@ -298,8 +298,9 @@ def layout_copies(lm: LM, layout: Layout, compiled) -> list[str]:
 
 def cpu_upcasts(lm: LM, compiled) -> int:
     """Bytes of the instructions of a step that convert a weight-sized 16-bit array to float32
-    (read 2 bytes, write 4 per element): XLA:CPU runs bf16 dots in float32, a GPU reads the
-    16-bit weights, so these bytes (and the dots' wider reads) are the CPU's, not the step's."""
+    (read 2 bytes, write 4 per element): XLA:CPU runs a bf16-out dot in float32, a GPU reads the
+    16-bit weights, so these bytes (and the dots' wider reads) are the CPU's, not the step's.
+    The decoder's own products accumulate in float32 and convert none."""
     weight_shapes = {_dims(np.shape(x)) for x in jax.tree.leaves(lm.state) if np.ndim(x) > 1}
     text = compiled.as_text()
     fused = set(re.findall(r"calls=%([\w.\-]+)", text))  # counted by their fusion instruction

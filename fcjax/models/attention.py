@@ -38,6 +38,16 @@ KEY_BLOCK = 64  # keys per tile of the Pallas kernels (a power of two: Triton)
 READS = ("auto", "live", "full")
 
 
+def dot(spec: str, a: jnp.ndarray, b: jnp.ndarray, *, precision=None, dtype=None) -> jnp.ndarray:
+    """``jnp.einsum(spec, a, b)`` accumulated in float32, returned in ``dtype`` (default:
+    the operands' promoted dtype, as ``jnp.einsum``): a product's usual rounding, in the form
+    matrix units run natively for bfloat16 (AMX, tensor cores). XLA:CPU runs a bfloat16
+    product with float32 output about six times as fast as one with bfloat16 output
+    (4096 x 576 x 1536 on AMX: 262 vs 43 GFLOP/s); for float32 it is ``jnp.einsum``."""
+    out = jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(dtype or jnp.result_type(a, b))
+
+
 def block_size(length: int) -> int:
     """Positions per block of the ``live`` decode attention over a cache of ``length``
     positions (the engine's buckets: powers of two, then multiples of 1024): small enough
@@ -100,13 +110,13 @@ def prefill_attention(
     def attend(q_chunk, q_pos):  # q_chunk [batch, chunk, kv, groups, hd]; q_pos [chunk]
         t = q_chunk.shape[1]
         qm = q_chunk.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * t, head_dim)
-        scores = jnp.einsum("bkmh,bksh->bkms", qm, k, precision=precision)
+        scores = dot("bkmh,bksh->bkms", qm, k, precision=precision)
         scores = scores.reshape(batch, kv_heads, groups, t, seq) * head_dim**-0.5
         mask = (key_pos[None, :] <= q_pos[:, None])[None] & key_ok[:, None, :]  # [b, t, s]
         scores = jnp.where(mask[:, None, None], scores, NEG_INF).astype(jnp.float32)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         weights = weights.reshape(batch, kv_heads, groups * t, seq)
-        out = jnp.einsum("bkms,bksh->bkmh", weights, v, precision=precision)
+        out = dot("bkms,bksh->bkmh", weights, v, precision=precision)
         return out.reshape(batch, kv_heads, groups, t, head_dim).transpose(0, 3, 1, 2, 4)
 
     chunk = PREFILL_QUERY_CHUNK
@@ -263,7 +273,7 @@ def extend_attention(
     causal = jnp.arange(new)[:, None] >= jnp.arange(new)[None, :]  # [new, new]
     s_own = jnp.where(causal, s_own, NEG_INF)
     weights = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], axis=-1), axis=-1).astype(v.dtype)
-    out = jnp.einsum(
-        "crkgns,cksh->crnkgh", weights[..., :ctx_len], ctx_v, precision=precision
-    ) + jnp.einsum("crkgnm,crmkh->crnkgh", weights[..., ctx_len:], v, precision=precision)
+    out = dot("crkgns,cksh->crnkgh", weights[..., :ctx_len], ctx_v, precision=precision) + dot(
+        "crkgnm,crmkh->crnkgh", weights[..., ctx_len:], v, precision=precision
+    )
     return out.reshape(n_ctx, rows, new, heads, head_dim).astype(v.dtype)

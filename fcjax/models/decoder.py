@@ -12,8 +12,9 @@ fuse the slice into the matmul. Three entry points cover all uses:
 - ``extend``: several given tokens per row at once against a prefix of the shared context
   cache (teacher forcing after each of many cuts of one prefilled trace).
 
-The residual stream is kept in float32 (matmuls run in the weight dtype), which keeps
-bfloat16 models closer to their float32 logits at negligible cost.
+The residual stream is kept in float32, which keeps bfloat16 models closer to their float32
+logits at negligible cost. Products take the weight dtype and accumulate in float32
+(``attention.dot``); those that feed the residual (attention output, MLP down) stay float32.
 
 Weight layouts name their axes: q ``[embed, heads, head_dim]``, o ``[heads, head_dim, embed]``,
 gate/up ``[embed, mlp]``, down ``[mlp, embed]``, embedding ``[vocab, embed]``.
@@ -29,10 +30,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcjax.models.attention import decode_attention, extend_attention, prefill_attention
+from fcjax.models.attention import decode_attention, dot, extend_attention, prefill_attention
 from fcjax.models.config import ModelConfig
 from fcjax.models.rope import apply_rope, rope_tables
 from fcjax.models.sharding import constrain, shard_decode
+
+
+def linear(x: jnp.ndarray, w: jnp.ndarray, precision=None, dtype=None) -> jnp.ndarray:
+    """x [..., in] times w [in, *out] -> [..., *out] in ``dtype`` (default: the operands'),
+    as one 2-D product accumulated in float32 (``dot``)."""
+    x2, w2 = x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1)
+    out = dot("mi,io->mo", x2, w2, precision=precision, dtype=dtype)
+    return out.reshape(*x.shape[:-1], *w.shape[1:])
 
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -75,9 +84,9 @@ class Attention(nnx.Module):
 
     def project(self, x, cos, sin, precision=None):
         """x [..., embed] -> rotated q [..., heads, hd], k and v [..., kv_heads, hd]."""
-        q = jnp.einsum("...d,dnh->...nh", x, self.q[...], precision=precision)
-        k = jnp.einsum("...d,dnh->...nh", x, self.k[...], precision=precision)
-        v = jnp.einsum("...d,dnh->...nh", x, self.v[...], precision=precision)
+        q = linear(x, self.q[...], precision=precision)
+        k = linear(x, self.k[...], precision=precision)
+        v = linear(x, self.v[...], precision=precision)
         if self.config.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.config.qk_norm:
@@ -93,7 +102,7 @@ class Attention(nnx.Module):
         o = self.o[...]
         attn = constrain(attn, ("heads", "head_dim"), self.config)
         flat = attn.reshape(*attn.shape[:-2], -1)
-        out = jnp.einsum("...f,fd->...d", flat, o.reshape(-1, o.shape[-1]), precision=precision)
+        out = linear(flat, o.reshape(-1, o.shape[-1]), precision, jnp.float32)
         return out + self.o_bias[...] if self.config.o_bias else out
 
 
@@ -108,10 +117,10 @@ class MLP(nnx.Module):
         self.config = config
 
     def __call__(self, x, precision=None):
-        gate = jnp.einsum("...d,df->...f", x, self.gate[...], precision=precision)
-        up = jnp.einsum("...d,df->...f", x, self.up[...], precision=precision)
+        gate = linear(x, self.gate[...], precision=precision)
+        up = linear(x, self.up[...], precision=precision)
         hidden = constrain(jax.nn.silu(gate) * up, ("mlp",), self.config)
-        return jnp.einsum("...f,fd->...d", hidden, self.down[...], precision=precision)
+        return linear(hidden, self.down[...], precision, jnp.float32)
 
 
 class Block(nnx.Module):
