@@ -7,13 +7,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# each pytest-xdist worker's share of the cores for torch's (and BLAS's) OpenMP threads, set
-# before torch is imported: OpenMP threads spin while they wait, so two workers' torch threads
-# on two cores starve the other worker's XLA (test_real_smollm2 and test_engine side by side
-# on this 2-core machine: 202 s, 169 s with this; the transformers generate test 45 s, 19 s)
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 from child_env import COMPILE_FAST
 
@@ -28,6 +21,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 from tiny_models import TINY_CONFIGS, build_tiny, build_tiny_chat
 
 import fcjax
+
+# each pytest-xdist worker's share of the cores for torch's OpenMP threads (torch only: the
+# processes tests start keep their defaults): OpenMP threads spin while they wait, so two
+# workers' torch threads on two cores starve the other worker's XLA (test_real_smollm2 and
+# test_engine side by side on this 2-core machine: 202 s, 169 s with this; the transformers
+# generate test 45 s, 19 s)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, _share))
 
 # compiled programs persist across test sessions, and the subprocesses tests start share them
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(fcjax.enable_compilation_cache()))
