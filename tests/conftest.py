@@ -25,8 +25,8 @@ import fcjax
 # each pytest-xdist worker's share of the cores for torch's OpenMP threads (torch only: the
 # processes tests start keep their defaults): OpenMP threads spin while they wait, so two
 # workers' torch threads on two cores starve the other worker's XLA (test_real_smollm2 and
-# test_engine side by side on this 2-core machine: 202 s, 169 s with this; the transformers
-# generate test 45 s, 19 s)
+# test_engine side by side on this 2-core machine: 202 s, 140 s with this; the transformers
+# generate test 45 s, 17.5 s)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     import torch
 
