@@ -28,7 +28,7 @@ from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
 import fcjax
-from fcjax.models import loading, registry
+from fcjax.models import gguf_index, loading, registry
 
 FAMILIES = ("llama-gqa-untied", "llama-tied-headdim", "qwen2-bias", "qwen3-qknorm")
 SEQ = 24
@@ -393,6 +393,67 @@ def test_gguf_without_llama_permutation_differs(tmp_path):
 
 
 # --- dequantization of real GGUF tensors ------------------------------------------------
+
+
+def _same_index(path: Path) -> None:
+    """``gguf_index.Index`` reads ``path`` as the ``gguf`` package's reader does: every
+    field's value and type, every tensor's shape, type, offset, size and bytes."""
+    ours, ref = gguf_index.Index(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == [k for k in ref.fields if not k.startswith("GGUF.")]
+    for key, field in ours.fields.items():
+        got, want = field.contents(), ref.fields[key].contents()
+        assert got == want and type(got) is type(want), key
+        if isinstance(want, list):
+            assert field.count == len(want) and {type(x) for x in got} == {type(x) for x in want}
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert (list(a.shape), a.tensor_type, a.data_offset, a.n_bytes, a.n_elements) == (
+            list(b.shape),
+            b.tensor_type,
+            b.data_offset,
+            b.n_bytes,
+            b.n_elements,
+        ), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+
+
+def test_index_reads_every_value_type_as_the_gguf_reader(tmp_path):
+    path = tmp_path / "types.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    T = gguf.GGUFValueType
+    values = {
+        "t.u8": (7, T.UINT8), "t.i8": (-7, T.INT8), "t.u16": (700, T.UINT16),
+        "t.i16": (-700, T.INT16), "t.u32": (70000, T.UINT32), "t.i32": (-70000, T.INT32),
+        "t.f32": (0.1, T.FLOAT32), "t.bool": (True, T.BOOL), "t.u64": (2**40, T.UINT64),
+        "t.i64": (-(2**40), T.INT64), "t.f64": (0.1, T.FLOAT64), "t.str": ("héllo", T.STRING),
+        "t.strs": (["", "a", "ü\n", "x" * 300], T.ARRAY), "t.ints": ([1, -2, 3], T.ARRAY),
+        "t.floats": ([0.5, -1.25], T.ARRAY),
+    }  # fmt: skip
+    for key, (value, kind) in values.items():
+        writer.add_key_value(key, value, kind)
+    writer.add_custom_alignment(256)  # the data starts at a multiple of 256
+    rng = np.random.default_rng(0)
+    writer.add_tensor("a", rng.standard_normal((3, 5)).astype(np.float32))
+    writer.add_tensor("b", rng.standard_normal((4, 64)).astype(np.float16))
+    q8 = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), QT.Q8_0)
+    writer.add_tensor("c", q8, raw_shape=q8.shape, raw_dtype=QT.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _same_index(path)
+    assert gguf_index.Index(path).fields["t.strs"].contents() == ["", "a", "ü\n", "x" * 300]
+    # a header cut short is an error naming what ended, not a partial index
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(gguf_index.HeaderError, match="ends inside its header"):
+        gguf_index.Index(cut)
+
+
+@pytest.mark.real
+def test_index_reads_smollm2_as_the_gguf_reader():
+    _same_index(registry.fetch("smollm2-135m-instruct"))
 
 
 def _sample_tensors(reader, types, per_type: int = 3, max_elements: int | None = None):

@@ -8,8 +8,8 @@ a ``ConfigError`` naming it. A key the file omits takes llama.cpp's default for 
 architectures (``llama_model::load_hparams``), or is an error where llama.cpp requires it;
 the defaults taken are logged once.
 
-Tensor data is read with plain file reads (``GGUFReader`` maps the file, and every page of a
-mapping a loader touches stays in the process's resident set until the mapping goes away)
+Tensor data is read with plain file reads (every page of a mapping a loader touches stays in
+the process's resident set until the mapping goes away)
 and dequantized in bounded row chunks, so loading holds at most one tensor beyond the
 model.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fcjax.models import gguf_index
 from fcjax.models.config import ConfigError, ModelConfig, RopeConfig
 
 log = logging.getLogger("fcjax")
@@ -206,7 +207,7 @@ def metadata(reader, source: str) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if _TOKENIZER_ARRAYS.match(key):
-            meta[key] = range(len(field.data))
+            meta[key] = range(field.count)
             continue
         try:
             meta[key] = field.contents()
@@ -408,15 +409,13 @@ def _rope(get, prefix: str, context: int, head_dim: int, rope_freqs) -> RopeConf
     )
 
 
-def reader(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` of ``path`` (metadata and tensor index; data read on demand)."""
-    import gguf
-
+def reader(path: str | os.PathLike) -> gguf_index.Index:
+    """The metadata and tensor index of ``path`` (``gguf_index``; data read on demand)."""
     path = Path(path)
     if not path.exists():
         raise GGUFError(f"{path}: file not found")
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf_index.Index(path)
     except Exception as e:
         raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 
