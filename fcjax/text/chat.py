@@ -37,9 +37,12 @@ _GGUF_SPECIAL = {
 def gguf_tokenizer(path: str | Path, fields=None):
     """The tokenizer a GGUF's metadata describes, built with transformers' own GGUF converter
     as ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds it (same class, vocabulary,
-    merges, special tokens and chat template), but read with ``fcjax.models.gguf_index``:
-    transformers' GGUF reader imports torch, which fcjax does not need to run. ``fields``:
-    the file's ``gguf_index.Index(path).fields`` when the caller has already read them."""
+    merges, special tokens and chat template), but read without transformers' GGUF reader,
+    which imports torch (fcjax does not need it to run). ``fields``: the file's metadata
+    fields (``fcjax.models.gguf_index.Index(path).fields``) when the caller has read them,
+    else the ``gguf`` package reads them."""
+    import gguf
+
     try:  # transformers 5's converter (4.x: its own reader, with torch)
         from transformers import TokenizersBackend
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
@@ -56,9 +59,7 @@ def gguf_tokenizer(path: str | Path, fields=None):
         return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
 
     if fields is None:
-        from fcjax.models.gguf_index import Index
-
-        fields = Index(path).fields
+        fields = gguf.GGUFReader(str(path)).fields
 
     def value(key):
         return fields[key].contents() if key in fields else None
