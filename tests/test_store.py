@@ -79,6 +79,45 @@ def test_update_columns_keeps_other_columns(tmp_path):
 # -- hidden store ------------------------------------------------------------------------
 
 
+def test_reading_tables_starts_no_arrow_thread_pool(tmp_path):
+    """Reads, updates and the trace reader run on the calling thread: an Arrow pool worker
+    alive at interpreter exit can abort a finished process (``tables.read_arrow``). In a
+    fresh process, since a pool, once started, lives to the end."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from fcjax.data import DataError
+        from fcjax.data.traces import read_traces
+        from fcjax.store.tables import (
+            drop_columns, read_table, update_columns, write_table_atomic,
+        )
+
+        def threads():
+            return [t for t in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{t}/comm").read().strip() != "jemalloc_bg_thd"]
+
+        path = os.path.join(sys.argv[1], "t.parquet")
+        write_table_atomic(path, {"example_id": ["a", "b"], "x": [1.0, 2.0]})
+        before = threads()
+        read_table(path)
+        read_table(path, ["x"])
+        update_columns(path, {"y": [3.0, 4.0]})
+        drop_columns(path, ["y"])
+        try:  # read as a trace file: not one (no "id" field), but read first
+            read_traces(path)
+        except DataError as e:
+            assert "missing field" in str(e), e
+        print(len(read_table(path)["x"]), len(before), len(threads()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, before, after = map(int, done.stdout.split())
+    assert rows == 2 and after == before
+
+
 def test_float32_round_trip_exact_across_chunks(tmp_path):
     rng = np.random.default_rng(0)
     store = HiddenStore(tmp_path / "h", [2, 5, 9], 12, "float32", chunk_rows=8)

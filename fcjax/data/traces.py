@@ -176,10 +176,10 @@ def _check_gold(gold: str, kind: str, choices: tuple[str, ...] | None, where: st
 def _rows(path: Path) -> list[tuple[str, Any]]:
     """(where, row) per record of a JSONL file or a parquet table."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from fcjax.store.tables import read_arrow
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            rows = read_arrow(path).to_pylist()
         except Exception as e:  # a truncated or foreign file: one clear message
             raise DataError(f"{path}: not a readable parquet table ({e})") from None
         return [(f"{path.name} row {i}", r) for i, r in enumerate(rows, start=1)]

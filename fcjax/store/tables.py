@@ -57,6 +57,16 @@ def write_table_atomic(path: PathLike | Location, columns: Mapping[str, Column])
     _write_arrow_atomic(path, pa.table(arrays) if arrays else pa.table({}))
 
 
+def read_arrow(file, columns: Sequence[str] | None = None) -> pa.Table:
+    """A parquet file's table, read on the calling thread. Arrow starts its thread pools on
+    first use (``pq.read_table`` does, even with ``use_threads=False``: its dataset layer) and
+    tears them down at interpreter exit, where a worker still alive aborts a process whose
+    work is done ("terminate called without an active exception", rc -6: apache/arrow#34314;
+    seen twice in CI, in ``experiments.export``). Run tables are small: a pool buys nothing."""
+    names = list(columns) if columns is not None else None
+    return pq.ParquetFile(file, pre_buffer=False).read(columns=names, use_threads=False)
+
+
 def _write_arrow_atomic(path: Location, table: pa.Table) -> None:
     path.write_with(lambda fh: pq.write_table(table, fh))
 
@@ -73,7 +83,7 @@ def update_columns(path: PathLike | Location, columns: Mapping[str, Column]) -> 
     if not path.exists():
         raise TableError(f"table not found: {path}")
     with path.open() as f:
-        table = pq.read_table(f)
+        table = read_arrow(f)
     for name, values in columns.items():
         if len(values) != table.num_rows:
             raise TableError(
@@ -93,7 +103,7 @@ def drop_columns(path: PathLike | Location, names: Sequence[str]) -> list[str]:
     if not path.exists():
         raise TableError(f"table not found: {path}")
     with path.open() as f:
-        table = pq.read_table(f)
+        table = read_arrow(f)
     gone = [n for n in table.column_names if n in set(names)]
     if gone:
         _write_arrow_atomic(path, table.drop_columns(gone))
@@ -151,7 +161,7 @@ def read_table(
             if missing:
                 raise TableError(f"{path}: missing column(s) {missing}; has {schema_names}")
         f.seek(0)
-        table = pq.read_table(f, columns=list(columns) if columns is not None else None)
+        table = read_arrow(f, columns)
     return {name: _from_arrow(table.column(name)) for name in table.column_names}
 
 
