@@ -76,9 +76,6 @@ def test_update_columns_keeps_other_columns(tmp_path):
         update_columns(path, {"bad": [1, 2, 3]})
 
 
-# -- hidden store ------------------------------------------------------------------------
-
-
 def test_reading_tables_starts_no_arrow_thread_pool(tmp_path):
     """Reads, updates and the trace reader run on the calling thread: an Arrow pool worker
     alive at interpreter exit can abort a finished process (``tables.read_arrow``). In a
@@ -116,6 +113,9 @@ def test_reading_tables_starts_no_arrow_thread_pool(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows, before, after = map(int, done.stdout.split())
     assert rows == 2 and after == before
+
+
+# -- hidden store ------------------------------------------------------------------------
 
 
 def test_float32_round_trip_exact_across_chunks(tmp_path):
