@@ -105,20 +105,11 @@ def _tensor_shape(tensor) -> tuple[int, ...]:
 def read_raw(tensor, file) -> np.ndarray:
     """A tensor's stored bytes as a fresh array of its storage layout (F32/F16/BF16 values
     or uint8 blocks ``[rows, bytes per row]``), read from the open ``file`` (not mapped)."""
-    from gguf import GGMLQuantizationType as QT
-    from gguf import quant_shape_to_byte_shape
-
-    qtype = QT(tensor.tensor_type)
-    shape = _tensor_shape(tensor)
     file.seek(int(tensor.data_offset))
     raw = np.fromfile(file, dtype=np.uint8, count=int(tensor.n_bytes))
     if raw.size != int(tensor.n_bytes):
         raise GGUFError(f"tensor {tensor.name!r}: file ends inside its data (truncated?)")
-    if qtype == QT.F32:
-        return raw.view(np.float32).reshape(shape)
-    if qtype == QT.F16:
-        return raw.view(np.float16).reshape(shape)
-    return raw.reshape(quant_shape_to_byte_shape(shape, qtype))
+    return gguf_index.storage_layout(raw, tensor)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # rows dequantized at once: bounds the decoder's temporaries

@@ -81,16 +81,23 @@ class Tensor:
     @cached_property
     def data(self) -> np.ndarray:
         """The stored values (F32/F16) or uint8 blocks [rows, bytes per row], memory-mapped."""
-        from gguf import GGMLQuantizationType as QT
-        from gguf import quant_shape_to_byte_shape
-
         raw = np.memmap(self.path, np.uint8, "r", self.data_offset, (self.n_bytes,))
-        shape = tuple(reversed(self.shape))
-        if self.tensor_type == QT.F32:
-            return raw.view(np.float32).reshape(shape)
-        if self.tensor_type == QT.F16:
-            return raw.view(np.float16).reshape(shape)
-        return raw.reshape(quant_shape_to_byte_shape(shape, self.tensor_type))
+        return storage_layout(raw, self)
+
+
+def storage_layout(raw: np.ndarray, tensor) -> np.ndarray:
+    """A tensor's stored bytes ``raw`` (uint8) viewed in its storage layout: F32/F16 values in
+    torch order, else uint8 blocks [rows, bytes per row]."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf import quant_shape_to_byte_shape
+
+    qtype = QT(tensor.tensor_type)
+    shape = tuple(int(x) for x in reversed(tensor.shape))
+    if qtype == QT.F32:
+        return raw.view(np.float32).reshape(shape)
+    if qtype == QT.F16:
+        return raw.view(np.float16).reshape(shape)
+    return raw.reshape(quant_shape_to_byte_shape(shape, qtype))
 
 
 class Index:
@@ -101,32 +108,31 @@ class Index:
 
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
-            self._f, self._buf, self._at, self._base = f, b"", 0, 0
-            if self._take(4) != MAGIC:
+            head = _Cursor(f)
+            if head.take(4) != MAGIC:
                 raise HeaderError("not a GGUF file (bad magic)")
-            (version,) = self._unpack("I")
+            (version,) = head.unpack("I")
             if version not in VERSIONS:
                 raise HeaderError(f"GGUF version {version} (readable: {VERSIONS})")
-            n_tensors, n_fields = self._unpack("QQ")
+            n_tensors, n_fields = head.unpack("QQ")
             self.fields: dict[str, Field] = {}
             for _ in range(n_fields):
-                name = self._string()
+                name = head.string()
                 if name in self.fields:
                     raise HeaderError(f"metadata key {name!r} appears twice")
-                self.fields[name] = self._field(name)
+                self.fields[name] = head.field(name)
             infos = []
             for _ in range(n_tensors):
-                name = self._string()
-                (n_dims,) = self._unpack("I")
-                dims = self._unpack(f"{n_dims}Q")
-                qtype, offset = self._unpack("IQ")
+                name = head.string()
+                (n_dims,) = head.unpack("I")
+                dims = head.unpack(f"{n_dims}Q")
+                qtype, offset = head.unpack("IQ")
                 infos.append((name, dims, GGMLQuantizationType(qtype), offset))
-            end = self._base + self._at
         align = self.fields.get("general.alignment")
         alignment = align.contents() if align is not None else DEFAULT_ALIGNMENT
         if alignment <= 0 or alignment & (alignment - 1):
             raise HeaderError(f"general.alignment {alignment} is not a power of two")
-        start = -(-end // alignment) * alignment
+        start = -(-head.offset // alignment) * alignment
         size = os.path.getsize(self.path)
         self.tensors: list[Tensor] = []
         for name, dims, qtype, offset in infos:
@@ -135,47 +141,55 @@ class Index:
             if start + offset + n_bytes > size:
                 raise HeaderError(f"tensor {name!r}: file ends inside its data (truncated?)")
             self.tensors.append(Tensor(self.path, name, dims, qtype, start + offset, n_bytes))
-        del self._f, self._buf
 
-    # --- reading the header sequentially, in 1 MiB reads -----------------------------------
-    def _take(self, n: int) -> bytes:
-        while len(self._buf) - self._at < n:
-            more = self._f.read(max(n, 1 << 20))
+
+class _Cursor:
+    """Reads a header sequentially from an open file, in 1 MiB reads."""
+
+    def __init__(self, file):
+        self.file, self.buf, self.at, self.base = file, b"", 0, 0
+
+    @property
+    def offset(self) -> int:
+        """Bytes consumed from the start of the file."""
+        return self.base + self.at
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) - self.at < n:
+            more = self.file.read(max(n, 1 << 20))
             if not more:
                 raise HeaderError("file ends inside its header (truncated?)")
-            self._base += self._at
-            self._buf, self._at = self._buf[self._at :] + more, 0
-        out = self._buf[self._at : self._at + n]
-        self._at += n
+            self.base += self.at
+            self.buf, self.at = self.buf[self.at :] + more, 0
+        out = self.buf[self.at : self.at + n]
+        self.at += n
         return out
 
-    def _unpack(self, fmt: str) -> tuple:
-        return struct.unpack("<" + fmt, self._take(struct.calcsize("<" + fmt)))
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
 
-    def _string(self) -> str:
-        (n,) = self._unpack("Q")
-        return self._take(n).decode("utf-8")
+    def string(self) -> str:
+        (n,) = self.unpack("Q")
+        return self.take(n).decode("utf-8")
 
-    def _field(self, name: str) -> Field:
-        (kind,) = self._unpack("I")
+    def field(self, name: str) -> Field:
+        (kind,) = self.unpack("I")
         if kind in SCALARS:
-            return Field(name, kind, None, 1, self._take(struct.calcsize(SCALARS[kind])))
+            return Field(name, kind, None, 1, self.take(struct.calcsize(SCALARS[kind])))
         if kind == STRING:
-            (n,) = self._unpack("Q")
-            return Field(name, kind, None, 1, struct.pack("<Q", n) + self._take(n))
+            (n,) = self.unpack("Q")
+            return Field(name, kind, None, 1, struct.pack("<Q", n) + self.take(n))
         if kind != ARRAY:
             raise HeaderError(f"metadata key {name!r} has unknown value type {kind}")
-        item, count = self._unpack("IQ")
+        item, count = self.unpack("IQ")
         if item in SCALARS:
-            return Field(
-                name, kind, item, count, self._take(count * struct.calcsize(SCALARS[item]))
-            )
+            return Field(name, kind, item, count, self.take(count * struct.calcsize(SCALARS[item])))
         if item != STRING:
             raise HeaderError(f"metadata key {name!r}: arrays of type {item} are not supported")
         parts = []
         for _ in range(count):  # step over the strings, keeping their bytes
-            head = self._take(8)
-            parts += (head, self._take(struct.unpack("<Q", head)[0]))
+            head = self.take(8)
+            parts += (head, self.take(struct.unpack("<Q", head)[0]))
         return Field(name, kind, item, count, b"".join(parts))
 
 
