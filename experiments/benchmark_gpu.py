@@ -13,6 +13,9 @@ Cases (preset ``full``: random weights of the qwen2-1.5b shape in bfloat16):
 - ``generate``: XLA and Pallas decode attention at batch 32 (prompt 512, greedy), then
 - ``branch``: the study's shape: one 2000-token trace, 32 cuts x 16 samples = 512 rows, T=0.8,
   top-p 0.95, then
+- ``branch_kernels``: the device time of one such call per kernel (``profile.device_kernels``),
+- ``sampler``: the sampler alone on logits of the branch case's rows x vocabulary (top-p 0.95,
+  top-p 1, greedy: what the top-p cut costs per step), then
 - ``peer``: transformers ``generate`` on the same weights at batch 32, once, then
 - ``generate`` at batch 128.
 
@@ -43,6 +46,8 @@ import fcjax
 from experiments.bench_peer import peer_batches, peer_generate_fn, torch_peak_gb, torch_peer
 from experiments.bench_table import jax_peak_gb, peak_bandwidth, step_bytes
 from experiments.bench_workloads import branch_cuts, load_model, random_tokens
+from fcjax.engine import profile
+from fcjax.engine.sampling import sample_step
 from fcjax.models import attention, loading
 from fcjax.models.lm import LM
 
@@ -317,7 +322,8 @@ class Suite:
         row["note"] = f"transformers on {model.device}, dynamic cache, greedy"
         return row
 
-    def branch(self) -> dict:
+    def branch_call(self) -> tuple[Callable[[int], None], int, list[int]]:
+        """The branch case's call (new tokens -> None), its rows and its cuts."""
         lm = self.model()
         trace = random_tokens(np.random.default_rng(7), lm.config.vocab_size, (self.p.trace_len,))
         trace = trace.tolist()
@@ -330,6 +336,39 @@ class Suite:
             if sum(len(g.token_ids) for per_cut in out for g in per_cut) != rows * new:
                 raise RuntimeError(f"expected {new} tokens per row")
 
+        return call, rows, cuts
+
+    def branch_kernels(self) -> dict:
+        """One branch call (compiled by ``branch``) under the profiler: its top kernels."""
+        call, rows, _ = self.branch_call()
+        total, kernels = profile.device_kernels(lambda: call(self.p.branch_short), top=15)
+        top = [[k.program, k.name[:60], round(k.ms, 2), k.launches] for k in kernels]
+        note = {"device_ms": round(total, 1), "steps": self.p.branch_short, "top": top}
+        return {"rows": rows, "note": json.dumps(note)}
+
+    def sampler(self) -> list[dict]:
+        """The sampler alone on random logits [rows, vocab] of the branch case: ms per step
+        at top-p 0.95, top-p 1 and greedy (T=0.8)."""
+        rows = self.p.cuts * self.p.k
+        vocab = self.model().config.vocab_size
+        logits = jax.random.normal(jax.random.PRNGKey(0), (rows, vocab), jnp.float32) * 3.0
+        keys = jax.random.split(jax.random.PRNGKey(1), rows)
+        step = jax.jit(sample_step)
+        out = []
+        for temperature, top_p in ((0.8, 0.95), (0.8, 1.0), (0.0, 1.0)):
+            sampler = fcjax.SamplingParams(temperature=temperature, top_p=top_p).sampler
+            jax.block_until_ready(step(logits, keys, sampler))
+            t0 = time.perf_counter()
+            for _ in range(20):
+                got = step(logits, keys, sampler)
+            jax.block_until_ready(got)
+            ms = (time.perf_counter() - t0) / 20 * 1e3
+            note = f"T={temperature} top-p {top_p}, vocabulary {vocab}"
+            out.append({"rows": rows, "ms_per_step": ms, "note": note})
+        return out
+
+    def branch(self) -> dict:
+        call, rows, cuts = self.branch_call()
         t = timed(call, self.p.branch_new, self.p.branch_short)
         kv = max(cuts) + rows * (self.p.branch_new - 1) / 2  # the trace's KV is read once
         row = self.figures(t, rows, self.p.branch_new, kv)
@@ -353,6 +392,8 @@ def run(out_dir: str, preset_name: str = "full") -> None:
     for path in preset.paths:
         suite.run("generate", lambda p=path: suite.generate(p, first), system=_system(path))
     suite.run("branch", suite.branch, system="fcjax.branch")
+    suite.run("branch_kernels", suite.branch_kernels, system="fcjax.branch")
+    suite.run("sampler", suite.sampler, system="fcjax")
     suite.run("peer", suite.peer, system="transformers")
     for batch in preset.batches[1:]:
         for path in preset.paths:

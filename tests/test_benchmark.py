@@ -186,9 +186,23 @@ def test_gpu_suite_tiny_preset_writes_each_case_as_it_finishes(tmp_path):
     branch = by[("branch", "fcjax.branch", None)]
     assert branch["error"] is None and branch["rows"] == tiny.cuts * tiny.k
     assert branch["new_tokens"] == branch["rows"] * tiny.branch_new
+    kernels = by[("branch_kernels", "fcjax.branch", None)]
+    assert kernels["error"] is None
+    top = json.loads(kernels["note"])["top"]  # on CPU: XLA's ops, all in jitted programs
+    assert top and all(program.startswith("jit_") and ms >= 0 for program, _, ms, _ in top)
+    assert any(program == "jit_decode_chunk" for program, *_ in top)
+    sampler = [r for r in rows if r["case"] == "sampler"]
+    assert [r["note"].split(",")[0] for r in sampler] == [
+        "T=0.8 top-p 0.95",
+        "T=0.8 top-p 1.0",
+        "T=0.0 top-p 1.0",
+    ]
+    assert all(r["error"] is None and r["ms_per_step"] > 0 for r in sampler)
     peer = by[("peer", "transformers", tiny.peer_batch)]
     assert peer["error"] is None and peer["tokens_per_s"] > 0
-    # written one by one: each row before the next case started (not all at the end)
+    # written case by case: each case's rows before the next case started (not all at the
+    # end); the rows of one case (the sampler's three) are written together
     for before, row in itertools.pairwise(rows):
-        assert row["finished_at"] - before["finished_at"] >= 0.99 * (row["wall_s"] or 0)
+        if row["case"] != before["case"]:
+            assert row["finished_at"] - before["finished_at"] >= 0.99 * (row["wall_s"] or 0)
     assert sum(r["wall_s"] or 0 for r in rows) > 0.5

@@ -3,6 +3,7 @@ engine counters; the speed itself lives in ``python -m experiments.benchmark``."
 
 import dataclasses
 import importlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,33 @@ def test_continuous_batching_beats_fixed_batches_on_long_tails(tiny, monkeypatch
     assert s.row_utilisation > work.static_utilisation + 0.3
     assert 0 <= s.ctx_padding < 0.6
     assert 0 <= s.ctx_padding_ragged < s.ctx_padding  # each context read to its own longest
+
+
+def test_device_kernels_sums_each_programs_ops_from_a_profiler_trace():
+    """``device_kernels`` reads back a ``jax.profiler`` trace: the ops of the two programs
+    called are found under their own names, a program called three times has at least three
+    launches, and the listed ops sum to no more than the total, itself under the wall time."""
+
+    def twice(x):
+        return jnp.tanh(x @ x)
+
+    def plus(x):
+        return jnp.sum(x * 3.0)
+
+    f, g = jax.jit(twice), jax.jit(plus)
+    x = jnp.ones((256, 256), jnp.float32)
+    jax.block_until_ready((f(x), g(x)))
+
+    def calls():
+        for _ in range(3):
+            jax.block_until_ready(f(x))
+        jax.block_until_ready(g(x))
+
+    t0 = time.perf_counter()
+    total, kernels = profile.device_kernels(calls, top=50)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    programs = {k.program for k in kernels}
+    assert {"jit_twice", "jit_plus"} <= programs
+    assert sum(k.launches for k in kernels if k.program == "jit_twice") >= 3
+    assert all(k.ms >= 0 for k in kernels)
+    assert 0 < sum(k.ms for k in kernels) <= total + 1e-9 and total <= wall_ms

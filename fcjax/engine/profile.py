@@ -11,15 +11,20 @@
   (``lower_step(..., platforms=("cuda",))``, no GPU needed): on a GPU each iteration of a
   loop sends its predicate to the host, and XLA's GPU TopK sorts the whole row for k > 16.
 - ``CompileCounter``: XLA programs compiled during a call.
+- ``device_kernels``: where a call's device time goes, summed per program and kernel from a
+  ``jax.profiler`` trace (on an accelerator, its kernels; on a CPU, XLA's host-side ops).
 - ``long_tailed``: row-step utilisation and context padding of continuous batching on a
   geometric length mix, against the same generations in fixed batches.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import glob
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -375,3 +380,36 @@ def long_tailed(lm: LM, prompts: int, slots: int, mean: int, limit: int, seed: i
     by_length = sorted(range(prompts), key=lambda i: len(ids[i]))
     lengths = [len(gens[i].token_ids) + (gens[i].finish_reason == "eos") for i in by_length]
     return Workload(stats, lengths, slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    program: str  # the XLA module, e.g. jit_decode_chunk
+    name: str  # the kernel (accelerator) or HLO op (CPU)
+    ms: float  # summed over its launches
+    launches: int
+
+
+def device_kernels(fn, top: int = 30) -> tuple[float, list[Kernel]]:
+    """Runs ``fn()`` under ``jax.profiler.trace``: the device milliseconds of every XLA
+    program's ops in total, and the ``top`` kernels by time. On a GPU that is each stream's
+    kernels; where there is no device plane (CPU), the ops XLA records on host threads."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            fn()
+        [path] = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)
+        data = ProfileData.from_file(path)
+    planes = [p for p in data.planes if p.name.startswith("/device:")] or list(data.planes)
+    ms, launches = collections.Counter(), collections.Counter()
+    for plane in planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" in stats:
+                    key = (str(stats.get("hlo_module", "")), event.name)
+                    ms[key] += event.duration_ns / 1e6
+                    launches[key] += 1
+    kernels = [Kernel(p, n, t, launches[(p, n)]) for (p, n), t in ms.most_common(top)]
+    return sum(ms.values()), kernels

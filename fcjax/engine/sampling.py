@@ -231,7 +231,12 @@ def _radix_search(measure, target, lo, hi, plan: Plan) -> jnp.ndarray:
         gap = hi - lo
         step = gap // radix + 1
         cand = lo + jnp.minimum(j * step, gap)  # [rows, radix - 1], non-decreasing
-        ok = measure(_from_sortable_bits(cand)) >= target  # true on a prefix
+        thresholds = _from_sortable_bits(cand)
+        # one reduction over the vocabulary per threshold: XLA fuses these siblings into one
+        # kernel and one read of the logits, where a [rows, vocab, radix - 1] reduction over
+        # its middle axis ran 1.65 ms a pass on an H200 at 512 x 151,936 (a column reduction)
+        measured = [measure(thresholds[:, i : i + 1]) for i in range(radix - 1)]
+        ok = jnp.concatenate(measured, axis=-1) >= target  # true on a prefix
         n = jnp.sum(ok, axis=-1, keepdims=True)
         below = jnp.take_along_axis(cand, jnp.maximum(n - 1, 0), axis=-1)
         above = jnp.take_along_axis(cand, jnp.minimum(n, radix - 2), axis=-1)
