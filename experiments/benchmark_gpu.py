@@ -343,7 +343,7 @@ class Suite:
         call, rows, _ = self.branch_call()
         total, kernels = profile.device_kernels(lambda: call(self.p.branch_short), top=15)
         top = [[k.program, k.name[:60], round(k.ms, 2), k.launches] for k in kernels]
-        note = {"device_ms": round(total, 1), "steps": self.p.branch_short, "top": top}
+        note = {"device_ms": round(total, 1), "new_per_row": self.p.branch_short, "top": top}
         return {"rows": rows, "note": json.dumps(note)}
 
     def sampler(self) -> list[dict]:

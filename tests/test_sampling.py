@@ -203,3 +203,36 @@ def test_lowered_for_cuda_the_sampler_has_no_large_top_k_sort_or_loop(sampler):
     # the fallback: a loop over chunks of the rows, each served when it needs the vocabulary
     assert "stablehlo.while" in cpu and "stablehlo.while" not in lowered(greedy, "cpu")
     assert branches(cpu) > branches(lowered(greedy, "cpu"))
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [Sampler(1.0, 0.9, 0, 5), Sampler(0.7, 0.9, 0, 5), Sampler(1.3, 0.95, 20, 5)],
+    ids=["top_p", "top_p_cold", "top_k_p"],
+)
+def test_every_radix_of_the_full_vocabulary_search_finds_the_sorts_kept_set(sampler):
+    """The GPU plan's search (radix 4: 16 unrolled passes of 3 thresholds) and the others
+    (bisection; radix 16, the GPU's until measured slower) pin the same threshold bit for
+    bit, and it keeps exactly the set a float64 descending sort keeps, on flat rows (the
+    full-vocabulary path) and peaked ones."""
+    import dataclasses
+
+    from fcjax.engine.sampling import PLANS, kept_cut
+
+    rows = [_logits(i, flat=i % 2 == 0) for i in range(6)]
+    logits = jnp.asarray(np.stack(rows))
+    assert PLANS["gpu"].radix == 4 and PLANS["gpu"].branchless
+    cuts, kept = {}, {}
+    for radix in (2, 4, 16):
+        plan = dataclasses.replace(PLANS["gpu"], radix=radix)
+        top = jax.lax.top_k(logits, plan.shortlist)[0]
+
+        def cut_and_kept(x, top, plan=plan):  # scaled as the sampler scales (XLA's division)
+            cut = kept_cut(x, sampler, top, plan)[0]
+            return cut, x / sampler.temperature >= cut
+
+        cuts[radix], kept[radix] = map(np.asarray, jax.jit(cut_and_kept)(logits, top))
+    np.testing.assert_array_equal(cuts[4], cuts[2])
+    np.testing.assert_array_equal(cuts[16], cuts[2])
+    for row, row_kept in zip(rows, kept[4], strict=True):
+        np.testing.assert_array_equal(row_kept, _expected(row, sampler) > 0)
