@@ -297,16 +297,23 @@ def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, sc
         [(5, [2, 2])],
         [(c, rng.integers(1, 120, 1 + c % 5).tolist()) for c in (3, 9, 17, 30, 38, 40)],
     ]
+    # a cue scored from its 3rd token, and one whose first scored token is past its end
+    branches[0] += [(20, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], 2), (4, [9, 9], 2)]
     got = score_after_cuts(tiny_lm, sequences, branches)
     pairs = [
-        (seq[:cut], cont) for seq, b in zip(sequences, branches, strict=True) for cut, cont in b
+        (seq[:cut], cont, first)
+        for seq, b in zip(sequences, branches, strict=True)
+        for cut, cont, *rest in b
+        for first in [rest[0] if rest else 0]
     ]
-    logp = _log_softmax(_padded_logits(tiny_lm, [p + c for p, c in pairs]))
+    logp = _log_softmax(_padded_logits(tiny_lm, [p + c for p, c, _ in pairs]))
     flat = [lp for per_seq in got for lp in per_seq]
-    assert [len(x) for x in flat] == [len(c) for _, c in pairs]
-    for row, ((pre, cont), lp) in enumerate(zip(pairs, flat, strict=True)):
-        want = [logp[row, len(pre) + j - 1, tok] for j, tok in enumerate(cont)]
+    assert [len(x) for x in flat] == [len(c) - first for _, c, first in pairs]
+    for row, ((pre, cont, first), lp) in enumerate(zip(pairs, flat, strict=True)):
+        want = [logp[row, len(pre) + j - 1, cont[j]] for j in range(first, len(cont))]
         np.testing.assert_allclose(lp, want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"branch 0: first scored token 3 outside 0\.\.2"):
+        score_after_cuts(tiny_lm, [[1, 2, 3]], [[(2, [1, 1], 3)]])
     with pytest.raises(ValueError, match=r"sequence 0 branch 1: cut 6 outside 1\.\.5"):
         score_after_cuts(tiny_lm, [[1, 2, 3, 4, 5]], [[(5, [1]), (6, [1])]])
     with pytest.raises(ValueError, match="cut 0 outside"):
@@ -316,9 +323,10 @@ def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, sc
 
 
 def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
-    """Continuations of 2 to 13 tokens (an answer cue and an answer) are padded to one
-    width: one program traced, not one per width bucket of 8 (sequences of 190-200 tokens,
-    a length bucket no other test here scores)."""
+    """Continuations of 2 to 8 tokens (the plain answer cue and a short answer) are padded
+    to one width, and continuations of 9 to 16 (the think cue) to another: one program
+    each, not one per length (sequences of 190-200 tokens, a length bucket no other test
+    here scores)."""
     traced = []
 
     def listen(event, duration, **kwargs):
@@ -330,15 +338,19 @@ def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
     rng = np.random.default_rng(1)
     sequences = [rng.integers(1, 120, n).tolist() for n in (200, 190)]
     branches = [
-        [(c, rng.integers(1, 120, n).tolist()) for c, n in ((100, 6), (150, 13))],
-        [(50, [3, 4])],
+        [(c, rng.integers(1, 120, n).tolist(), n - 1) for c, n in ((100, 6), (150, 8))],
+        [(50, [3, 4], 1)],
     ]
+    think = [[(c, rng.integers(1, 120, n).tolist(), n - 1) for c, n in ((90, 9), (120, 14))]]
     try:
         got = score_after_cuts(tiny_lm, sequences, branches)
+        assert len(traced) == 1
+        got_think = score_after_cuts(tiny_lm, sequences[:1], think)
+        assert len(traced) == 2
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert len(traced) == 1 and scoring.CONT_WIDTH >= 13
-    assert [[len(x) for x in per_seq] for per_seq in got] == [[6, 13], [2]]
+    assert scoring.CONT_WIDTH == 8
+    assert [[len(x) for x in per_seq] for per_seq in [*got, *got_think]] == [[1, 1], [1], [1, 1]]
 
 
 # ----------------------------------------------------------------------------- tiny-model plumbing

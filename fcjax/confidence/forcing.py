@@ -62,24 +62,22 @@ class AnswerForcing(Estimator):
 
     def score(self, traces: Sequence[Trace], ctx: EstimatorContext) -> list[Columns]:
         results = [nan_columns(t.n_steps, "conf_forcing", "forcing_logprob") for t in traces]
-        sequences, branches, cues, where = [], [], [], []
+        sequences, branches, where = [], [], []
         for n, trace in enumerate(traces):
             if trace.answer is None or not trace.answer.strip() or trace.n_steps == 0:
                 continue
             cue_ids, ans_ids = cue_and_answer_ids(ctx.lm, answer_cue(ctx.lm, trace), trace.answer)
             if not ans_ids:
                 continue
-            # the trace once; after each step, the cue and the answer read its prefix
+            # the trace once; after each step, the cue and the answer read its prefix, and
+            # only the answer is scored
             sequences.append([*trace.prompt_ids, *trace.output_ids])
-            branches.append(
-                [(trace.prompt_len + step.token_end, cue_ids + ans_ids) for step in trace.steps]
-            )
-            cues.append(len(cue_ids))
+            cont, first = cue_ids + ans_ids, len(cue_ids)
+            branches.append([(trace.prompt_len + s.token_end, cont, first) for s in trace.steps])
             where.append(n)
         logps = score_after_cuts(ctx.lm, sequences, branches)
-        for n, cue, per_step in zip(where, cues, logps, strict=True):
-            for i, lp in enumerate(per_step):
-                answer = lp[cue:]  # log p of the answer tokens after the cue
+        for n, per_step in zip(where, logps, strict=True):
+            for i, answer in enumerate(per_step):  # log p of the answer tokens after the cue
                 total = float(np.sum(answer, dtype=np.float64))
                 results[n]["forcing_logprob"][i] = total
                 results[n]["conf_forcing"][i] = float(np.exp(total / len(answer)))

@@ -8,9 +8,10 @@ vocabulary projected a block of positions at a time.
 ``score_after_cuts`` scores continuations after cuts of a shared sequence (a cue and an
 answer after every step of a trace): one prefill of the sequence, then every continuation in
 one ``Decoder.extend`` pass against the sequence's cache up to its cut, so n cuts cost one
-prefill, not n. Logits are formed for 8 continuation positions at a time and only
-[rows, cont] floats reach the host. Shapes are bucketed (sequences, sequence length, rows,
-continuation length) so a run compiles a bounded number of programs.
+prefill, not n. Logits are formed only for the positions scored (an answer after its cue),
+8 at a time, and only [rows, scored] floats reach the host. Shapes are bucketed (sequences,
+sequence length, rows, continuation length, positions scored) so a run compiles a bounded
+number of programs.
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def _rows_bucket(n: int, batch_size: int) -> int:
 
 CUT_ROWS = 256  # continuations scored together from one sequence (more: the sequence again)
 SCORES = 1 << 24  # rows x continuation x context positions a call attends over, per head
-# continuations are padded to at least this many tokens, so answer forcing's cue + answer
-# (SmolLM2's tokenizer: 6 tokens for the plain cue and "yes", 14 for the think cue and
-# "1234") share one width and one program, for a few padded extend tokens
-CONT_WIDTH = 16
+# continuations are padded to at least this many tokens (then to a power of two): answer
+# forcing's plain cue + a short answer (SmolLM2's tokenizer: 6 tokens with "yes") in 8, the
+# think cue + answer (14 with "1234") in 16. Padding costs every padded position a whole
+# extend: 16 for all, as before, scored 92-row calls of 8 SmolLM2 traces in 6.5 s on this
+# CPU, 8 for the plain cue in 4.5 s
+CONT_WIDTH = 8
 
 
 def score_after_cuts(
@@ -154,8 +157,10 @@ def score_after_cuts(
     *,
     mesh=None,
 ) -> list[list[np.ndarray]]:
-    """Per sequence, per (cut, continuation) of its branches: float32 [len(continuation)],
-    log p(cont[j] | sequence[:cut] + cont[:j]) at temperature 1.
+    """Per sequence, per (cut, continuation[, first]) of its branches: float32
+    [len(continuation) - first], log p(cont[j] | sequence[:cut] + cont[:j]) at temperature 1
+    for j >= first (default 0): the tokens before ``first`` (an answer cue) are conditioned
+    on, not scored, and their positions are never projected onto the vocabulary.
 
     Each sequence is prefilled ONCE and all its continuations then run in one pass against
     its cache, each reading positions [0, cut) (``Decoder.extend``): scoring a continuation
@@ -167,16 +172,22 @@ def score_after_cuts(
     if len(sequences) != len(branches):
         raise ValueError(f"score_after_cuts: {len(sequences)} sequences, {len(branches)} lists")
     seqs = [[int(t) for t in s] for s in sequences]
-    items = []  # (sequence index, [(branch index, cut, continuation)]) of at most CUT_ROWS
+    items = []  # (sequence index, [(branch index, cut, continuation, first)]) <= CUT_ROWS
     vocab = lm.config.vocab_size
     for i, (seq, cuts) in enumerate(zip(seqs, branches, strict=True)):
         todo = []
-        for b, (cut, cont) in enumerate(cuts):
+        for b, (cut, cont, *rest) in enumerate(cuts):
             cont = [int(t) for t in cont]
+            first = int(rest[0]) if rest else 0
             if not 1 <= cut <= len(seq):
                 raise ValueError(
                     f"score_after_cuts: sequence {i} branch {b}: cut {cut} outside "
                     f"1..{len(seq)} (the sequence has {len(seq)} tokens)"
+                )
+            if not 0 <= first <= len(cont):
+                raise ValueError(
+                    f"score_after_cuts: sequence {i} branch {b}: first scored token {first} "
+                    f"outside 0..{len(cont)} (the continuation has {len(cont)} tokens)"
                 )
             bad = [t for t in seq + cont if not 0 <= t < vocab]
             if bad:
@@ -184,61 +195,69 @@ def score_after_cuts(
                     f"score_after_cuts: sequence {i} branch {b} has token ids outside "
                     f"0..{vocab - 1}: {bad[:5]}"
                 )
-            if cont:
-                todo.append((b, int(cut), cont))
+            if first < len(cont):
+                todo.append((b, int(cut), cont, first))
         items += [(i, todo[j : j + CUT_ROWS]) for j in range(0, len(todo), CUT_ROWS)]
     out = [[np.zeros(0, np.float32) for _ in cuts] for cuts in branches]
     if not items:
         return out
     mesh = mesh or mesh_lib.default_mesh()
     params = mesh_lib.replicate(lm.state, mesh)
-    # a call's continuations are padded to its longest: group by that width, then length
-    items.sort(key=lambda item: (_call_shape(seqs, [item])[3], len(seqs[item[0]])))
+    # a call's continuations are padded to its longest and its most scored tokens: group by
+    # those, then by length
+    items.sort(key=lambda item: (_call_shape(seqs, [item])[3:], len(seqs[item[0]])))
     start = 0
     while start < len(items):
         part = items[start : start + 1]
-        width = _call_shape(seqs, part)[3]
+        widths = _call_shape(seqs, part)[3:]
         for item in items[start + 1 :]:  # one width, within both budgets
             wider = _call_shape(seqs, [*part, item])
-            if wider[3] != width or wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider) > SCORES:
+            too_many = wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider[:4]) > SCORES
+            if wider[3:] != widths or too_many:
                 break
             part.append(item)
-        n, seq_len, rows, width = _call_shape(seqs, part)
+        n, seq_len, rows, width, scored = _call_shape(seqs, part)
         tokens = np.zeros((n, seq_len), np.int32)
         lengths = np.ones((n,), np.int32)
         cuts = np.ones((n, rows), np.int32)
         conts = np.zeros((n, rows, width), np.int32)
+        firsts = np.zeros((n, rows), np.int32)
         for t, (i, todo) in enumerate(part):
             tokens[t, : len(seqs[i])] = seqs[i]
             lengths[t] = len(seqs[i])
-            for r, (_, cut, cont) in enumerate(todo):
+            for r, (_, cut, cont, first) in enumerate(todo):
                 cuts[t, r] = cut
                 conts[t, r, : len(cont)] = cont
-        arrays = (jnp.asarray(a) for a in (tokens, lengths, cuts, conts))
-        logp = np.asarray(_logprobs_after_cuts(lm.graphdef, params, *arrays))
+                firsts[t, r] = first
+        arrays = (jnp.asarray(a) for a in (tokens, lengths, cuts, conts, firsts))
+        logp = np.asarray(_logprobs_after_cuts(lm.graphdef, params, *arrays, scored))
         for t, (i, todo) in enumerate(part):
-            for r, (b, _, cont) in enumerate(todo):
-                out[i][b] = logp[t, r, : len(cont)].astype(np.float32)
+            for r, (b, _, cont, first) in enumerate(todo):
+                out[i][b] = logp[t, r, : len(cont) - first].astype(np.float32)
         start += len(part)
     return out
 
 
-def _call_shape(seqs, part) -> tuple[int, int, int, int]:
-    """(sequences, length, rows, continuation width) of one call over ``part``, bucketed."""
+def _call_shape(seqs, part) -> tuple[int, int, int, int, int]:
+    """(sequences, length, rows, continuation width, positions scored) of one call over
+    ``part``, bucketed."""
     return (
         row_bucket(len(part), 1),
         bucket(max(len(seqs[i]) for i, _ in part)),
         row_bucket(max(len(todo) for _, todo in part), 1),  # <= CUT_ROWS, a power of two
-        bucket(max(len(c) for _, todo in part for _, _, c in todo), minimum=CONT_WIDTH),
+        bucket(max(len(c) for _, todo in part for _, _, c, _ in todo), minimum=CONT_WIDTH),
+        row_bucket(max(len(c) - f for _, todo in part for _, _, c, f in todo), 1),
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts):
-    """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C] (C a multiple
-    of 8) -> logp [T, R, C]: the first continuation token from the prefill's output at
-    cut - 1, every later one from ``Decoder.extend`` of the continuation over the
-    sequence's cache up to the cut; logits formed for 8 positions at a time."""
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts, firsts, scored):
+    """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C], firsts [T, R]
+    -> logp [T, R, scored]: log p(conts[firsts + i]) for i < ``scored`` (a power of two;
+    past the continuation: padding). The first continuation token from the prefill's output
+    at cut - 1, every later one from ``Decoder.extend`` of the continuation over the
+    sequence's cache up to the cut; logits formed for the scored positions only, at most 8
+    at a time."""
     model = nnx.merge(graphdef, state)
     pre = model.prefill(tokens, lengths)
     n, rows, width = conts.shape
@@ -247,17 +266,21 @@ def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts):
     after = model.extend(conts, positions, pre.k, pre.v, cuts)  # [T, R, C, D]
     # position j predicts token j + 1: the prefill's cut - 1 then the first C - 1 of extend
     h = jnp.concatenate([first[:, :, None], after[:, :, :-1]], axis=2)
-    h = h.reshape(n, rows, width // 8, 8, -1).transpose(2, 0, 1, 3, 4)  # [C / 8, T, R, 8, D]
-    t = conts.reshape(n, rows, width // 8, 8).transpose(2, 0, 1, 3)
+    at = jnp.minimum(firsts[..., None] + jnp.arange(scored), width - 1)  # [T, R, scored]
+    h = jnp.take_along_axis(h, at[..., None], axis=2)  # [T, R, scored, D]
+    t = jnp.take_along_axis(conts, at, axis=2)
+    block = min(scored, 8)
+    h = h.reshape(n, rows, scored // block, block, -1).transpose(2, 0, 1, 3, 4)
+    t = t.reshape(n, rows, scored // block, block).transpose(2, 0, 1, 3)
 
-    def block(args):
+    def project(args):
         hb, tb = args
-        logits = model.unembed(hb)  # [T, R, 8, V] float32
+        logits = model.unembed(hb)  # [T, R, block, V] float32
         norm = jax.nn.logsumexp(logits, axis=-1)
         return jnp.take_along_axis(logits, tb[..., None], axis=-1)[..., 0] - norm
 
-    logp = jax.lax.map(block, (h, t))  # [C / 8, T, R, 8]
-    return logp.transpose(1, 2, 0, 3).reshape(n, rows, width)
+    logp = jax.lax.map(project, (h, t))  # [scored / block, T, R, block]
+    return logp.transpose(1, 2, 0, 3).reshape(n, rows, scored)
 
 
 def _forced_batches(lm: LM, pre, cont, batch_size: int, mesh):
