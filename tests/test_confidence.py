@@ -281,15 +281,17 @@ def test_trace_confidence_reductions():
 # ----------------------------------------------------------------------------- scoring
 
 
-# (256, 2**24): every sequence in one call; (2, 1): a call per sequence and per 2 cuts
-@pytest.mark.parametrize(("cut_rows", "scores"), [(256, 1 << 24), (2, 1)])
-def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, scores):
+# (256, 2**24, 1024): every sequence in one call, every width in one program; (2, 1, 0): a
+# call per sequence and per 2 cuts, a program per width
+@pytest.mark.parametrize(("cut_rows", "scores", "merge"), [(256, 1 << 24, 1024), (2, 1, 0)])
+def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, scores, merge):
     """Continuations teacher-forced against one prefill of the shared sequence (one
     ``Decoder.extend`` pass over its cache up to each cut) equal the logits of prefix +
     continuation as one causal forward, for cuts anywhere (1, mid, the end), continuations
     of different lengths (one empty), sequences of different lengths."""
     monkeypatch.setattr(scoring, "CUT_ROWS", cut_rows)
     monkeypatch.setattr(scoring, "SCORES", scores)
+    monkeypatch.setattr(scoring, "MERGE_TOKENS", merge)
     rng = np.random.default_rng(0)
     sequences = [rng.integers(1, 120, n).tolist() for n in (23, 5, 40)]
     branches = [
@@ -322,11 +324,11 @@ def test_score_after_cuts_matches_full_logits(tiny_lm, monkeypatch, cut_rows, sc
         score_after_cuts(tiny_lm, [[1, 2]], [[(1, [500])]])
 
 
-def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
-    """Continuations of 2 to 8 tokens (the plain answer cue and a short answer) are padded
-    to one width, and continuations of 9 to 16 (the think cue) to another: one program
-    each, not one per length (sequences of 190-200 tokens, a length bucket no other test
-    here scores)."""
+def test_score_after_cuts_compiles_one_program_for_a_few_rows_of_any_width(tiny_lm, monkeypatch):
+    """A few continuations of 2 to 40 tokens (cues and answers of any length) share one
+    padded width: one program traced, not one per width bucket (16, 64); with no merging
+    (``MERGE_TOKENS=0``) two sequences' widths (8, 64) are two programs. Sequences of
+    190-200 and 290-300 tokens, length buckets no other test here scores."""
     traced = []
 
     def listen(event, duration, **kwargs):
@@ -336,21 +338,22 @@ def test_score_after_cuts_short_continuations_share_one_program(tiny_lm):
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     rng = np.random.default_rng(1)
+
+    def branches_of(lengths):
+        return [(c, rng.integers(1, 120, n).tolist(), n - 1) for c, n in lengths]
+
     sequences = [rng.integers(1, 120, n).tolist() for n in (200, 190)]
-    branches = [
-        [(c, rng.integers(1, 120, n).tolist(), n - 1) for c, n in ((100, 6), (150, 8))],
-        [(50, [3, 4], 1)],
-    ]
-    think = [[(c, rng.integers(1, 120, n).tolist(), n - 1) for c, n in ((90, 9), (120, 14))]]
+    branches = [branches_of(((100, 6), (150, 13))), branches_of(((50, 2), (60, 40)))]
     try:
         got = score_after_cuts(tiny_lm, sequences, branches)
         assert len(traced) == 1
-        got_think = score_after_cuts(tiny_lm, sequences[:1], think)
-        assert len(traced) == 2
+        monkeypatch.setattr(scoring, "MERGE_TOKENS", 0)
+        longer = [rng.integers(1, 120, n).tolist() for n in (300, 290)]
+        score_after_cuts(tiny_lm, longer, [branches_of(((100, 6),)), branches_of(((9, 40),))])
+        assert len(traced) == 3
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert scoring.CONT_WIDTH == 8
-    assert [[len(x) for x in per_seq] for per_seq in [*got, *got_think]] == [[1, 1], [1], [1, 1]]
+    assert [[len(x) for x in per_seq] for per_seq in got] == [[1, 1], [1, 1]]
 
 
 # ----------------------------------------------------------------------------- tiny-model plumbing

@@ -141,6 +141,10 @@ def _rows_bucket(n: int, batch_size: int) -> int:
 
 
 CUT_ROWS = 256  # continuations scored together from one sequence (more: the sequence again)
+# a group of continuations this small (rows x width, padded to the next wider group) joins
+# that group's program instead of compiling its own (a program: ~8 s of XLA for SmolLM2's
+# 30 layers on a 2-core CPU; 1024 padded positions: about as long)
+MERGE_TOKENS = 1024
 SCORES = 1 << 24  # rows x continuation x context positions a call attends over, per head
 # continuations are padded to at least this many tokens (then to a power of two): answer
 # forcing's plain cue + a short answer (SmolLM2's tokenizer: 6 tokens with "yes") in 8, the
@@ -166,9 +170,10 @@ def score_after_cuts(
     its cache, each reading positions [0, cut) (``Decoder.extend``): scoring a continuation
     after each of n steps of a trace of L tokens costs one prefill of L, not n prefills of
     up to L. Cuts lie in 1..len(sequence); an empty continuation gives an empty array.
-    Sequences are grouped by length (about ``PREFILL_TOKENS`` positions, and at most
-    ``SCORES`` attention scores per head, a call) and shapes bucketed, so a run compiles few
-    programs."""
+    Continuations are grouped by their padded width and positions scored (small groups
+    join the next wider one: ``_by_width``), sequences within a group by length (about
+    ``PREFILL_TOKENS`` positions, and at most ``SCORES`` attention scores per head, a call),
+    and shapes bucketed, so a run compiles few programs."""
     if len(sequences) != len(branches):
         raise ValueError(f"score_after_cuts: {len(sequences)} sequences, {len(branches)} lists")
     seqs = [[int(t) for t in s] for s in sequences]
@@ -203,50 +208,79 @@ def score_after_cuts(
         return out
     mesh = mesh or mesh_lib.default_mesh()
     params = mesh_lib.replicate(lm.state, mesh)
-    # a call's continuations are padded to its longest and its most scored tokens: group by
-    # those, then by length
-    items.sort(key=lambda item: (_call_shape(seqs, [item])[3:], len(seqs[item[0]])))
-    start = 0
-    while start < len(items):
-        part = items[start : start + 1]
-        widths = _call_shape(seqs, part)[3:]
-        for item in items[start + 1 :]:  # one width, within both budgets
-            wider = _call_shape(seqs, [*part, item])
-            too_many = wider[0] * wider[1] > PREFILL_TOKENS or np.prod(wider[:4]) > SCORES
-            if wider[3:] != widths or too_many:
-                break
-            part.append(item)
-        n, seq_len, rows, width, scored = _call_shape(seqs, part)
-        tokens = np.zeros((n, seq_len), np.int32)
-        lengths = np.ones((n,), np.int32)
-        cuts = np.ones((n, rows), np.int32)
-        conts = np.zeros((n, rows, width), np.int32)
-        firsts = np.zeros((n, rows), np.int32)
-        for t, (i, todo) in enumerate(part):
-            tokens[t, : len(seqs[i])] = seqs[i]
-            lengths[t] = len(seqs[i])
-            for r, (_, cut, cont, first) in enumerate(todo):
-                cuts[t, r] = cut
-                conts[t, r, : len(cont)] = cont
-                firsts[t, r] = first
-        arrays = (jnp.asarray(a) for a in (tokens, lengths, cuts, conts, firsts))
-        logp = np.asarray(_logprobs_after_cuts(lm.graphdef, params, *arrays, scored))
-        for t, (i, todo) in enumerate(part):
-            for r, (b, _, cont, first) in enumerate(todo):
-                out[i][b] = logp[t, r, : len(cont) - first].astype(np.float32)
-        start += len(part)
+    for widths, group in _by_width(items):
+        group.sort(key=lambda item: len(seqs[item[0]]))
+        start = 0
+        while start < len(group):
+            part = group[start : start + 1]
+            for item in group[start + 1 :]:  # within both budgets
+                n, seq_len, rows = _call_shape(seqs, [*part, item])
+                if n * seq_len > PREFILL_TOKENS or n * seq_len * rows * widths[0] > SCORES:
+                    break
+                part.append(item)
+            _score_part(lm, params, seqs, part, widths, out)
+            start += len(part)
     return out
 
 
-def _call_shape(seqs, part) -> tuple[int, int, int, int, int]:
-    """(sequences, length, rows, continuation width, positions scored) of one call over
-    ``part``, bucketed."""
+def _widths(item) -> tuple[int, int]:
+    """(continuation width, positions scored) of one item's continuations, bucketed."""
+    todo = item[1]
+    return (
+        bucket(max(len(c) for _, _, c, _ in todo), minimum=CONT_WIDTH),
+        row_bucket(max(len(c) - f for _, _, c, f in todo), 1),
+    )
+
+
+def _by_width(items) -> list[tuple[tuple[int, int], list]]:
+    """The items grouped into (width, scored) shapes, one program each: by their own
+    shapes, ascending, a group whose rows padded to the next shape's width come to at most
+    ``MERGE_TOKENS`` joins that shape (a few padded rows cost less than a program)."""
+    own = {}
+    for item in items:
+        own.setdefault(_widths(item), []).append(item)
+    groups, pending, shape = [], [], (0, 0)
+    keys = sorted(own)
+    for k, key in enumerate(keys):
+        pending += own[key]
+        shape = (max(shape[0], key[0]), max(shape[1], key[1]))
+        rows = sum(len(todo) for _, todo in pending)
+        last = k == len(keys) - 1
+        if last or rows * max(shape[0], keys[k + 1][0]) > MERGE_TOKENS:
+            groups.append((shape, pending))
+            pending, shape = [], (0, 0)
+    return groups
+
+
+def _score_part(lm, params, seqs, part, widths, out) -> None:
+    """One call over ``part`` at ``widths``: its log-probabilities into ``out``."""
+    n, seq_len, rows = _call_shape(seqs, part)
+    width, scored = widths
+    tokens = np.zeros((n, seq_len), np.int32)
+    lengths = np.ones((n,), np.int32)
+    cuts = np.ones((n, rows), np.int32)
+    conts = np.zeros((n, rows, width), np.int32)
+    firsts = np.zeros((n, rows), np.int32)
+    for t, (i, todo) in enumerate(part):
+        tokens[t, : len(seqs[i])] = seqs[i]
+        lengths[t] = len(seqs[i])
+        for r, (_, cut, cont, first) in enumerate(todo):
+            cuts[t, r] = cut
+            conts[t, r, : len(cont)] = cont
+            firsts[t, r] = first
+    arrays = (jnp.asarray(a) for a in (tokens, lengths, cuts, conts, firsts))
+    logp = np.asarray(_logprobs_after_cuts(lm.graphdef, params, *arrays, scored))
+    for t, (i, todo) in enumerate(part):
+        for r, (b, _, cont, first) in enumerate(todo):
+            out[i][b] = logp[t, r, : len(cont) - first].astype(np.float32)
+
+
+def _call_shape(seqs, part) -> tuple[int, int, int]:
+    """(sequences, length, rows) of one call over ``part``, bucketed."""
     return (
         row_bucket(len(part), 1),
         bucket(max(len(seqs[i]) for i, _ in part)),
         row_bucket(max(len(todo) for _, todo in part), 1),  # <= CUT_ROWS, a power of two
-        bucket(max(len(c) for _, todo in part for _, _, c, _ in todo), minimum=CONT_WIDTH),
-        row_bucket(max(len(c) - f for _, todo in part for _, _, c, f in todo), 1),
     )
 
 
