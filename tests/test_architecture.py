@@ -119,3 +119,30 @@ def test_compilation_cache_stores_programs_for_the_next_process(tmp_path):
         [sys.executable, "-c", code, str(cache)], capture_output=True, text=True
     )
     assert second.stdout == first.stdout
+
+
+def _jitted_model_programs(tree: ast.Module):
+    """(name, keywords) of the functions decorated ``functools.partial(jax.jit, ...)`` whose
+    first argument is the model's graphdef."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef) or not node.args.args:
+            continue
+        if node.args.args[0].arg != "graphdef":
+            continue
+        for dec in node.decorator_list:
+            if isinstance(dec, ast.Call) and dec.args and ast.unparse(dec.args[0]) == "jax.jit":
+                yield node.name, {k.arg: ast.unparse(k.value) for k in dec.keywords}
+
+
+def test_every_jitted_model_program_takes_the_models_xla_options():
+    """Each jitted program over the model's weights (``graphdef`` first) in fcjax compiles
+    with ``XLA_OPTIONS`` (on GPU, no DotMerger re-concatenating weights every step)."""
+    found = {}
+    for path in sorted((ROOT / "fcjax").rglob("*.py")):
+        for name, keywords in _jitted_model_programs(ast.parse(path.read_text())):
+            found[f"{path.relative_to(ROOT)}:{name}"] = keywords.get("compiler_options")
+    assert {"fcjax/engine/decode.py:decode_chunk", "fcjax/engine/decode.py:prefill_into"} <= set(
+        found
+    )
+    missing = [where for where, options in found.items() if options != "XLA_OPTIONS"]
+    assert not missing, f"jitted without compiler_options=XLA_OPTIONS: {missing}"

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.generate import bucket, row_bucket
-from fcjax.models.lm import LM
+from fcjax.models.lm import LM, XLA_OPTIONS
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class Capture:
     layers: tuple[int, ...]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_OPTIONS)
 def _capture(graphdef, state, tokens, lengths, positions):
     model = nnx.merge(graphdef, state)
     out = model.prefill(tokens, lengths, capture_positions=positions, return_kv=False)

@@ -28,6 +28,7 @@ from flax import nnx
 from fcjax.engine.mesh import pool_sharding
 from fcjax.engine.sampling import Sampler, row_keys, sample_step
 from fcjax.models.decoder import KVCache
+from fcjax.models.lm import XLA_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,9 @@ def init_pool(config, layout: Layout, dtype, mesh, row_axis: int) -> Pool:
     return _pool_factory(config, layout, jnp.dtype(dtype), mesh, row_axis)()
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("pool",))
+@functools.partial(
+    jax.jit, static_argnums=0, donate_argnames=("pool",), compiler_options=XLA_OPTIONS
+)
 def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots) -> Pool:
     """Prefills contexts ``tokens`` [n, ctx_len] (right padded to ``lengths``) into the
     context slots ``slots`` [n] (an out-of-range slot drops its row: padding), keeping the
@@ -226,6 +229,7 @@ def _per_slot(fn, pool: Pool, *more: Pool) -> Pool:
     jax.jit,
     static_argnames=("graphdef", "steps"),
     donate_argnames=("pool",),
+    compiler_options=XLA_OPTIONS,
 )
 def decode_chunk(
     graphdef,

@@ -35,10 +35,15 @@ from fcjax.engine.decode import STOP_DTYPES, Layout, Pool, StopTables, decode_st
 from fcjax.engine.generate import EngineStats, generate
 from fcjax.engine.sampling import Sampler, SamplingParams
 from fcjax.models.attention import MIN_BLOCK
-from fcjax.models.lm import LM
+from fcjax.models.lm import LM, XLA_OPTIONS
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pool",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef",),
+    donate_argnames=("pool",),
+    compiler_options=XLA_OPTIONS,
+)
 def _one_step(graphdef, params, pool: Pool, stops: StopTables, limit, *, sampler):
     return decode_step(nnx.merge(graphdef, params), pool, stops, limit, sampler)
 

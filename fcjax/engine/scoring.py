@@ -26,10 +26,10 @@ from flax import nnx
 
 from fcjax.engine import mesh as mesh_lib
 from fcjax.engine.generate import PREFILL_TOKENS, Generation, bucket, row_bucket
-from fcjax.models.lm import LM
+from fcjax.models.lm import LM, XLA_OPTIONS
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), compiler_options=XLA_OPTIONS)
 def _forced(graphdef, state, tokens, lengths, positions, targets, top_k, block):
     """tokens [B, S] right padded, positions/targets [B, C] (C a multiple of block) ->
     chosen logp [B, C], top-k logp [B, C, k], top-k ids [B, C, k]; logits are formed for
@@ -284,7 +284,7 @@ def _call_shape(seqs, part) -> tuple[int, int, int]:
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
+@functools.partial(jax.jit, static_argnums=(0, 7), compiler_options=XLA_OPTIONS)
 def _logprobs_after_cuts(graphdef, state, tokens, lengths, cuts, conts, firsts, scored):
     """tokens [T, S] right padded, lengths [T], cuts [T, R], conts [T, R, C], firsts [T, R]
     -> logp [T, R, scored]: log p(conts[firsts + i]) for i < ``scored`` (a power of two;

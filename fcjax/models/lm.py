@@ -93,14 +93,22 @@ def _as_batch(ids) -> jnp.ndarray:
     return jnp.asarray(tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# XLA options for every jitted model program. DotMerger (GPU; merges dots that share an
+# operand when one is under 32 MB) turned each layer's gate and up projections into one
+# product with the two weights concatenated, re-copied every decode step: on an H200 in
+# bfloat16 (qwen2-1.5b shape) 28 x 55 MB a step, 0.77 ms of a 13 ms 512-row step and about a
+# third of a 2.3 ms 32-row one. Other backends ignore the option.
+XLA_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_OPTIONS)
 def _logits(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1])
     return model.unembed(model.prefill(tokens, lengths, return_kv=False).normed)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_OPTIONS)
 def _hidden(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1])
