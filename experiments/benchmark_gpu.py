@@ -348,7 +348,7 @@ class Suite:
 
     def sampler(self) -> list[dict]:
         """The sampler alone on random logits [rows, vocab] of the branch case: ms per step
-        at top-p 0.95, top-p 1 and greedy (T=0.8)."""
+        at T=0.8 with top-p 0.95 and with top-p 1, and greedy."""
         rows = self.p.cuts * self.p.k
         vocab = self.model().config.vocab_size
         logits = jax.random.normal(jax.random.PRNGKey(0), (rows, vocab), jnp.float32) * 3.0
