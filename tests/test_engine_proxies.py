@@ -3,7 +3,6 @@ engine counters; the speed itself lives in ``python -m experiments.benchmark``."
 
 import dataclasses
 import importlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +184,8 @@ def test_continuous_batching_beats_fixed_batches_on_long_tails(tiny, monkeypatch
 def test_device_kernels_sums_each_programs_ops_from_a_profiler_trace():
     """``device_kernels`` reads back a ``jax.profiler`` trace: the ops of the two programs
     called are found under their own names, a program called three times has at least three
-    launches, and the listed ops sum to no more than the total, itself under the wall time."""
+    launches, and the listed ops sum to no more than the total (on CPU, ops of several
+    threads can overlap, so the total is not bounded by the wall time)."""
 
     def twice(x):
         return jnp.tanh(x @ x)
@@ -202,11 +202,9 @@ def test_device_kernels_sums_each_programs_ops_from_a_profiler_trace():
             jax.block_until_ready(f(x))
         jax.block_until_ready(g(x))
 
-    t0 = time.perf_counter()
     total, kernels = profile.device_kernels(calls, top=50)
-    wall_ms = (time.perf_counter() - t0) * 1e3
     programs = {k.program for k in kernels}
     assert {"jit_twice", "jit_plus"} <= programs
     assert sum(k.launches for k in kernels if k.program == "jit_twice") >= 3
     assert all(k.ms >= 0 for k in kernels)
-    assert 0 < sum(k.ms for k in kernels) <= total + 1e-9 and total <= wall_ms
+    assert 0 < sum(k.ms for k in kernels) <= total + 1e-9
