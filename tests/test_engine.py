@@ -81,9 +81,9 @@ def test_batch_composition_does_not_change_outputs(lm):
 
 def test_compaction_once_drained_does_not_change_outputs(lm, monkeypatch):
     """Rows of many lengths in a pool large enough to shrink once the queue has drained
-    (chunks run on the live context slots only) give the tokens each row gives alone; the
-    pool really shrank. Pools of 8 slots compact here (the threshold is a cost choice; the
-    tokens must not depend on it)."""
+    (the live context slots move into a narrower pool) give the tokens each row gives
+    alone; the pool really shrank. Pools of 8 slots compact here (the threshold is a cost
+    choice; the tokens must not depend on it)."""
     generate_lib = importlib.import_module("fcjax.engine.generate")  # the module
     from fcjax.engine.generate import CHUNK, EngineStats
 

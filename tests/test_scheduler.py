@@ -42,15 +42,20 @@ class FakeDevice:
             assert self.done[c].all()
             self.prefilled[c] = True
 
+    def shrink(self, slots):  # ``decode.shrink_pool``
+        live = {c for c in range(len(self.done)) if not self.done[c].all()}
+        assert live <= set(slots.tolist()), "a live row left out of the narrower pool"
+        self.out, self.n, self.done = self.out[slots], self.n[slots], self.done[slots]
+        self.prefilled = self.prefilled[slots]
+
     def launch(self, chunk) -> Out:
         n_ctx, n_slot = self.out.shape
+        assert chunk.slots is None and chunk.start.shape == (n_ctx, n_slot)
         starts = np.argwhere(chunk.start)
         for c, r in starts:
             assert self.prefilled[c]
             self.out[c, r], self.n[c, r], self.done[c, r] = chunk.ident[c, r, 0], 0, False
-        run = np.arange(n_ctx) if chunk.slots is None else chunk.slots
-        live = {c for c in range(n_ctx) if not self.done[c].all()}
-        assert live <= set(run.tolist()), "a live row left out of the chunk"
+        run = np.arange(n_ctx)
         self.rows_run += len(run) * n_slot * STEPS
         out = Out(
             np.zeros((n_ctx, n_slot, STEPS), np.int32),
@@ -77,15 +82,26 @@ class FakeDevice:
 
 
 def _drive(contexts, n_ctx, n_slot, n_rows, lengths, narrower=(), stop=()):
-    """The host loop of ``generate._serve`` over the fake device."""
+    """The host loop of ``generate._serve`` over the fake device; also returns the slots
+    each shrink kept."""
     sched = Scheduler(contexts, n_ctx, n_slot, n_rows, WORDS, narrower)
     device = FakeDevice(n_ctx, n_slot, lengths, stop)
-    chunks, inflight = [], None
+    chunks, inflight, shrinks = [], None, []
     while True:
         new = sched.admit()
         if new:
             device.prefill(sched, new)
         chunk = sched.dispatch(sched.refill())
+        if chunk is not None and chunk.slots is not None:
+            if inflight is not None:
+                sched.collect(*inflight)
+                inflight = None
+            slots = sched.drain_slots()
+            if slots is not None:
+                shrinks.append(slots.tolist())
+                device.shrink(slots)
+                sched.shrink(slots)
+            chunk = sched.dispatch(sched.refill())
         launched = None
         if chunk is not None:
             chunks.append(chunk)
@@ -95,7 +111,7 @@ def _drive(contexts, n_ctx, n_slot, n_rows, lengths, narrower=(), stop=()):
         elif launched is None:
             break
         inflight = launched
-    return sched, device, chunks
+    return sched, device, chunks, shrinks
 
 
 def _contexts(rows_per_context: list[int]):
@@ -115,7 +131,7 @@ def test_every_row_gets_its_own_tokens_in_order(n_ctx, n_slot):
     rng = np.random.default_rng(n_ctx)
     lengths = {i: int(rng.integers(1, 13)) for i in range(n_rows)}
     lengths[4] = 6
-    sched, device, _ = _drive(contexts, n_ctx, n_slot, n_rows, lengths, stop={4})
+    sched, device, _, _ = _drive(contexts, n_ctx, n_slot, n_rows, lengths, stop={4})
     for i, row in enumerate(sched.results):
         want = 2 if i == 4 else lengths[i]  # row 4 hits a stop string at its second token
         assert row.out == i and row.finished and row.stopped == (i == 4)
@@ -148,7 +164,7 @@ def test_a_context_slot_is_reused_only_after_all_its_rows_finished():
     contexts, n_rows = _contexts([3, 1, 1])
     lengths = dict.fromkeys(range(n_rows), 2)
     lengths[0] = 9  # the first context's first row runs long
-    sched, _, chunks = _drive(contexts, 2, 2, n_rows, lengths)
+    sched, _, chunks, _ = _drive(contexts, 2, 2, n_rows, lengths)
     admitted_at = {}
     for k, chunk in enumerate(chunks):
         for _, _, row in chunk.snapshot:
@@ -159,20 +175,34 @@ def test_a_context_slot_is_reused_only_after_all_its_rows_finished():
     assert all(r.finished for r in sched.results)
 
 
-def test_drained_chunks_run_on_the_live_slots_padded_to_a_narrower_width():
+def test_a_drained_pool_shrinks_to_the_live_slots_padded_to_a_narrower_width():
     contexts, n_rows = _contexts([1] * 8)
     lengths = {i: 1 + 4 * (i in (2, 5)) * (1 + i) for i in range(n_rows)}  # 2 and 5 run long
-    sched, device, chunks = _drive(contexts, 8, 1, n_rows, lengths, narrower=(4, 2))
+    sched, device, chunks, shrinks = _drive(contexts, 8, 1, n_rows, lengths, narrower=(4, 2))
     assert all(
         r.tokens == [i * 1000 + t for t in range(lengths[i])] for i, r in enumerate(sched.results)
     )
-    assert chunks[0].slots is None and chunks[0].start.any()  # starting rows: the whole pool
-    narrow = [c.slots.tolist() for c in chunks if c.slots is not None]
-    assert narrow and all(len(s) in (2, 4) for s in narrow)
-    assert [2, 5] in narrow  # only the two long rows, no padding needed
-    assert all(c.drained for c in chunks if c.slots is not None)
+    assert chunks[0].start.shape == (8, 1) and chunks[0].start.any()  # the whole pool starts
+    # the first chunk finishes the six short rows (one step each), which the host learns
+    # while the second runs: from the third on, the pool is the two long rows' slots, in
+    # their order (one shrink, straight past width 4)
+    assert shrinks == [[2, 5]] and sched.n_ctx == 2 and sched.narrower == ()
+    assert chunks[1].start.shape == (8, 1)
+    assert all(c.start.shape == (2, 1) for c in chunks[2:])
     # fewer row-steps than running the whole pool for every chunk
     assert device.rows_run < len(chunks) * 8 * STEPS
+
+
+def test_shrink_refuses_before_the_queue_drains_or_without_a_live_slot():
+    contexts, n_rows = _contexts([1] * 8)
+    sched = Scheduler(contexts, 4, 1, n_rows, WORDS, narrower=(2,))
+    sched.admit()
+    sched.refill()
+    with pytest.raises(RuntimeError, match="drained"):
+        sched.shrink(np.array([0, 1]))  # four contexts still queued
+    sched.queue.clear()
+    with pytest.raises(ValueError, match="live row"):
+        sched.shrink(np.array([0, 1]))  # slots 2 and 3 hold live rows
 
 
 def test_drain_slots_pad_with_idle_slots_and_fall_back_to_the_whole_pool():

@@ -208,21 +208,31 @@ def _apply_refill(pool: Pool, refill: Refill, seed) -> Pool:
     )
 
 
-READ_ONLY = frozenset(("ctx_k", "ctx_v", "ctx_h"))  # what decode steps never write
+def _take_slots(pool: Pool, slots) -> Pool:
+    rows = pool.n_own.shape[1]
+    flat = (slots[:, None] * rows + jnp.arange(rows)).reshape(-1)  # the own caches' rows
+
+    def take(path, x):
+        if not x.ndim:  # the step counter
+            return x
+        own = any(getattr(k, "name", None) in ("own_k", "own_v") for k in path)
+        return x[flat if own else slots]
+
+    return jax.tree_util.tree_map_with_path(take, pool)
 
 
-def _per_slot(fn, pool: Pool, *more: Pool) -> Pool:
-    """``fn(field, x, *ys)`` on every pool array with a leading slot axis (``field``: its
-    name; the own caches' axis is contexts * rows, the others' contexts), with the matching
-    arrays of ``more``; the step counter from the last pool."""
+@functools.lru_cache(maxsize=16)
+def _shrinker(config, layout: Layout, dtype, mesh, row_axis: int):
+    shardings = pool_shardings(config, layout, dtype, mesh, row_axis)
+    return jax.jit(_take_slots, out_shardings=shardings)
 
-    def each(path, x, *ys):
-        if not x.ndim:
-            return (ys or (x,))[-1]
-        field = next(k.name for k in path if getattr(k, "name", None) != "cache")
-        return fn(field, x, *ys)
 
-    return jax.tree_util.tree_map_with_path(each, pool, *more)
+def shrink_pool(config, layout: Layout, dtype, mesh, row_axis: int, pool: Pool, slots) -> Pool:
+    """The pool of context slots ``slots`` (int32 [m], distinct) only, in that order, with
+    their caches and row state, placed as a pool of ``layout`` (m contexts): once the queue
+    has drained, the engine moves the live rows into a narrower pool (one copy) rather than
+    compute the finished ones every step."""
+    return _shrinker(config, layout, jnp.dtype(dtype), mesh, row_axis)(pool, slots)
 
 
 @functools.partial(
@@ -239,39 +249,19 @@ def decode_chunk(
     stops: StopTables,
     limit,
     seed,
-    slots=None,
     *,
     sampler,
     steps: int,
 ) -> tuple[Pool, ChunkOut]:
     """Starts the refilled rows (their keys from ``seed`` and each row's ident), then runs
-    ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens: ``stops``).
-
-    ``slots`` (int32 [m], distinct; a program per m): the steps run on these context slots
-    only, taken out of the pool and put back after (the host passes the live ones when the
-    queue has run dry, so a drained pool computes fewer rows); the others emit nothing."""
+    ``steps`` decode steps (rows stop at EOS, a stop string or ``limit`` tokens: ``stops``)."""
     model = nnx.merge(graphdef, params)
     pool = _apply_refill(pool, refill, seed)
 
     def body(pool, _):
         return decode_step(model, pool, stops, limit, sampler)
 
-    if slots is None:
-        pool, outs = jax.lax.scan(body, pool, None, length=steps)
-    else:
-        n_ctx, rows = pool.n_own.shape
-        flat = (slots[:, None] * rows + jnp.arange(rows)).reshape(-1)
-        index = lambda field: flat if field in ("own_k", "own_v") else slots  # noqa: E731
-        part = _per_slot(lambda field, x: x[index(field)], pool)
-        part, outs = jax.lax.scan(body, part, None, length=steps)
-        pool = _per_slot(  # written back in place (the context caches were only read)
-            lambda field, x, y: x if field in READ_ONLY else x.at[index(field)].set(y),
-            pool,
-            part,
-        )
-        outs = tuple(  # [steps, m, ..] -> [steps, contexts, ..]: nothing from the others
-            jnp.zeros((steps, n_ctx, *x.shape[2:]), x.dtype).at[:, slots].set(x) for x in outs
-        )
+    pool, outs = jax.lax.scan(body, pool, None, length=steps)
     tok, chosen, top_lp, top_ids, emitted, stopped = outs
 
     def steps_last(x):  # [steps, c, r, ...] -> [c, r, steps, ...]

@@ -7,10 +7,11 @@ continuation per prompt; cuts x k per trace). The device keeps a pool of context
 slots (``fcjax.engine.decode``); the host fills free slots from the queue, dispatches a
 fixed-length decode chunk, and reads back the previous chunk's tokens while the next one runs,
 so no batch waits for its longest row and no step waits for the host. A call compiles three
-programs: the pool, a prefill into it and the decode chunk, and (one device, 8+ context
-slots) up to two narrower chunks the first time its live rows shrink after the queue has
-drained (``fcjax.engine.scheduler``); shapes are bucketed, so a later call with other lengths
-in the same buckets compiles none.
+programs: the pool, a prefill into it and the decode chunk, and (one device, ``COMPACT_FROM``
+context slots or more) once the queue has drained and the live rows fit half or a quarter of
+the pool, a copy of them into a narrower pool and that pool's decode chunk
+(``fcjax.engine.scheduler``); shapes are bucketed, so a later call with other lengths in the
+same buckets compiles none.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import jax
 import numpy as np
 
 from fcjax.engine import mesh as mesh_lib
-from fcjax.engine.decode import Layout, Refill, decode_chunk, init_pool, prefill_into
+from fcjax.engine.decode import (
+    Layout,
+    Refill,
+    decode_chunk,
+    init_pool,
+    prefill_into,
+    shrink_pool,
+)
 from fcjax.engine.sampling import IDENT_WORDS, SamplingParams, row_ident
 from fcjax.engine.scheduler import Chunk, Context, Row, Scheduler
 from fcjax.engine.stops import stop_tables
@@ -157,11 +165,11 @@ def _serve_on(
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
     prefill_axis = 0 if row_axis == 0 and group % n_data == 0 else None
-    # once the queue has drained, a chunk runs on the live context slots only, padded to
-    # half or a quarter of the pool (one more program each, compiled when first needed):
-    # finished rows cost the XLA attention their blocks and every matmul its rows. Not with
-    # the Pallas kernels (finished rows read nothing there) nor over several devices (the
-    # slots taken would cross them).
+    # once the queue has drained, the live context slots move into a pool of half or a
+    # quarter of the slots (a copy and that pool's chunk: two more programs each, compiled
+    # when first needed): finished rows cost the XLA attention their blocks and every
+    # matmul its rows. Not with the Pallas kernels (finished rows read nothing there) nor
+    # over several devices (the slots kept would cross them).
     narrower = ()
     if n_data == 1 and n_ctx >= COMPACT_FROM and lm.decode_attention == "xla":
         narrower = (n_ctx // 2, n_ctx // 4)
@@ -186,17 +194,35 @@ def _serve_on(
             stats.prefills += 1
         return pool
 
+    def collect(inflight):
+        emitted = sched.emitted_row_steps
+        sched.collect(jax.device_get(inflight[0]), inflight[1])
+        stats.host_reads += 1
+        stats.useful_row_steps += sched.emitted_row_steps - emitted
+        if progress is not None:
+            progress(sched.generated, n_rows * params.max_new_tokens)
+
     inflight = None
     while True:
         new = sched.admit()
         if new:
             pool = prefill(pool, new)
         chunk = sched.dispatch(sched.refill())
+        if chunk is not None and chunk.slots is not None:  # drained: shrink the pool
+            if inflight is not None:  # its snapshot names the slots as they are now
+                collect(inflight)
+                inflight = None
+            slots = sched.drain_slots()
+            if slots is not None:
+                layout = dataclasses.replace(layout, contexts=len(slots))
+                kept = mesh_lib.put(slots, mesh, None)
+                pool = shrink_pool(lm.config, layout, lm.dtype, mesh, row_axis, pool, kept)
+                sched.shrink(slots)
+            chunk = sched.dispatch(sched.refill())
         launched = None
         if chunk is not None:
             put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731
             refill = Refill(put(chunk.start), put(chunk.read), put(chunk.valid), put(chunk.ident))
-            slots = None if chunk.slots is None else mesh_lib.put(chunk.slots, mesh, None)
             pool, out = decode_chunk(
                 lm.graphdef,
                 weights,
@@ -205,19 +231,13 @@ def _serve_on(
                 stops,
                 limit,
                 seed,
-                slots,
                 sampler=sampler,
                 steps=CHUNK,
             )
             launched = (out, chunk.snapshot)
             _count_chunk(stats, layout, chunk, sched.needed_context())
         if inflight is not None:  # the previous chunk, read while this one runs
-            emitted = sched.emitted_row_steps
-            sched.collect(jax.device_get(inflight[0]), inflight[1])
-            stats.host_reads += 1
-            stats.useful_row_steps += sched.emitted_row_steps - emitted
-            if progress is not None:
-                progress(sched.generated, n_rows * params.max_new_tokens)
+            collect(inflight)
         elif launched is None:
             break
         inflight = launched
@@ -228,7 +248,7 @@ def _count_chunk(stats: EngineStats, layout: Layout, chunk: Chunk, needed: list[
     """A launched chunk's row-steps, and the context positions its decode steps read
     (context slots run, in blocks up to the longest live row) against those the live rows
     need (``needed``: per live context slot)."""
-    n_run = layout.contexts if chunk.slots is None else len(chunk.slots)
+    n_run = layout.contexts
     stats.chunks += 1
     stats.row_steps += CHUNK * n_run * layout.rows
     if chunk.drained:

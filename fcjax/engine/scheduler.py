@@ -9,9 +9,10 @@ to launch, and ``collect`` reads a finished chunk's output back into its rows (t
 the previous chunk while the next one runs, so ``collect`` sees the slots as they were when
 that chunk was launched: its ``snapshot``).
 
-Once the queue has drained (no context or row is left to start), a chunk runs only on the
+Once the queue has drained (no context or row is left to start), the pool shrinks to the
 context slots with live rows, padded with idle ones to the smallest of the ``narrower``
-widths that holds them (``drain_slots``).
+widths that holds them (``drain_slots``; ``shrink`` renumbers the slots as the device pool
+was), so later chunks compute no finished rows.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Context:
 @dataclasses.dataclass
 class Chunk:
     """One decode chunk to launch: the row slots it (re)starts, [contexts, rows] each, the
-    context slots it runs on (None: all), and the rows in slots when it was launched."""
+    context slots to shrink the pool to first (None: keep it), and the rows in slots when it
+    was launched."""
 
     start: np.ndarray  # bool: the slot starts a new row
     read: np.ndarray  # int32: index into the context's read positions
@@ -138,15 +140,31 @@ class Scheduler:
         return Chunk(*refill, slots=slots, snapshot=snapshot, drained=drained)
 
     def drain_slots(self) -> np.ndarray | None:
-        """The context slots a chunk runs on once the queue has drained: every slot with a
-        live row, padded with idle ones to the smallest width of ``narrower`` that holds
-        them (None: the whole pool)."""
+        """The context slots to keep once the queue has drained: every slot with a live row,
+        padded with idle ones to the smallest width of ``narrower`` that holds them (None:
+        none holds them, keep the pool)."""
         live = [c for c, rows in enumerate(self.slot_row) if any(rows)]
         fits = [m for m in self.narrower if m >= len(live)]
         if not fits:
             return None
         idle = [c for c, rows in enumerate(self.slot_row) if not any(rows)]
         return np.asarray(sorted(live + idle[: min(fits) - len(live)]), np.int32)
+
+    def shrink(self, slots: np.ndarray) -> None:
+        """Keeps context slots ``slots`` only, renumbered in that order (slot i is the old
+        ``slots[i]``), as ``decode.shrink_pool`` does on the device; only narrower widths
+        remain. Call it between chunks: the snapshot of a chunk in flight names old slots."""
+        if not self.drained:
+            raise RuntimeError("the pool shrinks only once the queue has drained")
+        kept = set(slots.tolist())
+        if len(kept) != len(slots) or any(
+            any(self.slot_row[c]) for c in range(self.n_ctx) if c not in kept
+        ):
+            raise ValueError(f"slots {slots.tolist()} are not distinct or leave out a live row")
+        self.ctx_of = [self.ctx_of[c] for c in slots]
+        self.slot_row = [self.slot_row[c] for c in slots]
+        self.n_ctx = len(slots)
+        self.narrower = tuple(m for m in self.narrower if m < self.n_ctx)
 
     def collect(self, out, snapshot: list[tuple[int, int, Row]]) -> int:
         """Reads a chunk's host copy ``out`` (``decode.ChunkOut`` fields as numpy arrays)
