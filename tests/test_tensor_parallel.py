@@ -216,6 +216,9 @@ def test_mesh_matches_one_device(runs, spec):
             _close(_rows(key, tp[key]), _rows(key, one[key]), key)
         elif key in ("hidden", "last_hidden"):
             _close(tp[key], one[key], key)
+    # a drained pool shrinks on one device and under data:1 (its KV heads over model), not
+    # where the context slots are split over data
+    assert one["compact_shrank"] and tp["compact_shrank"] == (tp["mesh"]["data"] == 1)
 
 
 @pytest.mark.slow

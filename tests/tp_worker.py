@@ -4,6 +4,8 @@ Used by test_tensor_parallel.py, one subprocess per mesh (8 forced CPU devices a
 before JAX is imported). argv: mesh spec ("one": a single device).
 """
 
+import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -22,6 +24,8 @@ from fcjax.engine.decode import Layout, init_pool
 from fcjax.models import loading
 from fcjax.models.config import ModelConfig
 from fcjax.models.lm import LM
+
+generate_lib = importlib.import_module("fcjax.engine.generate")  # the module, not the function
 
 # every split axis divides 8: heads and KV heads split on all three meshes
 FULL = ModelConfig(
@@ -62,6 +66,19 @@ def main(spec: str) -> dict:
         out[f"{impl}/branch_logprobs"] = [
             [g.token_logprobs.tolist() for g in cut] for cut in branches
         ]
+    # a pool that shrinks once drained (one device, or data:1 with the KV heads over model):
+    # rows of many lengths (an EOS set of 1 in 8 ids), the live slots moved with their
+    # shards into a narrower pool
+    generate_lib.COMPACT_FROM = 8
+    rng = np.random.default_rng(3)
+    many = [rng.integers(1, 200, int(rng.integers(2, 9))).tolist() for _ in range(12)]
+    eos = tuple(range(0, FULL.vocab_size, 8))
+    ends = lm_of(dataclasses.replace(FULL, eos_token_ids=eos), 0)
+    stats = generate_lib.EngineStats()
+    params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=24, seed=4)
+    gens = fcjax.generate(ends, many, params, batch_size=8, mesh=mesh, stats=stats)
+    out["compact/generate"] = [g.token_ids for g in gens]
+    out["compact_shrank"] = stats.row_steps < 8 * generate_lib.CHUNK * stats.chunks
     caps = fcjax.capture(lm, [prompts[2], prompts[0]], [[0, 3, 6], [1, 4]], mesh=mesh)
     out["hidden"] = [c.states.tolist() for c in caps]
     out["last_hidden"] = [c.last_hidden.tolist() for c in caps]
