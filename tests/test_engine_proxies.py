@@ -149,17 +149,24 @@ def _refill_schedule(lengths: list[int], slots: int, chunk: int, widths=()) -> i
     """Row-steps computed by the engine's schedule, simulated: chunks of ``chunk`` steps;
     a free slot takes the next row of the queue at a chunk boundary; a row of L tokens holds
     its slot ceil(L / chunk) chunks plus one (the host learns it finished when it reads the
-    chunk back, after dispatching the next one). Once the queue is empty (and no row starts),
-    a chunk computes only the smallest of ``widths`` that holds the rows still held."""
+    chunk back, after dispatching the next one). Once the queue is empty (and no row starts)
+    and the rows still held fit one of the narrower ``widths``, the host reads the chunk in
+    flight back first, then shrinks the pool to the smallest width that holds the rows still
+    running (no chunk follows if none is)."""
     queue, busy, t, computed, width = list(lengths), [0] * slots, 0, 0, slots
+    narrower = [w for w in widths if w < slots]
     while queue or any(b > t for b in busy):
         started = False
         for j in range(slots):
             if busy[j] <= t and queue:
                 busy[j] = t + -(-queue.pop(0) // chunk) + 1
                 started = True
-        if widths and not queue and not started:
-            width = min(w for w in widths if w >= sum(b > t for b in busy))
+        if not queue and not started and any(w >= sum(b > t for b in busy) for w in narrower):
+            running = sum(b - 1 > t for b in busy)  # known once the chunk in flight is read
+            if not running:
+                break
+            width = min(w for w in narrower if w >= running)
+            narrower = [w for w in narrower if w < width]
         computed += width * chunk
         t += 1
     return computed

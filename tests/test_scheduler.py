@@ -193,6 +193,17 @@ def test_a_drained_pool_shrinks_to_the_live_slots_padded_to_a_narrower_width():
     assert device.rows_run < len(chunks) * 8 * STEPS
 
 
+def test_no_shrink_when_the_chunk_read_back_first_finishes_every_row():
+    """The host reads the chunk in flight before it shrinks; when that chunk finished the
+    last rows, nothing is copied and no chunk follows."""
+    contexts, n_rows = _contexts([1] * 8)
+    lengths = {i: 6 if i in (2, 5) else 1 for i in range(n_rows)}
+    sched, _, chunks, shrinks = _drive(contexts, 8, 1, n_rows, lengths, narrower=(4, 2))
+    assert shrinks == [] and len(chunks) == 2 and sched.n_ctx == 8
+    assert [len(r.tokens) for r in sched.results] == [lengths[i] for i in range(n_rows)]
+    assert sched.drain_slots() is None  # nothing live: nothing to keep
+
+
 def test_shrink_refuses_before_the_queue_drains_or_without_a_live_slot():
     contexts, n_rows = _contexts([1] * 8)
     sched = Scheduler(contexts, 4, 1, n_rows, WORDS, narrower=(2,))

@@ -7,9 +7,9 @@ continuation per prompt; cuts x k per trace). The device keeps a pool of context
 slots (``fcjax.engine.decode``); the host fills free slots from the queue, dispatches a
 fixed-length decode chunk, and reads back the previous chunk's tokens while the next one runs,
 so no batch waits for its longest row and no step waits for the host. A call compiles three
-programs: the pool, a prefill into it and the decode chunk, and (one device, ``COMPACT_FROM``
-context slots or more) once the queue has drained and the live rows fit half or a quarter of
-the pool, a copy of them into a narrower pool and that pool's decode chunk
+programs: the pool, a prefill into it and the decode chunk, and (``COMPACT_FROM`` context
+slots or more, not split over ``data``) once the queue has drained and the live rows fit half
+or a quarter of the pool, a copy of them into a narrower pool and that pool's decode chunk
 (``fcjax.engine.scheduler``); shapes are bucketed, so a later call with other lengths in the
 same buckets compiles none.
 """
@@ -45,10 +45,11 @@ from fcjax.models.lm import LM
 log = logging.getLogger("fcjax")
 
 CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks)
-# pools of at least this many context slots shrink once drained (one device). Below it a
-# decode step is bound by reading the weights, so dropping finished rows saves little, and
-# each narrower width is one more program to compile (~10 s for SmolLM2's 30 layers on a
-# 2-core CPU: the demo's 8-slot generate compiled two of them, 40 s with the CPU shared)
+# pools of at least this many context slots shrink once drained (slots not split over
+# ``data``). Below it a decode step is bound by reading the weights, so dropping finished
+# rows saves little, and each narrower width compiles a decode chunk (~10 s for SmolLM2's 30
+# layers on a 2-core CPU: the demo's 8-slot generate compiled two, 40 s with the CPU
+# shared) and a small copy
 COMPACT_FROM = 32
 PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
 
@@ -169,7 +170,7 @@ def _serve_on(
     # quarter of the slots (a copy and that pool's chunk: two more programs each, compiled
     # when first needed): finished rows cost the XLA attention their blocks and every
     # matmul its rows. Not with the Pallas kernels (finished rows read nothing there) nor
-    # over several devices (the slots kept would cross them).
+    # with the context slots split over ``data`` (the slots kept would cross devices).
     narrower = ()
     if n_data == 1 and n_ctx >= COMPACT_FROM and lm.decode_attention == "xla":
         narrower = (n_ctx // 2, n_ctx // 4)

@@ -51,9 +51,10 @@ class Context:
 
 @dataclasses.dataclass
 class Chunk:
-    """One decode chunk to launch: the row slots it (re)starts, [contexts, rows] each, the
-    context slots to shrink the pool to first (None: keep it), and the rows in slots when it
-    was launched."""
+    """One decode chunk to launch: the row slots it (re)starts, [contexts, rows] each,
+    whether the pool may shrink first (``slots``, ``drain_slots`` as the host knows the rows
+    now; the engine reads the chunk in flight back and asks again before it shrinks), and
+    the rows in slots when it was launched."""
 
     start: np.ndarray  # bool: the slot starts a new row
     read: np.ndarray  # int32: index into the context's read positions
@@ -142,10 +143,10 @@ class Scheduler:
     def drain_slots(self) -> np.ndarray | None:
         """The context slots to keep once the queue has drained: every slot with a live row,
         padded with idle ones to the smallest width of ``narrower`` that holds them (None:
-        none holds them, keep the pool)."""
+        none holds them, or no row is live: keep the pool)."""
         live = [c for c, rows in enumerate(self.slot_row) if any(rows)]
         fits = [m for m in self.narrower if m >= len(live)]
-        if not fits:
+        if not fits or not live:
             return None
         idle = [c for c, rows in enumerate(self.slot_row) if not any(rows)]
         return np.asarray(sorted(live + idle[: min(fits) - len(live)]), np.int32)
