@@ -144,9 +144,12 @@ def chat_peer_fn(
     new: int,
     temperature: float,
     top_p: float,
+    seed: int,
 ):
     """transformers ``generate`` on chat prompts (one batch, dynamic cache) until each row's
-    own EOS; the call returns each row's useful length (up to and including its EOS)."""
+    own EOS; the call returns each row's useful length (up to and including its EOS). Every
+    call reseeds torch with ``seed``, so each draws the same sample: its useful tokens, which
+    set its rate, do not change from call to call (fcjax's rows are seeded by example)."""
     import torch
 
     if threads > 0:
@@ -160,6 +163,7 @@ def chat_peer_fn(
 
     def call() -> list[int]:
         lengths = []
+        torch.manual_seed(seed)
         with torch.inference_mode():
             for ids, mask in batches:
                 out = model.generate(

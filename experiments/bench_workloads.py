@@ -47,7 +47,7 @@ class Timing:
     first_s: float  # first call (compiles)
     best_s: float  # fastest timed call
     times_s: list[float]
-    out: Any
+    out: Any  # what the fastest timed call returned
 
 
 def load_model(spec: str, dtype: str) -> fcjax.LM:
@@ -70,20 +70,25 @@ def branch_cuts(trace_len: int, cuts: int) -> list[int]:
 
 def interleaved(cases: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
     """Calls every case once (warm-up, compiles), then ``repeats`` rounds of each case in
-    turn, so load from other processes hits all systems alike; keeps each one's fastest."""
-    first, outs = {}, {}
+    turn, so load from other processes hits all systems alike; keeps each one's fastest
+    call, its time and what it returned (a rate is then that call's output over its time,
+    even where calls return different outputs)."""
+    first = {}
     for name, fn in cases.items():
         t0 = time.perf_counter()
-        outs[name] = fn()
+        fn()
         first[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {name: [] for name in cases}
+    best: dict[str, Any] = {}
     for _ in range(max(repeats, 1)):
         for name, fn in cases.items():
             t0 = time.perf_counter()
-            outs[name] = fn()
+            out = fn()
             times[name].append(time.perf_counter() - t0)
+            if times[name][-1] == min(times[name]):
+                best[name] = out
             logging.info("%s: %.3fs (first call %.3fs)", name, times[name][-1], first[name])
-    return {n: Timing(first[n], min(times[n]), times[n], outs[n]) for n in cases}
+    return {n: Timing(first[n], min(times[n]), times[n], best[n]) for n in cases}
 
 
 def warmup_s(timing: Timing) -> float:
@@ -247,6 +252,7 @@ def chat_rows(s: Settings, notes: list[str]) -> list[Row]:
             new=s.new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
+            seed=s.seed,
         )
     timings = interleaved(cases, s.repeats)
     rows = []

@@ -2,6 +2,7 @@
 table rows, JSON) and its arithmetic (bytes per decode step, cuts, roofline, weight layouts).
 Never a speed."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -206,3 +207,43 @@ def test_gpu_suite_tiny_preset_writes_each_case_as_it_finishes(tmp_path):
         if row["case"] != before["case"]:
             assert row["finished_at"] - before["finished_at"] >= 0.99 * (row["wall_s"] or 0)
     assert sum(r["wall_s"] or 0 for r in rows) > 0.5
+
+
+def test_interleaved_pairs_the_fastest_calls_time_with_its_output():
+    """A rate is one call's output over that call's time: ``Timing.out`` is what the fastest
+    timed call returned, not the last one (a sampling peer returns other lengths each call)."""
+    import time
+
+    from experiments.bench_workloads import interleaved
+
+    sleeps = iter([0.0, 0.06, 0.01, 0.04])  # the warm-up call, then three timed calls
+    calls = itertools.count()
+
+    def case():
+        time.sleep(next(sleeps))
+        return next(calls)
+
+    timing = interleaved({"case": case}, repeats=3)["case"]
+    assert len(timing.times_s) == 3 and timing.best_s == min(timing.times_s)
+    assert timing.times_s.index(timing.best_s) == 1 and timing.out == 2  # the second timed
+
+
+def test_chat_peer_draws_the_same_sample_every_call(tmp_path):
+    """The transformers chat peer reseeds torch each call: the useful lengths (what its rate
+    counts) repeat from call to call, and another seed draws another sample."""
+    from tiny_models import build_tiny_chat
+
+    import fcjax
+    from experiments.bench_peer import chat_peer_fn
+
+    lm = fcjax.load(build_tiny_chat(tmp_path))
+    prompts = [lm.encode(lm.chat([{"role": "user", "content": q}])) for q in ("Hi?", "Why?")]
+    kwargs = dict(dtype="float32", threads=1, new=12, temperature=1.0, top_p=0.95)
+    # an EOS set of 1 in 4 ids, so sampled rows end at different steps
+    ends = dataclasses.replace(lm.config, eos_token_ids=tuple(range(0, lm.config.vocab_size, 4)))
+    lm = dataclasses.replace(lm, config=ends)
+    call = chat_peer_fn(lm, prompts, [], seed=1, **kwargs)
+    runs = [call() for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    others = [chat_peer_fn(lm, prompts, [], seed=s, **kwargs)() for s in range(2, 6)]
+    assert any(o != runs[0] for o in others)
