@@ -50,13 +50,12 @@ class FakeDevice:
 
     def launch(self, chunk) -> Out:
         n_ctx, n_slot = self.out.shape
-        assert chunk.slots is None and chunk.start.shape == (n_ctx, n_slot)
+        assert chunk.start.shape == (n_ctx, n_slot)
         starts = np.argwhere(chunk.start)
         for c, r in starts:
             assert self.prefilled[c]
             self.out[c, r], self.n[c, r], self.done[c, r] = chunk.ident[c, r, 0], 0, False
-        run = np.arange(n_ctx)
-        self.rows_run += len(run) * n_slot * STEPS
+        self.rows_run += n_ctx * n_slot * STEPS
         out = Out(
             np.zeros((n_ctx, n_slot, STEPS), np.int32),
             np.zeros((n_ctx, n_slot, STEPS), np.float32),
@@ -66,7 +65,7 @@ class FakeDevice:
             None,
             np.zeros((n_ctx, n_slot), bool),
         )
-        for c in run:
+        for c in range(n_ctx):
             for r in range(n_slot):
                 for t in range(STEPS):
                     if self.done[c, r]:
@@ -91,8 +90,7 @@ def _drive(contexts, n_ctx, n_slot, n_rows, lengths, narrower=(), stop=()):
         new = sched.admit()
         if new:
             device.prefill(sched, new)
-        chunk = sched.dispatch(sched.refill())
-        if chunk is not None and chunk.slots is not None:
+        if sched.drain_slots() is not None:
             if inflight is not None:
                 sched.collect(*inflight)
                 inflight = None
@@ -101,7 +99,7 @@ def _drive(contexts, n_ctx, n_slot, n_rows, lengths, narrower=(), stop=()):
                 shrinks.append(slots.tolist())
                 device.shrink(slots)
                 sched.shrink(slots)
-            chunk = sched.dispatch(sched.refill())
+        chunk = sched.dispatch(sched.refill())
         launched = None
         if chunk is not None:
             chunks.append(chunk)
@@ -219,6 +217,7 @@ def test_shrink_refuses_before_the_queue_drains_or_without_a_live_slot():
 def test_drain_slots_pad_with_idle_slots_and_fall_back_to_the_whole_pool():
     contexts, n_rows = _contexts([1] * 8)
     sched = Scheduler(contexts, 8, 1, n_rows, WORDS, narrower=(4, 2))
+    assert sched.drain_slots() is None  # the queue has not drained
     sched.admit()
     sched.refill()
     assert sched.drain_slots() is None  # 8 live slots: none of the narrower widths holds them

@@ -208,18 +208,17 @@ def _serve_on(
         new = sched.admit()
         if new:
             pool = prefill(pool, new)
-        chunk = sched.dispatch(sched.refill())
-        if chunk is not None and chunk.slots is not None:  # drained: shrink the pool
-            if inflight is not None:  # its snapshot names the slots as they are now
+        if sched.drain_slots() is not None:  # drained, and the live rows fit a narrower pool
+            if inflight is not None:  # read it first: its snapshot names the slots as they are
                 collect(inflight)
                 inflight = None
-            slots = sched.drain_slots()
+            slots = sched.drain_slots()  # what is live after that read
             if slots is not None:
                 layout = dataclasses.replace(layout, contexts=len(slots))
                 kept = mesh_lib.put(slots, mesh, None)
                 pool = shrink_pool(lm.config, layout, lm.dtype, mesh, row_axis, pool, kept)
                 sched.shrink(slots)
-            chunk = sched.dispatch(sched.refill())
+        chunk = sched.dispatch(sched.refill())
         launched = None
         if chunk is not None:
             put = lambda x: mesh_lib.put(x, mesh, row_axis)  # noqa: E731

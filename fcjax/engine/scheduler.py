@@ -51,16 +51,13 @@ class Context:
 
 @dataclasses.dataclass
 class Chunk:
-    """One decode chunk to launch: the row slots it (re)starts, [contexts, rows] each,
-    whether the pool may shrink first (``slots``, ``drain_slots`` as the host knows the rows
-    now; the engine reads the chunk in flight back and asks again before it shrinks), and
+    """One decode chunk to launch: the row slots it (re)starts, [contexts, rows] each, and
     the rows in slots when it was launched."""
 
     start: np.ndarray  # bool: the slot starts a new row
     read: np.ndarray  # int32: index into the context's read positions
     valid: np.ndarray  # int32: context positions the row sees
     ident: np.ndarray  # uint32 [contexts, rows, words]
-    slots: np.ndarray | None
     snapshot: list[tuple[int, int, Row]]
     drained: bool  # launched after the queue drained
 
@@ -135,15 +132,14 @@ class Scheduler:
         ]
         if not snapshot:
             return None
-        start = refill[0]
-        drained = self.drained
-        slots = self.drain_slots() if drained and not start.any() else None
-        return Chunk(*refill, slots=slots, snapshot=snapshot, drained=drained)
+        return Chunk(*refill, snapshot=snapshot, drained=self.drained)
 
     def drain_slots(self) -> np.ndarray | None:
         """The context slots to keep once the queue has drained: every slot with a live row,
         padded with idle ones to the smallest width of ``narrower`` that holds them (None:
-        none holds them, or no row is live: keep the pool)."""
+        keep the pool: the queue has not drained, no width holds them, or no row is live)."""
+        if not self.narrower or not self.drained:
+            return None
         live = [c for c, rows in enumerate(self.slot_row) if any(rows)]
         fits = [m for m in self.narrower if m >= len(live)]
         if not fits or not live:
