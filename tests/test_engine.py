@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import fcjax
 from fcjax.engine import decode as decode_lib
-from fcjax.engine.generate import bucket
+from fcjax.engine.generate import bucket, prefill_width, shrink_widths
 
 FAMILIES = ["llama-gqa-untied", "qwen2-bias", "qwen3-qknorm"]
 GREEDY = fcjax.SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=5)
@@ -230,7 +230,8 @@ def test_sampler_values_are_data_one_program_per_structure(lm):
 
 def test_prompt_lengths_compile_once_per_bucket(lm):
     """A call compiles one prefill and one decode program; later calls whose prompts fall in
-    the same buckets compile none, whatever the exact lengths and max_new_tokens."""
+    the same buckets (the cache's power of two, the prefill's eighth of it) compile none,
+    whatever the exact lengths and max_new_tokens."""
     params = dataclasses.replace(GREEDY, max_new_tokens=5)
     before = _programs()
     fcjax.generate(lm, [list(range(1, 20)), list(range(1, 30))], params)
@@ -245,6 +246,46 @@ def test_prompt_lengths_compile_once_per_bucket(lm):
         fcjax.generate(lm, [list(range(1, n + 1))], params)
     buckets = {bucket(n) for n in lengths}
     assert _programs() - before <= 2 * len(buckets)
+
+
+def test_prefill_and_shrink_widths_by_hand():
+    assert [prefill_width(n, 128) for n in (1, 16, 17, 74, 80, 81, 128)] == [
+        16, 16, 32, 80, 80, 96, 128
+    ]  # fmt: skip
+    assert [prefill_width(n, 32) for n in (3, 16, 17, 32)] == [16, 16, 32, 32]
+    assert [prefill_width(n, 16) for n in (1, 16)] == [16, 16]
+    assert [prefill_width(n, 4096) for n in (1, 512, 513, 3000)] == [512, 512, 1024, 3072]
+    assert shrink_widths(32) == (24, 16, 12, 8) and shrink_widths(64) == (48, 32, 24, 16)
+    assert shrink_widths(4) == (3, 2, 1)
+
+
+def test_prefill_at_a_narrower_width_equals_the_whole_bucket(lm, monkeypatch):
+    """Each group of contexts is prefilled at its longest context rounded up to an eighth of
+    the cache (here one context per group: 16, 48 and 80 positions of a 128-position
+    cache): the same tokens and log-probabilities as prefilling every group at the whole
+    bucket, where the cache past the narrower width is zeros."""
+    generate_lib = importlib.import_module("fcjax.engine.generate")  # the module
+    monkeypatch.setattr(generate_lib, "PREFILL_TOKENS", 128)  # a group of one context
+    widths, prefill = [], generate_lib.prefill_into
+
+    def spy(graphdef, params, pool, tokens, *args):
+        widths.append(tokens.shape[1])
+        return prefill(graphdef, params, pool, tokens, *args)
+
+    monkeypatch.setattr(generate_lib, "prefill_into", spy)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 120, n).tolist() for n in (70, 5, 40)]
+    params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, logprobs=3)
+    narrow = fcjax.generate(lm, prompts, params)
+    assert sorted(widths) == [16, 48, 80]
+    widths.clear()
+    monkeypatch.setattr(generate_lib, "prefill_width", lambda longest, ctx_len: ctx_len)
+    whole = fcjax.generate(lm, prompts, params)
+    assert widths == [128] * 3
+    for a, b in zip(narrow, whole, strict=True):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
 
 
 def test_capture_batches_equal_full_hidden_states(lm):

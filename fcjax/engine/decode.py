@@ -138,15 +138,18 @@ def init_pool(config, layout: Layout, dtype, mesh, row_axis: int) -> Pool:
     jax.jit, static_argnums=0, donate_argnames=("pool",), compiler_options=XLA_OPTIONS
 )
 def prefill_into(graphdef, params, pool: Pool, tokens, lengths, read_pos, slots) -> Pool:
-    """Prefills contexts ``tokens`` [n, ctx_len] (right padded to ``lengths``) into the
-    context slots ``slots`` [n] (an out-of-range slot drops its row: padding), keeping the
-    final-norm hidden state at ``read_pos`` [n, reads]."""
+    """Prefills contexts ``tokens`` [n, width] (right padded to ``lengths``; ``width`` at
+    most the pool's ``ctx_len``, the cache past it zeroed) into the context slots ``slots``
+    [n] (an out-of-range slot drops its row: padding), keeping the final-norm hidden state at
+    ``read_pos`` [n, reads]."""
     model = nnx.merge(graphdef, params)
     out = model.prefill(tokens, lengths)
     h = jnp.take_along_axis(out.normed, read_pos[..., None], axis=1).astype(pool.ctx_h.dtype)
 
-    def put(buf, value):
-        return buf.at[slots].set(value.astype(buf.dtype), mode="drop")
+    def put(buf, value):  # value [n, kv_heads, width, hd] or [n, reads, D]
+        pad = [(0, b - v) for b, v in zip(buf.shape[1:], value.shape[1:], strict=True)]
+        value = jnp.pad(value.astype(buf.dtype), [(0, 0), *pad])
+        return buf.at[slots].set(value, mode="drop")
 
     cache = pool.cache._replace(
         ctx_k=tuple(map(put, pool.cache.ctx_k, out.k)),
