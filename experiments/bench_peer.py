@@ -141,13 +141,15 @@ def chat_peer_fn(
     *,
     dtype: str,
     threads: int,
+    batch: int,
     new: int,
     temperature: float,
     top_p: float,
     seed: int,
 ):
-    """transformers ``generate`` on chat prompts (one batch, dynamic cache) until each row's
-    own EOS; the call returns each row's useful length (up to and including its EOS). Every
+    """transformers ``generate`` on chat prompts (batches of ``batch`` rows, dynamic cache)
+    until each row's own EOS; the call returns each row's useful length (up to and including
+    its EOS), in prompt order. Every
     call reseeds torch with ``seed``, so each draws the same sample: its useful tokens, which
     set its rate, do not change from call to call (fcjax's rows are seeded by example)."""
     import torch
@@ -155,7 +157,7 @@ def chat_peer_fn(
     if threads > 0:
         torch.set_num_threads(threads)
     model = to_transformers(lm, dtype)
-    batches = peer_batches(model, prompts, len(prompts))
+    batches = peer_batches(model, prompts, batch)
     kwargs = _sampling_kwargs(temperature)
     if temperature > 0:
         kwargs["top_p"] = top_p

@@ -38,6 +38,7 @@ class Settings:
     branch_new: int
     branch_batch: int
     dataset: str
+    chat_prompts: int
     peer: str
     peer_threads: int
 
@@ -220,13 +221,14 @@ def branch_rows(
 
 
 def chat_rows(s: Settings, notes: list[str]) -> list[Row]:
-    """The chat workload: ``batch`` chat-formatted questions, sampled until each row's own
-    EOS (or ``new_tokens``), fcjax then the transformers peer on the same prompts; tokens/s
-    counts useful tokens (up to and including each row's EOS) over the wall time."""
+    """The chat workload: ``chat_prompts`` (default ``batch``) chat-formatted questions,
+    sampled until each row's own EOS (or ``new_tokens``), ``batch`` rows at a time, fcjax
+    then the transformers peer on the same prompts; tokens/s counts useful tokens (up to and
+    including each row's EOS) over the wall time."""
     from fcjax.data import build_messages, load_dataset
 
     lm = fcjax.load(s.model, dtype=s.dtype)
-    examples = load_dataset(s.dataset, num_examples=s.batch, seed=s.seed)
+    examples = load_dataset(s.dataset, num_examples=s.chat_prompts or s.batch, seed=s.seed)
     prompts = [lm.encode(lm.chat(build_messages(e))) for e in examples]
     params = fcjax.SamplingParams(
         temperature=s.temperature,
@@ -238,7 +240,7 @@ def chat_rows(s: Settings, notes: list[str]) -> list[Row]:
     keys = [e.id for e in examples]
 
     def ours():
-        gens = fcjax.generate(lm, prompts, params, keys=keys, batch_size=len(prompts))
+        gens = fcjax.generate(lm, prompts, params, keys=keys, batch_size=s.batch)
         return [len(g.token_ids) + (g.finish_reason == "eos") for g in gens]
 
     cases: dict[str, Callable[[], Any]] = {"fcjax": ours}
@@ -249,6 +251,7 @@ def chat_rows(s: Settings, notes: list[str]) -> list[Row]:
             notes,
             dtype=s.dtype,
             threads=s.peer_threads,
+            batch=s.batch,
             new=s.new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
@@ -264,7 +267,8 @@ def chat_rows(s: Settings, notes: list[str]) -> list[Row]:
         row.note = f"lengths {lengths[0]}-{lengths[-1]}, median {lengths[len(lengths) // 2]}"
         rows.append(row)
     notes.append(
-        f"chat: {len(prompts)} {s.dataset} prompts ({lm.name}, {s.dtype}), "
+        f"chat: {len(prompts)} {s.dataset} prompts, {s.batch} rows at a time ({lm.name}, "
+        f"{s.dtype}), "
         f"T={s.temperature} top-p {s.top_p}, up to {s.new_tokens} new tokens"
     )
     return rows

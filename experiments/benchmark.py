@@ -124,6 +124,14 @@ WORKLOAD = flags.DEFINE_enum(
 DATASET = flags.DEFINE_string(
     "dataset", "strategyqa", "chat workload: questions to chat-format", flag_values=BENCH_FLAGS
 )
+CHAT_PROMPTS = flags.DEFINE_integer(
+    "chat_prompts",
+    0,
+    "chat workload: prompts (0: --batch); both systems decode --batch rows at a time (fcjax "
+    "refills its pool from the queue, transformers runs batches of --batch)",
+    lower_bound=0,
+    flag_values=BENCH_FLAGS,
+)
 TOP_P = flags.DEFINE_float("top_p", 1.0, "chat workload: nucleus", flag_values=BENCH_FLAGS)
 TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "generate workload (0: greedy)", flag_values=BENCH_FLAGS

@@ -238,7 +238,7 @@ def test_chat_peer_draws_the_same_sample_every_call(tmp_path):
 
     lm = fcjax.load(build_tiny_chat(tmp_path))
     prompts = [lm.encode(lm.chat([{"role": "user", "content": q}])) for q in ("Hi?", "Why?")]
-    kwargs = dict(dtype="float32", threads=1, new=12, temperature=1.0, top_p=0.95)
+    kwargs = dict(dtype="float32", threads=1, batch=2, new=12, temperature=1.0, top_p=0.95)
     # an EOS set of 1 in 4 ids, so sampled rows end at different steps
     ends = dataclasses.replace(lm.config, eos_token_ids=tuple(range(0, lm.config.vocab_size, 4)))
     lm = dataclasses.replace(lm, config=ends)
@@ -247,3 +247,6 @@ def test_chat_peer_draws_the_same_sample_every_call(tmp_path):
     assert runs[0] == runs[1] == runs[2]
     others = [chat_peer_fn(lm, prompts, [], seed=s, **kwargs)() for s in range(2, 6)]
     assert any(o != runs[0] for o in others)
+    # a batch of one row at a time (--chat_prompts beyond --batch): a length per prompt
+    one = chat_peer_fn(lm, prompts, [], seed=1, **{**kwargs, "batch": 1})()
+    assert len(one) == len(prompts) and all(1 <= n <= 12 for n in one)

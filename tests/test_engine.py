@@ -288,6 +288,34 @@ def test_prefill_at_a_narrower_width_equals_the_whole_bucket(lm, monkeypatch):
         np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
 
 
+def test_a_refill_prefills_only_the_contexts_it_admits(lm, monkeypatch):
+    """The first admission fills the pool (8 rows of prefill); a refill between chunks
+    prefills the few contexts it admits (rows: their power of two), and every row's tokens
+    equal those of its prompt generated alone."""
+    generate_lib = importlib.import_module("fcjax.engine.generate")  # the module
+    rows, prefill = [], generate_lib.prefill_into
+
+    def spy(graphdef, params, pool, tokens, lengths, *args):
+        rows.append((tokens.shape[0], int((np.asarray(lengths) > 1).sum())))
+        return prefill(graphdef, params, pool, tokens, lengths, *args)
+
+    monkeypatch.setattr(generate_lib, "prefill_into", spy)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(14)]
+    vocab = lm.config.vocab_size
+    eos = tuple(int(t) for t in rng.choice(vocab, vocab // 10, replace=False))
+    lm_eos = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=eos))
+    params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=30, seed=5)
+    pooled = fcjax.generate(lm_eos, prompts, params, batch_size=8)
+    assert rows[0] == (8, 8) and len(rows) > 2
+    assert all(n == 1 << (used - 1).bit_length() for n, used in rows)  # every prompt > 1 token
+    assert any(n < 8 for n, _ in rows[1:])
+    for i, (p, g) in enumerate(zip(prompts, pooled, strict=True)):
+        alone = fcjax.generate(lm_eos, [p], params, keys=[i])[0]
+        assert g.token_ids == alone.token_ids
+        np.testing.assert_allclose(g.token_logprobs, alone.token_logprobs, atol=1e-5)
+
+
 def test_capture_batches_equal_full_hidden_states(lm):
     """Batched capture (several lengths in one padded forward) gives every sequence the
     hidden states a forward of that sequence alone gives, in input order."""

@@ -11,8 +11,8 @@ programs: the pool, a prefill into it and the decode chunk, and (``COMPACT_FROM`
 slots or more, not split over ``data``) once the queue has drained and the live rows fit a
 narrower width (``shrink_widths``), a copy of them into a narrower pool and that pool's
 decode chunk (``fcjax.engine.scheduler``). Shapes are bucketed: the caches by powers of two
-(``bucket``), a prefill by eighths of its cache (``prefill_width``), so a later call with
-other lengths in the same buckets compiles none.
+(``bucket``), a prefill by eighths of its cache (``prefill_width``) and by the power of two of
+the contexts it admits, so a later call with other lengths in the same buckets compiles none.
 """
 
 from __future__ import annotations
@@ -186,7 +186,6 @@ def _serve_on(
     sampler = jax.device_put(params.sampler, mesh_lib.replicated(mesh))  # values are data
     group = max(1, min(n_ctx, PREFILL_TOKENS // layout.ctx_len))
     group = 1 << (group.bit_length() - 1)  # a power of two, so it divides n_ctx
-    prefill_axis = 0 if row_axis == 0 and group % n_data == 0 else None
     # once the queue has drained, the live context slots move into a narrower pool (a copy
     # and that pool's chunk: two more programs per width, compiled when first needed):
     # finished rows cost the XLA attention their blocks and every matmul its rows. Not with
@@ -199,22 +198,24 @@ def _serve_on(
 
     def prefill(pool, new: list[tuple[int, int]]):
         for begin in range(0, len(new), group):
+            # a refill admits a few contexts: prefill that many rows (a power of two, a
+            # multiple of ``data`` where the contexts are split over it), not a whole group
             batch = new[begin : begin + group]
+            rows = min(group, row_bucket(len(batch), n_data if row_axis == 0 else 1))
             width = prefill_width(max(len(contexts[j].tokens) for _, j in batch), layout.ctx_len)
-            tokens = np.zeros((group, width), np.int32)
-            lengths = np.ones((group,), np.int32)
-            reads = np.zeros((group, layout.reads), np.int32)
-            slots = np.full((group,), n_ctx, np.int32)  # out of range: dropped
+            tokens = np.zeros((rows, width), np.int32)
+            lengths = np.ones((rows,), np.int32)
+            reads = np.zeros((rows, layout.reads), np.int32)
+            slots = np.full((rows,), n_ctx, np.int32)  # out of range: dropped
             for i, (c, j) in enumerate(batch):
                 ctx = contexts[j]
                 tokens[i, : len(ctx.tokens)] = ctx.tokens
                 lengths[i] = len(ctx.tokens)
                 reads[i, : len(ctx.reads)] = ctx.reads
                 slots[i] = c
-            put = lambda x: mesh_lib.put(x, mesh, prefill_axis)  # noqa: E731
-            pool = prefill_into(
-                lm.graphdef, weights, pool, put(tokens), put(lengths), put(reads), put(slots)
-            )
+            axis = 0 if row_axis == 0 and rows % n_data == 0 else None
+            args = (mesh_lib.put(x, mesh, axis) for x in (tokens, lengths, reads, slots))
+            pool = prefill_into(lm.graphdef, weights, pool, *args)
             stats.prefills += 1
         return pool
 
