@@ -12,7 +12,8 @@ slots or more, not split over ``data``) once the queue has drained and the live 
 narrower width (``shrink_widths``), a copy of them into a narrower pool and that pool's
 decode chunk (``fcjax.engine.scheduler``). Shapes are bucketed: the caches by powers of two
 (``bucket``), a prefill by eighths of its cache (``prefill_width``) and by the power of two of
-the contexts it admits, so a later call with other lengths in the same buckets compiles none.
+the contexts it admits, so a later call with other lengths in the same buckets compiles none
+(a refill admitting a number of contexts not met before compiles one more prefill).
 """
 
 from __future__ import annotations
