@@ -58,7 +58,7 @@ COMPACT_FROM = 32
 # the 3/4 and 3/8 steps cut a long-tailed chat call's decode by 6% against halves and
 # quarters alone (37.3 -> 35.0 s); a 1/8 step saved nothing measurable
 SHRINK_EIGHTHS = (6, 4, 3, 2)
-PREFILL_TOKENS = 4096  # contexts are prefilled in groups of about this many positions
+PREFILL_TOKENS = 4096  # contexts are prefilled in groups of at most about this many positions
 PREFILL_STEP_MIN = 16  # ... padded to a multiple of an eighth of their bucket, or of this
 
 
