@@ -228,12 +228,13 @@ def test_interleaved_pairs_the_fastest_calls_time_with_its_output():
     assert timing.times_s.index(timing.best_s) == 1 and timing.out == 2  # the second timed
 
 
-def test_chat_peer_draws_the_same_sample_every_call(tmp_path):
+def test_chat_peer_draws_the_same_sample_every_call(tmp_path, monkeypatch):
     """The transformers chat peer reseeds torch each call: the useful lengths (what its rate
     counts) repeat from call to call, and another seed draws another sample."""
     from tiny_models import build_tiny_chat
 
     import fcjax
+    from experiments import bench_peer
     from experiments.bench_peer import chat_peer_fn
 
     lm = fcjax.load(build_tiny_chat(tmp_path))
@@ -247,6 +248,14 @@ def test_chat_peer_draws_the_same_sample_every_call(tmp_path):
     assert runs[0] == runs[1] == runs[2]
     others = [chat_peer_fn(lm, prompts, [], seed=s, **kwargs)() for s in range(2, 6)]
     assert any(o != runs[0] for o in others)
-    # a batch of one row at a time (--chat_prompts beyond --batch): a length per prompt
+    # one row at a time (--chat_prompts beyond --batch): batches of one, a length per prompt
+    rows, batches = [], bench_peer.peer_batches
+
+    def spy(model, prefixes, batch):
+        out = batches(model, prefixes, batch)
+        rows.extend(ids.shape[0] for ids, _ in out)
+        return out
+
+    monkeypatch.setattr(bench_peer, "peer_batches", spy)
     one = chat_peer_fn(lm, prompts, [], seed=1, **{**kwargs, "batch": 1})()
-    assert len(one) == len(prompts) and all(1 <= n <= 12 for n in one)
+    assert rows == [1, 1] and len(one) == 2 and all(1 <= n <= 12 for n in one)

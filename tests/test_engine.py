@@ -79,6 +79,18 @@ def test_batch_composition_does_not_change_outputs(lm):
             np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-5)
 
 
+def _ragged(lm, *, seed: int, n: int, eos_share: int):
+    """``n`` random prompts of 3-19 tokens, and ``lm`` with a random EOS set of one id in
+    ``eos_share``, so sampled rows end at very different steps."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(n)]
+    vocab = lm.config.vocab_size
+    eos = tuple(int(t) for t in rng.choice(vocab, vocab // eos_share, replace=False))
+    return prompts, dataclasses.replace(
+        lm, config=dataclasses.replace(lm.config, eos_token_ids=eos)
+    )
+
+
 def test_compaction_once_drained_does_not_change_outputs(lm, monkeypatch):
     """Rows of many lengths in a pool large enough to shrink once the queue has drained
     (the live context slots move into a narrower pool) give the tokens each row gives
@@ -90,11 +102,7 @@ def test_compaction_once_drained_does_not_change_outputs(lm, monkeypatch):
     compact_from = 8
     monkeypatch.setattr(generate_lib, "COMPACT_FROM", compact_from)
 
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(20)]
-    vocab = lm.config.vocab_size
-    eos = tuple(int(t) for t in rng.choice(vocab, vocab // 12, replace=False))
-    lm_eos = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=eos))
+    prompts, lm_eos = _ragged(lm, seed=0, n=20, eos_share=12)
     params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=60, seed=2)
     stats = EngineStats()
     pooled = fcjax.generate(lm_eos, prompts, params, batch_size=compact_from * 2, stats=stats)
@@ -300,11 +308,7 @@ def test_a_refill_prefills_only_the_contexts_it_admits(lm, monkeypatch):
         return prefill(graphdef, params, pool, tokens, lengths, *args)
 
     monkeypatch.setattr(generate_lib, "prefill_into", spy)
-    rng = np.random.default_rng(7)
-    prompts = [rng.integers(1, 120, int(rng.integers(3, 20))).tolist() for _ in range(14)]
-    vocab = lm.config.vocab_size
-    eos = tuple(int(t) for t in rng.choice(vocab, vocab // 10, replace=False))
-    lm_eos = dataclasses.replace(lm, config=dataclasses.replace(lm.config, eos_token_ids=eos))
+    prompts, lm_eos = _ragged(lm, seed=7, n=14, eos_share=10)
     params = fcjax.SamplingParams(temperature=1.0, max_new_tokens=30, seed=5)
     pooled = fcjax.generate(lm_eos, prompts, params, batch_size=8)
     assert rows[0] == (8, 8) and len(rows) > 2

@@ -54,8 +54,8 @@ CHUNK = 8  # decode steps per dispatched chunk (rows are refilled between chunks
 # shared) and a small copy
 COMPACT_FROM = 32
 # the widths a drained pool shrinks to, in eighths of its slots. A SmolLM2 chunk on this
-# 2-core CPU costs about 330 + 21 ms per context slot (4 to 32 slots, 200 own tokens), so
-# the 3/4 and 3/8 steps cut a long-tailed chat call's decode by 6% against halves and
+# 2-core CPU costs about 330 + 21 ms per context slot (4 to 32 slots, in a 32-prompt chat
+# call), so the 3/4 and 3/8 steps cut that long-tailed call by 6% against halves and
 # quarters alone (37.3 -> 35.0 s); a 1/8 step saved nothing measurable
 SHRINK_EIGHTHS = (6, 4, 3, 2)
 PREFILL_TOKENS = 4096  # contexts are prefilled in groups of at most about this many positions
